@@ -1,0 +1,74 @@
+//! Map names and capacities. Kernel and agent both take them from here.
+
+/// Bumped whenever a pinned map's key, value or type changes. The agent refuses to
+/// reuse pinned maps of another layout instead of misreading them.
+pub const LAYOUT_VERSION: u32 = 1;
+
+/// Service ports `(VIP, port, protocol)`; each has an id indexing per-frontend arrays.
+pub const MAX_FRONTENDS: u32 = 16_384;
+/// Backend ids are per frontend: one backend address serving two ports is two ids.
+pub const MAX_BACKENDS: u32 = 65_536;
+/// Total capacity of the slot array that all frontends' slot tables share.
+pub const SLOT_CAPACITY: u32 = 1 << 20;
+/// A slot table never exceeds this; weights are scaled down proportionally to fit.
+/// 1% canary shares need ≥ 100 slots, so this leaves ample precision.
+pub const MAX_SLOTS_PER_FRONTEND: u32 = 65_536;
+/// Least-connections scans at most this many backends per new flow (a rotating
+/// window); with fewer backends the choice is exact.
+pub const LC_SCAN_WINDOW: u32 = 64;
+/// Default connection-table size (forward and reply tables each).
+pub const DEFAULT_FLOW_CAPACITY: u32 = 262_144;
+/// Distinct VIP addresses.
+pub const MAX_VIPS: u32 = 16_384;
+/// Interfaces one agent can manage.
+pub const MAX_INTERFACES: u32 = 64;
+
+/// Map names: the kernel declares maps under these names, the agent pins them
+/// under the same names.
+pub mod map {
+    pub const FRONTENDS_V4: &str = "FRONTENDS_V4";
+    pub const VIPS_V4: &str = "VIPS_V4";
+    pub const FLOWS_V4: &str = "FLOWS_V4";
+    pub const REPLIES_V4: &str = "REPLIES_V4";
+    pub const BACKENDS: &str = "BACKENDS";
+    pub const BACKEND_CONNS: &str = "BACKEND_CONNS";
+    pub const SLOTS: &str = "SLOTS";
+    pub const RR_CURSORS: &str = "RR_CURSORS";
+    pub const FRONTEND_STATS: &str = "FRONTEND_STATS";
+    pub const BACKEND_STATS: &str = "BACKEND_STATS";
+    pub const OUTCOMES: &str = "OUTCOMES";
+    pub const XDP_EGRESS: &str = "XDP_EGRESS";
+    pub const FRONTEND_META: &str = "FRONTEND_META";
+    pub const IFACE_META: &str = "IFACE_META";
+    pub const AGENT_META: &str = "AGENT_META";
+
+    /// Every map the agent pins, in the order it checks them.
+    pub const PINNED: [&str; 15] = [
+        FRONTENDS_V4,
+        VIPS_V4,
+        FLOWS_V4,
+        REPLIES_V4,
+        BACKENDS,
+        BACKEND_CONNS,
+        SLOTS,
+        RR_CURSORS,
+        FRONTEND_STATS,
+        BACKEND_STATS,
+        OUTCOMES,
+        XDP_EGRESS,
+        FRONTEND_META,
+        IFACE_META,
+        AGENT_META,
+    ];
+}
+
+/// XDP metadata mark on a packet XDP hands to the TC companion untouched
+/// ("sluice defer"): the companion acts on marked packets only.
+pub const XDP_DEFER_MARK: u32 = 0x5c1d_defe;
+
+/// Program names in the object file.
+pub mod program {
+    pub const XDP: &str = "sluice_xdp";
+    pub const TC: &str = "sluice_tc";
+    pub const TC_COMPANION: &str = "sluice_tc_companion";
+}

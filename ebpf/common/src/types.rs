@@ -1,0 +1,288 @@
+//! Keys and values of the data-plane maps.
+//!
+//! Rules for every type here: `#[repr(C)]`, padding spelled out as `_pad` fields
+//! (so a zeroed value has no uninitialised bytes and a hash key compares equal
+//! byte for byte), no `bool`/enum/`Option`, and the size asserted at compile time.
+//! Addresses and ports are in network byte order.
+//!
+//! Per-family maps (`*_V4`) are keyed by IPv4 addresses; IPv6 gets its own maps
+//! with the same value types later. Tables shared by both families ([`Backend`],
+//! counters) already carry 16-byte addresses.
+
+/// IP protocol numbers used in keys.
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+
+/// Address families as stored in [`Backend::family`]. Zero marks an unused entry.
+pub const FAMILY_NONE: u8 = 0;
+pub const FAMILY_V4: u8 = 4;
+pub const FAMILY_V6: u8 = 6;
+
+macro_rules! pod {
+    ($($t:ty),* $(,)?) => {$(
+        // SAFETY: `#[repr(C)]`, only integer fields, padding is explicit, so every
+        // bit pattern is valid and there are no uninitialised bytes.
+        #[cfg(feature = "user")]
+        unsafe impl aya::Pod for $t {}
+    )*};
+}
+
+/// Key of `FRONTENDS_V4`: one service port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FrontendKeyV4 {
+    pub vip: u32,
+    pub port: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(core::mem::size_of::<FrontendKeyV4>() == 8);
+
+/// Backend selection algorithms, as stored in [`Frontend::algorithm`].
+pub mod algorithm {
+    /// Walk the slot table (each backend once).
+    pub const ROUND_ROBIN: u32 = 0;
+    /// Walk the slot table (backends repeated by weight, smoothly interleaved).
+    pub const WEIGHTED_ROUND_ROBIN: u32 = 1;
+    /// Fewest active connections among the slot list.
+    pub const LEAST_CONNECTIONS: u32 = 2;
+    /// Fewest active connections per unit of weight.
+    pub const WEIGHTED_LEAST_CONNECTIONS: u32 = 3;
+}
+
+/// Value of `FRONTENDS_V4`. Replaced as a whole (the map is `BPF_F_NO_PREALLOC`,
+/// so a reader sees the old or the new value, never a mix): a new slot table is
+/// written to a fresh range of `SLOTS` first, then this value is swapped.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Frontend {
+    /// Index into per-frontend arrays (`RR_CURSORS`, `FRONTEND_STATS`, `FRONTEND_META`).
+    pub id: u32,
+    /// One of [`algorithm`].
+    pub algorithm: u32,
+    /// First entry of this frontend's table in `SLOTS`.
+    pub slot_base: u32,
+    /// Entries in the table; zero means no backend (packets are dropped and counted).
+    pub slot_count: u32,
+}
+const _: () = assert!(core::mem::size_of::<Frontend>() == 16);
+
+/// `BACKENDS[backend_id]`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Backend {
+    /// IPv4 in `addr[0]`, the rest zero; IPv6 uses all four words.
+    pub addr: [u32; 4],
+    /// Target port.
+    pub port: u16,
+    /// [`FAMILY_V4`], [`FAMILY_V6`], or [`FAMILY_NONE`] for a free id.
+    pub family: u8,
+    /// [`BACKEND_RETIRED`] once removed from the manifest: no new flows (it is in no
+    /// slot table), established TCP flows finish; the id is recycled when none is left.
+    pub flags: u8,
+    /// Weight for weighted algorithms (≥ 1).
+    pub weight: u32,
+    /// Owning frontend.
+    pub frontend_id: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<Backend>() == 32);
+
+pub const BACKEND_RETIRED: u8 = 1;
+
+/// 5-tuple key of `FLOWS_V4` (client → VIP) and `REPLIES_V4` (backend → client).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKeyV4 {
+    pub src: u32,
+    pub dst: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(core::mem::size_of::<FlowKeyV4>() == 16);
+
+/// Flow is open: it holds one count in `BACKEND_CONNS`.
+pub const FLOW_OPEN: u32 = 0;
+/// FIN or RST seen (or never counted): its connection count has been returned.
+pub const FLOW_CLOSED: u32 = 1;
+
+/// Value of `FLOWS_V4`: where this client flow goes. The backend address is copied
+/// here so established flows need no second lookup and survive backend removal.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowV4 {
+    pub backend_addr: u32,
+    pub backend_port: u16,
+    pub _pad0: u16,
+    pub backend_id: u32,
+    pub frontend_id: u32,
+    /// [`FLOW_OPEN`] or [`FLOW_CLOSED`]; changed only by atomic exchange so the
+    /// connection count is returned exactly once, whoever sees the close first.
+    pub state: u32,
+    pub _pad1: u32,
+    /// `bpf_ktime_get_coarse_ns` of the last packet (refreshed at most every second).
+    pub last_seen_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<FlowV4>() == 32);
+
+/// Value of `REPLIES_V4`: how to make a backend's reply look like it came from the VIP.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReplyV4 {
+    pub vip: u32,
+    pub vport: u16,
+    pub _pad: u16,
+    pub backend_id: u32,
+    pub frontend_id: u32,
+    /// Refreshed like [`FlowV4::last_seen_ns`]; a flow is idle only when both are.
+    pub last_seen_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<ReplyV4>() == 24);
+
+/// Per-CPU traffic counters, per frontend and per backend.
+/// "fwd" is client → backend, "rev" is backend → client.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TrafficStats {
+    pub fwd_packets: u64,
+    pub fwd_bytes: u64,
+    pub rev_packets: u64,
+    pub rev_bytes: u64,
+    pub new_flows: u64,
+}
+const _: () = assert!(core::mem::size_of::<TrafficStats>() == 40);
+
+impl TrafficStats {
+    /// Sum of per-CPU values.
+    pub fn add(&mut self, other: &Self) {
+        let Self {
+            fwd_packets,
+            fwd_bytes,
+            rev_packets,
+            rev_bytes,
+            new_flows,
+        } = other;
+        self.fwd_packets += fwd_packets;
+        self.fwd_bytes += fwd_bytes;
+        self.rev_packets += rev_packets;
+        self.rev_bytes += rev_bytes;
+        self.new_flows += new_flows;
+    }
+}
+
+/// Name stored for status: `FRONTEND_META[frontend_id]`. The kernel never reads it.
+pub const NAME_LEN: usize = 128;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FrontendMeta {
+    /// Service name, NUL-padded UTF-8.
+    pub name: [u8; NAME_LEN],
+    /// Target port in host order (the backends carry it too; kept for display of
+    /// frontends without backends).
+    pub target_port: u16,
+    /// Non-zero when this id is in use.
+    pub in_use: u8,
+    pub _pad: [u8; 5],
+}
+const _: () = assert!(core::mem::size_of::<FrontendMeta>() == 136);
+
+impl Default for FrontendMeta {
+    fn default() -> Self {
+        Self {
+            name: [0; NAME_LEN],
+            target_port: 0,
+            in_use: 0,
+            _pad: [0; 5],
+        }
+    }
+}
+
+/// How packets are hooked on an interface, in `IfaceMeta::hook`.
+pub mod hook {
+    pub const NONE: u32 = 0;
+    /// TCX ingress program only.
+    pub const TC: u32 = 1;
+    /// Native XDP fast path, with the TCX program for what XDP hands up.
+    pub const XDP: u32 = 2;
+}
+
+/// `IFACE_META[i]`: an interface the agent manages, for status and restarts.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IfaceMeta {
+    pub ifindex: u32,
+    /// One of [`hook`].
+    pub hook: u32,
+    /// NUL-padded interface name (IFNAMSIZ).
+    pub name: [u8; 16],
+}
+const _: () = assert!(core::mem::size_of::<IfaceMeta>() == 24);
+
+/// `AGENT_META[0]`: facts about the pinned data plane itself.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AgentMeta {
+    /// [`crate::layout::LAYOUT_VERSION`] of the agent that created the maps.
+    pub layout_version: u32,
+    pub _pad: u32,
+    /// Network namespace cookie the maps belong to.
+    pub netns_cookie: u64,
+    /// FNV-1a hash of the last manifest applied, zero if none.
+    pub manifest_hash: u64,
+    /// Unix time (seconds) of the last successful reconcile.
+    pub applied_at: u64,
+}
+const _: () = assert!(core::mem::size_of::<AgentMeta>() == 32);
+
+pod!(
+    FrontendKeyV4,
+    Frontend,
+    Backend,
+    FlowKeyV4,
+    FlowV4,
+    ReplyV4,
+    TrafficStats,
+    FrontendMeta,
+    IfaceMeta,
+    AgentMeta,
+);
+
+/// Copies `s` into a NUL-padded fixed array, truncating at a char boundary.
+pub fn fixed_name<const N: usize>(s: &str) -> [u8; N] {
+    let mut out = [0u8; N];
+    let mut end = s.len().min(N);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    out[..end].copy_from_slice(&s.as_bytes()[..end]);
+    out
+}
+
+/// The string in a NUL-padded fixed array (invalid UTF-8 is cut at the first bad byte).
+pub fn name_str(bytes: &[u8]) -> &str {
+    let len = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+    match core::str::from_utf8(&bytes[..len]) {
+        Ok(s) => s,
+        Err(e) => core::str::from_utf8(&bytes[..e.valid_up_to()]).unwrap_or_default(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip_and_truncate_on_char_boundary() {
+        let n: [u8; 16] = fixed_name("eth0");
+        assert_eq!(name_str(&n), "eth0");
+        let n: [u8; 4] = fixed_name("añb");
+        assert_eq!(name_str(&n), "añb");
+        let n: [u8; 3] = fixed_name("añb");
+        assert_eq!(name_str(&n), "añ");
+        let n: [u8; 2] = fixed_name("añb");
+        assert_eq!(name_str(&n), "a");
+    }
+}

@@ -1,0 +1,515 @@
+//! What to do with a packet: the hook-independent half of the data plane.
+//!
+//! [`classify`] parses, finds the service or the tracked flow, picks a backend
+//! for a new flow and keeps the connection table and counters. It returns the
+//! rewrite to perform; the XDP and TC modules perform it their own way.
+
+use core::ffi::c_void;
+
+use aya_ebpf::{
+    bindings::BPF_NOEXIST,
+    helpers::generated::{bpf_ktime_get_coarse_ns, bpf_loop},
+};
+use sluice_common::{
+    csum,
+    layout::LC_SCAN_WINDOW,
+    reason,
+    types::{
+        FAMILY_V4, FLOW_CLOSED, FLOW_OPEN, FlowKeyV4, FlowV4, Frontend, FrontendKeyV4,
+        IPPROTO_TCP, IPPROTO_UDP, ReplyV4, TrafficStats, algorithm,
+    },
+};
+
+use crate::{
+    atomic,
+    maps::{
+        BACKEND_CONNS, BACKEND_STATS, BACKENDS, FLOWS_V4, FRONTEND_STATS, FRONTENDS_V4, REPLIES_V4,
+        RR_CURSORS, SLOTS, VIPS_V4,
+    },
+    packet::{Ipv4, L4, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, parse_ipv4, parse_l4},
+};
+
+/// Timestamps in flow entries are refreshed at most this often: one store per
+/// second per flow instead of one per packet. Idle timeouts are far longer.
+const TOUCH_INTERVAL_NS: u64 = 1_000_000_000;
+
+pub enum Verdict {
+    /// Not Sluice's traffic: pass untouched, counted under the reason.
+    Pass(u32),
+    /// Sluice's traffic that cannot be balanced: drop, counted under the reason.
+    Drop(u32),
+    /// XDP only: the checksum is still offload-pending; leave it to the TC program.
+    Defer,
+    /// Rewrite and forward.
+    Nat(Nat),
+}
+
+/// One address and one port to rewrite, plus what forwarding needs afterwards.
+#[derive(Clone, Copy)]
+pub struct Nat {
+    /// `false`: client → backend, destination rewritten (VIP → backend).
+    /// `true`: backend → client, source rewritten (backend → VIP).
+    pub reply: bool,
+    pub old_addr: u32,
+    pub new_addr: u32,
+    pub old_port: u16,
+    pub new_port: u16,
+    pub proto: u8,
+    /// L4 header offset in the frame, and its checksum as received.
+    pub l4_off: usize,
+    pub l4_check: u16,
+    pub ttl: u8,
+    pub tos: u8,
+    pub tot_len: u16,
+    /// The 4-tuple after the rewrite, for the FIB lookup.
+    pub src: u32,
+    pub dst: u32,
+    pub sport: u16,
+    pub dport: u16,
+}
+
+/// Decides the fate of the frame in `[start, end)`, `pkt_len` bytes in all.
+/// With `defer_partial`, packets Sluice must rewrite but whose L4 checksum is
+/// offload-pending are returned as [`Verdict::Defer`] before any state changes.
+#[inline(always)]
+pub fn classify(start: usize, end: usize, pkt_len: usize, defer_partial: bool) -> Verdict {
+    let ip = match parse_ipv4(start, end, pkt_len) {
+        Ok(ip) => ip,
+        Err(why) => return Verdict::Pass(why),
+    };
+    let to_vip = VIPS_V4.get_ptr(ip.dst).is_some();
+    if ip.fragment {
+        return if to_vip {
+            Verdict::Drop(reason::DROP_VIP_FRAGMENT)
+        } else {
+            Verdict::Pass(reason::PASS_FRAGMENT)
+        };
+    }
+    if ip.proto != IPPROTO_TCP && ip.proto != IPPROTO_UDP {
+        return if to_vip {
+            Verdict::Drop(reason::DROP_VIP_PROTOCOL)
+        } else {
+            Verdict::Pass(reason::PASS_OTHER_PROTOCOL)
+        };
+    }
+    let Some(l4) = parse_l4(start, end, &ip) else {
+        return if to_vip {
+            Verdict::Drop(reason::DROP_VIP_MALFORMED_L4)
+        } else {
+            Verdict::Pass(reason::PASS_MALFORMED_L4)
+        };
+    };
+    let bytes = pkt_len as u64;
+    if to_vip {
+        to_service(&ip, &l4, bytes, defer_partial)
+    } else {
+        from_backend(&ip, &l4, bytes, defer_partial)
+    }
+}
+
+/// Client → VIP: find or create the flow, DNAT to its backend.
+#[inline(always)]
+fn to_service(ip: &Ipv4, l4: &L4, bytes: u64, defer_partial: bool) -> Verdict {
+    let frontend_key = FrontendKeyV4 {
+        vip: ip.dst,
+        port: l4.dport,
+        proto: ip.proto,
+        _pad: 0,
+    };
+    let Some(frontend) = FRONTENDS_V4.get_ptr(frontend_key) else {
+        return Verdict::Drop(reason::DROP_VIP_UNKNOWN_PORT);
+    };
+    // SAFETY: a NO_PREALLOC hash value stays valid for the whole program run (RCU).
+    let frontend = unsafe { *frontend };
+    if defer_partial && checksum_pending(ip, l4) {
+        return Verdict::Defer;
+    }
+
+    let tcp = ip.proto == IPPROTO_TCP;
+    let key = FlowKeyV4 {
+        src: ip.src,
+        dst: ip.dst,
+        sport: l4.sport,
+        dport: l4.dport,
+        proto: ip.proto,
+        _pad: [0; 3],
+    };
+    let now = now_ns();
+    let existing = FLOWS_V4.get_ptr_mut(key);
+    // A closed flow seeing a fresh SYN is a new connection reusing the 5-tuple
+    // (TIME-WAIT recycling): balance it again instead of pinning it forever.
+    let reopen = match existing {
+        // SAFETY: LRU map values stay valid for the program run.
+        Some(flow) => tcp && is_fresh_syn(l4.flags) && unsafe { (*flow).state } == FLOW_CLOSED,
+        None => false,
+    };
+    let (backend_addr, backend_port, backend_id, new_flow) = match existing {
+        Some(flow) if !reopen => {
+            if tcp && l4.flags & (TCP_FIN | TCP_RST) != 0 {
+                close(flow);
+            }
+            // SAFETY: as above; plain stores to our own entry.
+            unsafe {
+                touch(&raw mut (*flow).last_seen_ns, now);
+                ((*flow).backend_addr, (*flow).backend_port, (*flow).backend_id, false)
+            }
+        }
+        _ => {
+            if tcp && l4.flags & TCP_RST != 0 {
+                return Verdict::Drop(reason::DROP_RST_NO_FLOW);
+            }
+            match open(&frontend, &key, l4.flags, tcp, now, reopen) {
+                Ok(flow) => (flow.backend_addr, flow.backend_port, flow.backend_id, true),
+                Err(why) => return Verdict::Drop(why),
+            }
+        }
+    };
+    account(frontend.id, backend_id, false, bytes, new_flow);
+    Verdict::Nat(Nat {
+        reply: false,
+        old_addr: ip.dst,
+        new_addr: backend_addr,
+        old_port: l4.dport,
+        new_port: backend_port,
+        proto: ip.proto,
+        l4_off: l4.off,
+        l4_check: l4.check,
+        ttl: ip.ttl,
+        tos: ip.tos,
+        tot_len: ip.tot_len,
+        src: ip.src,
+        dst: backend_addr,
+        sport: l4.sport,
+        dport: backend_port,
+    })
+}
+
+/// Backend → client: if this is the reply of a tracked flow, SNAT it to the VIP.
+#[inline(always)]
+fn from_backend(ip: &Ipv4, l4: &L4, bytes: u64, defer_partial: bool) -> Verdict {
+    let key = FlowKeyV4 {
+        src: ip.src,
+        dst: ip.dst,
+        sport: l4.sport,
+        dport: l4.dport,
+        proto: ip.proto,
+        _pad: [0; 3],
+    };
+    let Some(reply) = REPLIES_V4.get_ptr_mut(key) else {
+        return Verdict::Pass(reason::PASS_NOT_SERVICE);
+    };
+    if defer_partial && checksum_pending(ip, l4) {
+        return Verdict::Defer;
+    }
+    // SAFETY: LRU map values stay valid for the program run.
+    let ReplyV4 {
+        vip,
+        vport,
+        backend_id,
+        frontend_id,
+        ..
+    } = unsafe { *reply };
+    if ip.proto == IPPROTO_TCP && l4.flags & (TCP_FIN | TCP_RST) != 0 {
+        let forward = FlowKeyV4 {
+            src: ip.dst,
+            dst: vip,
+            sport: l4.dport,
+            dport: vport,
+            proto: ip.proto,
+            _pad: [0; 3],
+        };
+        if let Some(flow) = FLOWS_V4.get_ptr_mut(forward) {
+            // The 5-tuple may have been rebalanced to another backend since.
+            // SAFETY: LRU map values stay valid for the program run.
+            if unsafe { (*flow).backend_id } == backend_id {
+                close(flow);
+            }
+        }
+    }
+    // SAFETY: as above.
+    unsafe { touch(&raw mut (*reply).last_seen_ns, now_ns()) };
+    account(frontend_id, backend_id, true, bytes, false);
+    Verdict::Nat(Nat {
+        reply: true,
+        old_addr: ip.src,
+        new_addr: vip,
+        old_port: l4.sport,
+        new_port: vport,
+        proto: ip.proto,
+        l4_off: l4.off,
+        l4_check: l4.check,
+        ttl: ip.ttl,
+        tos: ip.tos,
+        tot_len: ip.tot_len,
+        src: vip,
+        dst: ip.dst,
+        sport: vport,
+        dport: l4.dport,
+    })
+}
+
+/// Picks a backend and records the flow in both directions.
+#[inline(always)]
+fn open(
+    frontend: &Frontend,
+    key: &FlowKeyV4,
+    flags: u8,
+    tcp: bool,
+    now: u64,
+    replace: bool,
+) -> Result<FlowV4, u32> {
+    if frontend.slot_count == 0 {
+        return Err(reason::DROP_NO_BACKEND);
+    }
+    let backend_id = select(frontend)?;
+    let backend = BACKENDS.get(backend_id).ok_or(reason::DROP_INTERNAL)?;
+    if backend.family != FAMILY_V4 {
+        return Err(reason::DROP_INTERNAL);
+    }
+    // A flow whose first packet already closes it never counts as open.
+    let counted = !(tcp && flags & TCP_FIN != 0);
+    let flow = FlowV4 {
+        backend_addr: backend.addr[0],
+        backend_port: backend.port,
+        _pad0: 0,
+        backend_id,
+        frontend_id: frontend.id,
+        state: if counted { FLOW_OPEN } else { FLOW_CLOSED },
+        _pad1: 0,
+        last_seen_ns: now,
+    };
+    if counted {
+        add_conns(backend_id, 1);
+    }
+    let flags = if replace { 0 } else { BPF_NOEXIST as u64 };
+    if FLOWS_V4.insert(key, &flow, flags).is_err() {
+        // Another CPU created this flow between our lookup and insert (a
+        // retransmitted SYN): follow its choice and return our count.
+        if counted {
+            add_conns(backend_id, u64::MAX);
+        }
+        let winner = FLOWS_V4.get_ptr(key).ok_or(reason::DROP_INTERNAL)?;
+        // SAFETY: LRU map values stay valid for the program run.
+        return Ok(unsafe { *winner });
+    }
+    let reply_key = FlowKeyV4 {
+        src: flow.backend_addr,
+        dst: key.src,
+        sport: flow.backend_port,
+        dport: key.sport,
+        proto: key.proto,
+        _pad: [0; 3],
+    };
+    let reply = ReplyV4 {
+        vip: key.dst,
+        vport: key.dport,
+        _pad: 0,
+        backend_id,
+        frontend_id: frontend.id,
+        last_seen_ns: now,
+    };
+    REPLIES_V4
+        .insert(&reply_key, &reply, 0)
+        .map_err(|_| reason::DROP_INTERNAL)?;
+    Ok(flow)
+}
+
+/// One shared cursor per frontend: round-robin walks the slot table with it,
+/// least-connections starts its scan there so that ties rotate.
+#[inline(always)]
+fn select(frontend: &Frontend) -> Result<u32, u32> {
+    let cursor = RR_CURSORS
+        .get_ptr_mut(frontend.id)
+        .ok_or(reason::DROP_INTERNAL)?;
+    let turn = atomic::fetch_add(cursor, 1) % frontend.slot_count as u64;
+    match frontend.algorithm {
+        algorithm::LEAST_CONNECTIONS => least_connections(frontend, turn as u32, false),
+        algorithm::WEIGHTED_LEAST_CONNECTIONS => least_connections(frontend, turn as u32, true),
+        _ => SLOTS
+            .get(frontend.slot_base + turn as u32)
+            .copied()
+            .ok_or(reason::DROP_INTERNAL),
+    }
+}
+
+/// The backend with the fewest open connections (per unit of weight), scanning
+/// up to [`LC_SCAN_WINDOW`] slots from `start`. Exact for smaller backend sets,
+/// best-of-a-rotating-window above.
+///
+/// The scan runs under `bpf_loop`, whose callback the verifier checks once. As
+/// an open-coded loop, every iteration and every exit from it multiplied the
+/// paths to verify past the kernel's budget.
+#[inline(always)]
+fn least_connections(frontend: &Frontend, start: u32, weighted: bool) -> Result<u32, u32> {
+    let count = frontend.slot_count;
+    let first = candidate(frontend.slot_base, start, weighted)?;
+    let mut scan = Scan {
+        slot_base: frontend.slot_base,
+        count,
+        start,
+        weighted: weighted as u32,
+        best: first.0,
+        failed: 0,
+        best_conns: first.1,
+        best_weight: first.2,
+    };
+    let steps = if count < LC_SCAN_WINDOW { count } else { LC_SCAN_WINDOW };
+    if steps > 1 {
+        // SAFETY: `scan_step` has the callback signature bpf_loop expects and
+        // `scan` outlives the call.
+        unsafe {
+            bpf_loop(
+                steps - 1,
+                scan_step as *mut c_void,
+                (&raw mut scan).cast(),
+                0,
+            )
+        };
+    }
+    if scan.failed != 0 {
+        return Err(reason::DROP_INTERNAL);
+    }
+    Ok(scan.best)
+}
+
+/// State of a least-connections scan, on the caller's stack.
+#[repr(C)]
+struct Scan {
+    slot_base: u32,
+    count: u32,
+    start: u32,
+    weighted: u32,
+    best: u32,
+    failed: u32,
+    best_conns: u64,
+    best_weight: u64,
+}
+
+/// One step of the scan: looks at slot `start + 1 + index` (wrapping).
+/// Returns 0 to go on, 1 to stop.
+extern "C" fn scan_step(index: u32, ctx: *mut c_void) -> i64 {
+    // SAFETY: bpf_loop passes back the pointer given to it: a live `Scan`.
+    let scan = unsafe { &mut *ctx.cast::<Scan>() };
+    let mut pos = scan.start + 1 + index;
+    if pos >= scan.count {
+        pos -= scan.count;
+    }
+    match candidate(scan.slot_base, pos, scan.weighted != 0) {
+        Ok((id, conns, weight)) => {
+            // conns / weight < best_conns / best_weight, without division.
+            if conns * scan.best_weight < scan.best_conns * weight {
+                scan.best = id;
+                scan.best_conns = conns;
+                scan.best_weight = weight;
+            }
+            0
+        }
+        Err(_) => {
+            scan.failed = 1;
+            1
+        }
+    }
+}
+
+/// The backend in slot `pos`, its open connections and its weight (1 unless
+/// `weighted`).
+#[inline(always)]
+fn candidate(slot_base: u32, pos: u32, weighted: bool) -> Result<(u32, u64, u64), u32> {
+    let id = *SLOTS.get(slot_base + pos).ok_or(reason::DROP_INTERNAL)?;
+    let conns = match BACKEND_CONNS.get_ptr(id) {
+        // SAFETY: array values live as long as the map; an aligned u64 read is
+        // never torn.
+        Some(p) => unsafe { core::ptr::read_volatile(p) },
+        None => return Err(reason::DROP_INTERNAL),
+    };
+    let weight = if weighted {
+        match BACKENDS.get(id) {
+            Some(b) if b.weight > 0 => b.weight as u64,
+            _ => 1,
+        }
+    } else {
+        1
+    };
+    Ok((id, conns, weight))
+}
+
+/// Marks the flow closed and returns its connection count, exactly once even if
+/// both directions' FINs race on two CPUs or the agent expires it meanwhile.
+#[inline(always)]
+fn close(flow: *mut FlowV4) {
+    // SAFETY: `flow` is a live LRU map value; `state` is 4-byte aligned.
+    let previous = atomic::swap(unsafe { &raw mut (*flow).state }, FLOW_CLOSED);
+    if previous == FLOW_OPEN {
+        // SAFETY: as above.
+        add_conns(unsafe { (*flow).backend_id }, u64::MAX);
+    }
+}
+
+/// Adds `delta` (use `u64::MAX` for −1) to a backend's open-connection count.
+#[inline(always)]
+fn add_conns(backend_id: u32, delta: u64) {
+    if let Some(conns) = BACKEND_CONNS.get_ptr_mut(backend_id) {
+        atomic::fetch_add(conns, delta);
+    }
+}
+
+#[inline(always)]
+fn is_fresh_syn(flags: u8) -> bool {
+    flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) == TCP_SYN
+}
+
+/// True when the L4 checksum field holds only the pseudo-header sum: the packet
+/// comes from a local socket whose checksum offload has not run yet. Bytes
+/// rewritten in XDP could not be reflected in it correctly (see `csum`).
+#[inline(always)]
+fn checksum_pending(ip: &Ipv4, l4: &L4) -> bool {
+    if ip.proto == IPPROTO_UDP && l4.check == 0 {
+        return false; // UDP without checksum
+    }
+    let segment = ip.tot_len - ip.hlen as u16;
+    l4.check == csum::pseudo_header_v4(ip.src, ip.dst, ip.proto, segment)
+}
+
+#[inline(always)]
+fn now_ns() -> u64 {
+    // SAFETY: helper without arguments.
+    unsafe { bpf_ktime_get_coarse_ns() }
+}
+
+/// # Safety
+/// `at` points into a live map value.
+#[inline(always)]
+unsafe fn touch(at: *mut u64, now: u64) {
+    // SAFETY: guaranteed by the caller.
+    unsafe {
+        if now.wrapping_sub(*at) > TOUCH_INTERVAL_NS {
+            *at = now;
+        }
+    }
+}
+
+#[inline(always)]
+fn account(frontend_id: u32, backend_id: u32, reply: bool, bytes: u64, new_flow: bool) {
+    if let Some(s) = FRONTEND_STATS.get_ptr_mut(frontend_id) {
+        // SAFETY: per-CPU value of this CPU; nothing else writes it meanwhile.
+        add_traffic(unsafe { &mut *s }, reply, bytes, new_flow);
+    }
+    if let Some(s) = BACKEND_STATS.get_ptr_mut(backend_id) {
+        // SAFETY: as above.
+        add_traffic(unsafe { &mut *s }, reply, bytes, new_flow);
+    }
+}
+
+#[inline(always)]
+fn add_traffic(stats: &mut TrafficStats, reply: bool, bytes: u64, new_flow: bool) {
+    if reply {
+        stats.rev_packets += 1;
+        stats.rev_bytes += bytes;
+    } else {
+        stats.fwd_packets += 1;
+        stats.fwd_bytes += bytes;
+    }
+    if new_flow {
+        stats.new_flows += 1;
+    }
+}

@@ -1,0 +1,162 @@
+//! The XDP fast path: rewrite in place, redirect to the egress device.
+//!
+//! XDP sees raw frames: checksums are updated incrementally (RFC 1624), which is
+//! only right when the L4 checksum is complete. Packets whose checksum offload
+//! is still pending are handed to the TC companion untouched (see
+//! [`Verdict::Defer`]). Frames are redirected only to devices listed in
+//! `XDP_EGRESS`; a redirect into a device that cannot take XDP frames (a veth
+//! whose peer has no NAPI) is dropped by the kernel without a trace.
+
+use aya_ebpf::{
+    bindings::xdp_action::{XDP_ABORTED, XDP_DROP, XDP_PASS},
+    helpers::generated::bpf_xdp_adjust_meta,
+    programs::XdpContext,
+};
+use sluice_common::{
+    csum,
+    layout::XDP_DEFER_MARK,
+    reason,
+    types::IPPROTO_UDP,
+};
+
+use crate::{
+    balance::{Nat, Verdict, classify},
+    fib::{self, Route},
+    maps::XDP_EGRESS,
+    outcome::count,
+    packet::{ETH_HLEN, MAX_IPV4_HLEN, load, ptr_at, store},
+};
+
+#[inline(always)]
+pub fn run(ctx: &XdpContext) -> u32 {
+    let (start, end) = (ctx.data(), ctx.data_end());
+    match classify(start, end, end - start, true) {
+        Verdict::Pass(why) => {
+            count(why);
+            XDP_PASS
+        }
+        Verdict::Drop(why) => {
+            count(why);
+            XDP_DROP
+        }
+        Verdict::Defer => defer(ctx),
+        Verdict::Nat(nat) => match forward(ctx, &nat) {
+            Ok(action) => action,
+            Err(()) => {
+                count(reason::DROP_INTERNAL);
+                XDP_ABORTED
+            }
+        },
+    }
+}
+
+/// Marks the frame for the TC companion (4 bytes of XDP metadata, which the
+/// kernel carries into the skb) and passes it up untouched.
+#[inline(always)]
+fn defer(ctx: &XdpContext) -> u32 {
+    const MARK_LEN: i32 = core::mem::size_of::<u32>() as i32;
+    // SAFETY: plain helper call on our own context.
+    if unsafe { bpf_xdp_adjust_meta(ctx.ctx, -MARK_LEN) } != 0 {
+        // No metadata support on this driver: the companion would not know the
+        // packet. Never expected where partial checksums occur (veth has it).
+        count(reason::DROP_INTERNAL);
+        return XDP_DROP;
+    }
+    let (meta, data) = (ctx.metadata(), ctx.data());
+    let Some(mark) = ptr_at::<u32>(meta, data, 0) else {
+        count(reason::DROP_INTERNAL);
+        return XDP_DROP;
+    };
+    store::<u32>(mark, XDP_DEFER_MARK);
+    count(reason::XDP_DEFER_PARTIAL_CSUM);
+    XDP_PASS
+}
+
+#[inline(always)]
+fn forward(ctx: &XdpContext, nat: &Nat) -> Result<u32, ()> {
+    rewrite(ctx, nat)?;
+    let ingress = ctx.ingress_ifindex() as u32;
+    match fib::route(ctx, nat, ingress, nat.tot_len) {
+        Route::Forward { ifindex, smac, dmac } => {
+            if XDP_EGRESS.get(ifindex).is_none() {
+                count(reason::STACK_NO_XDP_EGRESS);
+                return Ok(XDP_PASS);
+            }
+            if nat.ttl <= 1 {
+                count(reason::STACK_OTHER);
+                return Ok(XDP_PASS);
+            }
+            set_l2_and_ttl(ctx, nat.ttl, smac, dmac)?;
+            match XDP_EGRESS.redirect(ifindex, XDP_DROP as u64) {
+                Ok(action) => {
+                    count(reason::FWD_XDP);
+                    Ok(action)
+                }
+                Err(action) => {
+                    // Removed from XDP_EGRESS since the lookup above.
+                    count(reason::DROP_INTERNAL);
+                    Ok(action)
+                }
+            }
+        }
+        Route::NoNeighbour => {
+            count(reason::STACK_NO_NEIGH);
+            Ok(XDP_PASS)
+        }
+        Route::Other => {
+            count(reason::STACK_OTHER);
+            Ok(XDP_PASS)
+        }
+    }
+}
+
+/// Rewrites one address and one port, updating both checksums incrementally.
+#[inline(always)]
+fn rewrite(ctx: &XdpContext, nat: &Nat) -> Result<(), ()> {
+    let (start, end) = (ctx.data(), ctx.data_end());
+    let ip = ptr_at::<[u8; 20]>(start, end, ETH_HLEN).ok_or(())?;
+    let addr_at = ip + if nat.reply { 12 } else { 16 };
+    store::<u32>(addr_at, nat.new_addr);
+    let ip_check = load::<u16>(ip + 10);
+    store::<u16>(ip + 10, csum::replace32(ip_check, nat.old_addr, nat.new_addr));
+
+    // The bound is re-established here for the verifier (it came via the stack).
+    let l4_off = nat.l4_off;
+    if !(ETH_HLEN + 20..=ETH_HLEN + MAX_IPV4_HLEN).contains(&l4_off) {
+        return Err(());
+    }
+    let udp = nat.proto == IPPROTO_UDP;
+    let l4 = if udp {
+        ptr_at::<[u8; 8]>(start, end, l4_off)
+    } else {
+        ptr_at::<[u8; 20]>(start, end, l4_off)
+    }
+    .ok_or(())?;
+    store::<u16>(l4 + if nat.reply { 0 } else { 2 }, nat.new_port);
+    if udp && nat.l4_check == 0 {
+        return Ok(()); // UDP without checksum stays without
+    }
+    let check = csum::replace32(nat.l4_check, nat.old_addr, nat.new_addr);
+    let check = csum::replace16(check, nat.old_port, nat.new_port);
+    // In UDP a computed zero is sent as all ones (RFC 768).
+    let check = if udp && check == 0 { 0xffff } else { check };
+    store::<u16>(l4 + if udp { 6 } else { 16 }, check);
+    Ok(())
+}
+
+/// What a router does before sending: decrement TTL, set the next hop's MACs.
+#[inline(always)]
+fn set_l2_and_ttl(ctx: &XdpContext, ttl: u8, smac: [u8; 6], dmac: [u8; 6]) -> Result<(), ()> {
+    let (start, end) = (ctx.data(), ctx.data_end());
+    let eth = ptr_at::<[u8; ETH_HLEN + 20]>(start, end, 0).ok_or(())?;
+    let ip = eth + ETH_HLEN;
+    // TTL shares a 16-bit checksum word with the protocol byte.
+    let old_word = load::<u16>(ip + 8);
+    store::<u8>(ip + 8, ttl - 1);
+    let new_word = load::<u16>(ip + 8);
+    let check = load::<u16>(ip + 10);
+    store::<u16>(ip + 10, csum::replace16(check, old_word, new_word));
+    store::<[u8; 6]>(eth, dmac);
+    store::<[u8; 6]>(eth + 6, smac);
+    Ok(())
+}
