@@ -10,7 +10,10 @@ fn main() -> anyhow::Result<()> {
     let programs = root.join("ebpf/programs");
     // The shared types change the programs too; aya-build watches only the
     // package it builds.
-    println!("cargo:rerun-if-changed={}", root.join("ebpf/common").display());
+    println!(
+        "cargo:rerun-if-changed={}",
+        root.join("ebpf/common").display()
+    );
 
     if which("bpf-linker").is_none() {
         bail!(

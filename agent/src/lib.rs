@@ -1,1 +1,27 @@
+//! Sluice's per-node agent as a library; `sluice-agent` (src/main.rs) is a thin
+//! command-line shell around it.
+//!
+//! | module | what it does |
+//! |---|---|
+//! | [`manifest`] | parses and validates the YAML manifest |
+//! | [`reconcile`] | desired state → map operations (pure) |
+//! | [`apply`] | executes plans on the maps; reads them back |
+//! | [`dataplane`] | hook choice, loading, pinned links, `down` |
+//! | [`agent`] | `run`: start-up and the follow loop |
+//! | [`reaper`] | idle-flow expiry |
+//! | [`status`] | `status`: report from the pinned maps |
+//! | [`maps`], [`pins`], [`objects`], [`netdev`], [`sys`], [`alloc`] | supporting pieces |
 
+pub mod agent;
+pub mod alloc;
+pub mod apply;
+pub mod dataplane;
+pub mod manifest;
+pub mod maps;
+pub mod netdev;
+pub mod objects;
+pub mod pins;
+pub mod reaper;
+pub mod reconcile;
+pub mod status;
+pub mod sys;

@@ -26,13 +26,7 @@ pub const fn replace16(check: u16, old: u16, new: u16) -> u16 {
 pub const fn replace32(check: u16, old: u32, new: u32) -> u16 {
     let old_lo = old as u16;
     let old_hi = (old >> 16) as u16;
-    !fold(
-        !check as u32
-            + !old_lo as u32
-            + !old_hi as u32
-            + (new & 0xffff)
-            + (new >> 16),
-    )
+    !fold(!check as u32 + !old_lo as u32 + !old_hi as u32 + (new & 0xffff) + (new >> 16))
 }
 
 /// The IPv4 pseudo-header sum (RFC 793 §3.1, RFC 768), folded, not complemented.
@@ -153,7 +147,10 @@ mod tests {
         ph[4..8].copy_from_slice(&dst.to_ne_bytes());
         ph[9] = 6;
         ph[10..12].copy_from_slice(&40u16.to_be_bytes());
-        assert_eq!(pseudo_header_v4(src, dst, 6, 40), fold_wide(sum_words(&ph, 0)));
+        assert_eq!(
+            pseudo_header_v4(src, dst, 6, 40),
+            fold_wide(sum_words(&ph, 0))
+        );
     }
 
     #[test]

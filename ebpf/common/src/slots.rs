@@ -15,7 +15,10 @@ use std::vec::Vec;
 /// If `weights.len() > max_total` or any weight is zero: callers validate both.
 pub fn effective_weights(weights: &[u32], max_total: u32) -> Vec<u32> {
     assert!(weights.iter().all(|&w| w > 0), "zero weight");
-    assert!(weights.len() as u64 <= max_total as u64, "more backends than slots");
+    assert!(
+        weights.len() as u64 <= max_total as u64,
+        "more backends than slots"
+    );
     let divisor = weights.iter().copied().fold(0, gcd);
     let mut reduced: Vec<u32> = weights.iter().map(|w| w / divisor.max(1)).collect();
     let total: u64 = reduced.iter().map(|&w| w as u64).sum();

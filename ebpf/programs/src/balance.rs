@@ -15,8 +15,8 @@ use sluice_common::{
     layout::LC_SCAN_WINDOW,
     reason,
     types::{
-        FAMILY_V4, FLOW_CLOSED, FLOW_OPEN, FlowKeyV4, FlowV4, Frontend, FrontendKeyV4,
-        IPPROTO_TCP, IPPROTO_UDP, ReplyV4, TrafficStats, algorithm,
+        FAMILY_V4, FLOW_CLOSED, FLOW_OPEN, FlowKeyV4, FlowV4, Frontend, FrontendKeyV4, IPPROTO_TCP,
+        IPPROTO_UDP, ReplyV4, TrafficStats, algorithm,
     },
 };
 
@@ -151,7 +151,12 @@ fn to_service(ip: &Ipv4, l4: &L4, bytes: u64, defer_partial: bool) -> Verdict {
             // SAFETY: as above; plain stores to our own entry.
             unsafe {
                 touch(&raw mut (*flow).last_seen_ns, now);
-                ((*flow).backend_addr, (*flow).backend_port, (*flow).backend_id, false)
+                (
+                    (*flow).backend_addr,
+                    (*flow).backend_port,
+                    (*flow).backend_id,
+                    false,
+                )
             }
         }
         _ => {
@@ -282,7 +287,7 @@ fn open(
         add_conns(backend_id, 1);
     }
     let flags = if replace { 0 } else { BPF_NOEXIST as u64 };
-    if FLOWS_V4.insert(key, &flow, flags).is_err() {
+    if FLOWS_V4.insert(key, flow, flags).is_err() {
         // Another CPU created this flow between our lookup and insert (a
         // retransmitted SYN): follow its choice and return our count.
         if counted {
@@ -309,7 +314,7 @@ fn open(
         last_seen_ns: now,
     };
     REPLIES_V4
-        .insert(&reply_key, &reply, 0)
+        .insert(reply_key, reply, 0)
         .map_err(|_| reason::DROP_INTERNAL)?;
     Ok(flow)
 }
@@ -353,7 +358,11 @@ fn least_connections(frontend: &Frontend, start: u32, weighted: bool) -> Result<
         best_conns: first.1,
         best_weight: first.2,
     };
-    let steps = if count < LC_SCAN_WINDOW { count } else { LC_SCAN_WINDOW };
+    let steps = if count < LC_SCAN_WINDOW {
+        count
+    } else {
+        LC_SCAN_WINDOW
+    };
     if steps > 1 {
         // SAFETY: `scan_step` has the callback signature bpf_loop expects and
         // `scan` outlives the call.

@@ -12,7 +12,11 @@ const AF_INET: u8 = 2;
 
 pub enum Route {
     /// Forward out of `ifindex` with these MAC addresses.
-    Forward { ifindex: u32, smac: [u8; 6], dmac: [u8; 6] },
+    Forward {
+        ifindex: u32,
+        smac: [u8; 6],
+        dmac: [u8; 6],
+    },
     /// The next hop's neighbour entry is not resolved yet.
     NoNeighbour,
     /// Anything the FIB helper does not forward itself (local, unreachable,

@@ -8,8 +8,7 @@ use aya_ebpf::{
 };
 use sluice_common::{
     layout::{
-        DEFAULT_FLOW_CAPACITY, MAX_BACKENDS, MAX_FRONTENDS, MAX_INTERFACES, MAX_VIPS,
-        SLOT_CAPACITY,
+        DEFAULT_FLOW_CAPACITY, MAX_BACKENDS, MAX_FRONTENDS, MAX_INTERFACES, MAX_VIPS, SLOT_CAPACITY,
     },
     reason,
     types::{

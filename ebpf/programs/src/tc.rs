@@ -11,12 +11,11 @@
 //! handles only the packets XDP deferred (marked in the XDP metadata).
 
 use aya_ebpf::{
-    bindings::{
-        BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT, __sk_buff,
-    },
+    bindings::{__sk_buff, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT},
     helpers::generated::bpf_redirect,
     programs::TcContext,
 };
+use aya_log_ebpf::error;
 use sluice_common::{layout::XDP_DEFER_MARK, reason, types::IPPROTO_UDP};
 
 use crate::{
@@ -30,31 +29,38 @@ use crate::{
 pub fn run<const COMPANION: bool>(ctx: &TcContext) -> i32 {
     if COMPANION && !deferred_by_xdp(ctx) {
         // XDP already dealt with it (passed, dropped or handed to the stack).
-        return TC_ACT_OK as i32;
+        return TC_ACT_OK;
     }
     let len = ctx.len() as usize;
     // Headers must be in the linear part for direct access.
     let want = if len < MAX_HEADERS { len } else { MAX_HEADERS };
     if ctx.data() + want > ctx.data_end() && ctx.pull_data(want as u32).is_err() {
         count(reason::PASS_MALFORMED_L2);
-        return TC_ACT_OK as i32;
+        return TC_ACT_OK;
     }
     match classify(ctx.data(), ctx.data_end(), len, false) {
         Verdict::Pass(why) => {
             count(why);
-            TC_ACT_OK as i32
+            TC_ACT_OK
         }
         Verdict::Drop(why) => {
+            if why == reason::DROP_INTERNAL {
+                error!(
+                    ctx,
+                    "tc: maps disagree (a slot or flow names a missing entry)"
+                );
+            }
             count(why);
-            TC_ACT_SHOT as i32
+            TC_ACT_SHOT
         }
         // classify defers only when asked to.
-        Verdict::Defer => TC_ACT_OK as i32,
+        Verdict::Defer => TC_ACT_OK,
         Verdict::Nat(nat) => match forward(ctx, &nat) {
             Ok(action) => action,
-            Err(_) => {
+            Err(errno) => {
+                error!(ctx, "tc: rewriting a balanced packet failed: {}", errno);
                 count(reason::DROP_INTERNAL);
-                TC_ACT_SHOT as i32
+                TC_ACT_SHOT
             }
         },
     }
@@ -89,7 +95,12 @@ fn forward(ctx: &TcContext, nat: &Nat) -> Result<i32, i64> {
     };
     let (old_addr, new_addr) = (nat.old_addr as u64, nat.new_addr as u64);
     let (old_port, new_port) = (nat.old_port as u64, nat.new_port as u64);
-    ctx.l4_csum_replace(check_at, old_addr, new_addr, BPF_F_PSEUDO_HDR as u64 | mangled | 4)?;
+    ctx.l4_csum_replace(
+        check_at,
+        old_addr,
+        new_addr,
+        BPF_F_PSEUDO_HDR as u64 | mangled | 4,
+    )?;
     ctx.l4_csum_replace(check_at, old_port, new_port, mangled | 2)?;
     ctx.l3_csum_replace(ETH_HLEN + 10, old_addr, new_addr, 4)?;
     ctx.store(addr_at, &nat.new_addr, 0)?;
@@ -98,10 +109,14 @@ fn forward(ctx: &TcContext, nat: &Nat) -> Result<i32, i64> {
     // SAFETY: reading a context field.
     let ingress = unsafe { (*skb(ctx)).ingress_ifindex };
     match fib::route(ctx, nat, ingress, 0) {
-        Route::Forward { ifindex, smac, dmac } => {
+        Route::Forward {
+            ifindex,
+            smac,
+            dmac,
+        } => {
             if nat.ttl <= 1 {
                 count(reason::STACK_OTHER);
-                return Ok(TC_ACT_OK as i32);
+                return Ok(TC_ACT_OK);
             }
             let old_word = u16::from_ne_bytes([nat.ttl, nat.proto]);
             let new_word = u16::from_ne_bytes([nat.ttl - 1, nat.proto]);
@@ -117,11 +132,11 @@ fn forward(ctx: &TcContext, nat: &Nat) -> Result<i32, i64> {
         }
         Route::NoNeighbour => {
             count(reason::STACK_NO_NEIGH);
-            Ok(TC_ACT_OK as i32)
+            Ok(TC_ACT_OK)
         }
         Route::Other => {
             count(reason::STACK_OTHER);
-            Ok(TC_ACT_OK as i32)
+            Ok(TC_ACT_OK)
         }
     }
 }

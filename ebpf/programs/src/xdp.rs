@@ -12,12 +12,8 @@ use aya_ebpf::{
     helpers::generated::bpf_xdp_adjust_meta,
     programs::XdpContext,
 };
-use sluice_common::{
-    csum,
-    layout::XDP_DEFER_MARK,
-    reason,
-    types::IPPROTO_UDP,
-};
+use aya_log_ebpf::error;
+use sluice_common::{csum, layout::XDP_DEFER_MARK, reason, types::IPPROTO_UDP};
 
 use crate::{
     balance::{Nat, Verdict, classify},
@@ -36,6 +32,12 @@ pub fn run(ctx: &XdpContext) -> u32 {
             XDP_PASS
         }
         Verdict::Drop(why) => {
+            if why == reason::DROP_INTERNAL {
+                error!(
+                    ctx,
+                    "xdp: maps disagree (a slot or flow names a missing entry)"
+                );
+            }
             count(why);
             XDP_DROP
         }
@@ -43,6 +45,7 @@ pub fn run(ctx: &XdpContext) -> u32 {
         Verdict::Nat(nat) => match forward(ctx, &nat) {
             Ok(action) => action,
             Err(()) => {
+                error!(ctx, "xdp: rewrite failed on a packet parsed before");
                 count(reason::DROP_INTERNAL);
                 XDP_ABORTED
             }
@@ -59,6 +62,10 @@ fn defer(ctx: &XdpContext) -> u32 {
     if unsafe { bpf_xdp_adjust_meta(ctx.ctx, -MARK_LEN) } != 0 {
         // No metadata support on this driver: the companion would not know the
         // packet. Never expected where partial checksums occur (veth has it).
+        error!(
+            ctx,
+            "xdp: cannot defer a partial-checksum packet: no XDP metadata"
+        );
         count(reason::DROP_INTERNAL);
         return XDP_DROP;
     }
@@ -77,7 +84,11 @@ fn forward(ctx: &XdpContext, nat: &Nat) -> Result<u32, ()> {
     rewrite(ctx, nat)?;
     let ingress = ctx.ingress_ifindex() as u32;
     match fib::route(ctx, nat, ingress, nat.tot_len) {
-        Route::Forward { ifindex, smac, dmac } => {
+        Route::Forward {
+            ifindex,
+            smac,
+            dmac,
+        } => {
             if XDP_EGRESS.get(ifindex).is_none() {
                 count(reason::STACK_NO_XDP_EGRESS);
                 return Ok(XDP_PASS);
@@ -118,7 +129,10 @@ fn rewrite(ctx: &XdpContext, nat: &Nat) -> Result<(), ()> {
     let addr_at = ip + if nat.reply { 12 } else { 16 };
     store::<u32>(addr_at, nat.new_addr);
     let ip_check = load::<u16>(ip + 10);
-    store::<u16>(ip + 10, csum::replace32(ip_check, nat.old_addr, nat.new_addr));
+    store::<u16>(
+        ip + 10,
+        csum::replace32(ip_check, nat.old_addr, nat.new_addr),
+    );
 
     // The bound is re-established here for the verifier (it came via the stack).
     let l4_off = nat.l4_off;

@@ -67,7 +67,7 @@ pub fn bench_restore(ctx: XdpContext) -> u32 {
         return XDP_ABORTED;
     }
     // SAFETY: tail call with our own context; returns only on failure.
-    let _ = unsafe { BENCH_TARGET.tail_call(&ctx, 0) };
+    unsafe { BENCH_TARGET.tail_call(&ctx, 0) };
     XDP_ABORTED
 }
 

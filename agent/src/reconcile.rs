@@ -1,0 +1,837 @@
+//! Desired state → kernel map operations, as a pure function.
+//!
+//! [`plan`] compares the services a manifest declares with what the maps hold
+//! ([`State`]) and returns the [`Step`]s that take the maps from one to the
+//! other, plus the state they lead to. Nothing here touches the kernel:
+//! `apply` executes the steps, and tests check plans directly.
+//!
+//! Ordering makes every intermediate state safe for packets in flight:
+//! backends and slot tables are written before the frontend value that points
+//! to them is swapped (one atomic map update per service port); VIPs are added
+//! before their frontends and removed after; a backend that leaves the manifest
+//! is first taken out of every slot table, then marked retired. Established TCP
+//! flows keep their backend (the flow entry carries its address) and finish
+//! normally; UDP flows of removed backends are purged at once, so that the next
+//! datagram is balanced again instead of being sent to a backend that is gone.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+};
+
+use sluice_common::{
+    layout::{MAX_BACKENDS, MAX_FRONTENDS, MAX_SLOTS_PER_FRONTEND, SLOT_CAPACITY},
+    slots,
+    types::{
+        BACKEND_RETIRED, Backend, FAMILY_V4, Frontend, FrontendKeyV4, FrontendMeta, IPPROTO_UDP,
+        algorithm, fixed_name,
+    },
+};
+
+use crate::{
+    alloc::{Ids, SlotRange, SlotSpace},
+    manifest::{Algorithm, Manifest},
+};
+
+/// One service port as the kernel will see it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DesiredFrontend {
+    pub service: String,
+    /// Host order.
+    pub target_port: u16,
+    pub algorithm: Algorithm,
+    /// In manifest order: (address, weight).
+    pub backends: Vec<(Ipv4Addr, u32)>,
+}
+
+pub type Desired = BTreeMap<FrontendKeyV4, DesiredFrontend>;
+
+/// The service ports a manifest declares. (A valid manifest has no duplicate
+/// (VIP, port, protocol), so no entry is overwritten.)
+pub fn desired(manifest: &Manifest) -> Desired {
+    let mut out = Desired::new();
+    for service in &manifest.services {
+        for port in &service.ports {
+            let key = FrontendKeyV4 {
+                vip: u32::from_ne_bytes(service.vip.octets()),
+                port: port.port.to_be(),
+                proto: port.protocol.ip_proto(),
+                _pad: 0,
+            };
+            out.insert(
+                key,
+                DesiredFrontend {
+                    service: service.name.clone(),
+                    target_port: port.target_port,
+                    algorithm: service.algorithm,
+                    backends: service
+                        .backends
+                        .iter()
+                        .map(|b| (b.address, b.weight))
+                        .collect(),
+                },
+            );
+        }
+    }
+    out
+}
+
+/// What the maps hold (read back once at start, then kept in step).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct State {
+    pub frontends: BTreeMap<FrontendKeyV4, FrontendState>,
+    /// Every backend id in use, retired ones included.
+    pub backends: BTreeMap<u32, Backend>,
+    /// VIP address → number of service ports on it.
+    pub vips: BTreeMap<u32, u32>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FrontendState {
+    pub frontend: Frontend,
+    pub meta: FrontendMeta,
+    /// The slot table's content.
+    pub slots: Vec<u32>,
+}
+
+impl State {
+    /// Frontend ids that must not be handed out: in use by a frontend, or still
+    /// named by a retired backend (whose flows account to it).
+    fn frontend_ids_in_use(&self) -> BTreeSet<u32> {
+        self.frontends
+            .values()
+            .map(|f| f.frontend.id)
+            .chain(self.backends.values().map(|b| b.frontend_id))
+            .collect()
+    }
+}
+
+/// Id and slot allocators; cloned by [`plan`], adopted on success.
+#[derive(Clone, Debug)]
+pub struct Allocator {
+    pub frontend_ids: Ids,
+    pub backend_ids: Ids,
+    pub slots: SlotSpace,
+}
+
+impl Allocator {
+    /// Allocators consistent with a state read from the maps.
+    pub fn for_state(state: &State) -> Self {
+        Self::with_capacity(state, MAX_FRONTENDS, MAX_BACKENDS, SLOT_CAPACITY)
+    }
+
+    pub fn with_capacity(state: &State, frontends: u32, backends: u32, slots: u32) -> Self {
+        let mut alloc = Self {
+            frontend_ids: Ids::new(frontends),
+            backend_ids: Ids::new(backends),
+            slots: SlotSpace::new(slots),
+        };
+        for f in state.frontends.values() {
+            alloc.slots.mark_used(range_of(&f.frontend));
+        }
+        alloc
+            .frontend_ids
+            .resume_after(state.frontend_ids_in_use().last().copied());
+        alloc
+            .backend_ids
+            .resume_after(state.backends.keys().last().copied());
+        alloc
+    }
+}
+
+/// One map operation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Write a backend entry; `fresh`: a newly allocated id, whose counters and
+    /// connection count start at zero.
+    PutBackend {
+        id: u32,
+        backend: Backend,
+        fresh: bool,
+    },
+    /// Write a slot table into a range no frontend points to yet.
+    PutSlots {
+        base: u32,
+        ids: Vec<u32>,
+    },
+    /// Write a frontend's name and target port; `fresh`: a new id, whose
+    /// counters and round-robin cursor start at zero.
+    PutFrontendMeta {
+        id: u32,
+        meta: FrontendMeta,
+        fresh: bool,
+    },
+    PutVip {
+        addr: u32,
+        count: u32,
+    },
+    /// The switch: packets use the new frontend value from here on.
+    PutFrontend {
+        key: FrontendKeyV4,
+        frontend: Frontend,
+    },
+    DeleteFrontend {
+        key: FrontendKeyV4,
+    },
+    DeleteVip {
+        addr: u32,
+    },
+    /// Mark a backend that is in no slot table any more.
+    RetireBackend {
+        id: u32,
+        backend: Backend,
+    },
+    /// Delete the UDP flows (both directions) of these backends.
+    PurgeUdpFlows {
+        backends: BTreeSet<u32>,
+    },
+    ClearFrontendMeta {
+        id: u32,
+    },
+}
+
+#[derive(Debug)]
+pub struct Plan {
+    pub steps: Vec<Step>,
+    /// The state the maps hold once every step is applied.
+    pub next: State,
+    /// Allocators to adopt once applied.
+    pub alloc: Allocator,
+    /// Slot ranges no frontend points to any more: free them after a grace
+    /// period (packets in flight may still read them).
+    pub retired_ranges: Vec<SlotRange>,
+}
+
+impl Plan {
+    pub fn is_empty(&self) -> bool {
+        self.steps.is_empty()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    #[error("service {service}: no free frontend id ({capacity} service ports supported per node)")]
+    FrontendCapacity { service: String, capacity: u32 },
+    #[error(
+        "service {service}: no free backend id for {address} ({capacity} supported per node, \
+         retired backends with open flows included)"
+    )]
+    BackendCapacity {
+        service: String,
+        address: Ipv4Addr,
+        capacity: u32,
+    },
+    #[error("service {service}: slot table space exhausted ({needed} slots needed, {free} free)")]
+    SlotCapacity {
+        service: String,
+        needed: u32,
+        free: u32,
+    },
+}
+
+/// The kernel's algorithm value.
+pub fn kernel_algorithm(a: Algorithm) -> u32 {
+    match a {
+        Algorithm::RoundRobin => algorithm::ROUND_ROBIN,
+        Algorithm::WeightedRoundRobin => algorithm::WEIGHTED_ROUND_ROBIN,
+        Algorithm::LeastConnections => algorithm::LEAST_CONNECTIONS,
+        Algorithm::WeightedLeastConnections => algorithm::WEIGHTED_LEAST_CONNECTIONS,
+    }
+}
+
+/// A frontend's slot table: backend ids as the kernel walks them.
+/// Round-robin and the least-connections algorithms list each backend once
+/// (least-connections scans the list); weighted round-robin repeats each in
+/// proportion to its weight, smoothly interleaved.
+pub fn slot_table(algorithm: Algorithm, ids: &[u32], weights: &[u32]) -> Vec<u32> {
+    match algorithm {
+        Algorithm::WeightedRoundRobin if !ids.is_empty() => {
+            let effective = slots::effective_weights(weights, MAX_SLOTS_PER_FRONTEND);
+            slots::weighted_table(&effective)
+                .into_iter()
+                .map(|i| ids[i as usize])
+                .collect()
+        }
+        _ => ids.to_vec(),
+    }
+}
+
+fn range_of(f: &Frontend) -> SlotRange {
+    SlotRange {
+        base: f.slot_base,
+        len: f.slot_count,
+    }
+}
+
+/// Steps grouped by phase; emitted in this order (see the module comment).
+#[derive(Default)]
+struct Phases {
+    put_backend: Vec<Step>,
+    put_slots: Vec<Step>,
+    put_meta: Vec<Step>,
+    add_vip: Vec<Step>,
+    put_frontend: Vec<Step>,
+    delete_frontend: Vec<Step>,
+    drop_vip: Vec<Step>,
+    retire: Vec<Step>,
+    purge: BTreeSet<u32>,
+    clear_meta: Vec<Step>,
+}
+
+impl Phases {
+    fn into_steps(self) -> Vec<Step> {
+        let mut steps = Vec::new();
+        steps.extend(self.put_backend);
+        steps.extend(self.put_slots);
+        steps.extend(self.put_meta);
+        steps.extend(self.add_vip);
+        steps.extend(self.put_frontend);
+        steps.extend(self.delete_frontend);
+        steps.extend(self.drop_vip);
+        steps.extend(self.retire);
+        if !self.purge.is_empty() {
+            steps.push(Step::PurgeUdpFlows {
+                backends: self.purge,
+            });
+        }
+        steps.extend(self.clear_meta);
+        steps
+    }
+}
+
+/// The steps from `current` to `desired`. Fails, changing nothing, when a
+/// capacity would be exceeded.
+pub fn plan(desired: &Desired, current: &State, alloc: &Allocator) -> Result<Plan, PlanError> {
+    let mut alloc = alloc.clone();
+    let mut next = current.clone();
+    let mut phases = Phases::default();
+    let mut retired_ranges = Vec::new();
+
+    for (key, gone) in &current.frontends {
+        if desired.contains_key(key) {
+            continue;
+        }
+        phases
+            .delete_frontend
+            .push(Step::DeleteFrontend { key: *key });
+        retire_backends(
+            &mut next,
+            &mut phases,
+            key,
+            gone.frontend.id,
+            &BTreeSet::new(),
+        );
+        phases.clear_meta.push(Step::ClearFrontendMeta {
+            id: gone.frontend.id,
+        });
+        if gone.frontend.slot_count > 0 {
+            retired_ranges.push(range_of(&gone.frontend));
+        }
+        next.frontends.remove(key);
+    }
+
+    for (key, want) in desired {
+        let existing = next.frontends.get(key).cloned();
+        let (id, fresh) = match &existing {
+            Some(f) => (f.frontend.id, false),
+            None => {
+                let id = alloc
+                    .frontend_ids
+                    .allocate(&next.frontend_ids_in_use())
+                    .ok_or_else(|| PlanError::FrontendCapacity {
+                        service: want.service.clone(),
+                        capacity: MAX_FRONTENDS,
+                    })?;
+                (id, true)
+            }
+        };
+
+        let target_port = want.target_port.to_be();
+        let mut ids = Vec::with_capacity(want.backends.len());
+        let mut weights = Vec::with_capacity(want.backends.len());
+        for &(address, weight) in &want.backends {
+            let addr = u32::from_ne_bytes(address.octets());
+            let known = next
+                .backends
+                .iter()
+                .find(|(_, b)| b.frontend_id == id && b.addr[0] == addr && b.port == target_port)
+                .map(|(&bid, b)| (bid, *b));
+            let bid = match known {
+                Some((bid, backend)) => {
+                    let wanted = Backend {
+                        weight,
+                        flags: 0,
+                        ..backend
+                    };
+                    if wanted != backend {
+                        phases.put_backend.push(Step::PutBackend {
+                            id: bid,
+                            backend: wanted,
+                            fresh: false,
+                        });
+                        next.backends.insert(bid, wanted);
+                    }
+                    bid
+                }
+                None => {
+                    let used: BTreeSet<u32> = next.backends.keys().copied().collect();
+                    let bid = alloc.backend_ids.allocate(&used).ok_or_else(|| {
+                        PlanError::BackendCapacity {
+                            service: want.service.clone(),
+                            address,
+                            capacity: MAX_BACKENDS,
+                        }
+                    })?;
+                    let backend = Backend {
+                        addr: [addr, 0, 0, 0],
+                        port: target_port,
+                        family: FAMILY_V4,
+                        flags: 0,
+                        weight,
+                        frontend_id: id,
+                        _pad: 0,
+                    };
+                    phases.put_backend.push(Step::PutBackend {
+                        id: bid,
+                        backend,
+                        fresh: true,
+                    });
+                    next.backends.insert(bid, backend);
+                    bid
+                }
+            };
+            ids.push(bid);
+            weights.push(weight);
+        }
+        let keep: BTreeSet<u32> = ids.iter().copied().collect();
+        retire_backends(&mut next, &mut phases, key, id, &keep);
+
+        let table = slot_table(want.algorithm, &ids, &weights);
+        let kernel_algorithm = kernel_algorithm(want.algorithm);
+        let frontend = match &existing {
+            Some(f) if f.slots == table && f.frontend.algorithm == kernel_algorithm => f.frontend,
+            _ => {
+                let needed = table.len() as u32;
+                let range =
+                    alloc
+                        .slots
+                        .allocate(needed)
+                        .ok_or_else(|| PlanError::SlotCapacity {
+                            service: want.service.clone(),
+                            needed,
+                            free: alloc.slots.free(),
+                        })?;
+                if !table.is_empty() {
+                    phases.put_slots.push(Step::PutSlots {
+                        base: range.base,
+                        ids: table.clone(),
+                    });
+                }
+                if let Some(old) = &existing
+                    && old.frontend.slot_count > 0
+                {
+                    retired_ranges.push(range_of(&old.frontend));
+                }
+                let frontend = Frontend {
+                    id,
+                    algorithm: kernel_algorithm,
+                    slot_base: range.base,
+                    slot_count: needed,
+                };
+                phases.put_frontend.push(Step::PutFrontend {
+                    key: *key,
+                    frontend,
+                });
+                frontend
+            }
+        };
+
+        let meta = FrontendMeta {
+            name: fixed_name(&want.service),
+            target_port: want.target_port,
+            in_use: 1,
+            _pad: [0; 5],
+        };
+        if existing.as_ref().map(|f| f.meta) != Some(meta) {
+            phases
+                .put_meta
+                .push(Step::PutFrontendMeta { id, meta, fresh });
+        }
+        next.frontends.insert(
+            *key,
+            FrontendState {
+                frontend,
+                meta,
+                slots: table,
+            },
+        );
+    }
+
+    let mut vips = BTreeMap::new();
+    for key in desired.keys() {
+        *vips.entry(key.vip).or_insert(0u32) += 1;
+    }
+    for (&addr, &count) in &vips {
+        match current.vips.get(&addr) {
+            Some(&now) if now == count => {}
+            Some(&now) if now > count => phases.drop_vip.push(Step::PutVip { addr, count }),
+            _ => phases.add_vip.push(Step::PutVip { addr, count }),
+        }
+    }
+    for &addr in current.vips.keys() {
+        if !vips.contains_key(&addr) {
+            phases.drop_vip.push(Step::DeleteVip { addr });
+        }
+    }
+    next.vips = vips;
+
+    Ok(Plan {
+        steps: phases.into_steps(),
+        next,
+        alloc,
+        retired_ranges,
+    })
+}
+
+/// Retires the active backends of frontend `id` not in `keep`.
+fn retire_backends(
+    next: &mut State,
+    phases: &mut Phases,
+    key: &FrontendKeyV4,
+    id: u32,
+    keep: &BTreeSet<u32>,
+) {
+    let leaving: Vec<(u32, Backend)> = next
+        .backends
+        .iter()
+        .filter(|(bid, b)| {
+            b.frontend_id == id && b.flags & BACKEND_RETIRED == 0 && !keep.contains(bid)
+        })
+        .map(|(&bid, b)| (bid, *b))
+        .collect();
+    for (bid, backend) in leaving {
+        let retired = Backend {
+            flags: backend.flags | BACKEND_RETIRED,
+            ..backend
+        };
+        phases.retire.push(Step::RetireBackend {
+            id: bid,
+            backend: retired,
+        });
+        next.backends.insert(bid, retired);
+        if key.proto == IPPROTO_UDP {
+            phases.purge.insert(bid);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use sluice_common::types::{IPPROTO_TCP, name_str};
+
+    use super::*;
+
+    fn addr(s: &str) -> Ipv4Addr {
+        s.parse().expect("test address")
+    }
+
+    fn key(vip: &str, port: u16, proto: u8) -> FrontendKeyV4 {
+        FrontendKeyV4 {
+            vip: u32::from_ne_bytes(addr(vip).octets()),
+            port: port.to_be(),
+            proto,
+            _pad: 0,
+        }
+    }
+
+    fn frontend(service: &str, algorithm: Algorithm, backends: &[(&str, u32)]) -> DesiredFrontend {
+        DesiredFrontend {
+            service: service.to_string(),
+            target_port: 8080,
+            algorithm,
+            backends: backends.iter().map(|&(a, w)| (addr(a), w)).collect(),
+        }
+    }
+
+    /// Plans, checks the plan's `next` is what re-planning from it agrees
+    /// with (idempotence), and returns the plan.
+    fn plan_ok(desired: &Desired, current: &State) -> Plan {
+        let alloc = Allocator::for_state(current);
+        let plan = plan(desired, current, &alloc).expect("plan");
+        let again = super::plan(desired, &plan.next, &plan.alloc).expect("replan");
+        assert!(again.is_empty(), "not idempotent: {:?}", again.steps);
+        plan
+    }
+
+    fn step_names(steps: &[Step]) -> Vec<&'static str> {
+        steps
+            .iter()
+            .map(|s| match s {
+                Step::PutBackend { .. } => "put_backend",
+                Step::PutSlots { .. } => "put_slots",
+                Step::PutFrontendMeta { .. } => "put_meta",
+                Step::PutVip { .. } => "put_vip",
+                Step::PutFrontend { .. } => "put_frontend",
+                Step::DeleteFrontend { .. } => "delete_frontend",
+                Step::DeleteVip { .. } => "delete_vip",
+                Step::RetireBackend { .. } => "retire",
+                Step::PurgeUdpFlows { .. } => "purge_udp",
+                Step::ClearFrontendMeta { .. } => "clear_meta",
+            })
+            .collect()
+    }
+
+    #[test]
+    fn new_service_writes_backends_then_table_then_switches() {
+        let desired = Desired::from([(
+            key("198.18.0.10", 80, IPPROTO_TCP),
+            frontend(
+                "web",
+                Algorithm::RoundRobin,
+                &[("198.19.1.2", 1), ("198.19.2.2", 3)],
+            ),
+        )]);
+        let plan = plan_ok(&desired, &State::default());
+        assert_eq!(
+            step_names(&plan.steps),
+            [
+                "put_backend",
+                "put_backend",
+                "put_slots",
+                "put_meta",
+                "put_vip",
+                "put_frontend"
+            ]
+        );
+        let f = &plan.next.frontends[&key("198.18.0.10", 80, IPPROTO_TCP)];
+        assert_eq!(f.slots.len(), 2, "round-robin ignores weights");
+        assert_eq!(name_str(&f.meta.name), "web");
+        assert_eq!(plan.next.backends.len(), 2);
+        assert!(
+            plan.next
+                .backends
+                .values()
+                .all(|b| b.port == 8080u16.to_be())
+        );
+    }
+
+    #[test]
+    fn weighted_round_robin_expands_weights() {
+        let desired = Desired::from([(
+            key("198.18.0.10", 80, IPPROTO_TCP),
+            frontend(
+                "web",
+                Algorithm::WeightedRoundRobin,
+                &[("198.19.1.2", 1), ("198.19.2.2", 1), ("198.19.3.2", 2)],
+            ),
+        )]);
+        let plan = plan_ok(&desired, &State::default());
+        let f = &plan.next.frontends[&key("198.18.0.10", 80, IPPROTO_TCP)];
+        let ids: Vec<u32> = plan.next.backends.keys().copied().collect();
+        assert_eq!(f.slots, [ids[2], ids[0], ids[1], ids[2]]);
+    }
+
+    #[test]
+    fn weight_change_swaps_to_a_new_range_and_keeps_ids() {
+        let k = key("198.18.0.10", 80, IPPROTO_TCP);
+        let first = plan_ok(
+            &Desired::from([(
+                k,
+                frontend(
+                    "web",
+                    Algorithm::WeightedRoundRobin,
+                    &[("198.19.1.2", 1), ("198.19.2.2", 1)],
+                ),
+            )]),
+            &State::default(),
+        );
+        let desired = Desired::from([(
+            k,
+            frontend(
+                "web",
+                Algorithm::WeightedRoundRobin,
+                &[("198.19.1.2", 1), ("198.19.2.2", 3)],
+            ),
+        )]);
+        let second = plan(&desired, &first.next, &first.alloc).expect("plan");
+        assert_eq!(
+            step_names(&second.steps),
+            ["put_backend", "put_slots", "put_frontend"]
+        );
+        let before = &first.next.frontends[&k].frontend;
+        let after = &second.next.frontends[&k].frontend;
+        assert_ne!(before.slot_base, after.slot_base, "old range is in use");
+        assert_eq!(second.retired_ranges.len(), 1);
+        assert_eq!(
+            first.next.backends.keys().collect::<Vec<_>>(),
+            second.next.backends.keys().collect::<Vec<_>>()
+        );
+    }
+
+    #[test]
+    fn removed_backend_is_retired_and_only_udp_flows_are_purged() {
+        let tcp = key("198.18.0.10", 80, IPPROTO_TCP);
+        let udp = key("198.18.0.10", 53, IPPROTO_UDP);
+        let both = |backends: &[(&str, u32)]| {
+            Desired::from([
+                (tcp, frontend("web", Algorithm::RoundRobin, backends)),
+                (udp, frontend("web", Algorithm::RoundRobin, backends)),
+            ])
+        };
+        let first = plan_ok(
+            &both(&[("198.19.1.2", 1), ("198.19.2.2", 1)]),
+            &State::default(),
+        );
+        let second = plan(&both(&[("198.19.1.2", 1)]), &first.next, &first.alloc).expect("plan");
+        let retired: Vec<u32> = second
+            .steps
+            .iter()
+            .filter_map(|s| match s {
+                Step::RetireBackend { id, backend } => {
+                    assert!(backend.flags & BACKEND_RETIRED != 0);
+                    Some(*id)
+                }
+                _ => None,
+            })
+            .collect();
+        assert_eq!(retired.len(), 2, "one per service port");
+        let purged: Vec<&BTreeSet<u32>> = second
+            .steps
+            .iter()
+            .filter_map(|s| match s {
+                Step::PurgeUdpFlows { backends } => Some(backends),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(purged.len(), 1);
+        let udp_id = second.next.frontends[&udp].frontend.id;
+        let udp_retired: Vec<u32> = retired
+            .iter()
+            .copied()
+            .filter(|id| second.next.backends[id].frontend_id == udp_id)
+            .collect();
+        assert_eq!(purged[0].iter().copied().collect::<Vec<_>>(), udp_retired);
+        // Retired backends stay known (their TCP flows continue) but are in no table.
+        for id in &retired {
+            assert!(second.next.backends.contains_key(id));
+            assert!(
+                second
+                    .next
+                    .frontends
+                    .values()
+                    .all(|f| !f.slots.contains(id))
+            );
+        }
+        // Coming back revives the same id.
+        let third = plan(
+            &both(&[("198.19.1.2", 1), ("198.19.2.2", 1)]),
+            &second.next,
+            &second.alloc,
+        )
+        .expect("plan");
+        let revived: BTreeSet<u32> = third
+            .steps
+            .iter()
+            .filter_map(|s| match s {
+                Step::PutBackend {
+                    id, fresh: false, ..
+                } => Some(*id),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(revived, retired.into_iter().collect());
+    }
+
+    #[test]
+    fn removed_service_goes_after_its_vip_users() {
+        let a = key("198.18.0.10", 80, IPPROTO_TCP);
+        let b = key("198.18.0.10", 443, IPPROTO_TCP);
+        let first = plan_ok(
+            &Desired::from([
+                (
+                    a,
+                    frontend("web", Algorithm::RoundRobin, &[("198.19.1.2", 1)]),
+                ),
+                (
+                    b,
+                    frontend("tls", Algorithm::RoundRobin, &[("198.19.1.2", 1)]),
+                ),
+            ]),
+            &State::default(),
+        );
+        assert_eq!(first.next.vips.values().copied().collect::<Vec<_>>(), [2]);
+        let desired = Desired::from([(
+            a,
+            frontend("web", Algorithm::RoundRobin, &[("198.19.1.2", 1)]),
+        )]);
+        let second = plan(&desired, &first.next, &first.alloc).expect("plan");
+        assert_eq!(
+            step_names(&second.steps),
+            ["delete_frontend", "put_vip", "retire", "clear_meta"]
+        );
+        let third = plan(&Desired::new(), &second.next, &second.alloc).expect("plan");
+        assert_eq!(
+            step_names(&third.steps),
+            ["delete_frontend", "delete_vip", "retire", "clear_meta"]
+        );
+        assert!(third.next.frontends.is_empty() && third.next.vips.is_empty());
+    }
+
+    #[test]
+    fn service_without_backends_has_an_empty_table() {
+        let k = key("198.18.0.10", 80, IPPROTO_TCP);
+        let plan = plan_ok(
+            &Desired::from([(k, frontend("web", Algorithm::LeastConnections, &[]))]),
+            &State::default(),
+        );
+        assert_eq!(plan.next.frontends[&k].frontend.slot_count, 0);
+        assert!(!step_names(&plan.steps).contains(&"put_slots"));
+    }
+
+    #[test]
+    fn capacity_errors_change_nothing() {
+        let k1 = key("198.18.0.10", 80, IPPROTO_TCP);
+        let k2 = key("198.18.0.11", 80, IPPROTO_TCP);
+        let desired = Desired::from([
+            (
+                k1,
+                frontend("a", Algorithm::RoundRobin, &[("198.19.1.2", 1)]),
+            ),
+            (
+                k2,
+                frontend("b", Algorithm::RoundRobin, &[("198.19.1.3", 1)]),
+            ),
+        ]);
+        let state = State::default();
+        let tight = Allocator::with_capacity(&state, 1, 8, 8);
+        assert!(matches!(
+            plan(&desired, &state, &tight),
+            Err(PlanError::FrontendCapacity { .. })
+        ));
+        let tight = Allocator::with_capacity(&state, 8, 1, 8);
+        assert!(matches!(
+            plan(&desired, &state, &tight),
+            Err(PlanError::BackendCapacity { .. })
+        ));
+        let tight = Allocator::with_capacity(&state, 8, 8, 1);
+        let err = plan(&desired, &state, &tight).expect_err("no room");
+        assert!(
+            err.to_string().contains("slot table space exhausted"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn desired_from_manifest_splits_ports() {
+        let manifest = crate::manifest::parse(
+            "test.yaml",
+            "kind: Service\nname: web\nvip: 198.18.0.10\nports:\n  - { port: 80, protocol: TCP, targetPort: 8080 }\n  - { port: 53, protocol: UDP, targetPort: 5353 }\nbackends:\n  - { address: 198.19.1.2, weight: 2 }\n",
+        )
+        .expect("valid manifest");
+        let d = desired(&manifest);
+        assert_eq!(d.len(), 2);
+        let udp = &d[&key("198.18.0.10", 53, IPPROTO_UDP)];
+        assert_eq!(udp.target_port, 5353);
+        assert_eq!(udp.backends, [(addr("198.19.1.2"), 2)]);
+    }
+}
