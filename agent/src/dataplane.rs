@@ -294,12 +294,7 @@ impl Dataplane {
             }
         };
         for name in [program::XDP, program::TC, program::TC_COMPANION] {
-            let result = match ebpf.program_mut(name) {
-                Some(aya::programs::Program::Xdp(p)) => p.load(),
-                Some(aya::programs::Program::SchedClassifier(p)) => p.load(),
-                _ => Err(aya::programs::ProgramError::UnexpectedProgramType),
-            };
-            result.map_err(|source| DataplaneError::Program {
+            load_program(&mut ebpf, name).map_err(|source| DataplaneError::Program {
                 name,
                 op: "loading (verifier)",
                 source,
@@ -548,6 +543,29 @@ impl Dataplane {
             changes.push((name.clone(), accepts));
         }
         Ok(changes)
+    }
+}
+
+/// Loads one program, retrying a few times when the verifier gives up because
+/// a signal arrived meanwhile (`EAGAIN`, see bpf(2)); libbpf does the same.
+/// In a multi-threaded process a child's SIGCHLD can land on any thread.
+fn load_program(ebpf: &mut Ebpf, name: &'static str) -> Result<(), aya::programs::ProgramError> {
+    const ATTEMPTS: usize = 5;
+    let mut attempt = 1;
+    loop {
+        let result = match ebpf.program_mut(name) {
+            Some(aya::programs::Program::Xdp(p)) => p.load(),
+            Some(aya::programs::Program::SchedClassifier(p)) => p.load(),
+            _ => Err(aya::programs::ProgramError::UnexpectedProgramType),
+        };
+        match result {
+            Err(aya::programs::ProgramError::LoadError { io_error, .. })
+                if io_error.raw_os_error() == Some(libc::EAGAIN) && attempt < ATTEMPTS =>
+            {
+                attempt += 1;
+            }
+            other => return other,
+        }
     }
 }
 
