@@ -33,8 +33,6 @@ use crate::{
 /// Slot ranges a frontend stopped pointing to wait this long before reuse:
 /// far longer than any packet takes through the programs.
 const SLOT_GRACE: Duration = Duration::from_secs(2);
-/// Pin directories of other namespaces are collected only past this age.
-const GC_MIN_AGE: Duration = Duration::from_secs(600);
 
 #[derive(Clone, Debug)]
 pub struct RunOptions {
@@ -45,6 +43,8 @@ pub struct RunOptions {
     pub flow_capacity: u32,
     pub timeouts: Timeouts,
     pub sweep_interval: Duration,
+    /// Pin directories of other namespaces are collected only past this age.
+    pub stale_pin_age: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -229,7 +229,7 @@ pub async fn run(options: RunOptions) -> Result<(), AgentError> {
 
     ensure_bpffs(&options.bpffs_root)?;
     let pins = PinDir::new(&options.bpffs_root, netdev::netns_cookie()?);
-    for removed in dataplane::collect_garbage(&pins, GC_MIN_AGE) {
+    for removed in dataplane::collect_garbage(&pins, options.stale_pin_age) {
         info!(dir = %removed.display(), "removed the pinned data plane of a namespace that is gone");
     }
     let prepared = dataplane::prepare(&pins)?;

@@ -72,6 +72,10 @@ struct RunArgs {
     /// Seconds between sweeps of the connection table.
     #[arg(long, default_value_t = 5)]
     sweep_interval: u64,
+    /// Age in seconds past which pins of other namespaces that serve no live
+    /// interface are removed (younger ones may belong to an agent starting up).
+    #[arg(long, default_value_t = 600, hide = true)]
+    stale_pin_age: u64,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -118,6 +122,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                     udp: Duration::from_secs(args.udp_idle_timeout),
                 },
                 sweep_interval: Duration::from_secs(args.sweep_interval),
+                stale_pin_age: Duration::from_secs(args.stale_pin_age),
             };
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
