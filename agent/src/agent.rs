@@ -130,6 +130,7 @@ impl Reconciler {
                     services = manifest.services.len(),
                     steps = applied.steps,
                     udp_flows_purged = applied.udp_flows_purged,
+                    flows_purged = applied.flows_purged,
                     micros = started.elapsed().as_micros() as u64,
                     "applied manifest"
                 );

@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use aya::maps::MapError;
 use sluice_common::{
     layout::{MAX_BACKENDS, map},
-    types::{FAMILY_NONE, FLOW_OPEN, FlowKeyV4, FrontendMeta, IPPROTO_UDP},
+    types::{FAMILY_NONE, FLOW_OPEN, FlowKeyV4, FlowV4, FrontendMeta, IPPROTO_UDP},
 };
 
 use crate::{
@@ -78,7 +78,10 @@ pub fn read_state(maps: &Maps) -> Result<State, ApplyError> {
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Applied {
     pub steps: usize,
+    /// UDP flows of removed backends.
     pub udp_flows_purged: usize,
+    /// Flows of deleted service ports.
+    pub flows_purged: usize,
 }
 
 /// Applies steps in order. Stops at the first failure: every step leaves the
@@ -136,9 +139,13 @@ pub fn apply(maps: &mut Maps, steps: &[Step]) -> Result<Applied, ApplyError> {
                 .set(*id, backend, 0)
                 .map_err(map_err("writing", map::BACKENDS))?,
             Step::PurgeUdpFlows { backends } => {
-                applied.udp_flows_purged += purge_flows(maps, |key, backend_id| {
-                    key.proto == IPPROTO_UDP && backends.contains(&backend_id)
+                applied.udp_flows_purged += purge_flows(maps, |key, flow| {
+                    key.proto == IPPROTO_UDP && backends.contains(&flow.backend_id)
                 })?;
+            }
+            Step::PurgeFrontendFlows { frontends } => {
+                applied.flows_purged +=
+                    purge_flows(maps, |_, flow| frontends.contains(&flow.frontend_id))?;
             }
             Step::ClearFrontendMeta { id } => maps
                 .frontend_meta
@@ -154,12 +161,12 @@ pub fn apply(maps: &mut Maps, steps: &[Step]) -> Result<Applied, ApplyError> {
 /// connections they held. Returns how many flows went.
 pub fn purge_flows(
     maps: &mut Maps,
-    doomed: impl Fn(&FlowKeyV4, u32) -> bool,
+    doomed: impl Fn(&FlowKeyV4, &FlowV4) -> bool,
 ) -> Result<usize, ApplyError> {
     let mut victims = Vec::new();
     for entry in maps.flows.iter() {
         let (key, flow) = entry.map_err(map_err("listing", map::FLOWS_V4))?;
-        if doomed(&key, flow.backend_id) {
+        if doomed(&key, &flow) {
             victims.push((key, flow));
         }
     }
@@ -170,24 +177,19 @@ pub fn purge_flows(
 }
 
 /// Deletes one flow in both directions and returns its connection count.
-pub fn forget_flow(
-    maps: &mut Maps,
-    key: &FlowKeyV4,
-    flow: &sluice_common::types::FlowV4,
-) -> Result<(), ApplyError> {
+pub fn forget_flow(maps: &mut Maps, key: &FlowKeyV4, flow: &FlowV4) -> Result<(), ApplyError> {
     match maps.flows.remove(key) {
         // Already gone (expired by the LRU, or closed and reaped meanwhile).
         Err(MapError::KeyNotFound) => return Ok(()),
         other => other.map_err(map_err("deleting", map::FLOWS_V4))?,
     }
-    let reply = FlowKeyV4 {
-        src: flow.backend_addr,
-        dst: key.src,
-        sport: flow.backend_port,
-        dport: key.sport,
-        proto: key.proto,
-        _pad: [0; 3],
-    };
+    let reply = FlowKeyV4::new(
+        flow.backend_addr,
+        key.src,
+        flow.backend_port,
+        key.sport,
+        key.proto,
+    );
     match maps.replies.remove(&reply) {
         Err(MapError::KeyNotFound) | Ok(()) => {}
         Err(e) => return Err(map_err("deleting", map::REPLIES_V4)(e)),

@@ -112,14 +112,13 @@ pub fn sweep(
 
 /// The reply-direction key of a flow.
 pub fn reply_key(key: &FlowKeyV4, flow: &FlowV4) -> FlowKeyV4 {
-    FlowKeyV4 {
-        src: flow.backend_addr,
-        dst: key.src,
-        sport: flow.backend_port,
-        dport: key.sport,
-        proto: key.proto,
-        _pad: [0; 3],
-    }
+    FlowKeyV4::new(
+        flow.backend_addr,
+        key.src,
+        flow.backend_port,
+        key.sport,
+        key.proto,
+    )
 }
 
 #[cfg(test)]
@@ -151,14 +150,7 @@ mod tests {
 
     #[test]
     fn reply_key_mirrors_the_flow() {
-        let key = FlowKeyV4 {
-            src: 1,
-            dst: 2,
-            sport: 3,
-            dport: 4,
-            proto: IPPROTO_TCP,
-            _pad: [0; 3],
-        };
+        let key = FlowKeyV4::new(1, 2, 3, 4, IPPROTO_TCP);
         let flow = FlowV4 {
             backend_addr: 9,
             backend_port: 8,

@@ -185,6 +185,12 @@ pub enum Step {
     PurgeUdpFlows {
         backends: BTreeSet<u32>,
     },
+    /// Delete every flow (both directions) of these frontends: a deleted
+    /// service port ends its connections (established packets are forwarded
+    /// from the flow entry alone, without looking the service up).
+    PurgeFrontendFlows {
+        frontends: BTreeSet<u32>,
+    },
     ClearFrontendMeta {
         id: u32,
     },
@@ -275,6 +281,7 @@ struct Phases {
     drop_vip: Vec<Step>,
     retire: Vec<Step>,
     purge: BTreeSet<u32>,
+    purge_frontends: BTreeSet<u32>,
     clear_meta: Vec<Step>,
 }
 
@@ -292,6 +299,11 @@ impl Phases {
         if !self.purge.is_empty() {
             steps.push(Step::PurgeUdpFlows {
                 backends: self.purge,
+            });
+        }
+        if !self.purge_frontends.is_empty() {
+            steps.push(Step::PurgeFrontendFlows {
+                frontends: self.purge_frontends,
             });
         }
         steps.extend(self.clear_meta);
@@ -314,6 +326,7 @@ pub fn plan(desired: &Desired, current: &State, alloc: &Allocator) -> Result<Pla
         phases
             .delete_frontend
             .push(Step::DeleteFrontend { key: *key });
+        phases.purge_frontends.insert(gone.frontend.id);
         retire_backends(
             &mut next,
             &mut phases,
@@ -450,7 +463,8 @@ pub fn plan(desired: &Desired, current: &State, alloc: &Allocator) -> Result<Pla
             name: fixed_name(&want.service),
             target_port: want.target_port,
             in_use: 1,
-            _pad: [0; 5],
+            _pad0: 0,
+            _pad1: 0,
         };
         if existing.as_ref().map(|f| f.meta) != Some(meta) {
             phases
@@ -576,6 +590,7 @@ mod tests {
                 Step::DeleteVip { .. } => "delete_vip",
                 Step::RetireBackend { .. } => "retire",
                 Step::PurgeUdpFlows { .. } => "purge_udp",
+                Step::PurgeFrontendFlows { .. } => "purge_frontend",
                 Step::ClearFrontendMeta { .. } => "clear_meta",
             })
             .collect()
@@ -767,12 +782,24 @@ mod tests {
         let second = plan(&desired, &first.next, &first.alloc).expect("plan");
         assert_eq!(
             step_names(&second.steps),
-            ["delete_frontend", "put_vip", "retire", "clear_meta"]
+            [
+                "delete_frontend",
+                "put_vip",
+                "retire",
+                "purge_frontend",
+                "clear_meta"
+            ]
         );
         let third = plan(&Desired::new(), &second.next, &second.alloc).expect("plan");
         assert_eq!(
             step_names(&third.steps),
-            ["delete_frontend", "delete_vip", "retire", "clear_meta"]
+            [
+                "delete_frontend",
+                "delete_vip",
+                "retire",
+                "purge_frontend",
+                "clear_meta"
+            ]
         );
         assert!(third.next.frontends.is_empty() && third.next.vips.is_empty());
     }

@@ -9,6 +9,7 @@
 //! loads, which the verifier rejects whatever the architecture.
 fn main() {
     if std::env::var("CARGO_CFG_TARGET_ARCH").as_deref() == Ok("bpf") {
-        println!("cargo:rustc-link-arg=--cpu-features=+alu32");
+        println!("cargo:rustc-link-arg=--cpu-features=+alu32,+allows-misaligned-mem-access");
+        println!("cargo:rustc-link-arg=--disable-expand-memcpy-in-order");
     }
 }

@@ -63,7 +63,12 @@ pub fn with_lab<T: Send>(manifest: &str, f: impl FnOnce(&mut Lab) -> T + Send) -
                 // SAFETY: unshare only affects this thread, which owns the namespace
                 // for the rest of its life.
                 let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
-                assert_eq!(rc, 0, "unshare(CLONE_NEWNET): {}", std::io::Error::last_os_error());
+                assert_eq!(
+                    rc,
+                    0,
+                    "unshare(CLONE_NEWNET): {}",
+                    std::io::Error::last_os_error()
+                );
                 let mut lab = Lab::build(manifest);
                 f(&mut lab)
             })
@@ -88,7 +93,12 @@ impl Lab {
     fn build(manifest_text: &str) -> Self {
         sh(&["ip", "link", "set", "lo", "up"]);
         sh(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
-        let mut links = vec![("n0", "c0", Ipv4Addr::new(198, 18, 1, 1), Some((CLIENT, CLIENT_MAC)))];
+        let mut links = vec![(
+            "n0",
+            "c0",
+            Ipv4Addr::new(198, 18, 1, 1),
+            Some((CLIENT, CLIENT_MAC)),
+        )];
         let names: Vec<(String, String)> = (1..=4)
             .map(|i| (format!("nb{i}"), format!("b{i}")))
             .collect();
@@ -98,14 +108,24 @@ impl Lab {
             links.push((nb, b, Ipv4Addr::new(198, 19, i, 1), neighbour));
         }
         for (inside, peer, addr, neighbour) in &links {
-            sh(&["ip", "link", "add", inside, "type", "veth", "peer", "name", peer]);
+            sh(&[
+                "ip", "link", "add", inside, "type", "veth", "peer", "name", peer,
+            ]);
             sh(&["ip", "addr", "add", &format!("{addr}/24"), "dev", inside]);
             sh(&["ip", "link", "set", inside, "up"]);
             sh(&["ip", "link", "set", peer, "up"]);
             if let Some((ip, mac)) = neighbour {
                 let mac = mac.map(|b| format!("{b:02x}")).join(":");
                 sh(&[
-                    "ip", "neigh", "replace", &ip.to_string(), "lladdr", &mac, "dev", inside, "nud",
+                    "ip",
+                    "neigh",
+                    "replace",
+                    &ip.to_string(),
+                    "lladdr",
+                    &mac,
+                    "dev",
+                    inside,
+                    "nud",
                     "permanent",
                 ]);
             }
@@ -118,7 +138,7 @@ impl Lab {
         let dataplane = Dataplane::load(
             None,
             &LoadOptions {
-                flow_capacity: 65_536,
+                flow_capacity: sluice_common::layout::DEFAULT_FLOW_CAPACITY,
             },
         )
         .expect("loading the data plane (verifier)");
@@ -140,6 +160,11 @@ impl Lab {
         apply::apply(&mut self.dataplane.maps, &plan.steps).expect("apply");
         self.state = plan.next;
         self.alloc = plan.alloc;
+    }
+
+    /// Runs a command in the lab's namespace (e.g. `ip neigh replace ...`).
+    pub fn command(&self, args: &[&str]) {
+        sh(args);
     }
 
     pub fn ifindex(&self, name: &str) -> u32 {
@@ -266,7 +291,10 @@ impl Lab {
 
     /// Open connections of the TCP backend at `address` (target port 8080).
     pub fn open_connections(&self, address: Ipv4Addr) -> u64 {
-        self.dataplane.maps.conns.get(self.backend_id(address, 8080))
+        self.dataplane
+            .maps
+            .conns
+            .get(self.backend_id(address, 8080))
     }
 
     /// Summed traffic counters of the TCP backend at `address` (port 8080).

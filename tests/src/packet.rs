@@ -14,11 +14,17 @@ pub const TCP_ACK: u8 = 0x10;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum L4 {
-    Tcp { flags: u8 },
+    Tcp {
+        flags: u8,
+    },
     /// `checksum: false` sends no checksum (zero), as UDP over IPv4 allows.
-    Udp { checksum: bool },
+    Udp {
+        checksum: bool,
+    },
     /// Any other protocol number, with the payload as its body.
-    Other { proto: u8 },
+    Other {
+        proto: u8,
+    },
 }
 
 /// Everything a test may want to vary in a frame.
@@ -199,7 +205,8 @@ pub fn read(frame: &[u8]) -> Seen {
         proto,
         l4.len() as u16,
     );
-    let verifies = |data: &[u8], initial: u32| csum::fold_wide(csum::sum_words(data, initial)) == 0xffff;
+    let verifies =
+        |data: &[u8], initial: u32| csum::fold_wide(csum::sum_words(data, initial)) == 0xffff;
     let (payload_at, udp_zero) = match proto {
         6 => ((((l4[12] >> 4) as usize) * 4), false),
         17 => (8, l4[6] == 0 && l4[7] == 0),

@@ -76,8 +76,18 @@ impl Cluster {
         let mut udp = Vec::new();
         for i in 1..=3 {
             let b = topology.backend(i);
-            http.push(HttpServer::start(&b.ns, b.addr, 8080, &format!("backend-{i}")));
-            udp.push(UdpServer::start(&b.ns, b.addr, 5353, &format!("backend-{i}")));
+            http.push(HttpServer::start(
+                &b.ns,
+                b.addr,
+                8080,
+                &format!("backend-{i}"),
+            ));
+            udp.push(UdpServer::start(
+                &b.ns,
+                b.addr,
+                5353,
+                &format!("backend-{i}"),
+            ));
         }
         let scratch = ScratchDir::new();
         let manifest = scratch.write("services.yaml", manifest_text);
@@ -120,7 +130,9 @@ impl Cluster {
     fn spread(&self, n: usize) -> BTreeMap<String, usize> {
         let bodies = self.client(|| {
             (0..n)
-                .map(|_| http_get(SocketAddrV4::new(vip(), 80), TIMEOUT).expect("request to the VIP"))
+                .map(|_| {
+                    http_get(SocketAddrV4::new(vip(), 80), TIMEOUT).expect("request to the VIP")
+                })
                 .collect::<Vec<_>>()
         });
         tally(bodies)
@@ -135,7 +147,8 @@ impl Cluster {
         self.scratch.write("services.yaml", text);
         self.applied += 1;
         assert!(
-            self.agent.wait_for_log(APPLIED_LINE, self.applied, Duration::from_secs(10)),
+            self.agent
+                .wait_for_log(APPLIED_LINE, self.applied, Duration::from_secs(10)),
             "manifest change not applied:\n{}",
             self.agent.log()
         );
@@ -159,7 +172,10 @@ fn pin_dirs(root: &std::path::Path) -> Vec<String> {
 }
 
 fn count(spread: &BTreeMap<String, usize>, backend: usize) -> usize {
-    spread.get(&format!("backend-{backend}")).copied().unwrap_or(0)
+    spread
+        .get(&format!("backend-{backend}"))
+        .copied()
+        .unwrap_or(0)
 }
 
 fn near(actual: usize, expected: usize, slack: usize) -> bool {
@@ -177,17 +193,26 @@ fn round_robin_spreads_300_connections_evenly() {
         // The kernel's own counters agree, and every connection closed cleanly.
         let status = cluster.status();
         let web = &status["services"][1];
-        assert_eq!((&web["port"], &web["protocol"]), (&Value::from(80), &Value::from("TCP")));
+        assert_eq!(
+            (&web["port"], &web["protocol"]),
+            (&Value::from(80), &Value::from("TCP"))
+        );
         for backend in web["backends"].as_array().expect("backends") {
             let flows = backend["stats"]["new_flows"].as_u64().expect("new_flows");
             assert!(near(flows as usize, 100, 1), "{offloads:?}: {status:#}");
-            assert_eq!(backend["active_connections"], 0, "{offloads:?}: FIN returned counts");
+            assert_eq!(
+                backend["active_connections"], 0,
+                "{offloads:?}: FIN returned counts"
+            );
         }
         let fwd = match offloads {
             Offloads::KernelDefault => "fwd_tc",
             Offloads::NicLike => "fwd_xdp",
         };
-        assert!(status["outcomes"][fwd].as_u64().unwrap_or(0) >= 300 * 2, "{status:#}");
+        assert!(
+            status["outcomes"][fwd].as_u64().unwrap_or(0) >= 300 * 2,
+            "{status:#}"
+        );
     }
 }
 
@@ -215,10 +240,17 @@ fn least_connections_sends_new_connections_to_the_least_loaded() {
             })
             .collect();
         let spread = tally(held.iter().map(|(b, _)| b.clone()));
-        assert_eq!(spread.values().copied().collect::<Vec<_>>(), [2, 2, 2], "{offloads:?}");
+        assert_eq!(
+            spread.values().copied().collect::<Vec<_>>(),
+            [2, 2, 2],
+            "{offloads:?}"
+        );
         // Close both on backend-2: it now holds the fewest.
         held.retain(|(b, _)| b != "backend-2");
-        assert!(cluster.http[1].wait_open_connections(0, TIMEOUT), "{offloads:?}");
+        assert!(
+            cluster.http[1].wait_open_connections(0, TIMEOUT),
+            "{offloads:?}"
+        );
         // New long-lived connections go there until it catches up.
         for _ in 0..2 {
             let mut c = cluster.connect();
@@ -233,7 +265,10 @@ fn least_connections_sends_new_connections_to_the_least_loaded() {
             .iter()
             .enumerate()
         {
-            assert_eq!(backend["active_connections"], 2, "{offloads:?}: backend {i}: {status:#}");
+            assert_eq!(
+                backend["active_connections"], 2,
+                "{offloads:?}: backend {i}: {status:#}"
+            );
             assert_eq!(cluster.http[i].open_connections(), 2);
         }
         // And those still hold: each answers on its own backend.
@@ -259,14 +294,26 @@ fn a_long_lived_connection_survives_a_manifest_change_and_an_agent_kill() {
 
         // The agent dies: the pinned data plane keeps forwarding.
         cluster.agent.kill9();
-        assert_eq!(long.get().expect("while the agent is down"), home, "{offloads:?}");
+        assert_eq!(
+            long.get().expect("while the agent is down"),
+            home,
+            "{offloads:?}"
+        );
         let fresh = cluster.spread(10);
         assert_eq!(count(&fresh, leaving), 0, "{offloads:?}: {fresh:?}");
-        assert_eq!(fresh.values().sum::<usize>(), 10, "{offloads:?}: new connections too");
+        assert_eq!(
+            fresh.values().sum::<usize>(),
+            10,
+            "{offloads:?}: new connections too"
+        );
 
         // It comes back, reusing the pins, and balancing goes on.
         cluster.agent.restart();
-        assert!(cluster.agent.log().contains("state=Reuse"), "{}", cluster.agent.log());
+        assert!(
+            cluster.agent.log().contains("state=Reuse"),
+            "{}",
+            cluster.agent.log()
+        );
         assert_eq!(long.get().expect("after the restart"), home, "{offloads:?}");
         let after = cluster.spread(20);
         assert_eq!(count(&after, leaving), 0, "{offloads:?}: {after:?}");
@@ -293,12 +340,22 @@ fn udp_flows_stick_and_replies_come_from_the_vip() {
             out
         });
         for (body, from) in &answers {
-            assert_eq!(from.to_string(), to.to_string(), "{offloads:?}: replies come from the VIP");
+            assert_eq!(
+                from.to_string(),
+                to.to_string(),
+                "{offloads:?}: replies come from the VIP"
+            );
             assert!(body.starts_with("backend-"));
         }
         // One socket, one backend; the second socket, the next one.
-        assert!(answers[..5].iter().all(|(b, _)| *b == answers[0].0), "{offloads:?}: {answers:?}");
-        assert!(answers[5..].iter().all(|(b, _)| *b == answers[5].0), "{offloads:?}: {answers:?}");
+        assert!(
+            answers[..5].iter().all(|(b, _)| *b == answers[0].0),
+            "{offloads:?}: {answers:?}"
+        );
+        assert!(
+            answers[5..].iter().all(|(b, _)| *b == answers[5].0),
+            "{offloads:?}: {answers:?}"
+        );
         assert_ne!(answers[0].0, answers[5].0, "{offloads:?}");
     }
 }
@@ -310,7 +367,10 @@ fn a_removed_backend_gets_no_new_flows_and_its_udp_flows_move() {
         let to = SocketAddrV4::new(vip(), 53);
         let socket = cluster.client(|| UdpSocket::bind("198.18.1.2:0").expect("bind"));
         let (first, _) = udp_exchange(&socket, to, TIMEOUT).expect("UDP answer");
-        let gone: usize = first.trim_start_matches("backend-").parse().expect("backend number");
+        let gone: usize = first
+            .trim_start_matches("backend-")
+            .parse()
+            .expect("backend number");
 
         let remaining: Vec<(usize, u32)> = (1..=3).filter(|&i| i != gone).map(|i| (i, 1)).collect();
         cluster.change_manifest(&manifest("round-robin", &remaining));
@@ -334,7 +394,10 @@ fn a_removed_backend_gets_no_new_flows_and_its_udp_flows_move() {
             .iter()
             .map(|b| b["state"].as_str().expect("state"))
             .collect();
-        assert!(states.contains(&"retired") || states.len() == 2, "{status:#}");
+        assert!(
+            states.contains(&"retired") || states.len() == 2,
+            "{status:#}"
+        );
     }
 }
 
@@ -347,16 +410,25 @@ fn a_malformed_manifest_changes_nothing() {
             .scratch
             .write("services.yaml", manifest("round-robin", &[(1, 1), (2, 0)]));
         assert!(
-            cluster.agent.wait_for_log(REJECTED_LINE, 1, Duration::from_secs(10)),
+            cluster
+                .agent
+                .wait_for_log(REJECTED_LINE, 1, Duration::from_secs(10)),
             "{}",
             cluster.agent.log()
         );
         let log = cluster.agent.log();
-        assert!(log.contains("backends[1].weight") && log.contains("got 0"), "{log}");
+        assert!(
+            log.contains("backends[1].weight") && log.contains("got 0"),
+            "{log}"
+        );
         assert_eq!(cluster.status()["manifest_hash"], before["manifest_hash"]);
         let spread = cluster.spread(30);
         for b in 1..=3 {
-            assert_eq!(count(&spread, b), 10, "{offloads:?}: still all three: {spread:?}");
+            assert_eq!(
+                count(&spread, b),
+                10,
+                "{offloads:?}: still all three: {spread:?}"
+            );
         }
         // Fixed again: applied.
         cluster.change_manifest(&manifest("round-robin", &[(1, 1), (2, 1)]));
@@ -399,7 +471,10 @@ fn a_bad_manifest_or_interface_at_start_exits_nonzero_and_touches_nothing() {
     }
     // Nothing was attached to the node's interfaces.
     let links = topology.node.exec_ok(&["bpftool", "net", "show"]);
-    assert!(!String::from_utf8_lossy(&links.stdout).contains("sluice"), "{links:?}");
+    assert!(
+        !String::from_utf8_lossy(&links.stdout).contains("sluice"),
+        "{links:?}"
+    );
 }
 
 #[test]
@@ -415,22 +490,38 @@ fn forced_xdp_on_default_veths_defers_partial_checksums_to_tc() {
         assert_eq!(count(&spread, b), 10, "{spread:?}");
     }
     let status = cluster.status();
-    assert!(status["outcomes"]["xdp_defer_partial_csum"].as_u64().unwrap_or(0) > 0, "{status:#}");
-    assert!(status["outcomes"]["fwd_tc"].as_u64().unwrap_or(0) > 0, "{status:#}");
+    assert!(
+        status["outcomes"]["xdp_defer_partial_csum"]
+            .as_u64()
+            .unwrap_or(0)
+            > 0,
+        "{status:#}"
+    );
+    assert!(
+        status["outcomes"]["fwd_tc"].as_u64().unwrap_or(0) > 0,
+        "{status:#}"
+    );
 }
 
 #[test]
 fn down_detaches_and_unpins_everything() {
     let cluster = Cluster::start(Offloads::KernelDefault, &all_three("round-robin"), &[]);
     assert_eq!(cluster.spread(3).values().sum::<usize>(), 3);
-    let Cluster { mut agent, topology, .. } = cluster;
+    let Cluster {
+        mut agent,
+        topology,
+        ..
+    } = cluster;
     agent.kill9();
     let out = agent.run_cli(&["down"]);
     assert!(out.status.success(), "{out:?}");
     let pins = pin_dirs(agent.bpffs_root());
     assert!(pins.is_empty(), "left behind: {pins:?}");
     let shown = topology.node.exec_ok(&["bpftool", "net", "show"]);
-    assert!(!String::from_utf8_lossy(&shown.stdout).contains("sluice"), "{shown:?}");
+    assert!(
+        !String::from_utf8_lossy(&shown.stdout).contains("sluice"),
+        "{shown:?}"
+    );
     // With nothing balancing it, the VIP no longer answers.
     let reached = topology
         .client
@@ -451,7 +542,17 @@ fn pins_of_interfaces_that_are_gone_are_cleaned_not_reused() {
     let b3 = &cluster.topology.backend(3).ns;
     node.exec_ok(&["ip", "link", "del", "nb3"]);
     node.exec_ok(&[
-        "ip", "link", "add", "nb3", "type", "veth", "peer", "name", "b0", "netns", b3.name(),
+        "ip",
+        "link",
+        "add",
+        "nb3",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "b0",
+        "netns",
+        b3.name(),
     ]);
     node.exec_ok(&["ip", "addr", "add", "198.19.3.1/24", "dev", "nb3"]);
     node.exec_ok(&["ip", "link", "set", "nb3", "up"]);
@@ -460,7 +561,10 @@ fn pins_of_interfaces_that_are_gone_are_cleaned_not_reused() {
     b3.exec_ok(&["ip", "route", "add", "default", "via", "198.19.3.1"]);
     cluster.agent.restart();
     let log = cluster.agent.log();
-    assert!(log.contains("removing a pinned link whose interface is gone"), "{log}");
+    assert!(
+        log.contains("removing a pinned link whose interface is gone"),
+        "{log}"
+    );
     cluster.assert_hooks("tc");
     let spread = cluster.spread(30);
     for b in 1..=3 {
@@ -504,4 +608,49 @@ fn agents_in_two_namespaces_share_a_bpffs_without_colliding() {
     assert!(log.contains("namespace that is gone"), "{log}");
     assert_eq!(dirs().len(), 1, "{:?}", dirs());
     assert_eq!(b.spread(6).values().sum::<usize>(), 6);
+}
+
+#[test]
+fn idle_udp_flows_are_reaped_and_return_their_connection_counts() {
+    let cluster = Cluster::start(
+        Offloads::KernelDefault,
+        &all_three("least-connections"),
+        &["--udp-idle-timeout", "1", "--sweep-interval", "1"],
+    );
+    let to = SocketAddrV4::new(vip(), 53);
+    cluster.client(|| {
+        for _ in 0..3 {
+            let socket = UdpSocket::bind("198.18.1.2:0").expect("bind");
+            udp_exchange(&socket, to, TIMEOUT).expect("UDP answer");
+        }
+    });
+    let open = |status: &Value| -> Vec<u64> {
+        status["services"][0]["backends"]
+            .as_array()
+            .expect("backends")
+            .iter()
+            .map(|b| b["active_connections"].as_u64().expect("count"))
+            .collect()
+    };
+    let status = cluster.status();
+    assert_eq!(status["services"][0]["protocol"], "UDP", "{status:#}");
+    assert_eq!(open(&status), [1, 1, 1], "one open flow each: {status:#}");
+    // Silent for longer than the timeout: the agent expires them.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = cluster.status();
+        if open(&status) == [0, 0, 0] && status["flows"] == 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not reaped: {status:#}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        cluster.agent.log().contains("swept flows"),
+        "{}",
+        cluster.agent.log()
+    );
 }

@@ -6,7 +6,7 @@
 //! Needs root (BPF, network namespaces); the kernel features used are in
 //! ../shared/TOOLCHAIN.md.
 
-use std::net::Ipv4Addr;
+use std::{net::Ipv4Addr, time::Duration};
 
 use sluice_common::{
     layout::XDP_DEFER_MARK,
@@ -106,7 +106,12 @@ fn to_vip(sport: u16, flags: u8) -> Vec<u8> {
 /// Sends a SYN and returns the backend address it was sent to.
 fn open(lab: &mut Lab, hook: Hook, sport: u16) -> Ipv4Addr {
     let (act, out) = run(lab, hook, "n0", &syn(sport).build());
-    assert_eq!(act, Action::Redirect, "{hook:?} SYN from {sport}: {:?}", lab.outcomes());
+    assert_eq!(
+        act,
+        Action::Redirect,
+        "{hook:?} SYN from {sport}: {:?}",
+        lab.outcomes()
+    );
     packet::read(&out.frame).dst
 }
 
@@ -120,7 +125,10 @@ fn syn_to_a_vip_is_balanced_natted_and_forwarded() {
             assert_eq!(seen.dst, backend(1), "{hook:?}: first round-robin turn");
             assert_eq!((seen.src, seen.sport, seen.dport), (CLIENT, 40000, 8080));
             assert_eq!(seen.ttl, 63, "{hook:?}: a router decrements TTL");
-            assert!(seen.ip_checksum_ok && seen.l4_checksum_ok, "{hook:?}: {seen:?}");
+            assert!(
+                seen.ip_checksum_ok && seen.l4_checksum_ok,
+                "{hook:?}: {seen:?}"
+            );
             assert_eq!(seen.dst_mac, backend_mac(1), "{hook:?}: next hop's MAC");
             assert_eq!(seen.tcp_flags, TCP_SYN);
             assert_eq!(lab.outcomes().get(fwd(hook)), Some(&1), "{hook:?}");
@@ -144,9 +152,17 @@ fn an_established_flow_keeps_its_backend() {
                 // Retransmitted SYN and data alike stay on the first choice.
                 let (act, out) = run(lab, hook, "n0", &to_vip(40000, flags));
                 assert_eq!(act, Action::Redirect);
-                assert_eq!(packet::read(&out.frame).dst, backend(1), "{hook:?} {flags:#x}");
+                assert_eq!(
+                    packet::read(&out.frame).dst,
+                    backend(1),
+                    "{hook:?} {flags:#x}"
+                );
             }
-            assert_eq!(open(lab, hook, 40002), backend(3), "{hook:?}: the turn moved on");
+            assert_eq!(
+                open(lab, hook, 40002),
+                backend(3),
+                "{hook:?}: the turn moved on"
+            );
             assert_eq!(lab.flows().len(), 3);
         });
     }
@@ -168,8 +184,12 @@ fn round_robin_is_exact_over_300_flows() {
 
 #[test]
 fn weighted_round_robin_is_exact() {
-    let manifest = MANIFEST.replace("algorithm: round-robin", "algorithm: weighted-round-robin")
-        .replace("{ address: 198.19.3.2 }", "{ address: 198.19.3.2, weight: 2 }");
+    let manifest = MANIFEST
+        .replace("algorithm: round-robin", "algorithm: weighted-round-robin")
+        .replace(
+            "{ address: 198.19.3.2 }",
+            "{ address: 198.19.3.2, weight: 2 }",
+        );
     for hook in HOOKS {
         with_lab(&manifest, |lab| {
             let mut counts = [0usize; 3];
@@ -196,7 +216,11 @@ fn least_connections_prefers_the_backend_with_fewest_open_flows() {
             let freed = first[1];
             let (act, _) = run(lab, hook, "n0", &to_vip(30001, TCP_FIN | TCP_ACK));
             assert_eq!(act, Action::Redirect);
-            assert_eq!(lab.open_connections(freed), 0, "{hook:?}: FIN returns the count");
+            assert_eq!(
+                lab.open_connections(freed),
+                0,
+                "{hook:?}: FIN returns the count"
+            );
             // The next two new flows: the freed backend first, then any (all tie).
             assert_eq!(open(lab, hook, 30010), freed, "{hook:?}: fewest open wins");
             for b in 1..=3 {
@@ -209,8 +233,14 @@ fn least_connections_prefers_the_backend_with_fewest_open_flows() {
 #[test]
 fn weighted_least_connections_scales_by_weight() {
     let manifest = MANIFEST
-        .replace("algorithm: round-robin", "algorithm: weighted-least-connections")
-        .replace("{ address: 198.19.3.2 }", "{ address: 198.19.3.2, weight: 3 }");
+        .replace(
+            "algorithm: round-robin",
+            "algorithm: weighted-least-connections",
+        )
+        .replace(
+            "{ address: 198.19.3.2 }",
+            "{ address: 198.19.3.2, weight: 3 }",
+        );
     with_lab(&manifest, |lab| {
         let mut counts = [0usize; 3];
         for sport in 0..50 {
@@ -231,11 +261,18 @@ fn replies_are_reverse_natted_to_the_vip() {
             let (act, out) = run(lab, hook, "nb1", &reply.build());
             assert_eq!(act, Action::Redirect, "{hook:?}: {:?}", lab.outcomes());
             let seen = packet::read(&out.frame);
-            assert_eq!((seen.src, seen.sport), (VIP, 80), "{hook:?}: the client sees the VIP");
+            assert_eq!(
+                (seen.src, seen.sport),
+                (VIP, 80),
+                "{hook:?}: the client sees the VIP"
+            );
             assert_eq!((seen.dst, seen.dport), (CLIENT, 40000));
             assert_eq!(seen.dst_mac, CLIENT_MAC);
             assert_eq!(seen.ttl, 63);
-            assert!(seen.ip_checksum_ok && seen.l4_checksum_ok, "{hook:?}: {seen:?}");
+            assert!(
+                seen.ip_checksum_ok && seen.l4_checksum_ok,
+                "{hook:?}: {seen:?}"
+            );
             assert_eq!(lab.backend_traffic(backend(1)).rev_packets, 1);
         });
     }
@@ -265,7 +302,10 @@ fn udp_is_natted_both_ways_with_valid_or_absent_checksums() {
             };
             let (_, out) = run(lab, hook, "n0", &unchecked.build());
             let seen = packet::read(&out.frame);
-            assert!(seen.udp_checksum_zero, "{hook:?}: no checksum stays no checksum");
+            assert!(
+                seen.udp_checksum_zero,
+                "{hook:?}: no checksum stays no checksum"
+            );
             assert_eq!(seen.dst, backend(1), "{hook:?}: the UDP flow sticks");
         });
     }
@@ -413,7 +453,10 @@ fn ipv4_options_are_skipped_and_preserved() {
             assert_eq!(act, Action::Redirect, "{hook:?}: {:?}", lab.outcomes());
             let seen = packet::read(&out.frame);
             assert_eq!((seen.dst, seen.dport), (backend(1), 8080));
-            assert!(seen.ip_checksum_ok && seen.l4_checksum_ok, "{hook:?}: {seen:?}");
+            assert!(
+                seen.ip_checksum_ok && seen.l4_checksum_ok,
+                "{hook:?}: {seen:?}"
+            );
             let at = packet::ETH_HLEN + 20;
             assert_eq!(&out.frame[at..at + options.len()], &options[..]);
         });
@@ -454,16 +497,26 @@ fn fin_and_rst_return_the_connection_count_exactly_once() {
             assert_eq!(open(lab, hook, 40000), backend(1));
             assert_eq!(lab.open_connections(backend(1)), 1);
             // Client FIN closes...
-            assert_eq!(run(lab, hook, "n0", &to_vip(40000, TCP_FIN | TCP_ACK)).0, Action::Redirect);
+            assert_eq!(
+                run(lab, hook, "n0", &to_vip(40000, TCP_FIN | TCP_ACK)).0,
+                Action::Redirect
+            );
             assert_eq!(lab.open_connections(backend(1)), 0, "{hook:?}");
             assert_eq!(lab.flows()[0].1.state, FLOW_CLOSED);
             // ...and the backend's FIN (reply direction) does not count again.
             let fin = Spec::tcp((backend(1), 8080), (CLIENT, 40000), TCP_FIN | TCP_ACK).build();
             assert_eq!(run(lab, hook, "nb1", &fin).0, Action::Redirect);
-            assert_eq!(lab.open_connections(backend(1)), 0, "{hook:?}: exactly once");
+            assert_eq!(
+                lab.open_connections(backend(1)),
+                0,
+                "{hook:?}: exactly once"
+            );
             // The last ACK still reaches the backend.
             let (act, out) = run(lab, hook, "n0", &to_vip(40000, TCP_ACK));
-            assert_eq!((act, packet::read(&out.frame).dst), (Action::Redirect, backend(1)));
+            assert_eq!(
+                (act, packet::read(&out.frame).dst),
+                (Action::Redirect, backend(1))
+            );
 
             // A fresh SYN on the closed 5-tuple is a new connection: balanced again.
             assert_eq!(open(lab, hook, 40000), backend(2), "{hook:?}: port reuse");
@@ -474,7 +527,10 @@ fn fin_and_rst_return_the_connection_count_exactly_once() {
             assert_eq!(lab.open_connections(backend(2)), 0, "{hook:?}");
 
             // A RST for no known flow is dropped, never balanced.
-            assert_eq!(run(lab, hook, "n0", &to_vip(41000, TCP_RST)).0, Action::Drop);
+            assert_eq!(
+                run(lab, hook, "n0", &to_vip(41000, TCP_RST)).0,
+                Action::Drop
+            );
             assert_eq!(lab.outcomes().get("drop_rst_no_flow"), Some(&1));
         });
     }
@@ -499,8 +555,15 @@ fn an_unresolved_next_hop_goes_to_the_stack_already_natted() {
             let (act, out) = run(lab, hook, "n0", &frame);
             assert_eq!(act, Action::Pass, "{hook:?}: never dropped");
             let seen = packet::read(&out.frame);
-            assert_eq!((seen.dst, seen.dport), (backend(4), 80), "{hook:?}: already rewritten");
-            assert_eq!(seen.ttl, 64, "{hook:?}: the kernel decrements it when it forwards");
+            assert_eq!(
+                (seen.dst, seen.dport),
+                (backend(4), 80),
+                "{hook:?}: already rewritten"
+            );
+            assert_eq!(
+                seen.ttl, 64,
+                "{hook:?}: the kernel decrements it when it forwards"
+            );
             assert!(seen.ip_checksum_ok && seen.l4_checksum_ok);
             assert_eq!(lab.outcomes().get("stack_no_neigh"), Some(&1));
             // The flow exists: once ARP resolves, the next packets go the fast way.
@@ -513,10 +576,17 @@ fn an_unresolved_next_hop_goes_to_the_stack_already_natted() {
 fn an_expiring_ttl_goes_to_the_stack() {
     for hook in HOOKS {
         with_lab(MANIFEST, |lab| {
-            let spec = Spec { ttl: 1, ..syn(40000) };
+            let spec = Spec {
+                ttl: 1,
+                ..syn(40000)
+            };
             let (act, out) = run(lab, hook, "n0", &spec.build());
             assert_eq!(act, Action::Pass, "{hook:?}");
-            assert_eq!(packet::read(&out.frame).ttl, 1, "the kernel answers with ICMP");
+            assert_eq!(
+                packet::read(&out.frame).ttl,
+                1,
+                "the kernel answers with ICMP"
+            );
             assert_eq!(lab.outcomes().get("stack_other"), Some(&1));
         });
     }
@@ -550,12 +620,19 @@ fn xdp_defers_offload_pending_checksums_to_tc_untouched() {
         let out = lab.xdp("n0", &partial);
         assert_eq!(action(Hook::Xdp, out.action), Action::Pass);
         assert_eq!(out.frame, partial, "untouched");
-        assert_eq!(out.meta, XDP_DEFER_MARK.to_ne_bytes(), "marked for the companion");
+        assert_eq!(
+            out.meta,
+            XDP_DEFER_MARK.to_ne_bytes(),
+            "marked for the companion"
+        );
         assert_eq!(lab.outcomes().get("xdp_defer_partial_csum"), Some(&1));
         assert!(lab.flows().is_empty(), "no state changed before deferring");
         // A reply of a known flow with a pending checksum is deferred too.
         lab.allow_xdp_egress("nb1");
-        assert_eq!(action(Hook::Xdp, lab.xdp("n0", &syn(40001).build()).action), Action::Redirect);
+        assert_eq!(
+            action(Hook::Xdp, lab.xdp("n0", &syn(40001).build()).action),
+            Action::Redirect
+        );
         let reply = Spec {
             partial_checksum: true,
             ..Spec::tcp((backend(1), 8080), (CLIENT, 40001), TCP_SYN | TCP_ACK)
@@ -595,15 +672,97 @@ fn a_manifest_change_keeps_tcp_flows_and_purges_udp_flows_of_removed_backends() 
             ));
             // The established TCP flow finishes on its backend...
             let (act, out) = run(lab, hook, "n0", &to_vip(40000, TCP_ACK));
-            assert_eq!((act, packet::read(&out.frame).dst), (Action::Redirect, backend(1)));
+            assert_eq!(
+                (act, packet::read(&out.frame).dst),
+                (Action::Redirect, backend(1))
+            );
             // ...new ones go to the remaining backend only...
             for sport in 0..4 {
                 assert_eq!(open(lab, hook, 42000 + sport), backend(3), "{hook:?}");
             }
             // ...and the UDP flow was purged: the next datagram is balanced again.
             let (_, out) = run(lab, hook, "n0", &udp);
-            assert_eq!(packet::read(&out.frame).dst, backend(3), "{hook:?}: not stuck on a removed backend");
+            assert_eq!(
+                packet::read(&out.frame).dst,
+                backend(3),
+                "{hook:?}: not stuck on a removed backend"
+            );
         });
     }
 }
 
+#[test]
+fn the_next_hop_is_cached_per_flow_and_refreshed() {
+    for hook in HOOKS {
+        with_lab(MANIFEST, |lab| {
+            assert_eq!(open(lab, hook, 40000), backend(1));
+            let (_, flow) = lab.flows()[0];
+            assert_eq!(flow.next_hop.ifindex, lab.ifindex("nb1"), "{hook:?}");
+            // The backend's MAC changes: established packets keep the cached
+            // next hop for at most NEXT_HOP_TTL_NS, then look it up again.
+            let moved = [0x02, 0, 0, 0, 0x01, 0x99];
+            lab.command(&[
+                "ip",
+                "neigh",
+                "replace",
+                "198.19.1.2",
+                "lladdr",
+                "02:00:00:00:01:99",
+                "dev",
+                "nb1",
+                "nud",
+                "permanent",
+            ]);
+            let (_, out) = run(lab, hook, "n0", &to_vip(40000, TCP_ACK));
+            assert_eq!(
+                packet::read(&out.frame).dst_mac,
+                backend_mac(1),
+                "{hook:?}: cached"
+            );
+            std::thread::sleep(Duration::from_nanos(
+                sluice_common::layout::NEXT_HOP_TTL_NS + 200_000_000,
+            ));
+            let (_, out) = run(lab, hook, "n0", &to_vip(40000, TCP_ACK));
+            assert_eq!(
+                packet::read(&out.frame).dst_mac,
+                moved,
+                "{hook:?}: refreshed"
+            );
+            // Replies cache their own next hop.
+            let reply = Spec::tcp((backend(1), 8080), (CLIENT, 40000), TCP_ACK).build();
+            let (act, _) = run(lab, hook, "nb1", &reply);
+            assert_eq!(act, Action::Redirect);
+            let cached = lab
+                .dataplane
+                .maps
+                .replies
+                .iter()
+                .map(|e| e.expect("reply entry").1)
+                .next()
+                .expect("a reply entry");
+            assert_eq!(cached.next_hop.ifindex, lab.ifindex("n0"), "{hook:?}");
+        });
+    }
+}
+
+#[test]
+fn deleting_a_service_port_ends_its_flows() {
+    for hook in HOOKS {
+        with_lab(MANIFEST, |lab| {
+            assert_eq!(open(lab, hook, 40000), backend(1));
+            let udp = Spec::udp((CLIENT, 5000), (VIP, 53), b"q").build();
+            assert_eq!(run(lab, hook, "n0", &udp).0, Action::Redirect);
+            assert_eq!(lab.flows().len(), 2);
+            // TCP 80 goes; UDP 53 stays on the VIP.
+            lab.apply(&MANIFEST.replace("  - { port: 80, protocol: TCP, targetPort: 8080 }\n", ""));
+            assert_eq!(lab.flows().len(), 1, "{hook:?}: only the UDP flow is left");
+            assert_eq!(
+                run(lab, hook, "n0", &to_vip(40000, TCP_ACK)).0,
+                Action::Drop,
+                "{hook:?}"
+            );
+            assert_eq!(lab.outcomes().get("drop_vip_unknown_port"), Some(&1));
+            assert_eq!(run(lab, hook, "n0", &udp).0, Action::Redirect, "{hook:?}");
+        });
+    }
+}

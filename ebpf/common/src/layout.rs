@@ -2,7 +2,7 @@
 
 /// Bumped whenever a pinned map's key, value or type changes. The agent refuses to
 /// reuse pinned maps of another layout instead of misreading them.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// Service ports `(VIP, port, protocol)`; each has an id indexing per-frontend arrays.
 pub const MAX_FRONTENDS: u32 = 16_384;
@@ -18,6 +18,8 @@ pub const MAX_SLOTS_PER_FRONTEND: u32 = 65_536;
 pub const LC_SCAN_WINDOW: u32 = 64;
 /// Default connection-table size (forward and reply tables each).
 pub const DEFAULT_FLOW_CAPACITY: u32 = 262_144;
+/// A flow's cached next hop is looked up again when older than this.
+pub const NEXT_HOP_TTL_NS: u64 = 1_000_000_000;
 /// Distinct VIP addresses.
 pub const MAX_VIPS: u32 = 16_384;
 /// Interfaces one agent can manage.

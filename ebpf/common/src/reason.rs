@@ -53,8 +53,12 @@ pub const DROP_RST_NO_FLOW: u32 = 18;
 /// Dropped: maps disagree (a slot names a free backend). Never expected; the
 /// agent logs it loudly when it is not zero.
 pub const DROP_INTERNAL: u32 = 19;
+/// Dropped: a new flow could not be recorded (the connection table refused
+/// the insert even after a retry: full, and nothing evictable at that instant).
+/// The client's retransmission gets another chance.
+pub const DROP_FLOW_TABLE_FULL: u32 = 20;
 
-pub const COUNT: u32 = 20;
+pub const COUNT: u32 = 21;
 
 /// Names for status and metrics, indexed by reason.
 pub const NAMES: [&str; COUNT as usize] = [
@@ -78,6 +82,7 @@ pub const NAMES: [&str; COUNT as usize] = [
     "drop_no_backend",
     "drop_rst_no_flow",
     "drop_internal",
+    "drop_flow_table_full",
 ];
 
 /// The kind of verdict a reason belongs to.

@@ -36,7 +36,7 @@ pub struct FrontendKeyV4 {
     pub proto: u8,
     pub _pad: u8,
 }
-const _: () = assert!(core::mem::size_of::<FrontendKeyV4>() == 8);
+const _: () = assert!(size_of::<FrontendKeyV4>() == 8);
 
 /// Backend selection algorithms, as stored in [`Frontend::algorithm`].
 pub mod algorithm {
@@ -65,7 +65,7 @@ pub struct Frontend {
     /// Entries in the table; zero means no backend (packets are dropped and counted).
     pub slot_count: u32,
 }
-const _: () = assert!(core::mem::size_of::<Frontend>() == 16);
+const _: () = assert!(size_of::<Frontend>() == 16);
 
 /// `BACKENDS[backend_id]`.
 #[repr(C)]
@@ -86,11 +86,16 @@ pub struct Backend {
     pub frontend_id: u32,
     pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<Backend>() == 32);
+const _: () = assert!(size_of::<Backend>() == 32);
 
 pub const BACKEND_RETIRED: u8 = 1;
 
 /// 5-tuple key of `FLOWS_V4` (client → VIP) and `REPLIES_V4` (backend → client).
+///
+/// Padding comes in naturally aligned pieces (not `[u8; 3]`): the programs are
+/// built with misaligned access allowed, and LLVM zeroes a 3-byte array at
+/// offset 13 with a 2-byte store at an odd stack offset, which the verifier
+/// rejects. The same holds for every type built on the kernel's stack.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct FlowKeyV4 {
@@ -99,14 +104,48 @@ pub struct FlowKeyV4 {
     pub sport: u16,
     pub dport: u16,
     pub proto: u8,
-    pub _pad: [u8; 3],
+    pub _pad0: u8,
+    pub _pad1: u16,
 }
-const _: () = assert!(core::mem::size_of::<FlowKeyV4>() == 16);
+const _: () = assert!(size_of::<FlowKeyV4>() == 16);
+
+impl FlowKeyV4 {
+    #[inline(always)]
+    pub const fn new(src: u32, dst: u32, sport: u16, dport: u16, proto: u8) -> Self {
+        Self {
+            src,
+            dst,
+            sport,
+            dport,
+            proto,
+            _pad0: 0,
+            _pad1: 0,
+        }
+    }
+}
 
 /// Flow is open: it holds one count in `BACKEND_CONNS`.
 pub const FLOW_OPEN: u32 = 0;
 /// FIN or RST seen (or never counted): its connection count has been returned.
 pub const FLOW_CLOSED: u32 = 1;
+
+/// The route a flow's packets take, cached in its entry so that established
+/// packets skip `bpf_fib_lookup` (the costliest helper on the path). Refreshed
+/// when older than `layout::NEXT_HOP_TTL_NS`, like an ARP cache; never filled
+/// from a lookup that did not resolve the neighbour.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NextHop {
+    /// Egress interface; 0 when nothing is cached.
+    pub ifindex: u32,
+    pub _pad: u32,
+    /// `bpf_ktime_get_coarse_ns` of the lookup.
+    pub at_ns: u64,
+    /// The first 12 bytes of the Ethernet header to send with: next hop's MAC,
+    /// then ours. Kept as words: see ebpf/programs/src/fib.rs.
+    pub l2: [u64; 2],
+}
+const _: () = assert!(size_of::<NextHop>() == 32);
 
 /// Value of `FLOWS_V4`: where this client flow goes. The backend address is copied
 /// here so established flows need no second lookup and survive backend removal.
@@ -124,8 +163,9 @@ pub struct FlowV4 {
     pub _pad1: u32,
     /// `bpf_ktime_get_coarse_ns` of the last packet (refreshed at most every second).
     pub last_seen_ns: u64,
+    pub next_hop: NextHop,
 }
-const _: () = assert!(core::mem::size_of::<FlowV4>() == 32);
+const _: () = assert!(size_of::<FlowV4>() == 64);
 
 /// Value of `REPLIES_V4`: how to make a backend's reply look like it came from the VIP.
 #[repr(C)]
@@ -138,8 +178,9 @@ pub struct ReplyV4 {
     pub frontend_id: u32,
     /// Refreshed like [`FlowV4::last_seen_ns`]; a flow is idle only when both are.
     pub last_seen_ns: u64,
+    pub next_hop: NextHop,
 }
-const _: () = assert!(core::mem::size_of::<ReplyV4>() == 24);
+const _: () = assert!(size_of::<ReplyV4>() == 56);
 
 /// Per-CPU traffic counters, per frontend and per backend.
 /// "fwd" is client → backend, "rev" is backend → client.
@@ -152,7 +193,7 @@ pub struct TrafficStats {
     pub rev_bytes: u64,
     pub new_flows: u64,
 }
-const _: () = assert!(core::mem::size_of::<TrafficStats>() == 40);
+const _: () = assert!(size_of::<TrafficStats>() == 40);
 
 impl TrafficStats {
     /// Sum of per-CPU values.
@@ -185,9 +226,10 @@ pub struct FrontendMeta {
     pub target_port: u16,
     /// Non-zero when this id is in use.
     pub in_use: u8,
-    pub _pad: [u8; 5],
+    pub _pad0: u8,
+    pub _pad1: u32,
 }
-const _: () = assert!(core::mem::size_of::<FrontendMeta>() == 136);
+const _: () = assert!(size_of::<FrontendMeta>() == 136);
 
 impl Default for FrontendMeta {
     fn default() -> Self {
@@ -195,7 +237,8 @@ impl Default for FrontendMeta {
             name: [0; NAME_LEN],
             target_port: 0,
             in_use: 0,
-            _pad: [0; 5],
+            _pad0: 0,
+            _pad1: 0,
         }
     }
 }
@@ -219,7 +262,7 @@ pub struct IfaceMeta {
     /// NUL-padded interface name (IFNAMSIZ).
     pub name: [u8; 16],
 }
-const _: () = assert!(core::mem::size_of::<IfaceMeta>() == 24);
+const _: () = assert!(size_of::<IfaceMeta>() == 24);
 
 /// `AGENT_META[0]`: facts about the pinned data plane itself.
 #[repr(C)]
@@ -235,7 +278,7 @@ pub struct AgentMeta {
     /// Unix time (seconds) of the last successful reconcile.
     pub applied_at: u64,
 }
-const _: () = assert!(core::mem::size_of::<AgentMeta>() == 32);
+const _: () = assert!(size_of::<AgentMeta>() == 32);
 
 pod!(
     FrontendKeyV4,
@@ -243,6 +286,7 @@ pod!(
     Backend,
     FlowKeyV4,
     FlowV4,
+    NextHop,
     ReplyV4,
     TrafficStats,
     FrontendMeta,

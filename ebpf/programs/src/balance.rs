@@ -16,7 +16,7 @@ use sluice_common::{
     reason,
     types::{
         FAMILY_V4, FLOW_CLOSED, FLOW_OPEN, FlowKeyV4, FlowV4, Frontend, FrontendKeyV4, IPPROTO_TCP,
-        IPPROTO_UDP, ReplyV4, TrafficStats, algorithm,
+        IPPROTO_UDP, NextHop, ReplyV4, TrafficStats, algorithm,
     },
 };
 
@@ -32,6 +32,8 @@ use crate::{
 /// Timestamps in flow entries are refreshed at most this often: one store per
 /// second per flow instead of one per packet. Idle timeouts are far longer.
 const TOUCH_INTERVAL_NS: u64 = 1_000_000_000;
+
+const EEXIST: i32 = 17;
 
 pub enum Verdict {
     /// Not Sluice's traffic: pass untouched, counted under the reason.
@@ -66,6 +68,10 @@ pub struct Nat {
     pub dst: u32,
     pub sport: u16,
     pub dport: u16,
+    /// The flow entry's cached next hop (null if there is no entry to cache in).
+    pub next_hop: *mut NextHop,
+    /// `bpf_ktime_get_coarse_ns` when the packet was classified.
+    pub now: u64,
 }
 
 /// Decides the fate of the frame in `[start, end)`, `pkt_len` bytes in all.
@@ -108,32 +114,18 @@ pub fn classify(start: usize, end: usize, pkt_len: usize, defer_partial: bool) -
 }
 
 /// Client → VIP: find or create the flow, DNAT to its backend.
+///
+/// An established flow needs one lookup: its entry names the backend. The
+/// service itself is looked up only to open a flow; flows of a service that
+/// is deleted are purged by the agent.
 #[inline(always)]
 fn to_service(ip: &Ipv4, l4: &L4, bytes: u64, defer_partial: bool) -> Verdict {
-    let frontend_key = FrontendKeyV4 {
-        vip: ip.dst,
-        port: l4.dport,
-        proto: ip.proto,
-        _pad: 0,
-    };
-    let Some(frontend) = FRONTENDS_V4.get_ptr(frontend_key) else {
-        return Verdict::Drop(reason::DROP_VIP_UNKNOWN_PORT);
-    };
-    // SAFETY: a NO_PREALLOC hash value stays valid for the whole program run (RCU).
-    let frontend = unsafe { *frontend };
+    // Before any state changes: this packet cannot be rewritten here.
     if defer_partial && checksum_pending(ip, l4) {
         return Verdict::Defer;
     }
-
     let tcp = ip.proto == IPPROTO_TCP;
-    let key = FlowKeyV4 {
-        src: ip.src,
-        dst: ip.dst,
-        sport: l4.sport,
-        dport: l4.dport,
-        proto: ip.proto,
-        _pad: [0; 3],
-    };
+    let key = FlowKeyV4::new(ip.src, ip.dst, l4.sport, l4.dport, ip.proto);
     let now = now_ns();
     let existing = FLOWS_V4.get_ptr_mut(key);
     // A closed flow seeing a fresh SYN is a new connection reusing the 5-tuple
@@ -143,33 +135,59 @@ fn to_service(ip: &Ipv4, l4: &L4, bytes: u64, defer_partial: bool) -> Verdict {
         Some(flow) => tcp && is_fresh_syn(l4.flags) && unsafe { (*flow).state } == FLOW_CLOSED,
         None => false,
     };
-    let (backend_addr, backend_port, backend_id, new_flow) = match existing {
+    let flow = match existing {
         Some(flow) if !reopen => {
             if tcp && l4.flags & (TCP_FIN | TCP_RST) != 0 {
                 close(flow);
             }
             // SAFETY: as above; plain stores to our own entry.
-            unsafe {
-                touch(&raw mut (*flow).last_seen_ns, now);
-                (
-                    (*flow).backend_addr,
-                    (*flow).backend_port,
-                    (*flow).backend_id,
-                    false,
-                )
-            }
+            unsafe { touch(&raw mut (*flow).last_seen_ns, now) };
+            account(
+                // SAFETY: as above.
+                unsafe { (*flow).frontend_id },
+                unsafe { (*flow).backend_id },
+                false,
+                bytes,
+                false,
+            );
+            flow
         }
         _ => {
             if tcp && l4.flags & TCP_RST != 0 {
                 return Verdict::Drop(reason::DROP_RST_NO_FLOW);
             }
-            match open(&frontend, &key, l4.flags, tcp, now, reopen) {
-                Ok(flow) => (flow.backend_addr, flow.backend_port, flow.backend_id, true),
-                Err(why) => return Verdict::Drop(why),
+            let frontend_key = FrontendKeyV4 {
+                vip: ip.dst,
+                port: l4.dport,
+                proto: ip.proto,
+                _pad: 0,
+            };
+            let Some(frontend) = FRONTENDS_V4.get_ptr(frontend_key) else {
+                return Verdict::Drop(reason::DROP_VIP_UNKNOWN_PORT);
+            };
+            // SAFETY: a NO_PREALLOC hash value stays valid for the program run (RCU).
+            let frontend = unsafe { *frontend };
+            if let Err(why) = open(&frontend, &key, l4.flags, tcp, now, reopen) {
+                return Verdict::Drop(why);
+            }
+            match FLOWS_V4.get_ptr_mut(key) {
+                Some(flow) => {
+                    // SAFETY: as above.
+                    account(
+                        frontend.id,
+                        unsafe { (*flow).backend_id },
+                        false,
+                        bytes,
+                        true,
+                    );
+                    flow
+                }
+                None => return Verdict::Drop(reason::DROP_INTERNAL),
             }
         }
     };
-    account(frontend.id, backend_id, false, bytes, new_flow);
+    // SAFETY: a live LRU map value.
+    let (backend_addr, backend_port) = unsafe { ((*flow).backend_addr, (*flow).backend_port) };
     Verdict::Nat(Nat {
         reply: false,
         old_addr: ip.dst,
@@ -186,20 +204,16 @@ fn to_service(ip: &Ipv4, l4: &L4, bytes: u64, defer_partial: bool) -> Verdict {
         dst: backend_addr,
         sport: l4.sport,
         dport: backend_port,
+        // SAFETY: as above.
+        next_hop: unsafe { &raw mut (*flow).next_hop },
+        now,
     })
 }
 
 /// Backend → client: if this is the reply of a tracked flow, SNAT it to the VIP.
 #[inline(always)]
 fn from_backend(ip: &Ipv4, l4: &L4, bytes: u64, defer_partial: bool) -> Verdict {
-    let key = FlowKeyV4 {
-        src: ip.src,
-        dst: ip.dst,
-        sport: l4.sport,
-        dport: l4.dport,
-        proto: ip.proto,
-        _pad: [0; 3],
-    };
+    let key = FlowKeyV4::new(ip.src, ip.dst, l4.sport, l4.dport, ip.proto);
     let Some(reply) = REPLIES_V4.get_ptr_mut(key) else {
         return Verdict::Pass(reason::PASS_NOT_SERVICE);
     };
@@ -215,14 +229,7 @@ fn from_backend(ip: &Ipv4, l4: &L4, bytes: u64, defer_partial: bool) -> Verdict 
         ..
     } = unsafe { *reply };
     if ip.proto == IPPROTO_TCP && l4.flags & (TCP_FIN | TCP_RST) != 0 {
-        let forward = FlowKeyV4 {
-            src: ip.dst,
-            dst: vip,
-            sport: l4.dport,
-            dport: vport,
-            proto: ip.proto,
-            _pad: [0; 3],
-        };
+        let forward = FlowKeyV4::new(ip.dst, vip, l4.dport, vport, ip.proto);
         if let Some(flow) = FLOWS_V4.get_ptr_mut(forward) {
             // The 5-tuple may have been rebalanced to another backend since.
             // SAFETY: LRU map values stay valid for the program run.
@@ -231,8 +238,9 @@ fn from_backend(ip: &Ipv4, l4: &L4, bytes: u64, defer_partial: bool) -> Verdict 
             }
         }
     }
+    let now = now_ns();
     // SAFETY: as above.
-    unsafe { touch(&raw mut (*reply).last_seen_ns, now_ns()) };
+    unsafe { touch(&raw mut (*reply).last_seen_ns, now) };
     account(frontend_id, backend_id, true, bytes, false);
     Verdict::Nat(Nat {
         reply: true,
@@ -250,6 +258,9 @@ fn from_backend(ip: &Ipv4, l4: &L4, bytes: u64, defer_partial: bool) -> Verdict 
         dst: ip.dst,
         sport: vport,
         dport: l4.dport,
+        // SAFETY: a live LRU map value.
+        next_hop: unsafe { &raw mut (*reply).next_hop },
+        now,
     })
 }
 
@@ -262,7 +273,7 @@ fn open(
     tcp: bool,
     now: u64,
     replace: bool,
-) -> Result<FlowV4, u32> {
+) -> Result<(), u32> {
     if frontend.slot_count == 0 {
         return Err(reason::DROP_NO_BACKEND);
     }
@@ -282,29 +293,42 @@ fn open(
         state: if counted { FLOW_OPEN } else { FLOW_CLOSED },
         _pad1: 0,
         last_seen_ns: now,
+        next_hop: NextHop::default(),
     };
     if counted {
         add_conns(backend_id, 1);
     }
     let flags = if replace { 0 } else { BPF_NOEXIST as u64 };
-    if FLOWS_V4.insert(key, flow, flags).is_err() {
+    let mut inserted = FLOWS_V4.insert(key, flow, flags);
+    if matches!(inserted, Err(e) if e != -EEXIST) {
+        // An LRU map under eviction pressure can refuse an insert (ENOMEM)
+        // when no node is free on this CPU at that instant; once more.
+        inserted = FLOWS_V4.insert(key, flow, flags);
+    }
+    match inserted {
+        Ok(()) => {}
         // Another CPU created this flow between our lookup and insert (a
         // retransmitted SYN): follow its choice and return our count.
-        if counted {
-            add_conns(backend_id, u64::MAX);
+        Err(e) if e == -EEXIST => {
+            if counted {
+                add_conns(backend_id, u64::MAX);
+            }
+            return Ok(());
         }
-        let winner = FLOWS_V4.get_ptr(key).ok_or(reason::DROP_INTERNAL)?;
-        // SAFETY: LRU map values stay valid for the program run.
-        return Ok(unsafe { *winner });
+        Err(_) => {
+            if counted {
+                add_conns(backend_id, u64::MAX);
+            }
+            return Err(reason::DROP_FLOW_TABLE_FULL);
+        }
     }
-    let reply_key = FlowKeyV4 {
-        src: flow.backend_addr,
-        dst: key.src,
-        sport: flow.backend_port,
-        dport: key.sport,
-        proto: key.proto,
-        _pad: [0; 3],
-    };
+    let reply_key = FlowKeyV4::new(
+        flow.backend_addr,
+        key.src,
+        flow.backend_port,
+        key.sport,
+        key.proto,
+    );
     let reply = ReplyV4 {
         vip: key.dst,
         vport: key.dport,
@@ -312,11 +336,12 @@ fn open(
         backend_id,
         frontend_id: frontend.id,
         last_seen_ns: now,
+        next_hop: NextHop::default(),
     };
     REPLIES_V4
         .insert(reply_key, reply, 0)
         .map_err(|_| reason::DROP_INTERNAL)?;
-    Ok(flow)
+    Ok(())
 }
 
 /// One shared cursor per frontend: round-robin walks the slot table with it,

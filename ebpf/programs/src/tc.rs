@@ -12,7 +12,7 @@
 
 use aya_ebpf::{
     bindings::{__sk_buff, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT},
-    helpers::generated::bpf_redirect,
+    helpers::generated::{bpf_redirect, bpf_skb_store_bytes},
     programs::TcContext,
 };
 use aya_log_ebpf::error;
@@ -108,12 +108,8 @@ fn forward(ctx: &TcContext, nat: &Nat) -> Result<i32, i64> {
 
     // SAFETY: reading a context field.
     let ingress = unsafe { (*skb(ctx)).ingress_ifindex };
-    match fib::route(ctx, nat, ingress, 0) {
-        Route::Forward {
-            ifindex,
-            smac,
-            dmac,
-        } => {
+    match fib::next_hop(ctx, nat, ingress, 0) {
+        Route::Forward { ifindex, l2 } => {
             if nat.ttl <= 1 {
                 count(reason::STACK_OTHER);
                 return Ok(TC_ACT_OK);
@@ -122,10 +118,12 @@ fn forward(ctx: &TcContext, nat: &Nat) -> Result<i32, i64> {
             let new_word = u16::from_ne_bytes([nat.ttl - 1, nat.proto]);
             ctx.l3_csum_replace(ETH_HLEN + 10, old_word as u64, new_word as u64, 2)?;
             ctx.store(ETH_HLEN + 8, &(nat.ttl - 1), 0)?;
-            let mut macs = [0u8; 12];
-            macs[..6].copy_from_slice(&dmac);
-            macs[6..].copy_from_slice(&smac);
-            ctx.store(0, &macs, 0)?;
+            // SAFETY: the first 12 bytes of a live, aligned 16-byte buffer;
+            // offset 0 is in the packet (parsed above).
+            let rc = unsafe { bpf_skb_store_bytes(skb(ctx), 0, l2.as_ptr().cast(), 12, 0) };
+            if rc != 0 {
+                return Err(rc);
+            }
             count(reason::FWD_TC);
             // SAFETY: plain helper call; returns TC_ACT_REDIRECT.
             Ok(unsafe { bpf_redirect(ifindex, 0) } as i32)

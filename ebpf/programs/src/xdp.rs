@@ -83,30 +83,24 @@ fn defer(ctx: &XdpContext) -> u32 {
 fn forward(ctx: &XdpContext, nat: &Nat) -> Result<u32, ()> {
     rewrite(ctx, nat)?;
     let ingress = ctx.ingress_ifindex() as u32;
-    match fib::route(ctx, nat, ingress, nat.tot_len) {
-        Route::Forward {
-            ifindex,
-            smac,
-            dmac,
-        } => {
-            if XDP_EGRESS.get(ifindex).is_none() {
-                count(reason::STACK_NO_XDP_EGRESS);
-                return Ok(XDP_PASS);
-            }
+    match fib::next_hop(ctx, nat, ingress, nat.tot_len) {
+        Route::Forward { ifindex, l2 } => {
             if nat.ttl <= 1 {
                 count(reason::STACK_OTHER);
                 return Ok(XDP_PASS);
             }
-            set_l2_and_ttl(ctx, nat.ttl, smac, dmac)?;
-            match XDP_EGRESS.redirect(ifindex, XDP_DROP as u64) {
+            // The redirect takes effect when the program returns, so it can be
+            // decided first: if the device is not in XDP_EGRESS the frame goes
+            // to the kernel, L2 untouched.
+            match XDP_EGRESS.redirect(ifindex, XDP_PASS as u64) {
                 Ok(action) => {
+                    set_l2_and_ttl(ctx, nat.ttl, l2)?;
                     count(reason::FWD_XDP);
                     Ok(action)
                 }
-                Err(action) => {
-                    // Removed from XDP_EGRESS since the lookup above.
-                    count(reason::DROP_INTERNAL);
-                    Ok(action)
+                Err(_) => {
+                    count(reason::STACK_NO_XDP_EGRESS);
+                    Ok(XDP_PASS)
                 }
             }
         }
@@ -160,7 +154,7 @@ fn rewrite(ctx: &XdpContext, nat: &Nat) -> Result<(), ()> {
 
 /// What a router does before sending: decrement TTL, set the next hop's MACs.
 #[inline(always)]
-fn set_l2_and_ttl(ctx: &XdpContext, ttl: u8, smac: [u8; 6], dmac: [u8; 6]) -> Result<(), ()> {
+fn set_l2_and_ttl(ctx: &XdpContext, ttl: u8, l2: [u64; 2]) -> Result<(), ()> {
     let (start, end) = (ctx.data(), ctx.data_end());
     let eth = ptr_at::<[u8; ETH_HLEN + 20]>(start, end, 0).ok_or(())?;
     let ip = eth + ETH_HLEN;
@@ -170,7 +164,7 @@ fn set_l2_and_ttl(ctx: &XdpContext, ttl: u8, smac: [u8; 6], dmac: [u8; 6]) -> Re
     let new_word = load::<u16>(ip + 8);
     let check = load::<u16>(ip + 10);
     store::<u16>(ip + 10, csum::replace16(check, old_word, new_word));
-    store::<[u8; 6]>(eth, dmac);
-    store::<[u8; 6]>(eth + 6, smac);
+    store::<u64>(eth, l2[0]);
+    store::<u32>(eth + 8, l2[1] as u32);
     Ok(())
 }

@@ -38,6 +38,12 @@ const SRC_LOW_AT: usize = 14 + 14;
 #[map]
 static BENCH_SEQ: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
 
+/// The hook's own cost: nothing but a verdict.
+#[xdp]
+pub fn bench_pass(_ctx: XdpContext) -> u32 {
+    XDP_PASS
+}
+
 #[xdp]
 pub fn bench_floor(ctx: XdpContext) -> u32 {
     let (start, end) = (ctx.data(), ctx.data_end());
