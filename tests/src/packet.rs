@@ -79,7 +79,7 @@ impl Spec {
     /// The frame's bytes, with correct lengths and checksums.
     pub fn build(&self) -> Vec<u8> {
         let mut options = self.ip_options.clone();
-        while options.len() % 4 != 0 {
+        while !options.len().is_multiple_of(4) {
             options.push(0);
         }
         let ihl = 20 + options.len();

@@ -12,7 +12,6 @@
 use std::{
     collections::BTreeMap,
     net::{SocketAddrV4, UdpSocket},
-    path::PathBuf,
     time::Duration,
 };
 
@@ -62,7 +61,6 @@ struct Cluster {
     _udp: Vec<UdpServer>,
     topology: Topology,
     scratch: ScratchDir,
-    manifest: PathBuf,
     applied: usize,
 }
 
@@ -103,7 +101,6 @@ impl Cluster {
             _udp: udp,
             topology,
             scratch,
-            manifest,
             applied: 1,
         };
         if !extra_args.contains(&"--mode") {

@@ -142,14 +142,9 @@ fn to_service(ip: &Ipv4, l4: &L4, bytes: u64, defer_partial: bool) -> Verdict {
             }
             // SAFETY: as above; plain stores to our own entry.
             unsafe { touch(&raw mut (*flow).last_seen_ns, now) };
-            account(
-                // SAFETY: as above.
-                unsafe { (*flow).frontend_id },
-                unsafe { (*flow).backend_id },
-                false,
-                bytes,
-                false,
-            );
+            // SAFETY: as above.
+            let (frontend_id, backend_id) = unsafe { ((*flow).frontend_id, (*flow).backend_id) };
+            account(frontend_id, backend_id, false, bytes, false);
             flow
         }
         _ => {
