@@ -93,7 +93,7 @@ pub fn apply(maps: &mut Maps, steps: &[Step]) -> Result<Applied, ApplyError> {
         match step {
             Step::PutBackend { id, backend, fresh } => {
                 if *fresh {
-                    maps.conns.reset(*id);
+                    reset_backend(maps, *id)?;
                     Maps::reset_traffic(&mut maps.backend_stats, *id, map::BACKEND_STATS)?;
                 }
                 maps.backends
@@ -219,8 +219,18 @@ pub fn free_idle_backends(
         maps.backends
             .set(*id, sluice_common::types::Backend::default(), 0)
             .map_err(map_err("freeing", map::BACKENDS))?;
-        maps.conns.reset(*id);
+        reset_backend(maps, *id)?;
         state.backends.remove(id);
     }
     Ok(idle)
+}
+
+/// A backend id starts (or ends) with no open connection and no cached next
+/// hop: a recycled id must not send its first packets to its predecessor's
+/// neighbour.
+fn reset_backend(maps: &mut Maps, id: u32) -> Result<(), ApplyError> {
+    maps.conns.reset(id);
+    maps.next_hops
+        .set(id, sluice_common::types::NextHop::default(), 0)
+        .map_err(map_err("resetting", map::NEXT_HOPS))
 }

@@ -18,7 +18,7 @@ use sluice_common::{
     reason,
     types::{
         AgentMeta, Backend, FlowKeyV4, FlowV4, Frontend, FrontendKeyV4, FrontendMeta, IfaceMeta,
-        ReplyV4, TrafficStats,
+        NextHop, ReplyV4, TrafficStats,
     },
 };
 
@@ -68,6 +68,7 @@ pub struct Maps {
     pub replies: HashMap<MapData, FlowKeyV4, ReplyV4>,
     pub backends: Array<MapData, Backend>,
     pub conns: ConnCounters,
+    pub next_hops: Array<MapData, NextHop>,
     pub slots: Array<MapData, u32>,
     pub rr_cursors: Array<MapData, u64>,
     pub frontend_stats: PerCpuArray<MapData, TrafficStats>,
@@ -134,6 +135,7 @@ impl Maps {
             replies: typed!(source, map::REPLIES_V4),
             backends: typed!(source, map::BACKENDS),
             conns: ConnCounters::new(conns_map)?,
+            next_hops: typed!(source, map::NEXT_HOPS),
             slots: typed!(source, map::SLOTS),
             rr_cursors: typed!(source, map::RR_CURSORS),
             frontend_stats: typed!(source, map::FRONTEND_STATS),

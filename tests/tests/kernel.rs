@@ -692,12 +692,13 @@ fn a_manifest_change_keeps_tcp_flows_and_purges_udp_flows_of_removed_backends() 
 }
 
 #[test]
-fn the_next_hop_is_cached_per_flow_and_refreshed() {
+fn next_hops_are_cached_per_backend_and_per_reply_and_refreshed() {
     for hook in HOOKS {
         with_lab(MANIFEST, |lab| {
             assert_eq!(open(lab, hook, 40000), backend(1));
-            let (_, flow) = lab.flows()[0];
-            assert_eq!(flow.next_hop.ifindex, lab.ifindex("nb1"), "{hook:?}");
+            let id = lab.backend_id(backend(1), 8080);
+            let cached = lab.dataplane.maps.next_hops.get(&id, 0).expect("next hop");
+            assert_eq!(cached.ifindex, lab.ifindex("nb1"), "{hook:?}");
             // The backend's MAC changes: established packets keep the cached
             // next hop for at most NEXT_HOP_TTL_NS, then look it up again.
             let moved = [0x02, 0, 0, 0, 0x01, 0x99];

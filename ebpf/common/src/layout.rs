@@ -2,7 +2,7 @@
 
 /// Bumped whenever a pinned map's key, value or type changes. The agent refuses to
 /// reuse pinned maps of another layout instead of misreading them.
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// Service ports `(VIP, port, protocol)`; each has an id indexing per-frontend arrays.
 pub const MAX_FRONTENDS: u32 = 16_384;
@@ -34,6 +34,7 @@ pub mod map {
     pub const REPLIES_V4: &str = "REPLIES_V4";
     pub const BACKENDS: &str = "BACKENDS";
     pub const BACKEND_CONNS: &str = "BACKEND_CONNS";
+    pub const NEXT_HOPS: &str = "NEXT_HOPS";
     pub const SLOTS: &str = "SLOTS";
     pub const RR_CURSORS: &str = "RR_CURSORS";
     pub const FRONTEND_STATS: &str = "FRONTEND_STATS";
@@ -45,13 +46,14 @@ pub mod map {
     pub const AGENT_META: &str = "AGENT_META";
 
     /// Every map the agent pins, in the order it checks them.
-    pub const PINNED: [&str; 15] = [
+    pub const PINNED: [&str; 16] = [
         FRONTENDS_V4,
         VIPS_V4,
         FLOWS_V4,
         REPLIES_V4,
         BACKENDS,
         BACKEND_CONNS,
+        NEXT_HOPS,
         SLOTS,
         RR_CURSORS,
         FRONTEND_STATS,

@@ -129,10 +129,12 @@ pub const FLOW_OPEN: u32 = 0;
 /// FIN or RST seen (or never counted): its connection count has been returned.
 pub const FLOW_CLOSED: u32 = 1;
 
-/// The route a flow's packets take, cached in its entry so that established
-/// packets skip `bpf_fib_lookup` (the costliest helper on the path). Refreshed
-/// when older than `layout::NEXT_HOP_TTL_NS`, like an ARP cache; never filled
-/// from a lookup that did not resolve the neighbour.
+/// A cached route, so that packets skip `bpf_fib_lookup` (the costliest helper
+/// on the path): per backend towards backends (`NEXT_HOPS[backend_id]`, shared
+/// by all its flows, new ones included), per flow towards clients
+/// ([`ReplyV4::next_hop`]). Refreshed when older than
+/// `layout::NEXT_HOP_TTL_NS`, like an ARP cache; never filled from a lookup
+/// that did not resolve the neighbour.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct NextHop {
@@ -163,9 +165,8 @@ pub struct FlowV4 {
     pub _pad1: u32,
     /// `bpf_ktime_get_coarse_ns` of the last packet (refreshed at most every second).
     pub last_seen_ns: u64,
-    pub next_hop: NextHop,
 }
-const _: () = assert!(size_of::<FlowV4>() == 64);
+const _: () = assert!(size_of::<FlowV4>() == 32);
 
 /// Value of `REPLIES_V4`: how to make a backend's reply look like it came from the VIP.
 #[repr(C)]

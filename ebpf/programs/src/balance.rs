@@ -23,8 +23,8 @@ use sluice_common::{
 use crate::{
     atomic,
     maps::{
-        BACKEND_CONNS, BACKEND_STATS, BACKENDS, FLOWS_V4, FRONTEND_STATS, FRONTENDS_V4, REPLIES_V4,
-        RR_CURSORS, SLOTS, VIPS_V4,
+        BACKEND_CONNS, BACKEND_STATS, BACKENDS, FLOWS_V4, FRONTEND_STATS, FRONTENDS_V4, NEXT_HOPS,
+        REPLIES_V4, RR_CURSORS, SLOTS, VIPS_V4,
     },
     packet::{Ipv4, L4, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, parse_ipv4, parse_l4},
 };
@@ -135,17 +135,24 @@ fn to_service(ip: &Ipv4, l4: &L4, bytes: u64, defer_partial: bool) -> Verdict {
         Some(flow) => tcp && is_fresh_syn(l4.flags) && unsafe { (*flow).state } == FLOW_CLOSED,
         None => false,
     };
-    let flow = match existing {
+    let (backend_id, backend_addr, backend_port) = match existing {
         Some(flow) if !reopen => {
             if tcp && l4.flags & (TCP_FIN | TCP_RST) != 0 {
                 close(flow);
             }
             // SAFETY: as above; plain stores to our own entry.
-            unsafe { touch(&raw mut (*flow).last_seen_ns, now) };
-            // SAFETY: as above.
-            let (frontend_id, backend_id) = unsafe { ((*flow).frontend_id, (*flow).backend_id) };
+            let FlowV4 {
+                backend_addr,
+                backend_port,
+                backend_id,
+                frontend_id,
+                ..
+            } = unsafe {
+                touch(&raw mut (*flow).last_seen_ns, now);
+                *flow
+            };
             account(frontend_id, backend_id, false, bytes, false);
-            flow
+            (backend_id, backend_addr, backend_port)
         }
         _ => {
             if tcp && l4.flags & TCP_RST != 0 {
@@ -162,27 +169,14 @@ fn to_service(ip: &Ipv4, l4: &L4, bytes: u64, defer_partial: bool) -> Verdict {
             };
             // SAFETY: a NO_PREALLOC hash value stays valid for the program run (RCU).
             let frontend = unsafe { *frontend };
-            if let Err(why) = open(&frontend, &key, l4.flags, tcp, now, reopen) {
-                return Verdict::Drop(why);
-            }
-            match FLOWS_V4.get_ptr_mut(key) {
-                Some(flow) => {
-                    // SAFETY: as above.
-                    account(
-                        frontend.id,
-                        unsafe { (*flow).backend_id },
-                        false,
-                        bytes,
-                        true,
-                    );
-                    flow
-                }
-                None => return Verdict::Drop(reason::DROP_INTERNAL),
-            }
+            let chosen = match open(&frontend, &key, l4.flags, tcp, now, reopen) {
+                Ok(chosen) => chosen,
+                Err(why) => return Verdict::Drop(why),
+            };
+            account(frontend.id, chosen.0, false, bytes, true);
+            chosen
         }
     };
-    // SAFETY: a live LRU map value.
-    let (backend_addr, backend_port) = unsafe { ((*flow).backend_addr, (*flow).backend_port) };
     Verdict::Nat(Nat {
         reply: false,
         old_addr: ip.dst,
@@ -199,8 +193,10 @@ fn to_service(ip: &Ipv4, l4: &L4, bytes: u64, defer_partial: bool) -> Verdict {
         dst: backend_addr,
         sport: l4.sport,
         dport: backend_port,
-        // SAFETY: as above.
-        next_hop: unsafe { &raw mut (*flow).next_hop },
+        // Every flow to a backend has the same next hop.
+        next_hop: NEXT_HOPS
+            .get_ptr_mut(backend_id)
+            .unwrap_or_default(),
         now,
     })
 }
@@ -268,7 +264,7 @@ fn open(
     tcp: bool,
     now: u64,
     replace: bool,
-) -> Result<(), u32> {
+) -> Result<(u32, u32, u16), u32> {
     if frontend.slot_count == 0 {
         return Err(reason::DROP_NO_BACKEND);
     }
@@ -288,7 +284,6 @@ fn open(
         state: if counted { FLOW_OPEN } else { FLOW_CLOSED },
         _pad1: 0,
         last_seen_ns: now,
-        next_hop: NextHop::default(),
     };
     if counted {
         add_conns(backend_id, 1);
@@ -308,7 +303,10 @@ fn open(
             if counted {
                 add_conns(backend_id, u64::MAX);
             }
-            return Ok(());
+            let winner = FLOWS_V4.get_ptr(key).ok_or(reason::DROP_INTERNAL)?;
+            // SAFETY: LRU map values stay valid for the program run.
+            let winner = unsafe { *winner };
+            return Ok((winner.backend_id, winner.backend_addr, winner.backend_port));
         }
         Err(_) => {
             if counted {
@@ -336,7 +334,7 @@ fn open(
     REPLIES_V4
         .insert(reply_key, reply, 0)
         .map_err(|_| reason::DROP_INTERNAL)?;
-    Ok(())
+    Ok((backend_id, flow.backend_addr, flow.backend_port))
 }
 
 /// One shared cursor per frontend: round-robin walks the slot table with it,

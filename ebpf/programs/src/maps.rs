@@ -13,7 +13,7 @@ use sluice_common::{
     reason,
     types::{
         AgentMeta, Backend, FlowKeyV4, FlowV4, Frontend, FrontendKeyV4, FrontendMeta, IfaceMeta,
-        ReplyV4, TrafficStats,
+        NextHop, ReplyV4, TrafficStats,
     },
 };
 
@@ -46,6 +46,10 @@ pub static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
 /// the counts of flows it expires with an atomic subtraction of its own.
 #[map]
 pub static BACKEND_CONNS: Array<u64> = Array::with_max_entries(MAX_BACKENDS, BPF_F_MMAPABLE);
+
+/// The cached route towards each backend, shared by all its flows.
+#[map]
+pub static NEXT_HOPS: Array<NextHop> = Array::with_max_entries(MAX_BACKENDS, 0);
 
 /// All frontends' slot tables, back to back: backend ids.
 #[map]
