@@ -92,7 +92,9 @@ fn sh(args: &[&str]) {
 impl Lab {
     fn build(manifest_text: &str) -> Self {
         sh(&["ip", "link", "set", "lo", "up"]);
-        sh(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+        // /proc/sys/net belongs to the opening thread's network namespace.
+        std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")
+            .expect("enabling forwarding in the lab");
         let mut links = vec![(
             "n0",
             "c0",

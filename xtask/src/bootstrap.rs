@@ -20,10 +20,18 @@ use crate::cmd::{Shell, output, probe, run};
 /// nightly's LLVM 22 here.
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
-/// What the tests and the demo call: `ip`, `ethtool`, `curl`, `bpftool`, and the
-/// iptables / nftables baselines of `cargo xtask bench`.
-const PACKAGES: [&str; 6] = [
-    "iproute2", "ethtool", "curl", "bpftool", "iptables", "nftables",
+/// What the tests and the demo call: `ip`, `ethtool`, `curl`, `bpftool`,
+/// `sysctl` (procps), `nsenter` (util-linux), and the iptables / nftables
+/// baselines of `cargo xtask bench`.
+const PACKAGES: [&str; 8] = [
+    "iproute2",
+    "ethtool",
+    "curl",
+    "bpftool",
+    "iptables",
+    "nftables",
+    "procps",
+    "util-linux",
 ];
 
 /// Where the agent pins its maps and links.

@@ -194,9 +194,7 @@ fn to_service(ip: &Ipv4, l4: &L4, bytes: u64, defer_partial: bool) -> Verdict {
         sport: l4.sport,
         dport: backend_port,
         // Every flow to a backend has the same next hop.
-        next_hop: NEXT_HOPS
-            .get_ptr_mut(backend_id)
-            .unwrap_or_default(),
+        next_hop: NEXT_HOPS.get_ptr_mut(backend_id).unwrap_or_default(),
         now,
     })
 }
