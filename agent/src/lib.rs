@@ -16,7 +16,8 @@ pub mod agent;
 pub mod alloc;
 pub mod apply;
 pub mod dataplane;
-pub mod manifest;
+/// The manifest format lives with the API contract, shared with the control service.
+pub use sluice_api::manifest;
 pub mod maps;
 pub mod netdev;
 pub mod objects;

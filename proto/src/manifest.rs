@@ -2016,8 +2016,8 @@ mod example_tests {
     /// The example the README and the demo use must stay valid.
     #[test]
     fn the_shipped_example_parses() {
-        let text = include_str!("../manifests/web.yaml");
-        let manifest = super::parse("manifests/web.yaml", text).expect("example manifest");
+        let text = include_str!("../../agent/manifests/web.yaml");
+        let manifest = super::parse("agent/manifests/web.yaml", text).expect("example manifest");
         assert_eq!(manifest.services.len(), 1);
         assert_eq!(manifest.services[0].backends.len(), 3);
     }

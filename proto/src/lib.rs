@@ -1,0 +1,19 @@
+//! Sluice's API contract.
+//!
+//! * [`v1`]: the protobuf messages and gRPC services (generated from
+//!   proto/sluice/v1/*.proto), the one contract between the control service,
+//!   the agents and `sluicectl`.
+//! * [`manifest`]: the YAML manifests admins write (kind: Service, Endpoint,
+//!   Grant) and their validation, shared by every program that reads them.
+
+pub mod manifest;
+
+/// Generated from proto/sluice/v1.
+#[allow(clippy::all, missing_docs, reason = "generated code")]
+pub mod v1 {
+    tonic::include_proto!("sluice.v1");
+
+    /// The encoded file descriptor set, for gRPC server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/sluice_descriptor.bin"));
+}
