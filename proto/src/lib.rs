@@ -7,6 +7,7 @@
 //!   Grant) and their validation, shared by every program that reads them.
 
 pub mod manifest;
+pub mod pki;
 
 /// Generated from proto/sluice/v1.
 #[allow(clippy::all, missing_docs, reason = "generated code")]
