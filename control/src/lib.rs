@@ -1,6 +1,22 @@
 //! Sluice's control service as a library; `sluice-control` and `sluicectl`
 //! (src/bin) are thin shells around it.
+//!
+//! | module | what it does |
+//! |---|---|
+//! | [`server`] | the gRPC services, the in-memory state, commits, watch streams |
+//! | [`store`] | durable storage (redb) behind the `Store` trait |
+//! | [`view`] | what each node must program, its diffs and history (pure) |
+//! | [`rbac`] | who may do what (pure) |
+//! | [`vip`] | VIP allocation (pure) |
+//! | [`pki`] | the cluster CA, certificates, join tokens, server TLS |
+//! | [`client_config`] | the admin config file `sluicectl` reads |
+//! | [`error`] | API errors and their gRPC status codes |
 
+pub mod client_config;
+pub mod error;
 pub mod pki;
+pub mod rbac;
+pub mod server;
 pub mod store;
+pub mod view;
 pub mod vip;

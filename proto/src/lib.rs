@@ -6,6 +6,7 @@
 //! * [`manifest`]: the YAML manifests admins write (kind: Service, Endpoint,
 //!   Grant) and their validation, shared by every program that reads them.
 
+pub mod convert;
 pub mod manifest;
 pub mod pki;
 

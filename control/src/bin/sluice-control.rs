@@ -1,1 +1,91 @@
-fn main() {}
+//! `sluice-control`: the control service. The work is in the library.
+
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
+
+use clap::Parser;
+use sluice_control::server::{Control, Options};
+
+#[derive(Parser)]
+#[command(
+    name = "sluice-control",
+    version,
+    about = "Sluice control service: desired state, node views, node identity, RBAC (gRPC over mutual TLS)"
+)]
+struct Cli {
+    /// Address to serve the API on (TLS only).
+    #[arg(long, default_value = "0.0.0.0:7443")]
+    listen: SocketAddr,
+    /// Where the state (an embedded database), the CA and `admin.conf` live.
+    #[arg(long, default_value = "/var/lib/sluice-control")]
+    data_dir: PathBuf,
+    /// Range service VIPs are allocated from when a service gives none.
+    #[arg(long, default_value = "198.18.0.0/24")]
+    vip_cidr: String,
+    /// A host name or address clients use to reach this service (goes into its
+    /// certificate; the first goes into admin.conf). Repeat for several.
+    #[arg(long)]
+    advertise: Vec<String>,
+    /// Validity of node certificates, in seconds; agents renew at two thirds.
+    #[arg(long, default_value_t = 24 * 3600)]
+    node_cert_ttl: u64,
+    /// Validity of admin certificates, in seconds.
+    #[arg(long, default_value_t = 365 * 24 * 3600)]
+    user_cert_ttl: u64,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("sluice-control: error: starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("sluice-control: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    let listener = tokio::net::TcpListener::bind(cli.listen)
+        .await
+        .with_context(|| format!("binding {}", cli.listen))?;
+    let listen = listener.local_addr().context("reading the bound address")?;
+    let control = Control::open(Options {
+        listen,
+        data_dir: cli.data_dir,
+        vip_cidr: cli.vip_cidr,
+        advertise: cli.advertise,
+        node_cert_ttl: Duration::from_secs(cli.node_cert_ttl),
+        user_cert_ttl: Duration::from_secs(cli.user_cert_ttl),
+    })
+    .context("opening the control service's state")?;
+    tracing::info!(url = %control.server_url(), "control service ready");
+    let shutdown = async {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => return std::future::pending().await,
+            };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        tracing::info!("shutting down");
+    };
+    control.serve(listener, shutdown).await.context("serving")?;
+    Ok(())
+}

@@ -1,0 +1,97 @@
+//! What an API call can fail with, and the gRPC status each becomes. Handlers
+//! return `ApiError`; the conversion to `tonic::Status` happens once, here.
+
+use tonic::{Code, Status};
+
+use crate::{pki::PkiError, rbac::Denied, store::StoreError, vip::VipError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The request names an object or field wrongly.
+    #[error("{message}")]
+    Invalid { message: String },
+    #[error(transparent)]
+    Denied(#[from] Denied),
+    #[error("{kind} \"{name}\" not found")]
+    NotFound { kind: &'static str, name: String },
+    #[error("{kind} \"{name}\" already exists{hint}")]
+    AlreadyExists {
+        kind: &'static str,
+        name: String,
+        hint: &'static str,
+    },
+    /// Optimistic concurrency: the object changed since the caller read it.
+    #[error(
+        "conflict: {kind} \"{name}\" is at resource version {actual}, the request expected \
+         {expected}; read it again and retry"
+    )]
+    Conflict {
+        kind: &'static str,
+        name: String,
+        expected: u64,
+        actual: String,
+    },
+    #[error("{reason}")]
+    Unauthenticated { reason: String },
+    #[error("join token refused: {reason}")]
+    Token { reason: String },
+    #[error(transparent)]
+    Vip(#[from] VipError),
+    #[error("certificate: {0}")]
+    Pki(#[from] PkiError),
+    #[error("storage: {0}")]
+    Store(#[source] StoreError),
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Conflict {
+                key,
+                expected,
+                actual,
+            } => Self::Conflict {
+                kind: kind_name(&key.kind),
+                name: if key.namespace.is_empty() {
+                    key.name
+                } else {
+                    format!("{}/{}", key.namespace, key.name)
+                },
+                expected: match expected {
+                    crate::store::Expect::Version(v) => v,
+                    _ => 0,
+                },
+                actual: actual.map_or_else(|| "absent".to_string(), |v| v.to_string()),
+            },
+            other => Self::Store(other),
+        }
+    }
+}
+
+fn kind_name(kind: &str) -> &'static str {
+    match kind {
+        "service" => "Service",
+        "endpoint" => "Endpoint",
+        "grant" => "Grant",
+        "node" => "Node",
+        "token" => "join token",
+        _ => "object",
+    }
+}
+
+impl From<ApiError> for Status {
+    fn from(e: ApiError) -> Self {
+        let code = match &e {
+            ApiError::Invalid { .. } | ApiError::Pki(_) => Code::InvalidArgument,
+            ApiError::Vip(VipError::Exhausted { .. }) => Code::ResourceExhausted,
+            ApiError::Vip(_) => Code::InvalidArgument,
+            ApiError::Denied(_) => Code::PermissionDenied,
+            ApiError::NotFound { .. } => Code::NotFound,
+            ApiError::AlreadyExists { .. } => Code::AlreadyExists,
+            ApiError::Conflict { .. } => Code::Aborted,
+            ApiError::Unauthenticated { .. } | ApiError::Token { .. } => Code::Unauthenticated,
+            ApiError::Store(_) => Code::Internal,
+        };
+        Status::new(code, e.to_string())
+    }
+}

@@ -1,0 +1,368 @@
+//! `sluice-control`: the gRPC server over the desired state.
+//!
+//! [`Control`] owns the store, the cluster CA and the in-memory state. Reads
+//! are served from memory; every change is drafted, committed durably in one
+//! store transaction (only then acknowledged), then published: the new state
+//! replaces the old and the view update (if the change altered what nodes
+//! must program) is broadcast to the agents' watch streams.
+//!
+//! Modules: [`auth`] (who is calling), [`resources`] (services, endpoints,
+//! grants), [`cluster`] (tokens, users, nodes), [`nodes`] (the agents' API),
+//! [`state`] (the state and its drafts).
+
+pub mod auth;
+pub mod cluster;
+pub mod nodes;
+pub mod resources;
+pub mod state;
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    sync::{Arc, Mutex, RwLock},
+    time::Duration,
+};
+
+use sluice_api::v1;
+use tokio::sync::broadcast;
+use tracing::info;
+
+use crate::{
+    client_config::ClientConfig,
+    error::ApiError,
+    pki::{self, ClusterCa},
+    rbac::ADMIN_GROUP,
+    store::{Expect, Key, RedbStore, Store, StoreExt as _, kind},
+    vip::VipPool,
+};
+use state::{CaRecord, Committed, Draft, State};
+
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    /// Range VIPs are allocated from.
+    pub vip_cidr: String,
+    /// Names and addresses clients use to reach this service (they go into
+    /// its certificate); the first one goes into the admin config.
+    pub advertise: Vec<String>,
+    pub node_cert_ttl: Duration,
+    pub user_cert_ttl: Duration,
+}
+
+/// Live status an agent reports; not stored (it is re-reported after a restart).
+#[derive(Clone, Debug, Default)]
+pub struct NodeLive {
+    pub applied_version: u64,
+    pub last_report: Option<std::time::SystemTime>,
+    pub watchers: u32,
+    pub counters: Vec<v1::FrontendCounters>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("creating the data directory {path}")]
+    DataDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    #[error(transparent)]
+    Api(#[from] ApiError),
+    #[error(transparent)]
+    Vip(#[from] crate::vip::VipError),
+    #[error(transparent)]
+    Pki(#[from] pki::PkiError),
+    #[error(transparent)]
+    Config(#[from] crate::client_config::ConfigError),
+    #[error("corrupt CA record in the store")]
+    CaRecord,
+    #[error("serving: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("reflection service: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+}
+
+pub struct Control {
+    store: Arc<dyn Store>,
+    ca: ClusterCa,
+    pool: VipPool,
+    options: Options,
+    state: RwLock<Arc<State>>,
+    /// Serializes read-validate-commit sequences.
+    writes: tokio::sync::Mutex<()>,
+    updates: broadcast::Sender<Arc<v1::ViewUpdate>>,
+    removed_nodes: broadcast::Sender<String>,
+    live: Mutex<BTreeMap<String, NodeLive>>,
+}
+
+impl Control {
+    /// Opens (or creates) the data directory: the store, the CA, and on first
+    /// start the first admin's credentials (`admin.conf`).
+    pub fn open(options: Options) -> Result<Arc<Self>, StartError> {
+        sluice_api::pki::install_crypto_provider();
+        std::fs::create_dir_all(&options.data_dir).map_err(|source| StartError::DataDir {
+            path: options.data_dir.clone(),
+            source,
+        })?;
+        let store: Arc<dyn Store> = Arc::new(RedbStore::open(options.data_dir.join("state.redb"))?);
+        let ca = load_or_create_ca(store.as_ref())?;
+        let pool = VipPool::new(&options.vip_cidr)?;
+        let state = State::load(store.as_ref())?;
+        info!(
+            revision = state.revision,
+            services = state.services.len(),
+            endpoints = state.endpoints.len(),
+            nodes = state.nodes.len(),
+            view_version = state.view_version,
+            "state loaded"
+        );
+        let (updates, _) = broadcast::channel(1024);
+        let (removed_nodes, _) = broadcast::channel(64);
+        let control = Arc::new(Self {
+            store,
+            ca,
+            pool,
+            options,
+            state: RwLock::new(Arc::new(state)),
+            writes: tokio::sync::Mutex::new(()),
+            updates,
+            removed_nodes,
+            live: Mutex::new(BTreeMap::new()),
+        });
+        control.write_admin_config_once()?;
+        Ok(control)
+    }
+
+    pub fn options(&self) -> &Options {
+        &self.options
+    }
+
+    pub fn ca(&self) -> &ClusterCa {
+        &self.ca
+    }
+
+    pub fn server_url(&self) -> String {
+        let host = self
+            .options
+            .advertise
+            .first()
+            .cloned()
+            .unwrap_or_else(|| "127.0.0.1".to_string());
+        let host = match host.parse::<IpAddr>() {
+            Ok(IpAddr::V6(v6)) => format!("[{v6}]"),
+            _ => host,
+        };
+        format!("https://{host}:{}", self.options.listen.port())
+    }
+
+    /// `<data-dir>/admin.conf`: credentials of a member of the admin group,
+    /// written once, readable by the owner only.
+    fn write_admin_config_once(&self) -> Result<(), StartError> {
+        let path = self.options.data_dir.join("admin.conf");
+        if path.exists() {
+            return Ok(());
+        }
+        let key = sluice_api::pki::new_key_and_csr("admin")?;
+        let issued = self.ca.sign_user(
+            &key.csr_pem,
+            "admin",
+            &[ADMIN_GROUP.to_string()],
+            self.options.user_cert_ttl,
+        )?;
+        ClientConfig {
+            server: self.server_url(),
+            ca: self.ca.cert_pem(),
+            certificate: issued.pem,
+            key: key.key_pem,
+        }
+        .save(&path)?;
+        info!(path = %path.display(), "wrote the first admin's credentials");
+        Ok(())
+    }
+
+    /// The current state (cheap: shared).
+    pub fn state(&self) -> Arc<State> {
+        self.state
+            .read()
+            .map_or_else(|p| p.into_inner().clone(), |s| s.clone())
+    }
+
+    /// Drafts a change with `edit`, commits it durably, publishes it. With
+    /// `dry_run` the draft is validated and discarded. Returns what `edit`
+    /// returned.
+    pub async fn mutate<T: Send + 'static>(
+        &self,
+        dry_run: bool,
+        edit: impl FnOnce(&mut Draft) -> Result<T, ApiError>,
+    ) -> Result<T, ApiError> {
+        let _serial = self.writes.lock().await;
+        let mut draft = Draft::new(&self.state());
+        let out = edit(&mut draft)?;
+        if dry_run || draft.is_empty() {
+            return Ok(out);
+        }
+        let store = self.store.clone();
+        let committed = tokio::task::spawn_blocking(move || draft.commit(store.as_ref()))
+            .await
+            .map_err(|e| ApiError::Invalid {
+                message: format!("commit task failed: {e}"),
+            })??;
+        let Committed { state, update } = committed;
+        let revision = state.revision;
+        *self.state.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(state);
+        if let Some(update) = update {
+            info!(
+                revision,
+                view_version = update.version,
+                upserts = update.upsert.len(),
+                removes = update.remove.len(),
+                "view changed"
+            );
+            // No receivers is fine: no agent is watching.
+            let _ = self.updates.send(Arc::new(update));
+        }
+        Ok(out)
+    }
+
+    /// Reads a stored value outside the in-memory state (tokens).
+    pub fn read_raw(&self, key: &Key) -> Result<Option<(u64, Vec<u8>)>, ApiError> {
+        let (value, _) = self
+            .store
+            .read(|tx| -> Result<_, ApiError> { Ok(tx.get(key)?) })?;
+        Ok(value.map(|v| (v.version, v.value)))
+    }
+
+    fn live(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, NodeLive>> {
+        self.live.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Serves the API on `listener` (bound to `options.listen`) until
+    /// `shutdown` resolves.
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: tokio::net::TcpListener,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> Result<(), StartError> {
+        let (dns, ips) = self.certificate_names();
+        let (cert_pem, key_pem) = self.ca.issue_server(&dns, &ips)?;
+        let tls = pki::server_tls_config(&self.ca, &cert_pem, &key_pem)?;
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health
+            .set_serving::<v1::resources_server::ResourcesServer<resources::ResourcesApi>>()
+            .await;
+        health
+            .set_serving::<v1::cluster_server::ClusterServer<cluster::ClusterApi>>()
+            .await;
+        health
+            .set_serving::<v1::node_agent_server::NodeAgentServer<nodes::NodeAgentApi>>()
+            .await;
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(v1::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()?;
+        info!(listen = %self.options.listen, names = ?dns, ips = ?ips, "serving the control API (TLS only)");
+        tonic::transport::Server::builder()
+            .tls_config(tls)?
+            .add_service(health_service)
+            .add_service(reflection)
+            .add_service(v1::resources_server::ResourcesServer::new(
+                resources::ResourcesApi(self.clone()),
+            ))
+            .add_service(v1::cluster_server::ClusterServer::new(cluster::ClusterApi(
+                self.clone(),
+            )))
+            .add_service(v1::node_agent_server::NodeAgentServer::new(
+                nodes::NodeAgentApi(self.clone()),
+            ))
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                shutdown,
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Names for the server certificate: the advertised ones, the listen
+    /// address if specific, and every local address if it is not.
+    fn certificate_names(&self) -> (Vec<String>, Vec<IpAddr>) {
+        let mut dns = Vec::new();
+        let mut ips = Vec::new();
+        for a in &self.options.advertise {
+            match a.parse::<IpAddr>() {
+                Ok(ip) => ips.push(ip),
+                Err(_) => dns.push(a.clone()),
+            }
+        }
+        let listen = self.options.listen.ip();
+        if listen.is_unspecified() {
+            ips.extend(local_addresses());
+        } else {
+            ips.push(listen);
+        }
+        ips.sort();
+        ips.dedup();
+        (dns, ips)
+    }
+}
+
+fn load_or_create_ca(store: &dyn Store) -> Result<ClusterCa, StartError> {
+    let key = Key::cluster(kind::PKI, "ca");
+    let (existing, _) = store.read(|tx| -> Result<_, ApiError> { Ok(tx.get(&key)?) })?;
+    if let Some(v) = existing {
+        let record: CaRecord =
+            serde_json::from_slice(&v.value).map_err(|_| StartError::CaRecord)?;
+        return Ok(ClusterCa::from_pem(&record.cert_pem, &record.key_pem)?);
+    }
+    let ca = ClusterCa::generate()?;
+    let record = serde_json::to_vec(&CaRecord {
+        cert_pem: ca.cert_pem(),
+        key_pem: ca.key_pem(),
+    })
+    .map_err(|_| StartError::CaRecord)?;
+    // Absent: two processes racing on a fresh store cannot both win.
+    store.write(|tx| -> Result<(), ApiError> {
+        tx.put(&key, &record, Expect::Absent)?;
+        Ok(())
+    })?;
+    info!(pin = %ca.pin(), "created the cluster CA");
+    Ok(ca)
+}
+
+/// IPv4 and IPv6 addresses of local interfaces (for the server certificate
+/// when listening on every address).
+fn local_addresses() -> Vec<IpAddr> {
+    let mut out = Vec::new();
+    let mut ifaddrs: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs allocates a list we free below with freeifaddrs.
+    if unsafe { libc::getifaddrs(&raw mut ifaddrs) } != 0 {
+        return out;
+    }
+    let mut cursor = ifaddrs;
+    while !cursor.is_null() {
+        // SAFETY: a node of the list getifaddrs returned, valid until freed.
+        let entry = unsafe { &*cursor };
+        if !entry.ifa_addr.is_null() {
+            // SAFETY: ifa_addr points to a sockaddr whose family tells its type.
+            let family = unsafe { (*entry.ifa_addr).sa_family } as i32;
+            if family == libc::AF_INET {
+                // SAFETY: AF_INET addresses are sockaddr_in.
+                let sin = unsafe { &*(entry.ifa_addr as *const libc::sockaddr_in) };
+                out.push(IpAddr::from(
+                    u32::from_be(sin.sin_addr.s_addr).to_be_bytes(),
+                ));
+            } else if family == libc::AF_INET6 {
+                // SAFETY: AF_INET6 addresses are sockaddr_in6.
+                let sin6 = unsafe { &*(entry.ifa_addr as *const libc::sockaddr_in6) };
+                out.push(IpAddr::from(sin6.sin6_addr.s6_addr));
+            }
+        }
+        cursor = entry.ifa_next;
+    }
+    // SAFETY: freeing the list getifaddrs returned, once.
+    unsafe { libc::freeifaddrs(ifaddrs) };
+    out
+}

@@ -1,0 +1,271 @@
+//! `NodeAgent`: how nodes join, keep their certificates fresh, follow their
+//! view and report back.
+
+use std::{
+    sync::Arc,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use sluice_api::v1;
+use tokio::sync::{broadcast::error::RecvError, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use super::{
+    Control, NodeLive,
+    state::{NodeRecord, TokenRecord, rfc3339},
+};
+use crate::{
+    error::ApiError,
+    pki,
+    store::{Expect, Key, kind},
+    view,
+};
+
+pub struct NodeAgentApi(pub Arc<Control>);
+
+impl Control {
+    /// Proves the token once and signs the node's certificate; the token is
+    /// consumed and the node recorded in one transaction, so a token joins
+    /// exactly one node even if two agents race with it.
+    pub async fn join(&self, req: v1::JoinRequest) -> Result<v1::JoinResponse, ApiError> {
+        let token_error = |reason: &str| ApiError::Token {
+            reason: reason.to_string(),
+        };
+        let (id, _) = pki::parse_token(&req.token).map_err(|_| {
+            token_error("malformed (expected <id>.<secret>, as `sluicectl token create` prints it)")
+        })?;
+        sluice_api::pki::validate_name("node", &req.node_name)?;
+        let (version, bytes) = self
+            .read_raw(&Key::cluster(kind::TOKEN, &id))?
+            .ok_or_else(|| token_error("unknown token"))?;
+        let record: TokenRecord = serde_json::from_slice(&bytes)
+            .map_err(|_| token_error("the stored token is unreadable"))?;
+        if !pki::verify_token_secret(&req.token, &id, &record.secret_hash) {
+            return Err(token_error("unknown token"));
+        }
+        if let Some(node) = &record.used_by {
+            return Err(token_error(&format!(
+                "already used (node \"{node}\" joined with it); create a new one"
+            )));
+        }
+        let now = SystemTime::now();
+        if now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()) >= record.expires {
+            return Err(token_error("expired; create a new one"));
+        }
+        if self.state().nodes.contains_key(&req.node_name) {
+            return Err(ApiError::AlreadyExists {
+                kind: "Node",
+                name: req.node_name,
+                hint: "; remove it first (sluicectl node remove)",
+            });
+        }
+        let issued = self
+            .ca
+            .sign_node(&req.csr_pem, &req.node_name, self.options.node_cert_ttl)?;
+        let node = req.node_name.clone();
+        let node_record = NodeRecord {
+            zone: req.zone.clone(),
+            serials: vec![issued.serial.clone()],
+            certificate_expires: rfc3339(issued.not_after),
+            joined_at: rfc3339(now),
+        };
+        let used = TokenRecord {
+            used_by: Some(node.clone()),
+            ..record
+        };
+        self.mutate(false, move |draft| {
+            draft.put_token(&id, &used, Expect::Version(version))?;
+            draft.put_node(&node, node_record, Expect::Absent)
+        })
+        .await
+        .map_err(|e| match e {
+            // Another join won the race for this token or this name.
+            ApiError::Conflict {
+                kind: "join token", ..
+            } => token_error("already used"),
+            ApiError::Conflict {
+                kind: "Node", name, ..
+            } => ApiError::AlreadyExists {
+                kind: "Node",
+                name,
+                hint: "",
+            },
+            other => other,
+        })?;
+        tracing::info!(node = %req.node_name, zone = %req.zone, serial = %issued.serial, "node joined");
+        Ok(v1::JoinResponse {
+            certificate_pem: issued.pem,
+            ca_pem: self.ca.cert_pem(),
+        })
+    }
+
+    /// A fresh certificate for a member; the previous one stays valid until
+    /// the next renewal, so connections made with it are not cut.
+    pub async fn renew(&self, node: String, csr_pem: &str) -> Result<String, ApiError> {
+        let issued = self
+            .ca
+            .sign_node(csr_pem, &node, self.options.node_cert_ttl)?;
+        let serial = issued.serial.clone();
+        let expires = rfc3339(issued.not_after);
+        let name = node.clone();
+        self.mutate(false, move |draft| {
+            let Some((record, version)) = draft.state.nodes.get(&name).cloned() else {
+                return Err(ApiError::NotFound { kind: "Node", name });
+            };
+            let mut serials = vec![serial];
+            serials.extend(record.serials.first().cloned());
+            let renewed = NodeRecord {
+                serials,
+                certificate_expires: expires,
+                ..record
+            };
+            draft.put_node(&name, renewed, Expect::Version(version))
+        })
+        .await?;
+        tracing::info!(%node, serial = %issued.serial, "renewed a node certificate");
+        Ok(issued.pem)
+    }
+
+    /// The stream of view updates for `node` from `since`.
+    pub fn watch(
+        self: &Arc<Self>,
+        node: String,
+        since: u64,
+    ) -> ReceiverStream<Result<v1::ViewUpdate, Status>> {
+        let (tx, rx) = mpsc::channel(64);
+        // Subscribe before reading the state: an update published in between
+        // is then both in the catch-up and in the channel, and deduplicated
+        // by version, never lost.
+        let mut updates = self.updates.subscribe();
+        let mut removed = self.removed_nodes.subscribe();
+        let state = self.state();
+        let catch_up = state
+            .history
+            .since(since, state.view_version)
+            .unwrap_or_else(|| vec![view::snapshot(&state.view, state.view_version)]);
+        self.live().entry(node.clone()).or_default().watchers += 1;
+        let control = self.clone();
+        tokio::spawn(async move {
+            let _watching = Watching {
+                control: control.clone(),
+                node: node.clone(),
+            };
+            let mut last = since;
+            for update in catch_up {
+                last = update.version;
+                if tx.send(Ok(update)).await.is_err() {
+                    return;
+                }
+            }
+            loop {
+                tokio::select! {
+                    update = updates.recv() => match update {
+                        Ok(u) if u.version > last => {
+                            last = u.version;
+                            if tx.send(Ok((*u).clone())).await.is_err() {
+                                return;
+                            }
+                        }
+                        Ok(_) => {}
+                        // Fell behind: start over from the whole view.
+                        Err(RecvError::Lagged(_)) => {
+                            let state = control.state();
+                            last = state.view_version;
+                            if tx.send(Ok(view::snapshot(&state.view, last))).await.is_err() {
+                                return;
+                            }
+                        }
+                        Err(RecvError::Closed) => return,
+                    },
+                    gone = removed.recv() => {
+                        if matches!(&gone, Ok(name) if *name == node) {
+                            let _ = tx.send(Err(Status::permission_denied(format!(
+                                "node \"{node}\" was removed from the cluster; its certificate is revoked"
+                            )))).await;
+                            return;
+                        }
+                    }
+                    () = tx.closed() => return,
+                }
+            }
+        });
+        ReceiverStream::new(rx)
+    }
+
+    pub fn report(&self, node: &str, req: v1::ReportStatusRequest) {
+        let mut live = self.live();
+        let entry = live.entry(node.to_string()).or_default();
+        entry.applied_version = req.applied_version;
+        entry.counters = req.counters;
+        entry.last_report = Some(SystemTime::now());
+    }
+}
+
+/// Marks a node connected while one of its watch streams is open.
+struct Watching {
+    control: Arc<Control>,
+    node: String,
+}
+
+impl Drop for Watching {
+    fn drop(&mut self) {
+        if let Some(live) = self.control.live().get_mut(&self.node) {
+            live.watchers = live.watchers.saturating_sub(1);
+        }
+    }
+}
+
+/// The default validity of node certificates; agents renew at two thirds.
+pub const DEFAULT_NODE_CERT_TTL: Duration = Duration::from_secs(24 * 3600);
+
+#[tonic::async_trait]
+impl v1::node_agent_server::NodeAgent for NodeAgentApi {
+    async fn join(
+        &self,
+        request: Request<v1::JoinRequest>,
+    ) -> Result<Response<v1::JoinResponse>, Status> {
+        Ok(Response::new(self.0.join(request.into_inner()).await?))
+    }
+
+    async fn renew_certificate(
+        &self,
+        request: Request<v1::RenewCertificateRequest>,
+    ) -> Result<Response<v1::RenewCertificateResponse>, Status> {
+        let node = self.0.authenticate_node(&request)?;
+        let pem = self.0.renew(node, &request.get_ref().csr_pem).await?;
+        Ok(Response::new(v1::RenewCertificateResponse {
+            certificate_pem: pem,
+        }))
+    }
+
+    type WatchViewStream = ReceiverStream<Result<v1::ViewUpdate, Status>>;
+
+    async fn watch_view(
+        &self,
+        request: Request<v1::WatchViewRequest>,
+    ) -> Result<Response<Self::WatchViewStream>, Status> {
+        let node = self.0.authenticate_node(&request)?;
+        let since = request.get_ref().since_version;
+        tracing::info!(%node, since, "watching its view");
+        Ok(Response::new(self.0.watch(node, since)))
+    }
+
+    async fn report_status(
+        &self,
+        request: Request<v1::ReportStatusRequest>,
+    ) -> Result<Response<v1::ReportStatusResponse>, Status> {
+        let node = self.0.authenticate_node(&request)?;
+        self.0.report(&node, request.into_inner());
+        Ok(Response::new(v1::ReportStatusResponse {}))
+    }
+}
+
+impl NodeLive {
+    /// Whether the node reported within `within`.
+    pub fn recent(&self, within: Duration) -> bool {
+        self.last_report
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age <= within)
+    }
+}
