@@ -15,6 +15,7 @@
 pub mod agent;
 pub mod alloc;
 pub mod apply;
+pub mod controlplane;
 pub mod dataplane;
 /// The manifest format lives with the API contract, shared with the control service.
 pub use sluice_api::manifest;

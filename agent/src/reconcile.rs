@@ -76,6 +76,51 @@ pub fn desired(manifest: &Manifest) -> Desired {
     out
 }
 
+/// The service ports of a control-plane view (what `sluice-control` computed
+/// for this node). Entries the agent cannot program (an address that is not
+/// IPv4, a port out of range) are skipped and returned for the caller to log:
+/// the control service validates before storing, so none are expected.
+pub fn desired_from_view<'a>(
+    frontends: impl IntoIterator<Item = &'a sluice_api::v1::FrontendView>,
+) -> (Desired, Vec<String>) {
+    use sluice_api::convert::{algorithm_from_proto, protocol_from_proto};
+    let mut out = Desired::new();
+    let mut skipped = Vec::new();
+    for f in frontends {
+        let vip = f.vip.parse::<Ipv4Addr>();
+        let port = u16::try_from(f.port);
+        let target = u16::try_from(f.target_port);
+        let protocol = protocol_from_proto(f.protocol);
+        let algorithm = algorithm_from_proto(f.algorithm);
+        let (Ok(vip), Ok(port), Ok(target_port), Ok(protocol), Ok(algorithm)) =
+            (vip, port, target, protocol, algorithm)
+        else {
+            skipped.push(format!("{} {}:{}", f.service, f.vip, f.port));
+            continue;
+        };
+        let backends = f
+            .backends
+            .iter()
+            .filter_map(|b| Some((b.address.parse().ok()?, b.weight.max(1))))
+            .collect();
+        out.insert(
+            FrontendKeyV4 {
+                vip: u32::from_ne_bytes(vip.octets()),
+                port: port.to_be(),
+                proto: protocol.ip_proto(),
+                _pad: 0,
+            },
+            DesiredFrontend {
+                service: f.service.clone(),
+                target_port: if target_port == 0 { port } else { target_port },
+                algorithm,
+                backends,
+            },
+        );
+    }
+    (out, skipped)
+}
+
 /// What the maps hold (read back once at start, then kept in step).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct State {
@@ -846,6 +891,36 @@ mod tests {
             err.to_string().contains("slot table space exhausted"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn desired_from_a_view_matches_the_manifest_form() {
+        use sluice_api::v1;
+        let view = [v1::FrontendView {
+            service: "shop/web".into(),
+            vip: "198.18.0.10".into(),
+            port: 80,
+            protocol: v1::Protocol::Tcp as i32,
+            target_port: 8080,
+            algorithm: v1::Algorithm::WeightedRoundRobin as i32,
+            backends: vec![v1::ViewBackend {
+                address: "198.19.1.2".into(),
+                weight: 3,
+            }],
+        }];
+        let (d, skipped) = desired_from_view(&view);
+        assert!(skipped.is_empty());
+        let f = &d[&key("198.18.0.10", 80, IPPROTO_TCP)];
+        assert_eq!(f.service, "shop/web");
+        assert_eq!(f.target_port, 8080);
+        assert_eq!(f.algorithm, Algorithm::WeightedRoundRobin);
+        assert_eq!(f.backends, [(addr("198.19.1.2"), 3)]);
+        let bad = [v1::FrontendView {
+            vip: "not-an-ip".into(),
+            ..view[0].clone()
+        }];
+        let (d, skipped) = desired_from_view(&bad);
+        assert!(d.is_empty() && skipped.len() == 1);
     }
 
     #[test]

@@ -9,10 +9,13 @@ use sluice_common::{
     types::{BACKEND_RETIRED, IPPROTO_TCP, TrafficStats, algorithm, hook, name_str},
 };
 
+use sluice_api::v1;
+
 use crate::{
     apply::{self, ApplyError},
     maps::{Maps, MapsError},
     pins::{LinkKind, PinDir},
+    reconcile::State,
     sys,
 };
 
@@ -152,6 +155,24 @@ pub fn report(pins: &PinDir) -> Result<Report, StatusError> {
         });
     }
 
+    let services = services(&maps, &state)?;
+
+    Ok(Report {
+        pin_dir: pins.path().display().to_string(),
+        netns_cookie: meta.netns_cookie,
+        layout_version: meta.layout_version,
+        manifest_hash: format!("{:016x}", meta.manifest_hash),
+        applied_at: meta.applied_at,
+        interfaces,
+        services,
+        flows: maps.flows.keys().count(),
+        outcomes: maps.outcomes()?,
+    })
+}
+
+/// Services and backends with their counters, from open maps and the state
+/// read from them.
+pub fn services(maps: &Maps, state: &State) -> Result<Vec<ServiceReport>, StatusError> {
     let mut services = Vec::new();
     for (key, f) in &state.frontends {
         let stats = Maps::traffic(&maps.frontend_stats, f.frontend.id, map::FRONTEND_STATS)?;
@@ -192,17 +213,43 @@ pub fn report(pins: &PinDir) -> Result<Report, StatusError> {
     }
     services.sort_by(|a, b| (&a.name, a.port, a.protocol).cmp(&(&b.name, b.port, b.protocol)));
 
-    Ok(Report {
-        pin_dir: pins.path().display().to_string(),
-        netns_cookie: meta.netns_cookie,
-        layout_version: meta.layout_version,
-        manifest_hash: format!("{:016x}", meta.manifest_hash),
-        applied_at: meta.applied_at,
-        interfaces,
-        services,
-        flows: maps.flows.keys().count(),
-        outcomes: maps.outcomes()?,
-    })
+    Ok(services)
+}
+
+/// The counters an agent reports to the control service.
+pub fn to_counters(services: &[ServiceReport]) -> Vec<v1::FrontendCounters> {
+    let traffic = |t: &Traffic, active: u64| v1::TrafficCounters {
+        packets: t.packets,
+        bytes: t.bytes,
+        new_flows: t.new_flows,
+        active_connections: active,
+    };
+    services
+        .iter()
+        .map(|s| v1::FrontendCounters {
+            service: s.name.clone(),
+            vip: s.vip.to_string(),
+            port: s.port.into(),
+            protocol: if s.protocol == "TCP" {
+                v1::Protocol::Tcp as i32
+            } else {
+                v1::Protocol::Udp as i32
+            },
+            counters: Some(traffic(
+                &s.stats,
+                s.backends.iter().map(|b| b.active_connections).sum(),
+            )),
+            backends: s
+                .backends
+                .iter()
+                .map(|b| v1::BackendCounters {
+                    address: b.address.to_string(),
+                    port: b.port.into(),
+                    counters: Some(traffic(&b.stats, b.active_connections)),
+                })
+                .collect(),
+        })
+        .collect()
 }
 
 fn link_live(path: &std::path::Path, ifindex: u32) -> bool {

@@ -12,6 +12,7 @@
 //! | [`client_config`] | the admin config file `sluicectl` reads |
 //! | [`error`] | API errors and their gRPC status codes |
 
+pub mod cli;
 pub mod client_config;
 pub mod error;
 pub mod pki;

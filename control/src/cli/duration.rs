@@ -7,7 +7,9 @@ const UNITS: [(char, u64); 4] = [('s', 1), ('m', 60), ('h', 3600), ('d', 86_400)
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DurationError {
-    #[error("{value:?} is not a duration: expected numbers with units (s, m, h, d), as in 30s, 10m, 2h, 365d or 1h30m")]
+    #[error(
+        "{value:?} is not a duration: expected numbers with units (s, m, h, d), as in 30s, 10m, 2h, 365d or 1h30m"
+    )]
     Malformed { value: String },
     #[error("{value:?}: a duration must be more than zero")]
     Zero { value: String },
@@ -29,7 +31,9 @@ pub fn parse_duration(value: &str) -> Result<Duration, DurationError> {
     let mut seconds: u64 = 0;
     let mut rest = value;
     while !rest.is_empty() {
-        let digits = rest.find(|c: char| !c.is_ascii_digit()).ok_or_else(malformed)?;
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .ok_or_else(malformed)?;
         if digits == 0 {
             return Err(malformed());
         }

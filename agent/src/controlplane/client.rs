@@ -1,0 +1,173 @@
+//! Calls to the control service's `NodeAgent` API: the one-time join, then
+//! mTLS with the node certificate.
+
+use std::{future::Future, time::Duration};
+
+use sluice_api::{
+    pki::{self, Identity, KeyAndCsr},
+    v1::{self, node_agent_client::NodeAgentClient},
+};
+use tonic::{Response, Status, Streaming, transport::Channel};
+use tracing::info;
+
+use super::{ControlError, Credentials, NodeState};
+
+/// Bound on a unary call, and on a watch's first answer (the stream itself
+/// has no deadline; HTTP/2 keepalives end it if the peer goes silent).
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Joins the cluster with a single-use `token`, once: makes a key and a CSR
+/// (CN = `node`), connects over TLS accepting only a server whose CA matches
+/// `ca_hash` (`sha256:<hex>`, as `sluicectl token create` prints it) so the
+/// token goes to no one else, calls `NodeAgent.Join`, and saves the key
+/// (0600), the certificate, the CA seen in the handshake, the URL and the
+/// name in `state`.
+///
+/// Refuses before any network traffic if `state` already holds an identity:
+/// a token is spent by a successful join, and a second identity would orphan
+/// the first.
+pub async fn join(
+    state: &NodeState,
+    control: &str,
+    token: &str,
+    ca_hash: &str,
+    node: &str,
+    zone: &str,
+) -> Result<Credentials, ControlError> {
+    if state.is_joined() {
+        return Err(ControlError::AlreadyJoined {
+            dir: state.dir().to_owned(),
+        });
+    }
+    pki::validate_name("node", node)?;
+    // A token is spent by a successful Join: make sure the result can be kept first.
+    state.prepare()?;
+    let KeyAndCsr { key_pem, csr_pem } = pki::new_key_and_csr(node)?;
+    // The CA kept is the one the pin verified, not the copy in the answer.
+    let (channel, ca_pem) = pki::pinned_join_channel(control, ca_hash)
+        .await
+        .map_err(ControlError::connecting("joining"))?;
+    let request = v1::JoinRequest {
+        token: token.to_owned(),
+        node_name: node.to_owned(),
+        zone: zone.to_owned(),
+        csr_pem,
+    };
+    let mut client = NodeAgentClient::new(channel);
+    let v1::JoinResponse {
+        certificate_pem,
+        ca_pem: _,
+    } = call("join the cluster", client.join(request)).await?;
+    let cert = check_identity(&certificate_pem, node)?;
+    let creds = Credentials {
+        control: control.to_owned(),
+        node: node.to_owned(),
+        ca_pem,
+        cert_pem: certificate_pem,
+        key_pem,
+    };
+    state.save_credentials(&creds)?;
+    info!(%node, %control, serial = %cert.serial, dir = %state.dir().display(), "joined the cluster");
+    Ok(creds)
+}
+
+/// A connection to the control service, authenticated with the node certificate.
+#[derive(Clone, Debug)]
+pub struct ControlClient {
+    client: NodeAgentClient<Channel>,
+    node: String,
+}
+
+impl ControlClient {
+    /// Connects (TCP and the TLS handshake, bounded): the server is verified
+    /// against the cluster CA, the node certificate presented.
+    pub async fn connect(creds: &Credentials) -> Result<Self, ControlError> {
+        let channel = pki::mtls_channel(
+            &creds.control,
+            &creds.ca_pem,
+            &creds.cert_pem,
+            &creds.key_pem,
+        )
+        .await
+        .map_err(ControlError::connecting(
+            "connecting with the node certificate",
+        ))?;
+        Ok(ControlClient {
+            client: NodeAgentClient::new(channel),
+            node: creds.node.clone(),
+        })
+    }
+
+    /// The node's view from `since` (the version last applied; 0 for a
+    /// snapshot): the changes after it, or a snapshot if it is too old, then
+    /// each change as it happens.
+    pub async fn watch(&mut self, since: u64) -> Result<Streaming<v1::ViewUpdate>, ControlError> {
+        let request = v1::WatchViewRequest {
+            since_version: since,
+        };
+        call("watch the node's view", self.client.watch_view(request)).await
+    }
+
+    /// Tells the control service what this node has applied, with its counters.
+    pub async fn report(
+        &mut self,
+        applied_version: u64,
+        counters: Vec<v1::FrontendCounters>,
+    ) -> Result<(), ControlError> {
+        let request = v1::ReportStatusRequest {
+            applied_version,
+            counters,
+        };
+        let v1::ReportStatusResponse {} =
+            call("report status", self.client.report_status(request)).await?;
+        Ok(())
+    }
+
+    /// Replaces the node's key and certificate: a new key and CSR,
+    /// `RenewCertificate`, then both saved in `state` (key 0600) so that a
+    /// crash leaves the old pair or the new. Returns the new credentials.
+    /// This connection keeps using the old certificate, which stays valid
+    /// until it expires or the next renewal.
+    pub async fn renew(&mut self, state: &NodeState) -> Result<Credentials, ControlError> {
+        let KeyAndCsr { key_pem, csr_pem } = pki::new_key_and_csr(&self.node)?;
+        let request = v1::RenewCertificateRequest { csr_pem };
+        let v1::RenewCertificateResponse { certificate_pem } = call(
+            "renew the node certificate",
+            self.client.renew_certificate(request),
+        )
+        .await?;
+        let cert = check_identity(&certificate_pem, &self.node)?;
+        state.save_identity(&key_pem, &certificate_pem)?;
+        info!(node = %self.node, serial = %cert.serial, "renewed the node certificate");
+        state.load()
+    }
+}
+
+/// Awaits a call within [`CALL_TIMEOUT`]; a refusal keeps the server's status.
+async fn call<T>(
+    op: &'static str,
+    call: impl Future<Output = Result<Response<T>, Status>>,
+) -> Result<T, ControlError> {
+    match tokio::time::timeout(CALL_TIMEOUT, call).await {
+        Ok(Ok(response)) => Ok(response.into_inner()),
+        Ok(Err(status)) => Err(ControlError::Status { op, status }),
+        Err(_elapsed) => Err(ControlError::Status {
+            op,
+            status: Status::deadline_exceeded(format!(
+                "no answer from the control service within {CALL_TIMEOUT:?}"
+            )),
+        }),
+    }
+}
+
+/// The certificate the control service issued, if it names this node.
+fn check_identity(cert_pem: &str, node: &str) -> Result<pki::CertInfo, ControlError> {
+    let info = pki::parse_cert(cert_pem)?;
+    match &info.identity {
+        Identity::Node { name } if name == node => Ok(info),
+        other => Err(ControlError::WrongIdentity {
+            expected: node.to_owned(),
+            found: other.to_string(),
+        }),
+    }
+}

@@ -1,0 +1,147 @@
+//! The agent's side of the control service (`sluice-control`): joining the
+//! cluster, keeping the node's identity, and following the node's view.
+//!
+//! # Lifecycle
+//!
+//! 1. **Join, once** ([`join`]). An admin hands the node a single-use join
+//!    token and the cluster CA's pin (`sluicectl token create`). The agent
+//!    makes a fresh key and a CSR, opens a TLS channel that accepts the server
+//!    only if its chain ends in the pinned CA (so the token is never sent
+//!    anywhere else), and calls `NodeAgent.Join`. The certificate it gets back,
+//!    the key (mode 0600 from the moment the file exists), the CA learned in
+//!    the handshake, the URL and the node's name go into the state directory
+//!    ([`NodeState`], mode 0700). The token is not kept.
+//! 2. **mTLS from then on** ([`ControlClient`]). Every later call presents the
+//!    node certificate; the server names the node by it.
+//! 3. **Watch and report** ([`follow`], [`ControlClient::report`]). The view
+//!    arrives as a stream: a snapshot (or the changes since the version the
+//!    agent last applied), then each change. The caller applies updates,
+//!    records the applied version (the `since` counter [`follow`] reads at each
+//!    reconnect), saves the view ([`NodeState::save_view`]) and reports.
+//! 4. **Renew** ([`keep_certificate_fresh`]). At two thirds of its lifetime
+//!    the certificate is replaced (new key, `RenewCertificate`), swapped on
+//!    disk without a moment where key and certificate do not match. New
+//!    connections use it; an open watch keeps going, since TLS checks the
+//!    client certificate at the handshake only.
+//! 5. **Reconnect with backoff** ([`follow`], [`backoff_delay`]). Any failure
+//!    (control service down, restarted, network gone) ends in a reconnect
+//!    after 0.2 s doubling to 10 s, with jitter so that a restarted control
+//!    service is not met by every node at once. Only a refusal that retrying
+//!    cannot fix ends the loop: a removed node, a revoked or unknown
+//!    certificate ([`ViewEvent::Refused`]).
+//!
+//! Forwarding never depends on the control service being up: the kernel maps
+//! keep what was last programmed, an agent that restarts while the control
+//! service is down programs the saved view ([`NodeState::load_view`]), and a
+//! reconnect resumes from the applied version instead of starting over.
+//!
+//! Nothing here logs a secret: the token and the private key never appear in
+//! a log line or in a `Debug` output ([`Credentials`] elides the key).
+
+mod client;
+mod follow;
+mod state;
+#[cfg(test)]
+mod tests;
+
+use std::path::PathBuf;
+
+use sluice_api::pki::PkiError;
+
+pub use client::{ControlClient, join};
+pub use follow::{
+    BACKOFF_MAX, BACKOFF_START, CERT_CHECK_INTERVAL, ViewEvent, backoff_delay, follow,
+    keep_certificate_fresh, renew_if_due, renewal_time,
+};
+pub use state::{Credentials, NodeState};
+
+/// What talking to the control service, or keeping the node's state, can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("cannot {op} {path}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Pki(#[from] PkiError),
+    /// The control service could not be reached (TCP or TLS): worth retrying.
+    #[error("cannot reach the control service at {endpoint} ({op})")]
+    Transport {
+        op: &'static str,
+        endpoint: String,
+        #[source]
+        source: tonic::transport::Error,
+    },
+    /// The control service answered with an error; `status.message()` is its
+    /// explanation, meant for the operator.
+    #[error("cannot {op}: {} [{:?}]", status.message(), status.code())]
+    Status {
+        op: &'static str,
+        status: tonic::Status,
+    },
+    #[error(
+        "{dir} already holds a joined node identity; to join again, remove the node from the \
+         cluster (sluicectl node remove <name>), delete {dir} and join with a new token"
+    )]
+    AlreadyJoined { dir: PathBuf },
+    #[error("this node has not joined a cluster ({dir} holds no identity); join it first")]
+    NotJoined { dir: PathBuf },
+    #[error("{path} is corrupt: {reason}")]
+    Corrupt { path: PathBuf, reason: String },
+    /// The control service signed a certificate for someone else.
+    #[error("the control service issued a certificate for {found}, not for node {expected:?}")]
+    WrongIdentity { expected: String, found: String },
+}
+
+impl ControlError {
+    /// Whether retrying cannot help: the control service refused the node
+    /// itself (removed, revoked, unknown certificate), or the local identity is
+    /// missing or unreadable. Everything else (unreachable, restarting,
+    /// timeouts) may pass.
+    pub fn is_refusal(&self) -> bool {
+        match self {
+            ControlError::Status { status, .. } => matches!(
+                status.code(),
+                tonic::Code::PermissionDenied | tonic::Code::Unauthenticated
+            ),
+            ControlError::NotJoined { .. }
+            | ControlError::Corrupt { .. }
+            | ControlError::WrongIdentity { .. } => true,
+            ControlError::Io { .. }
+            | ControlError::Pki(_)
+            | ControlError::Transport { .. }
+            | ControlError::AlreadyJoined { .. } => false,
+        }
+    }
+
+    /// A connection failure from `sluice_api::pki` becomes [`ControlError::Transport`];
+    /// any other PKI error stays what it is.
+    fn connecting(op: &'static str) -> impl FnOnce(PkiError) -> ControlError {
+        move |error| match error {
+            PkiError::Connect { endpoint, source } => ControlError::Transport {
+                op,
+                endpoint,
+                source,
+            },
+            other => ControlError::Pki(other),
+        }
+    }
+}
+
+/// An error and its causes on one line, for events and logs.
+pub(crate) fn describe(error: &dyn std::error::Error) -> String {
+    let mut out = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = cause.source();
+    }
+    out
+}

@@ -1,0 +1,240 @@
+//! The control service's admin API (`Resources`, `Cluster`) over mutual TLS, with
+//! answers converted by [`super::model`] and failures turned into [`CliError`].
+
+use std::path::Path;
+use std::time::Duration;
+
+use sluice_api::manifest::ObjectKind;
+use sluice_api::v1::{self, cluster_client::ClusterClient, resources_client::ResourcesClient};
+use tonic::transport::Channel;
+
+use super::error::CliError;
+use super::model::{Applied, Described, Identity, NodeInfo, Stored};
+use crate::client_config::ClientConfig;
+
+pub struct Client {
+    server: String,
+    resources: ResourcesClient<Channel>,
+    cluster: ClusterClient<Channel>,
+}
+
+impl Client {
+    /// Connects with the credentials of `config`, read from `path` (named in errors).
+    pub async fn connect(path: &Path, config: &ClientConfig) -> Result<Self, CliError> {
+        let ClientConfig {
+            server,
+            ca,
+            certificate,
+            key,
+        } = config;
+        let channel = sluice_api::pki::mtls_channel(server, ca, certificate, key)
+            .await
+            .map_err(|source| CliError::Connect {
+                config: path.to_owned(),
+                source,
+            })?;
+        Ok(Self {
+            server: server.clone(),
+            resources: ResourcesClient::new(channel.clone()),
+            cluster: ClusterClient::new(channel),
+        })
+    }
+
+    /// `https://HOST:PORT`, as the config file gives it.
+    pub fn server(&self) -> &str {
+        &self.server
+    }
+
+    fn fail(&self) -> impl Fn(tonic::Status) -> CliError + '_ {
+        |status| CliError::api(&self.server, status)
+    }
+
+    pub async fn get(
+        &self,
+        kind: ObjectKind,
+        namespace: &str,
+        name: &str,
+    ) -> Result<Stored, CliError> {
+        let request = v1::GetRequest {
+            kind: v1::Kind::from(kind).into(),
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+        };
+        let object = self
+            .resources
+            .clone()
+            .get(request)
+            .await
+            .map_err(self.fail())?;
+        Stored::try_from(object.into_inner())
+    }
+
+    /// `namespace` `None`: every namespace the caller may list.
+    pub async fn list(
+        &self,
+        kind: ObjectKind,
+        namespace: Option<&str>,
+    ) -> Result<Vec<Stored>, CliError> {
+        let request = v1::ListRequest {
+            kind: v1::Kind::from(kind).into(),
+            namespace: namespace.unwrap_or_default().to_owned(),
+        };
+        let response = self
+            .resources
+            .clone()
+            .list(request)
+            .await
+            .map_err(self.fail())?;
+        response
+            .into_inner()
+            .objects
+            .into_iter()
+            .map(Stored::try_from)
+            .collect()
+    }
+
+    pub async fn get_node(&self, name: &str) -> Result<NodeInfo, CliError> {
+        let request = v1::GetRequest {
+            kind: v1::Kind::Node.into(),
+            namespace: String::new(),
+            name: name.to_owned(),
+        };
+        let object = self
+            .resources
+            .clone()
+            .get(request)
+            .await
+            .map_err(self.fail())?;
+        NodeInfo::try_from(object.into_inner())
+    }
+
+    pub async fn list_nodes(&self) -> Result<Vec<NodeInfo>, CliError> {
+        let request = v1::ListRequest {
+            kind: v1::Kind::Node.into(),
+            namespace: String::new(),
+        };
+        let response = self
+            .resources
+            .clone()
+            .list(request)
+            .await
+            .map_err(self.fail())?;
+        response
+            .into_inner()
+            .objects
+            .into_iter()
+            .map(NodeInfo::try_from)
+            .collect()
+    }
+
+    /// One call: every object is applied, or none.
+    pub async fn apply(
+        &self,
+        objects: Vec<v1::Object>,
+        dry_run: bool,
+    ) -> Result<Vec<Applied>, CliError> {
+        let request = v1::ApplyRequest { objects, dry_run };
+        let response = self
+            .resources
+            .clone()
+            .apply(request)
+            .await
+            .map_err(self.fail())?;
+        response
+            .into_inner()
+            .results
+            .into_iter()
+            .map(Applied::try_from)
+            .collect()
+    }
+
+    pub async fn delete(
+        &self,
+        kind: ObjectKind,
+        namespace: &str,
+        name: &str,
+    ) -> Result<(), CliError> {
+        let request = v1::DeleteRequest {
+            kind: v1::Kind::from(kind).into(),
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+            resource_version: 0,
+        };
+        self.resources
+            .clone()
+            .delete(request)
+            .await
+            .map_err(self.fail())?;
+        Ok(())
+    }
+
+    pub async fn describe_service(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Result<Described, CliError> {
+        let request = v1::GetRequest {
+            kind: v1::Kind::Service.into(),
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+        };
+        let response = self
+            .resources
+            .clone()
+            .describe(request)
+            .await
+            .map_err(self.fail())?;
+        Described::try_from(response.into_inner())
+    }
+
+    pub async fn create_join_token(
+        &self,
+        ttl: Duration,
+    ) -> Result<v1::CreateJoinTokenResponse, CliError> {
+        let request = v1::CreateJoinTokenRequest {
+            ttl_seconds: ttl.as_secs(),
+        };
+        let response = self
+            .cluster
+            .clone()
+            .create_join_token(request)
+            .await
+            .map_err(self.fail())?;
+        Ok(response.into_inner())
+    }
+
+    pub async fn create_user(
+        &self,
+        request: v1::CreateUserRequest,
+    ) -> Result<v1::CreateUserResponse, CliError> {
+        let response = self
+            .cluster
+            .clone()
+            .create_user(request)
+            .await
+            .map_err(self.fail())?;
+        Ok(response.into_inner())
+    }
+
+    pub async fn remove_node(&self, name: &str) -> Result<(), CliError> {
+        let request = v1::RemoveNodeRequest {
+            name: name.to_owned(),
+        };
+        self.cluster
+            .clone()
+            .remove_node(request)
+            .await
+            .map_err(self.fail())?;
+        Ok(())
+    }
+
+    pub async fn whoami(&self) -> Result<Identity, CliError> {
+        let response = self
+            .cluster
+            .clone()
+            .who_am_i(v1::WhoAmIRequest {})
+            .await
+            .map_err(self.fail())?;
+        Ok(response.into_inner().into())
+    }
+}
