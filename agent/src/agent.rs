@@ -1,42 +1,101 @@
-//! `sluice-agent run`: bring the data plane up, keep it equal to the manifest.
+//! `sluice-agent run` and `join`: bring the data plane up, keep it equal to
+//! the desired state.
 //!
-//! Start-up order is chosen so that bad input changes nothing: the manifest is
-//! parsed and validated, and every interface checked, before anything is
-//! loaded or attached. Then the pinned data plane (if any) is checked and
-//! reused, programs are loaded against it and swapped into the pinned links,
-//! and the maps are reconciled to the manifest. From then on the agent follows
-//! the manifest file, expires idle flows, and keeps the XDP egress set in step
-//! with what each device accepts. Stopping the agent leaves the data plane
-//! forwarding; `sluice-agent down` removes it.
+//! The desired state comes from one of two sources ([`Source`]): a manifest
+//! file (standalone), or the node's view streamed by the control service
+//! (`sluice-control`) to a joined node. Start-up order is chosen so that bad
+//! input changes nothing: the manifest is parsed and validated (or the node's
+//! identity and saved view loaded), and every interface checked, before
+//! anything is loaded or attached, or a join token spent. Then the pinned data
+//! plane (if any) is checked and reused, programs are loaded against it and
+//! swapped into the pinned links, and the maps are reconciled. From then on
+//! the agent follows its source, expires idle flows, and keeps the XDP egress
+//! set in step with what each device accepts. Stopping the agent leaves the
+//! data plane forwarding; `sluice-agent down` removes it.
+//!
+//! Forwarding never waits on the control service: the maps keep the last view
+//! applied while it is unreachable, and an agent restarting meanwhile programs
+//! the view it saved.
 
 use std::{
     path::{Path, PathBuf},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
+use sluice_api::v1;
 use sluice_common::types::AgentMeta;
-use tokio::{io::unix::AsyncFd, signal::unix::SignalKind, sync::mpsc};
+use tokio::{
+    io::unix::AsyncFd,
+    signal::unix::SignalKind,
+    sync::{mpsc, watch},
+    task::JoinHandle,
+};
 use tracing::{debug, error, info, warn};
 
 use crate::{
     alloc::SlotRange,
     apply::{self, ApplyError},
+    controlplane::{self, ControlClient, ControlError, NodeState, View, ViewEvent},
     dataplane::{self, Dataplane, DataplaneError, HookChoice, LoadOptions, Mode},
     manifest::{self, ManifestError},
     netdev::{self, NetdevError},
     pins::{self, PinDir},
     reaper::{self, Timeouts},
-    reconcile::{self, Allocator, PlanError, State},
-    sys,
+    reconcile::{self, Allocator, Desired, PlanError, State},
+    status, sys,
 };
 
 /// Slot ranges a frontend stopped pointing to wait this long before reuse:
 /// far longer than any packet takes through the programs.
 const SLOT_GRACE: Duration = Duration::from_secs(2);
 
+/// How often a joined agent reports its applied version and counters, besides
+/// right after each update.
+const REPORT_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Where the desired state comes from.
+#[derive(Clone, Debug)]
+pub enum Source {
+    /// A YAML manifest file, followed as it changes.
+    Manifest(PathBuf),
+    /// The node's view from the control service, with the identity and the
+    /// last view kept in `state`. With `join`, the node joins first (unless
+    /// `state` already holds the same identity).
+    Control {
+        state: NodeState,
+        join: Option<JoinSpec>,
+    },
+}
+
+/// What `sluice-agent join` needs to join a cluster once.
+#[derive(Clone)]
+pub struct JoinSpec {
+    pub control: String,
+    pub token: String,
+    pub ca_hash: String,
+    pub node: String,
+    pub zone: String,
+}
+
+impl std::fmt::Debug for JoinSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JoinSpec")
+            .field("control", &self.control)
+            .field("token", &"[elided]")
+            .field("ca_hash", &self.ca_hash)
+            .field("node", &self.node)
+            .field("zone", &self.zone)
+            .finish()
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct RunOptions {
-    pub manifest: PathBuf,
+    pub source: Source,
     pub interfaces: Vec<String>,
     pub mode: Mode,
     pub bpffs_root: PathBuf,
@@ -69,6 +128,16 @@ pub enum AgentError {
     },
     #[error("watching the manifest")]
     Watch(#[source] notify::Error),
+    #[error(transparent)]
+    Control(#[from] ControlError),
+}
+
+/// What one reconcile did, for the log.
+struct Applied {
+    steps: usize,
+    udp_flows_purged: usize,
+    flows_purged: usize,
+    micros: u64,
 }
 
 /// What is programmed, and what to do with it.
@@ -77,36 +146,85 @@ struct Reconciler {
     alloc: Allocator,
     /// Slot ranges waiting out their grace period.
     retiring: Vec<(SlotRange, Instant)>,
-    source: String,
-    last_hash: Option<u64>,
+    /// Identifies the input last applied (a manifest's content hash, or a
+    /// view's version), so that an unchanged manifest costs nothing.
+    last_applied: Option<u64>,
     /// Content hash of the last manifest rejected, to log each bad one once.
     last_rejected: Option<u64>,
 }
 
 impl Reconciler {
-    fn new(dp: &Dataplane, source: String) -> Result<Self, AgentError> {
+    fn new(dp: &Dataplane) -> Result<Self, AgentError> {
         let state = apply::read_state(&dp.maps)?;
         let alloc = Allocator::for_state(&state);
         Ok(Self {
             state,
             alloc,
             retiring: Vec::new(),
-            source,
-            last_hash: None,
+            last_applied: None,
             last_rejected: None,
         })
     }
 
-    /// Parses `text` and makes the maps match it. On any error the maps keep
-    /// their previous content (validation and planning precede every write).
-    fn apply_text(&mut self, dp: &mut Dataplane, text: &str) -> Result<bool, AgentError> {
+    /// Parses the manifest `text` and makes the maps match it. Returns
+    /// whether anything was applied (an unchanged manifest is skipped).
+    fn apply_manifest(
+        &mut self,
+        dp: &mut Dataplane,
+        source: &str,
+        text: &str,
+    ) -> Result<bool, AgentError> {
         let hash = fnv1a(text.as_bytes());
-        if self.last_hash == Some(hash) {
+        if self.last_applied == Some(hash) {
             return Ok(false);
         }
-        let manifest = manifest::parse(&self.source, text)?;
+        let manifest = manifest::parse(source, text)?;
         let desired = reconcile::desired(&manifest);
-        let plan = reconcile::plan(&desired, &self.state, &self.alloc)?;
+        let done = self.apply_desired(dp, &desired, hash)?;
+        info!(
+            services = manifest.services.len(),
+            steps = done.steps,
+            udp_flows_purged = done.udp_flows_purged,
+            flows_purged = done.flows_purged,
+            micros = done.micros,
+            "applied manifest"
+        );
+        Ok(true)
+    }
+
+    /// Makes the maps match the node's view.
+    fn apply_view(&mut self, dp: &mut Dataplane, view: &View) -> Result<(), AgentError> {
+        let (desired, skipped) = reconcile::desired_from_view(view.frontends());
+        for frontend in &skipped {
+            // The control service validates what it stores; a frontend this
+            // agent cannot read means a newer control service. Program the rest.
+            warn!(%frontend, "skipping a frontend of the view this agent cannot program");
+        }
+        let done = self.apply_desired(dp, &desired, fnv1a(&view.version().to_le_bytes()))?;
+        info!(
+            version = view.version(),
+            frontends = desired.len(),
+            steps = done.steps,
+            udp_flows_purged = done.udp_flows_purged,
+            flows_purged = done.flows_purged,
+            micros = done.micros,
+            "applied view version {}",
+            view.version()
+        );
+        Ok(())
+    }
+
+    /// Makes the maps match `desired`. On any error the maps keep their
+    /// previous content (validation and planning precede every write), or,
+    /// if a write failed midway, a consistent mix that the next change
+    /// completes.
+    fn apply_desired(
+        &mut self,
+        dp: &mut Dataplane,
+        desired: &Desired,
+        input: u64,
+    ) -> Result<Applied, AgentError> {
+        let plan = reconcile::plan(desired, &self.state, &self.alloc)?;
         let started = Instant::now();
         match apply::apply(&mut dp.maps, &plan.steps) {
             Ok(applied) => {
@@ -115,26 +233,23 @@ impl Reconciler {
                 let due = Instant::now() + SLOT_GRACE;
                 self.retiring
                     .extend(plan.retired_ranges.into_iter().map(|r| (r, due)));
-                self.last_hash = Some(hash);
+                self.last_applied = Some(input);
                 let meta = AgentMeta {
-                    manifest_hash: hash,
+                    manifest_hash: input,
                     applied_at: SystemTime::now()
                         .duration_since(UNIX_EPOCH)
                         .map_or(0, |d| d.as_secs()),
                     ..dp.maps.agent_meta.get(&0, 0).unwrap_or_default()
                 };
                 if let Err(e) = dp.maps.agent_meta.set(0, meta, 0) {
-                    warn!("recording the applied manifest: {e}");
+                    warn!("recording the applied state: {e}");
                 }
-                info!(
-                    services = manifest.services.len(),
-                    steps = applied.steps,
-                    udp_flows_purged = applied.udp_flows_purged,
-                    flows_purged = applied.flows_purged,
-                    micros = started.elapsed().as_micros() as u64,
-                    "applied manifest"
-                );
-                Ok(true)
+                Ok(Applied {
+                    steps: applied.steps,
+                    udp_flows_purged: applied.udp_flows_purged,
+                    flows_purged: applied.flows_purged,
+                    micros: started.elapsed().as_micros() as u64,
+                })
             }
             Err(e) => {
                 // Part of the plan is in the maps; each step left them
@@ -153,7 +268,7 @@ impl Reconciler {
                     self.alloc.slots.mark_used(*range);
                 }
                 self.state = state;
-                self.last_hash = None;
+                self.last_applied = None;
             }
             Err(e) => error!("re-reading the maps after a failed update: {e}"),
         }
@@ -210,12 +325,30 @@ pub fn ensure_bpffs(root: &Path) -> Result<(), AgentError> {
     })
 }
 
+/// The desired state to program first, read before anything is touched.
+enum Initial {
+    Manifest {
+        source: String,
+        text: String,
+    },
+    /// The saved view of a joined node; `None` before its first view (the
+    /// maps then keep what they hold until the control service speaks).
+    View(Option<View>),
+}
+
 pub async fn run(options: RunOptions) -> Result<(), AgentError> {
-    // Input first: nothing is touched until the manifest and the interfaces
+    // Input first: nothing is touched until the source and the interfaces
     // are known to be good.
-    let source = options.manifest.display().to_string();
-    let text = read_manifest(&options.manifest)?;
-    manifest::parse(&source, &text)?;
+    let initial = match &options.source {
+        Source::Manifest(path) => {
+            let source = path.display().to_string();
+            let text = read_manifest(path)?;
+            manifest::parse(&source, &text)?;
+            Some(Initial::Manifest { source, text })
+        }
+        // Read after the interfaces are checked: a join spends its token.
+        Source::Control { .. } => None,
+    };
     let choices = dataplane::choose_hooks(&options.interfaces, options.mode)?;
     for c in &choices {
         info!(
@@ -227,8 +360,13 @@ pub async fn run(options: RunOptions) -> Result<(), AgentError> {
             "hook chosen"
         );
     }
-
     ensure_bpffs(&options.bpffs_root)?;
+    let initial = match (initial, &options.source) {
+        (Some(initial), _) => initial,
+        (None, Source::Control { state, join }) => Initial::View(load_identity(state, join).await?),
+        (None, Source::Manifest(_)) => unreachable!("a manifest is read above"),
+    };
+
     let pins = PinDir::new(&options.bpffs_root, netdev::netns_cookie()?);
     for removed in dataplane::collect_garbage(&pins, options.stale_pin_age) {
         info!(dir = %removed.display(), "removed the pinned data plane of a namespace that is gone");
@@ -249,12 +387,68 @@ pub async fn run(options: RunOptions) -> Result<(), AgentError> {
         .collect();
     sync_egress(&mut dp, &managed);
 
-    let mut reconciler = Reconciler::new(&dp, source)?;
-    reconciler.apply_text(&mut dp, &text)?;
+    let mut reconciler = Reconciler::new(&dp)?;
+    let (input, wakeup) = match initial {
+        Initial::Manifest { source, text } => {
+            reconciler.apply_manifest(&mut dp, &source, &text)?;
+            let Source::Manifest(path) = &options.source else {
+                unreachable!("a manifest comes from a manifest source")
+            };
+            let (input, changed) = Input::manifest(path.clone(), source)?;
+            (input, Wakeup::Manifest(changed))
+        }
+        Initial::View(view) => {
+            if let Some(view) = &view {
+                reconciler.apply_view(&mut dp, view)?;
+            }
+            let Source::Control { state, .. } = &options.source else {
+                unreachable!("a view comes from a control source")
+            };
+            let (link, events) = ControlLink::start(state.clone(), view.unwrap_or_default());
+            (Input::Control(link), Wakeup::View(events))
+        }
+    };
     log_choices(&choices);
     info!("data plane ready");
 
-    follow(&options, dp, reconciler, &managed).await
+    follow(&options, dp, reconciler, input, wakeup, &managed).await
+}
+
+/// Joins the cluster if asked to (and not joined yet), then loads the node's
+/// identity and its saved view.
+async fn load_identity(
+    state: &NodeState,
+    join: &Option<JoinSpec>,
+) -> Result<Option<View>, AgentError> {
+    if let Some(spec) = join {
+        if state.is_joined() {
+            // Re-running the same `join` (a unit file, a restart) keeps the
+            // identity; the token was spent by the first run.
+            let creds = state.load()?;
+            if creds.node != spec.node || creds.control != spec.control {
+                return Err(ControlError::AlreadyJoined {
+                    dir: state.dir().to_owned(),
+                }
+                .into());
+            }
+            info!(node = %creds.node, control = %creds.control, "already joined; reusing the node identity");
+        } else {
+            controlplane::join(
+                state,
+                &spec.control,
+                &spec.token,
+                &spec.ca_hash,
+                &spec.node,
+                &spec.zone,
+            )
+            .await?;
+        }
+    }
+    let creds = state.load()?;
+    info!(node = %creds.node, control = %creds.control, dir = %state.dir().display(), "node identity loaded");
+    Ok(state
+        .load_view()?
+        .map(|(version, frontends)| View::from_saved(version, frontends)))
 }
 
 fn log_choices(choices: &[HookChoice]) {
@@ -280,16 +474,231 @@ fn sync_egress(dp: &mut Dataplane, managed: &[(u32, String)]) {
     }
 }
 
-/// The steady state: react to manifest changes, device changes, timers and
+/// The source the follow loop listens to.
+enum Input {
+    Manifest {
+        path: PathBuf,
+        source: String,
+        _watcher: notify::RecommendedWatcher,
+    },
+    Control(ControlLink),
+}
+
+/// What wakes the follow loop for its source.
+enum Wakeup {
+    /// The manifest file may have changed.
+    Manifest(mpsc::Receiver<()>),
+    View(mpsc::Receiver<ViewEvent>),
+}
+
+impl Input {
+    fn manifest(path: PathBuf, source: String) -> Result<(Self, mpsc::Receiver<()>), AgentError> {
+        let (tx, changed) = mpsc::channel::<()>(16);
+        let watcher = watch_manifest(&path, tx)?;
+        let input = Input::Manifest {
+            path,
+            source,
+            _watcher: watcher,
+        };
+        Ok((input, changed))
+    }
+}
+
+/// A joined node's link to the control service: the view as applied, and the
+/// background tasks that follow it, report status, keep the certificate fresh
+/// and save the view.
+struct ControlLink {
+    state: NodeState,
+    view: View,
+    /// The version applied to the maps; where a reconnect resumes.
+    applied: Arc<AtomicU64>,
+    reports: watch::Sender<Option<v1::ReportStatusRequest>>,
+    /// The last counters read, sent with each report.
+    counters: Vec<v1::FrontendCounters>,
+    saves: watch::Sender<Option<(u64, Vec<v1::FrontendView>)>>,
+    /// The view changed since it was last handed to the saver.
+    unsaved: bool,
+    /// Whether the last watch attempt connected; `None` before the first.
+    connected: Option<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl ControlLink {
+    fn start(state: NodeState, view: View) -> (Self, mpsc::Receiver<ViewEvent>) {
+        let applied = Arc::new(AtomicU64::new(view.version()));
+        let (events_tx, events) = mpsc::channel(64);
+        let (reports, reports_rx) = watch::channel(None);
+        let (saves, saves_rx) = watch::channel(None);
+        let tasks = vec![
+            tokio::spawn(controlplane::follow(
+                state.clone(),
+                applied.clone(),
+                events_tx,
+            )),
+            tokio::spawn(controlplane::keep_certificate_fresh(state.clone())),
+            tokio::spawn(report_status(state.clone(), reports_rx)),
+            tokio::spawn(save_views(state.clone(), saves_rx)),
+        ];
+        let link = ControlLink {
+            state,
+            view,
+            applied,
+            reports,
+            counters: Vec::new(),
+            saves,
+            unsaved: false,
+            connected: None,
+            tasks,
+        };
+        (link, events)
+    }
+
+    /// Handles what the view follower says. Updates go to the maps at once;
+    /// the version is recorded (for resume and report) only once applied.
+    fn handle(&mut self, event: ViewEvent, dp: &mut Dataplane, reconciler: &mut Reconciler) {
+        match event {
+            ViewEvent::Connected => {
+                self.connected = Some(true);
+                info!(
+                    since = self.applied.load(Ordering::Acquire),
+                    "watching the node's view"
+                );
+            }
+            ViewEvent::Update(update) => {
+                self.view.apply(update);
+                match reconciler.apply_view(dp, &self.view) {
+                    Ok(()) => {
+                        self.applied.store(self.view.version(), Ordering::Release);
+                        self.unsaved = true;
+                        self.report();
+                    }
+                    // The maps keep the previous view; the next update, or a
+                    // resume from the applied version, tries again.
+                    Err(e) => error!(
+                        version = self.view.version(),
+                        "view rejected, keeping the previous state: {}",
+                        chain(&e)
+                    ),
+                }
+            }
+            ViewEvent::Disconnected(why) => match self.connected.replace(false) {
+                Some(true) => warn!(
+                    version = self.view.version(),
+                    "lost the control service, forwarding with the last view: {why}"
+                ),
+                None => warn!(
+                    version = self.view.version(),
+                    "cannot reach the control service yet, forwarding with the saved view: {why}"
+                ),
+                Some(false) => debug!("control service still unreachable: {why}"),
+            },
+            ViewEvent::Refused(why) => {
+                error!(
+                    version = self.view.version(),
+                    "the control service refused this node; forwarding continues with the last view, which no longer changes: {why}"
+                );
+            }
+        }
+    }
+
+    /// Reads the counters, then reports.
+    fn refresh_counters(&mut self, dp: &Dataplane, reconciler: &Reconciler) {
+        match status::services(&dp.maps, &reconciler.state) {
+            Ok(services) => self.counters = status::to_counters(&services),
+            Err(e) => warn!("reading counters to report: {e}"),
+        }
+        self.report();
+    }
+
+    fn report(&self) {
+        self.reports.send_replace(Some(v1::ReportStatusRequest {
+            applied_version: self.applied.load(Ordering::Acquire),
+            counters: self.counters.clone(),
+        }));
+    }
+
+    /// Hands the view to the saver if it changed (at most once per call, so
+    /// a burst of updates is written once).
+    fn save_if_changed(&mut self) {
+        if std::mem::take(&mut self.unsaved) {
+            let frontends = self.view.frontends().cloned().collect();
+            self.saves
+                .send_replace(Some((self.applied.load(Ordering::Acquire), frontends)));
+        }
+    }
+}
+
+impl Drop for ControlLink {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+/// Sends each status the follow loop publishes, on a connection of its own
+/// (re-made after a failure, with the current certificate). A report that
+/// fails is not retried: the next one carries newer numbers.
+async fn report_status(
+    state: NodeState,
+    mut reports: watch::Receiver<Option<v1::ReportStatusRequest>>,
+) {
+    let mut client: Option<ControlClient> = None;
+    while reports.changed().await.is_ok() {
+        let Some(report) = reports.borrow_and_update().clone() else {
+            continue;
+        };
+        if client.is_none() {
+            client = match state.load() {
+                Ok(creds) => ControlClient::connect(&creds)
+                    .await
+                    .inspect_err(|e| debug!("reporting status: {}", chain(e)))
+                    .ok(),
+                Err(e) => {
+                    debug!("reporting status: {}", chain(&e));
+                    None
+                }
+            };
+        }
+        if let Some(c) = client.as_mut()
+            && let Err(e) = c.report(report.applied_version, report.counters).await
+        {
+            debug!("reporting status: {}", chain(&e));
+            client = None;
+        }
+    }
+}
+
+/// Writes the views handed over, off the follow loop (a large view takes a
+/// while to encode and sync); a newer one replaces any still waiting.
+async fn save_views(
+    state: NodeState,
+    mut saves: watch::Receiver<Option<(u64, Vec<v1::FrontendView>)>>,
+) {
+    while saves.changed().await.is_ok() {
+        let Some((version, frontends)) = saves.borrow_and_update().clone() else {
+            continue;
+        };
+        let state = state.clone();
+        let saved = tokio::task::spawn_blocking(move || state.save_view(version, &frontends)).await;
+        match saved {
+            Ok(Ok(())) => debug!(version, "saved the view"),
+            Ok(Err(e)) => warn!(version, "saving the view for restarts: {}", chain(&e)),
+            Err(e) => warn!(version, "saving the view for restarts: {e}"),
+        }
+    }
+}
+
+/// The steady state: react to the source, device changes, timers and
 /// signals until asked to stop.
 async fn follow(
     options: &RunOptions,
     mut dp: Dataplane,
     mut reconciler: Reconciler,
+    mut input: Input,
+    mut wakeup: Wakeup,
     managed: &[(u32, String)],
 ) -> Result<(), AgentError> {
-    let (changed_tx, mut changed_rx) = mpsc::channel::<()>(16);
-    let _watcher = watch_manifest(&options.manifest, changed_tx.clone())?;
     let mut features_rx = spawn_feature_monitor();
     let mut logger = dp.logger.take().and_then(|logger| {
         // SAFETY: the logger owns its ring buffer's fd, which stays open and the
@@ -304,6 +713,7 @@ async fn follow(
     let mut sweep = tokio::time::interval(options.sweep_interval);
     let mut poll = tokio::time::interval(Duration::from_secs(2));
     let mut housekeeping = tokio::time::interval(Duration::from_secs(1));
+    let mut report = tokio::time::interval(REPORT_INTERVAL);
     let signal = |kind| {
         tokio::signal::unix::signal(kind).map_err(|source| AgentError::Io {
             op: "installing a signal handler",
@@ -318,14 +728,28 @@ async fn follow(
         tokio::select! {
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
-            _ = hangup.recv() => reload(options, &mut dp, &mut reconciler),
-            Some(()) = changed_rx.recv() => {
-                // Editors write in several steps: let them finish.
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                while changed_rx.try_recv().is_ok() {}
-                reload(options, &mut dp, &mut reconciler);
+            _ = hangup.recv() => reload(&input, &mut dp, &mut reconciler),
+            Some(event) = async {
+                match &mut wakeup {
+                    Wakeup::Manifest(changed) => changed.recv().await.map(|()| None),
+                    Wakeup::View(events) => events.recv().await.map(Some),
+                }
+            } => match (event, &mut wakeup, &mut input) {
+                (Some(event), _, Input::Control(link)) => link.handle(event, &mut dp, &mut reconciler),
+                (_, Wakeup::Manifest(changed), _) => {
+                    // Editors write in several steps: let them finish.
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    while changed.try_recv().is_ok() {}
+                    reload(&input, &mut dp, &mut reconciler);
+                }
+                _ => {}
+            },
+            _ = poll.tick() => reload(&input, &mut dp, &mut reconciler),
+            _ = report.tick() => {
+                if let Input::Control(link) = &mut input {
+                    link.refresh_counters(&dp, &reconciler);
+                }
             }
-            _ = poll.tick() => reload(options, &mut dp, &mut reconciler),
             _ = sweep.tick() => {
                 match reaper::sweep(&mut dp.maps, &mut reconciler.state, &options.timeouts, sys::coarse_now_ns()) {
                     Ok(s) => {
@@ -342,6 +766,9 @@ async fn follow(
                 reconciler.release_due_ranges();
                 while features_rx.try_recv().is_ok() {}
                 sync_egress(&mut dp, managed);
+                if let Input::Control(link) = &mut input {
+                    link.save_if_changed();
+                }
             }
             Some(()) = features_rx.recv() => sync_egress(&mut dp, managed),
             Ok(mut guard) = async {
@@ -355,35 +782,38 @@ async fn follow(
             }
         }
     }
+    if let Input::Control(link) = &mut input {
+        // A clean stop leaves the newest view for the next start.
+        link.save_if_changed();
+        let newest = link.saves.borrow().clone();
+        if let Some((version, frontends)) = newest
+            && let Err(e) = link.state.save_view(version, &frontends)
+        {
+            warn!(version, "saving the view for restarts: {}", chain(&e));
+        }
+    }
     info!("stopping; the data plane stays in place (`sluice-agent down` removes it)");
     Ok(())
 }
 
-fn reload(options: &RunOptions, dp: &mut Dataplane, reconciler: &mut Reconciler) {
-    let result = read_manifest(&options.manifest)
+/// Re-reads the manifest (a no-op for a joined node, whose view is pushed).
+fn reload(input: &Input, dp: &mut Dataplane, reconciler: &mut Reconciler) {
+    let Input::Manifest { path, source, .. } = input else {
+        return;
+    };
+    let result = read_manifest(path)
         .map_err(AgentError::from)
-        .and_then(|text| reconciler.apply_text(dp, &text));
+        .and_then(|text| reconciler.apply_manifest(dp, source, &text));
     if let Err(e) = result {
         // Only log a given bad content once; the poll would repeat it.
-        let hash = read_manifest(&options.manifest)
-            .ok()
-            .map(|t| fnv1a(t.as_bytes()));
-        if hash.is_none() || hash != reconciler.rejected_hash() {
+        let hash = read_manifest(path).ok().map(|t| fnv1a(t.as_bytes()));
+        if hash.is_none() || hash != reconciler.last_rejected {
             error!(
                 "manifest rejected, keeping the previous state: {}",
                 chain(&e)
             );
         }
-        reconciler.set_rejected(hash);
-    }
-}
-
-impl Reconciler {
-    fn rejected_hash(&self) -> Option<u64> {
-        self.last_rejected
-    }
-    fn set_rejected(&mut self, hash: Option<u64>) {
-        self.last_rejected = hash;
+        reconciler.last_rejected = hash;
     }
 }
 

@@ -4,7 +4,8 @@ use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand, ValueEnum};
 use sluice_agent::{
-    agent::{self, RunOptions},
+    agent::{self, JoinSpec, RunOptions, Source},
+    controlplane::NodeState,
     dataplane::{self, Mode},
     netdev,
     pins::{DEFAULT_ROOT, PinDir},
@@ -26,8 +27,13 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Load the data plane on the interfaces, apply the manifest and follow its changes.
+    /// Load the data plane on the interfaces and follow the desired state: a
+    /// manifest file (--manifest), or, on a joined node, the control service.
     Run(RunArgs),
+    /// Join a cluster with a token from `sluicectl token create`, then run
+    /// following the control service. Re-running it on a joined node reuses
+    /// the node's identity (the token is spent on first use).
+    Join(JoinArgs),
     /// Show hooks, services, backends and counters, read from the pinned maps.
     Status {
         #[arg(long, short, value_enum, default_value = "table")]
@@ -42,11 +48,47 @@ enum Command {
     },
 }
 
+/// Where a joined node keeps its identity (key 0600) and its last view.
+const DEFAULT_STATE_DIR: &str = "/var/lib/sluice-agent";
+
 #[derive(clap::Args)]
 struct RunArgs {
-    /// YAML manifest of services (one document per service); re-applied when it changes.
-    #[arg(long, short)]
-    manifest: PathBuf,
+    /// YAML manifest of services (one document per service); re-applied when
+    /// it changes. Without it the node follows the control service it joined.
+    #[arg(long, short, conflicts_with = "state_dir")]
+    manifest: Option<PathBuf>,
+    /// State directory of a joined node [default: /var/lib/sluice-agent].
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    #[command(flatten)]
+    dataplane: DataplaneArgs,
+}
+
+#[derive(clap::Args)]
+struct JoinArgs {
+    /// The control service, as `sluicectl token create` prints it (https://HOST:PORT).
+    #[arg(long)]
+    control: String,
+    /// Single-use join token.
+    #[arg(long, env = "SLUICE_JOIN_TOKEN", hide_env_values = true)]
+    token: String,
+    /// Pin of the cluster CA (sha256:HEX): the token goes to no other server.
+    #[arg(long)]
+    ca_hash: String,
+    /// The node's name in the cluster [default: the host name].
+    #[arg(long)]
+    node: Option<String>,
+    /// The node's zone, for topology-aware routing.
+    #[arg(long, default_value = "")]
+    zone: String,
+    #[arg(long, default_value = DEFAULT_STATE_DIR)]
+    state_dir: PathBuf,
+    #[command(flatten)]
+    dataplane: DataplaneArgs,
+}
+
+#[derive(clap::Args)]
+struct DataplaneArgs {
     /// Interface to serve (client- and backend-facing); repeat for each.
     #[arg(long = "interface", short = 'i', required = true)]
     interfaces: Vec<String>,
@@ -104,30 +146,34 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     match cli.command {
         Command::Run(args) => {
-            if args.flow_capacity == 0 {
-                return Err("--flow-capacity must be at least 1".into());
-            }
-            if args.sweep_interval == 0 {
-                return Err("--sweep-interval must be at least 1 second".into());
-            }
-            let options = RunOptions {
-                manifest: args.manifest,
-                interfaces: args.interfaces,
-                mode: args.mode,
-                bpffs_root: args.bpffs_root,
-                flow_capacity: args.flow_capacity,
-                timeouts: Timeouts {
-                    tcp_open: Duration::from_secs(args.tcp_idle_timeout),
-                    tcp_closed: Duration::from_secs(args.tcp_closed_timeout),
-                    udp: Duration::from_secs(args.udp_idle_timeout),
+            let source = match args.manifest {
+                Some(manifest) => Source::Manifest(manifest),
+                None => Source::Control {
+                    state: NodeState::new(
+                        args.state_dir
+                            .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
+                    ),
+                    join: None,
                 },
-                sweep_interval: Duration::from_secs(args.sweep_interval),
-                stale_pin_age: Duration::from_secs(args.stale_pin_age),
             };
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            runtime.block_on(agent::run(options))?;
+            run_agent(source, args.dataplane)?;
+        }
+        Command::Join(args) => {
+            let node = match args.node {
+                Some(node) => node,
+                None => hostname()?,
+            };
+            let source = Source::Control {
+                state: NodeState::new(args.state_dir),
+                join: Some(JoinSpec {
+                    control: args.control,
+                    token: args.token,
+                    ca_hash: args.ca_hash,
+                    node,
+                    zone: args.zone,
+                }),
+            };
+            run_agent(source, args.dataplane)?;
         }
         Command::Status { output, bpffs_root } => {
             agent::ensure_bpffs(&bpffs_root)?;
@@ -155,4 +201,39 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     Ok(())
+}
+
+fn run_agent(source: Source, args: DataplaneArgs) -> Result<(), Box<dyn std::error::Error>> {
+    if args.flow_capacity == 0 {
+        return Err("--flow-capacity must be at least 1".into());
+    }
+    if args.sweep_interval == 0 {
+        return Err("--sweep-interval must be at least 1 second".into());
+    }
+    let options = RunOptions {
+        source,
+        interfaces: args.interfaces,
+        mode: args.mode,
+        bpffs_root: args.bpffs_root,
+        flow_capacity: args.flow_capacity,
+        timeouts: Timeouts {
+            tcp_open: Duration::from_secs(args.tcp_idle_timeout),
+            tcp_closed: Duration::from_secs(args.tcp_closed_timeout),
+            udp: Duration::from_secs(args.udp_idle_timeout),
+        },
+        sweep_interval: Duration::from_secs(args.sweep_interval),
+        stale_pin_age: Duration::from_secs(args.stale_pin_age),
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(agent::run(options))?;
+    Ok(())
+}
+
+/// The kernel's host name: the default node name, as kubelet's.
+fn hostname() -> Result<String, Box<dyn std::error::Error>> {
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map_err(|e| format!("reading the host name for the node name (pass --node): {e}"))?;
+    Ok(name.trim().to_owned())
 }

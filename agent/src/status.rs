@@ -1,7 +1,11 @@
 //! `sluice-agent status`: what the data plane is doing, read from the pinned
 //! maps alone (it works whether or not the agent is running).
 
-use std::{collections::BTreeMap, fmt::Write as _, net::Ipv4Addr};
+use std::{
+    collections::{BTreeMap, HashMap},
+    fmt::Write as _,
+    net::Ipv4Addr,
+};
 
 use serde::Serialize;
 use sluice_common::{
@@ -173,15 +177,16 @@ pub fn report(pins: &PinDir) -> Result<Report, StatusError> {
 /// Services and backends with their counters, from open maps and the state
 /// read from them.
 pub fn services(maps: &Maps, state: &State) -> Result<Vec<ServiceReport>, StatusError> {
+    // Grouped once: services × backends would be quadratic at cluster scale.
+    let mut by_frontend: HashMap<u32, Vec<_>> = HashMap::new();
+    for (id, b) in &state.backends {
+        by_frontend.entry(b.frontend_id).or_default().push((*id, b));
+    }
     let mut services = Vec::new();
     for (key, f) in &state.frontends {
         let stats = Maps::traffic(&maps.frontend_stats, f.frontend.id, map::FRONTEND_STATS)?;
         let mut backends = Vec::new();
-        for (&id, b) in state
-            .backends
-            .iter()
-            .filter(|(_, b)| b.frontend_id == f.frontend.id)
-        {
+        for &(id, b) in by_frontend.get(&f.frontend.id).into_iter().flatten() {
             backends.push(BackendReport {
                 id,
                 address: ip(b.addr[0]),

@@ -80,7 +80,7 @@ pub const DEFAULT_USER_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600)
 pub const MAX_LEAF_VALIDITY: Duration = CA_VALIDITY;
 /// Certificates start this long before they are issued, so a peer whose clock
 /// is slightly behind still accepts them.
-const CLOCK_SKEW: Duration = Duration::from_secs(5 * 60);
+const CLOCK_SKEW: Duration = sluice_api::pki::BACKDATE;
 /// A client that does not finish the TLS handshake in time is dropped.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 

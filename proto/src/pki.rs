@@ -86,6 +86,61 @@ pub const MAX_NAME_LEN: usize = 253;
 /// (ub-organization-name).
 pub const MAX_GROUP_LEN: usize = 64;
 
+/// Certificates are valid from this long before they are issued, so that a
+/// peer whose clock is a little behind accepts them at once. Renewal is timed
+/// from the issue time ([`issued_at`]), not from `not_before`.
+pub const BACKDATE: Duration = Duration::from_secs(5 * 60);
+
+/// When a certificate valid from `not_before` was issued (see [`BACKDATE`]).
+pub fn issued_at(not_before: SystemTime, not_after: SystemTime) -> SystemTime {
+    not_before
+        .checked_add(BACKDATE)
+        .filter(|issued| *issued <= not_after)
+        .unwrap_or(not_before)
+}
+
+/// If `error` (or one of its causes) is the TLS peer rejecting the
+/// certificate this side presented, the alert it sent: `CertificateExpired`,
+/// `UnknownCA`, `BadCertificate`, `CertificateRevoked`, `DecryptError` (the
+/// proof of key possession did not verify)... The control service answers a
+/// client certificate it does not accept this way, during the handshake,
+/// before any gRPC status can be sent.
+pub fn certificate_rejection(error: &(dyn std::error::Error + 'static)) -> Option<String> {
+    const ABOUT_OUR_CERTIFICATE: &[&str] = &[
+        "CertificateExpired",
+        "CertificateRevoked",
+        "CertificateUnknown",
+        "BadCertificate",
+        "UnsupportedCertificate",
+        "UnknownCA",
+        "AccessDenied",
+        "CertificateRequired",
+        "DecryptError",
+    ];
+    // The transport stack keeps only rustls's message ("received fatal alert:
+    // UnknownCA") by the time it reaches us, not the rustls::Error.
+    const ALERT: &str = "received fatal alert: ";
+    let mut next = Some(error);
+    while let Some(e) = next {
+        // io::Error::source() skips the error it wraps: look inside.
+        let inner = e.downcast_ref::<io::Error>().and_then(|io| io.get_ref());
+        let texts = [Some(e.to_string()), inner.map(|i| i.to_string())];
+        for text in texts.into_iter().flatten() {
+            if let Some(at) = text.find(ALERT) {
+                let alert: String = text[at + ALERT.len()..]
+                    .chars()
+                    .take_while(char::is_ascii_alphanumeric)
+                    .collect();
+                if ABOUT_OUR_CERTIFICATE.contains(&alert.as_str()) {
+                    return Some(alert);
+                }
+            }
+        }
+        next = e.source();
+    }
+    None
+}
+
 /// Bound on connecting to the control service: TCP and the TLS handshake.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// HTTP/2 pings on idle mTLS channels, so a watch on a dead peer ends.

@@ -41,26 +41,28 @@ const POLL: Duration = Duration::from_millis(50);
 /// Lines of the log shown in panic messages.
 const TAIL_LINES: usize = 60;
 
-/// The agent binary: `$SLUICE_AGENT_BIN`, else `sluice-agent` next to the
+/// The agent binary: `$SLUICE_AGENT_BIN`, else `sluice-agent` built next to
+/// the tests (see [`workspace_bin`]).
+pub fn agent_bin() -> PathBuf {
+    workspace_bin("sluice-agent", AGENT_BIN_ENV)
+}
+
+/// A binary of the workspace: `$<env>` if set, else `<name>` next to the
 /// test binary's directory (test binaries live in `target/<profile>/deps/`),
 /// else in it. Panics if there is none.
-pub fn agent_bin() -> PathBuf {
-    if let Some(bin) = env::var_os(AGENT_BIN_ENV) {
+pub fn workspace_bin(name: &str, env: &str) -> PathBuf {
+    if let Some(bin) = env::var_os(env) {
         let bin = PathBuf::from(bin);
-        assert!(
-            bin.is_file(),
-            "{AGENT_BIN_ENV}={} is not a file",
-            bin.display()
-        );
+        assert!(bin.is_file(), "{env}={} is not a file", bin.display());
         return bin;
     }
     let exe = env::current_exe().unwrap_or_else(|e| panic!("cannot find the test binary: {e}"));
     let dir = exe.parent().unwrap_or(Path::new("."));
     let candidates: Vec<PathBuf> = dir
         .parent()
-        .map(|up| up.join("sluice-agent"))
+        .map(|up| up.join(name))
         .into_iter()
-        .chain([dir.join("sluice-agent")])
+        .chain([dir.join(name)])
         .collect();
     candidates
         .iter()
@@ -68,8 +70,8 @@ pub fn agent_bin() -> PathBuf {
         .cloned()
         .unwrap_or_else(|| {
             panic!(
-                "sluice-agent not found (looked at {candidates:?}): build it first: \
-                 cargo build -p sluice-agent (cargo xtask test does this)"
+                "{name} not found (looked at {candidates:?}): build it first: \
+                 cargo build --workspace --exclude sluice-ebpf --bins (cargo xtask test does this)"
             )
         })
 }
@@ -140,18 +142,28 @@ impl Agent {
         interfaces: &[String],
         extra_args: &[&str],
     ) -> Result<Self, StartFailure> {
-        let bin = bin.to_owned();
-        let mut scratch = ScratchDir::new();
-        let mut run_args = vec![
+        let mut args = vec![
             "run".to_owned(),
             "--manifest".to_owned(),
             manifest.display().to_string(),
         ];
         for interface in interfaces {
-            run_args.extend(["--interface".to_owned(), interface.clone()]);
+            args.extend(["--interface".to_owned(), interface.clone()]);
         }
-        run_args.extend(extra_args.iter().map(|&a| a.to_owned()));
-        let bpffs_root = match bpffs_root_arg(extra_args) {
+        args.extend(extra_args.iter().map(|&a| a.to_owned()));
+        Self::try_launch(bin, node, args)
+    }
+
+    /// Starts `sluice-agent <args>` (a `run` or a `join` command line) and
+    /// waits for "data plane ready", like [`Agent::try_start`]. The agent gets
+    /// its own bpffs unless `args` has `--bpffs-root`. [`Agent::restart`]
+    /// runs the same command line again.
+    pub fn try_launch(bin: &Path, node: &Netns, args: Vec<String>) -> Result<Self, StartFailure> {
+        let bin = bin.to_owned();
+        let mut scratch = ScratchDir::new();
+        let mut run_args = args;
+        let given: Vec<&str> = run_args.iter().map(String::as_str).collect();
+        let bpffs_root = match bpffs_root_arg(&given).map(str::to_owned) {
             Some(root) => PathBuf::from(root),
             None => {
                 let root = scratch.mount_bpffs("bpffs");
@@ -394,7 +406,7 @@ fn bpffs_root_arg<'a>(args: &[&'a str]) -> Option<&'a str> {
 }
 
 /// The last `lines` lines of `text`.
-fn tail(text: &str, lines: usize) -> String {
+pub(crate) fn tail(text: &str, lines: usize) -> String {
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
 }

@@ -50,7 +50,9 @@
 
 pub mod agent;
 pub mod clients;
+pub mod cluster;
 pub mod command;
+pub mod control;
 pub mod lab;
 pub mod netns;
 pub mod packet;
@@ -60,7 +62,9 @@ pub mod topology;
 
 pub use agent::{Agent, StartFailure};
 pub use clients::{ClientError, HttpConn, http_get, tally, udp_exchange};
+pub use cluster::{ClusterNode, ClusterTopology};
 pub use command::CommandError;
+pub use control::ControlService;
 pub use netns::{NETNS_PREFIX, Netns, cleanup_stale};
 pub use scratch::ScratchDir;
 pub use servers::{HttpServer, UdpServer};

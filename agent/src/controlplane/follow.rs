@@ -12,8 +12,8 @@ use std::{
 };
 
 use sluice_api::{pki, v1};
-use tokio::{sync::mpsc, time::MissedTickBehavior};
-use tracing::{debug, warn};
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
 
 use super::{ControlClient, ControlError, NodeState, describe};
 
@@ -98,7 +98,7 @@ pub async fn follow(state: NodeState, since: Arc<AtomicU64>, updates: mpsc::Send
             },
             () = updates.closed() => return,
         };
-        let text = describe(&*error);
+        let text = error.explain();
         if error.is_refusal() {
             warn!(error = %text, "the control service refused this node; no longer following its view");
             let _ = updates.send(ViewEvent::Refused(text)).await;
@@ -188,12 +188,12 @@ async fn watch_once(
 }
 
 /// When a certificate valid from `not_before` to `not_after` is renewed: two
-/// thirds into its lifetime.
+/// thirds into its lifetime, counted from when it was issued (certificates
+/// are back-dated by [`pki::BACKDATE`]).
 pub fn renewal_time(not_before: SystemTime, not_after: SystemTime) -> SystemTime {
-    let lifetime = not_after.duration_since(not_before).unwrap_or_default();
-    not_before
-        .checked_add(lifetime / 3 * 2)
-        .unwrap_or(not_after)
+    let issued = pki::issued_at(not_before, not_after);
+    let lifetime = not_after.duration_since(issued).unwrap_or_default();
+    issued.checked_add(lifetime / 3 * 2).unwrap_or(not_after)
 }
 
 /// Renews the node certificate if `now` is past its [`renewal_time`];
@@ -212,24 +212,46 @@ pub async fn renew_if_due(
     Ok(Some(pki::parse_cert(&renewed.cert_pem)?))
 }
 
-/// Keeps the node certificate fresh: checks at start and every
-/// [`CERT_CHECK_INTERVAL`], renewing at two thirds of its lifetime. Runs
-/// until dropped; failures are logged and retried at the next check (a
-/// certificate renewed at two thirds has a third of its life for retries).
-/// New connections pick the new certificate up from `state`; an open watch
-/// is not interrupted.
+/// Keeps the node certificate fresh: renews it at its [`renewal_time`],
+/// looking again at least every [`CERT_CHECK_INTERVAL`] (the file may be
+/// replaced by another process). Runs until dropped; failures are logged and
+/// retried after a backoff (a certificate renewed at two thirds has a third
+/// of its life for retries). New connections pick the new certificate up
+/// from `state`; an open watch is not interrupted.
 pub async fn keep_certificate_fresh(state: NodeState) {
-    let mut ticks = tokio::time::interval(CERT_CHECK_INTERVAL);
-    ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut failures: u32 = 0;
     loop {
-        ticks.tick().await;
-        if let Err(e) = renew_if_due(&state, SystemTime::now()).await {
-            warn!(
-                error = %describe(&e),
-                "cannot renew the node certificate; trying again in {CERT_CHECK_INTERVAL:?}"
-            );
-        }
+        let wait = match renew_if_due(&state, SystemTime::now()).await {
+            Ok(renewed) => {
+                failures = 0;
+                if let Some(cert) = renewed {
+                    info!(serial = %cert.serial, expires = ?cert.not_after, "renewed the node certificate");
+                }
+                next_check(&state, SystemTime::now())
+            }
+            Err(e) => {
+                let delay = backoff_delay(failures.saturating_add(3), random_jitter());
+                failures = failures.saturating_add(1);
+                warn!(error = %describe(&e), "cannot renew the node certificate; trying again in {delay:.1?}");
+                delay
+            }
+        };
+        tokio::time::sleep(wait).await;
     }
+}
+
+/// How long until the certificate in `state` is due, capped at
+/// [`CERT_CHECK_INTERVAL`] (and at least a second, so a certificate that
+/// cannot be read does not spin).
+fn next_check(state: &NodeState, now: SystemTime) -> Duration {
+    let due = state
+        .load()
+        .ok()
+        .and_then(|creds| pki::parse_cert(&creds.cert_pem).ok())
+        .map(|cert| renewal_time(cert.not_before, cert.not_after));
+    due.and_then(|due| due.duration_since(now).ok())
+        .unwrap_or_default()
+        .clamp(Duration::from_secs(1), CERT_CHECK_INTERVAL)
 }
 
 #[cfg(test)]
@@ -276,11 +298,17 @@ mod tests {
     #[test]
     fn renewal_is_due_at_two_thirds() {
         let start = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
-        let end = start + Duration::from_secs(24 * 3600);
+        // 24 h from issue (5 min after not_before): due 16 h after issue.
+        let end = start + pki::BACKDATE + Duration::from_secs(24 * 3600);
         assert_eq!(
             renewal_time(start, end),
-            start + Duration::from_secs(16 * 3600)
+            start + pki::BACKDATE + Duration::from_secs(16 * 3600)
         );
+        // Back-dated as the control service issues them: two thirds of the
+        // time from issue, not from `not_before`.
+        let issued = start + pki::BACKDATE;
+        let end = issued + Duration::from_secs(6);
+        assert_eq!(renewal_time(start, end), issued + Duration::from_secs(4));
         // A certificate whose dates are backwards is due at once.
         assert_eq!(renewal_time(end, start), end);
     }

@@ -43,10 +43,11 @@ mod follow;
 mod state;
 #[cfg(test)]
 mod tests;
+mod view;
 
 use std::path::PathBuf;
 
-use sluice_api::pki::PkiError;
+use sluice_api::pki::{self, PkiError};
 
 pub use client::{ControlClient, join};
 pub use follow::{
@@ -54,6 +55,7 @@ pub use follow::{
     keep_certificate_fresh, renew_if_due, renewal_time,
 };
 pub use state::{Credentials, NodeState};
+pub use view::View;
 
 /// What talking to the control service, or keeping the node's state, can fail with.
 #[derive(Debug, thiserror::Error)]
@@ -103,18 +105,53 @@ impl ControlError {
     /// timeouts) may pass.
     pub fn is_refusal(&self) -> bool {
         match self {
-            ControlError::Status { status, .. } => matches!(
-                status.code(),
-                tonic::Code::PermissionDenied | tonic::Code::Unauthenticated
-            ),
+            ControlError::Status { status, .. } => {
+                matches!(
+                    status.code(),
+                    tonic::Code::PermissionDenied | tonic::Code::Unauthenticated
+                ) || self.certificate_rejected().is_some()
+            }
+            ControlError::Transport { .. } => self.certificate_rejected().is_some(),
             ControlError::NotJoined { .. }
             | ControlError::Corrupt { .. }
             | ControlError::WrongIdentity { .. } => true,
-            ControlError::Io { .. }
-            | ControlError::Pki(_)
-            | ControlError::Transport { .. }
-            | ControlError::AlreadyJoined { .. } => false,
+            ControlError::Io { .. } | ControlError::Pki(_) | ControlError::AlreadyJoined { .. } => {
+                false
+            }
         }
+    }
+
+    /// The TLS alert with which the control service rejected the node's
+    /// certificate in the handshake (expired, unknown CA...), if it did.
+    pub fn certificate_rejected(&self) -> Option<String> {
+        match self {
+            // The status keeps the transport error as its source.
+            ControlError::Status { status, .. } => pki::certificate_rejection(status),
+            other => pki::certificate_rejection(other),
+        }
+    }
+
+    /// This error for the operator: a rejected certificate says what it
+    /// means and what to do.
+    pub fn explain(&self) -> String {
+        let text = describe(self);
+        let Some(alert) = self.certificate_rejected() else {
+            return text;
+        };
+        let meaning = match alert.as_str() {
+            "CertificateExpired" => {
+                "it has expired (the agent was stopped or cut off past its renewal time)"
+            }
+            "UnknownCA" => "it was not issued by this cluster's CA",
+            "DecryptError" => "it does not verify against this cluster's CA",
+            "CertificateRevoked" => "it has been revoked",
+            _ => "it is not accepted",
+        };
+        format!(
+            "the control service rejected this node's certificate: {meaning}. Remove the node \
+             (sluicectl node remove NAME), delete the agent's state directory and join again \
+             with a new token [TLS alert {alert}; {text}]"
+        )
     }
 
     /// A connection failure from `sluice_api::pki` becomes [`ControlError::Transport`];

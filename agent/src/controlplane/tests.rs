@@ -786,19 +786,21 @@ async fn follow_waits_for_a_control_service_that_is_down() {
 async fn an_unknown_node_is_refused_at_the_watch() {
     let server = FakeServer::start(None).await;
     let dir = TempDir::new("unknown");
-    // Credentials from another CA: the TLS layer refuses them, which is a
-    // transport failure (retried)...
+    // Credentials from another CA: the TLS layer refuses them with an alert,
+    // which retrying cannot fix...
     let stranger = TestCa::new();
     let mut creds = stranger.credentials(&server.url, "node-1");
     creds.ca_pem = server.ca.pem();
     dir.state().save_credentials(&creds).unwrap();
     let (tx, mut rx) = mpsc::channel(16);
     let task = tokio::spawn(follow(dir.state(), Arc::new(AtomicU64::new(0)), tx));
-    assert!(matches!(
-        next_event(&mut rx).await,
-        ViewEvent::Disconnected(_)
-    ));
-    drop(rx);
+    match next_event(&mut rx).await {
+        ViewEvent::Refused(why) => {
+            assert!(why.contains("this cluster's CA"), "{why}");
+            assert!(why.contains("TLS alert"), "{why}");
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
     within("follow to end", task).await.unwrap();
 
     // ...while a certificate the server does not accept as a node is refused.

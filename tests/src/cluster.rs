@@ -1,0 +1,227 @@
+//! A cluster in namespaces: a control service, nodes that each serve a client,
+//! and backends every node reaches, on one shared L2 fabric.
+//!
+//! ```text
+//!  client k ns              node k ns (ip_forward=1)        fabric ns: bridge br0
+//! ┌──────────────────┐    ┌──────────────────────────┐    ┌──────────────────────┐
+//! │ c0 198.18.k.2/24 ├────┤ n0 198.18.k.1/24         │    │                      │
+//! │ default via .k.1 │    │ f0 198.19.0.k/24         ├────┤ pn<k>                │
+//! └──────────────────┘    └──────────────────────────┘    │                      │
+//!  control ns: f0 198.19.0.100/24 (sluice-control :7443) ─┤ pctl                 │
+//!  backend i ns: b0 198.19.0.<10+i>/24 ───────────────────┤ pb<i>                │
+//!    routes 198.18.k.0/24 via 198.19.0.k (replies go     └──────────────────────┘
+//!    back through the node that balanced the flow)
+//! ```
+//!
+//! Service VIPs come from [`VIP_CIDR`] and are on no interface: each client
+//! reaches them through its default route, i.e. through its own node. The
+//! agents serve `n0` and `f0`; the control traffic crosses `f0` too, as it
+//! would on a single-NIC host. Every veth pair is created directly across
+//! namespaces, like [`crate::Topology`]'s: nothing appears in the root
+//! namespace. Dropping the cluster deletes every namespace.
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+use crate::{netns::Netns, scratch::ScratchDir};
+
+/// The pool the control service allocates service VIPs from.
+pub const VIP_CIDR: &str = "198.18.100.0/24";
+/// Where the control service listens.
+pub const CONTROL_ADDR: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(198, 19, 0, 100), 7443);
+/// The node interfaces the agents serve.
+pub const NODE_INTERFACES: [&str; 2] = ["n0", "f0"];
+
+/// Backend `i`'s address (1-based): `198.19.0.<10+i>`.
+pub fn backend_addr(i: usize) -> Ipv4Addr {
+    match u8::try_from(10 + i) {
+        Ok(octet @ 11..=99) => Ipv4Addr::new(198, 19, 0, octet),
+        _ => panic!("cluster backends are numbered 1..=89, got {i}"),
+    }
+}
+
+#[derive(Debug)]
+pub struct ClusterNode {
+    /// `node-<k>`: the name it joins with.
+    pub name: String,
+    /// 1-based.
+    pub index: u8,
+    pub ns: Netns,
+    pub client: Netns,
+    /// For the agent's state (identity, saved view).
+    pub scratch: ScratchDir,
+}
+
+impl ClusterNode {
+    /// `198.18.<k>.2`.
+    pub fn client_addr(&self) -> Ipv4Addr {
+        Ipv4Addr::new(198, 18, self.index, 2)
+    }
+
+    /// `198.19.0.<k>`, on the fabric.
+    pub fn fabric_addr(&self) -> Ipv4Addr {
+        Ipv4Addr::new(198, 19, 0, self.index)
+    }
+
+    /// The agent's state directory.
+    pub fn state_dir(&self) -> String {
+        self.scratch.join("state").display().to_string()
+    }
+
+    /// `sluice-agent run --state-dir ...` for this node once joined.
+    pub fn run_args(&self) -> Vec<String> {
+        let mut args = vec!["run".to_owned(), "--state-dir".to_owned(), self.state_dir()];
+        for interface in NODE_INTERFACES {
+            args.extend(["--interface".to_owned(), interface.to_owned()]);
+        }
+        args
+    }
+
+    /// `sluice-agent join ...` for this node, serving [`NODE_INTERFACES`].
+    pub fn join_args(&self, control_url: &str, token: &str, ca_hash: &str) -> Vec<String> {
+        let mut args: Vec<String> = [
+            "join",
+            "--control",
+            control_url,
+            "--token",
+            token,
+            "--ca-hash",
+            ca_hash,
+            "--node",
+            &self.name,
+            "--state-dir",
+            &self.state_dir(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        for interface in NODE_INTERFACES {
+            args.extend(["--interface".to_owned(), interface.to_owned()]);
+        }
+        args
+    }
+}
+
+#[derive(Debug)]
+pub struct FabricBackend {
+    pub ns: Netns,
+    pub addr: Ipv4Addr,
+    pub index: usize,
+}
+
+/// The namespaces and wiring; see the module docs.
+#[derive(Debug)]
+pub struct ClusterTopology {
+    // Dropped in declaration order.
+    pub backends: Vec<FabricBackend>,
+    pub nodes: Vec<ClusterNode>,
+    pub control: Netns,
+    pub fabric: Netns,
+}
+
+impl ClusterTopology {
+    /// `nodes` nodes (1..=9) and `backends` backends (1..=89).
+    pub fn build(nodes: u8, backends: usize) -> Self {
+        assert!((1..=9).contains(&nodes), "1..=9 nodes, not {nodes}");
+        let fabric = Netns::new("fabric");
+        fabric.ip_ok(&["link", "add", "br0", "type", "bridge"]);
+        fabric.ip_ok(&["link", "set", "br0", "up"]);
+        let port = |name: &str, peer_ns: &Netns, peer: &str| {
+            fabric.ip_ok(&[
+                "link",
+                "add",
+                name,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                peer,
+                "netns",
+                peer_ns.name(),
+            ]);
+            fabric.ip_ok(&["link", "set", name, "master", "br0"]);
+            fabric.ip_ok(&["link", "set", name, "up"]);
+        };
+
+        let control = Netns::new("control");
+        port("pctl", &control, "f0");
+        configure(&control, "f0", *CONTROL_ADDR.ip(), None);
+
+        let nodes: Vec<ClusterNode> = (1..=nodes)
+            .map(|index| {
+                let node = ClusterNode {
+                    name: format!("node-{index}"),
+                    index,
+                    ns: Netns::new(&format!("node{index}")),
+                    client: Netns::new(&format!("client{index}")),
+                    scratch: ScratchDir::new(),
+                };
+                node.ns.ip_ok(&[
+                    "link",
+                    "add",
+                    "n0",
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    "c0",
+                    "netns",
+                    node.client.name(),
+                ]);
+                let gateway = Ipv4Addr::new(198, 18, index, 1);
+                configure(&node.ns, "n0", gateway, None);
+                configure(&node.client, "c0", node.client_addr(), Some(gateway));
+                port(&format!("pn{index}"), &node.ns, "f0");
+                configure(&node.ns, "f0", node.fabric_addr(), None);
+                node.ns.enter(|| {
+                    for key in ["net/ipv4/ip_forward", "net/ipv4/conf/all/forwarding"] {
+                        // /proc/sys/net is the calling thread's namespace's.
+                        std::fs::write(format!("/proc/sys/{key}"), "1")
+                            .unwrap_or_else(|e| panic!("enabling forwarding: {e}"));
+                    }
+                });
+                node
+            })
+            .collect();
+
+        let backends = (1..=backends)
+            .map(|index| {
+                let ns = Netns::new(&format!("backend{index}"));
+                let addr = backend_addr(index);
+                port(&format!("pb{index}"), &ns, "b0");
+                configure(&ns, "b0", addr, None);
+                for node in &nodes {
+                    ns.ip_ok(&[
+                        "route",
+                        "add",
+                        &format!("198.18.{}.0/24", node.index),
+                        "via",
+                        &node.fabric_addr().to_string(),
+                    ]);
+                }
+                FabricBackend { ns, addr, index }
+            })
+            .collect();
+
+        ClusterTopology {
+            backends,
+            nodes,
+            control,
+            fabric,
+        }
+    }
+
+    /// Node `k` (1-based).
+    pub fn node(&self, k: usize) -> &ClusterNode {
+        &self.nodes[k - 1]
+    }
+}
+
+/// Puts `addr/24` on `dev` in `ns`, brings it up and, for a host end, routes
+/// everything via `gateway`.
+fn configure(ns: &Netns, dev: &str, addr: Ipv4Addr, gateway: Option<Ipv4Addr>) {
+    ns.ip_ok(&["address", "add", &format!("{addr}/24"), "dev", dev]);
+    ns.ip_ok(&["link", "set", dev, "up"]);
+    if let Some(gateway) = gateway {
+        ns.ip_ok(&["route", "add", "default", "via", &gateway.to_string()]);
+    }
+}
