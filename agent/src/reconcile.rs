@@ -15,7 +15,7 @@
 //! datagram is balanced again instead of being sent to a backend that is gone.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::Ipv4Addr,
 };
 
@@ -363,6 +363,12 @@ pub fn plan(desired: &Desired, current: &State, alloc: &Allocator) -> Result<Pla
     let mut next = current.clone();
     let mut phases = Phases::default();
     let mut retired_ranges = Vec::new();
+    // Backend ids per frontend id, kept up to date below: looking backends up
+    // by scanning them all would make a plan quadratic in the cluster's size.
+    let mut by_frontend: HashMap<u32, Vec<u32>> = HashMap::new();
+    for (&bid, b) in &next.backends {
+        by_frontend.entry(b.frontend_id).or_default().push(bid);
+    }
 
     for (key, gone) in &current.frontends {
         if desired.contains_key(key) {
@@ -375,6 +381,7 @@ pub fn plan(desired: &Desired, current: &State, alloc: &Allocator) -> Result<Pla
         retire_backends(
             &mut next,
             &mut phases,
+            &by_frontend,
             key,
             gone.frontend.id,
             &BTreeSet::new(),
@@ -388,6 +395,8 @@ pub fn plan(desired: &Desired, current: &State, alloc: &Allocator) -> Result<Pla
         next.frontends.remove(key);
     }
 
+    let mut frontend_ids_in_use = next.frontend_ids_in_use();
+    let mut backend_ids_in_use: BTreeSet<u32> = next.backends.keys().copied().collect();
     for (key, want) in desired {
         let existing = next.frontends.get(key).cloned();
         let (id, fresh) = match &existing {
@@ -395,11 +404,12 @@ pub fn plan(desired: &Desired, current: &State, alloc: &Allocator) -> Result<Pla
             None => {
                 let id = alloc
                     .frontend_ids
-                    .allocate(&next.frontend_ids_in_use())
+                    .allocate(&frontend_ids_in_use)
                     .ok_or_else(|| PlanError::FrontendCapacity {
                         service: want.service.clone(),
                         capacity: MAX_FRONTENDS,
                     })?;
+                frontend_ids_in_use.insert(id);
                 (id, true)
             }
         };
@@ -409,11 +419,12 @@ pub fn plan(desired: &Desired, current: &State, alloc: &Allocator) -> Result<Pla
         let mut weights = Vec::with_capacity(want.backends.len());
         for &(address, weight) in &want.backends {
             let addr = u32::from_ne_bytes(address.octets());
-            let known = next
-                .backends
-                .iter()
-                .find(|(_, b)| b.frontend_id == id && b.addr[0] == addr && b.port == target_port)
-                .map(|(&bid, b)| (bid, *b));
+            let known = by_frontend
+                .get(&id)
+                .into_iter()
+                .flatten()
+                .map(|bid| (*bid, next.backends[bid]))
+                .find(|(_, b)| b.addr[0] == addr && b.port == target_port);
             let bid = match known {
                 Some((bid, backend)) => {
                     let wanted = Backend {
@@ -432,14 +443,14 @@ pub fn plan(desired: &Desired, current: &State, alloc: &Allocator) -> Result<Pla
                     bid
                 }
                 None => {
-                    let used: BTreeSet<u32> = next.backends.keys().copied().collect();
-                    let bid = alloc.backend_ids.allocate(&used).ok_or_else(|| {
-                        PlanError::BackendCapacity {
+                    let bid = alloc
+                        .backend_ids
+                        .allocate(&backend_ids_in_use)
+                        .ok_or_else(|| PlanError::BackendCapacity {
                             service: want.service.clone(),
                             address,
                             capacity: MAX_BACKENDS,
-                        }
-                    })?;
+                        })?;
                     let backend = Backend {
                         addr: [addr, 0, 0, 0],
                         port: target_port,
@@ -455,6 +466,8 @@ pub fn plan(desired: &Desired, current: &State, alloc: &Allocator) -> Result<Pla
                         fresh: true,
                     });
                     next.backends.insert(bid, backend);
+                    backend_ids_in_use.insert(bid);
+                    by_frontend.entry(id).or_default().push(bid);
                     bid
                 }
             };
@@ -462,7 +475,7 @@ pub fn plan(desired: &Desired, current: &State, alloc: &Allocator) -> Result<Pla
             weights.push(weight);
         }
         let keep: BTreeSet<u32> = ids.iter().copied().collect();
-        retire_backends(&mut next, &mut phases, key, id, &keep);
+        retire_backends(&mut next, &mut phases, &by_frontend, key, id, &keep);
 
         let table = slot_table(want.algorithm, &ids, &weights);
         let kernel_algorithm = kernel_algorithm(want.algorithm);
@@ -556,17 +569,19 @@ pub fn plan(desired: &Desired, current: &State, alloc: &Allocator) -> Result<Pla
 fn retire_backends(
     next: &mut State,
     phases: &mut Phases,
+    by_frontend: &HashMap<u32, Vec<u32>>,
     key: &FrontendKeyV4,
     id: u32,
     keep: &BTreeSet<u32>,
 ) {
-    let leaving: Vec<(u32, Backend)> = next
-        .backends
-        .iter()
+    let leaving: Vec<(u32, Backend)> = by_frontend
+        .get(&id)
+        .into_iter()
+        .flatten()
+        .filter_map(|bid| next.backends.get(bid).map(|b| (*bid, *b)))
         .filter(|(bid, b)| {
             b.frontend_id == id && b.flags & BACKEND_RETIRED == 0 && !keep.contains(bid)
         })
-        .map(|(&bid, b)| (bid, *b))
         .collect();
     for (bid, backend) in leaving {
         let retired = Backend {

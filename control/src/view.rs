@@ -11,8 +11,9 @@
 //! topology-aware views slot in without changing their callers.
 
 use std::{
-    collections::{BTreeMap, VecDeque},
+    collections::{BTreeMap, HashMap, VecDeque},
     net::Ipv4Addr,
+    sync::Arc,
 };
 
 use sluice_api::v1;
@@ -31,12 +32,13 @@ pub fn compute<'a>(
     endpoints: &[&v1::Endpoint],
 ) -> Frontends {
     let mut out = Frontends::new();
+    let index = EndpointIndex::new(endpoints);
     for service in services {
         let Ok(vip) = service.vip.parse::<Ipv4Addr>() else {
             continue;
         };
         let (namespace, name) = meta_names(service.meta.as_ref());
-        let backends = resolve(service, namespace, endpoints);
+        let backends = resolve(service, namespace, &index);
         for port in &service.ports {
             let target_port = if port.target_port == 0 {
                 port.port
@@ -71,27 +73,73 @@ fn meta_names(meta: Option<&v1::ObjectMeta>) -> (&str, &str) {
     })
 }
 
+/// Endpoints by (namespace, label key, label value), so that resolving every
+/// selector costs what the selectors match rather than services × endpoints.
+pub struct EndpointIndex<'a> {
+    by_label: HashMap<(&'a str, &'a str, &'a str), Vec<&'a v1::Endpoint>>,
+}
+
+impl<'a> EndpointIndex<'a> {
+    pub fn new(endpoints: &[&'a v1::Endpoint]) -> Self {
+        let mut by_label: HashMap<_, Vec<&'a v1::Endpoint>> = HashMap::new();
+        for &endpoint in endpoints {
+            let Some(meta) = endpoint.meta.as_ref() else {
+                continue;
+            };
+            let namespace = meta_names(Some(meta)).0;
+            for (key, value) in &meta.labels {
+                by_label
+                    .entry((namespace, key.as_str(), value.as_str()))
+                    .or_default()
+                    .push(endpoint);
+            }
+        }
+        Self { by_label }
+    }
+
+    /// Endpoints of `namespace` carrying every label of `selector` (which
+    /// must not be empty), ready or not, in no particular order.
+    fn matching(
+        &self,
+        namespace: &str,
+        selector: &std::collections::HashMap<String, String>,
+    ) -> Vec<&'a v1::Endpoint> {
+        // Start from the rarest label; the others filter.
+        let postings: Option<Vec<&Vec<&'a v1::Endpoint>>> = selector
+            .iter()
+            .map(|(k, v)| self.by_label.get(&(namespace, k.as_str(), v.as_str())))
+            .collect();
+        let Some(rarest) = postings.and_then(|p| p.into_iter().min_by_key(|list| list.len()))
+        else {
+            return Vec::new();
+        };
+        rarest
+            .iter()
+            .copied()
+            .filter(|e| {
+                let labels = e.meta.as_ref().map(|m| &m.labels);
+                selector
+                    .iter()
+                    .all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v))
+            })
+            .collect()
+    }
+}
+
 /// A service's backends: static, or ready endpoints matching its selector in
 /// its namespace. Sorted by address, one entry per address (the first
 /// endpoint by name wins), weight 0 read as 1.
 pub fn resolve(
     service: &v1::Service,
     namespace: &str,
-    endpoints: &[&v1::Endpoint],
+    index: &EndpointIndex<'_>,
 ) -> Vec<v1::ViewBackend> {
     let mut by_address: BTreeMap<Ipv4Addr, u32> = BTreeMap::new();
     if !service.selector.is_empty() {
-        let mut matching: Vec<&&v1::Endpoint> = endpoints
-            .iter()
+        let mut matching: Vec<&v1::Endpoint> = index
+            .matching(namespace, &service.selector)
+            .into_iter()
             .filter(|e| e.ready)
-            .filter(|e| meta_names(e.meta.as_ref()).0 == namespace)
-            .filter(|e| {
-                let labels = e.meta.as_ref().map(|m| &m.labels);
-                service
-                    .selector
-                    .iter()
-                    .all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v))
-            })
             .collect();
         matching.sort_by(|a, b| {
             meta_names(a.meta.as_ref())
@@ -175,7 +223,8 @@ pub fn apply(frontends: &mut Frontends, update: &v1::ViewUpdate) {
 /// starts from.
 #[derive(Clone, Debug)]
 pub struct History {
-    updates: VecDeque<(u64, v1::ViewUpdate)>,
+    /// Shared: the state (and this history) is copied for every change.
+    updates: VecDeque<(u64, Arc<v1::ViewUpdate>)>,
     capacity: usize,
 }
 
@@ -192,7 +241,7 @@ impl History {
         if self.updates.len() == self.capacity {
             self.updates.pop_front();
         }
-        self.updates.push_back((from, update));
+        self.updates.push_back((from, Arc::new(update)));
     }
 
     /// The updates that bring a node at `since` to `current`: empty when it is
@@ -202,12 +251,17 @@ impl History {
         if since == current {
             return Some(Vec::new());
         }
+        // A node with nothing gets the view in one snapshot, not every change
+        // since the beginning.
+        if since == 0 {
+            return None;
+        }
         let start = self.updates.iter().position(|(from, _)| *from == since)?;
         Some(
             self.updates
                 .iter()
                 .skip(start)
-                .map(|(_, u)| u.clone())
+                .map(|(_, u)| (**u).clone())
                 .collect(),
         )
     }

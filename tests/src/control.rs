@@ -85,6 +85,11 @@ impl ControlService {
         control
     }
 
+    /// The control service's pid (of the latest start), if it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// `https://<listen>`, the URL agents join.
     pub fn url(&self) -> String {
         format!("https://{}", self.listen)

@@ -53,6 +53,7 @@ pub mod clients;
 pub mod cluster;
 pub mod command;
 pub mod control;
+pub mod control_bench;
 pub mod lab;
 pub mod netns;
 pub mod packet;

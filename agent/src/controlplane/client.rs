@@ -4,6 +4,7 @@
 use std::{future::Future, time::Duration};
 
 use sluice_api::{
+    MAX_MESSAGE_BYTES,
     pki::{self, Identity, KeyAndCsr},
     v1::{self, node_agent_client::NodeAgentClient},
 };
@@ -93,7 +94,9 @@ impl ControlClient {
             "connecting with the node certificate",
         ))?;
         Ok(ControlClient {
-            client: NodeAgentClient::new(channel),
+            client: NodeAgentClient::new(channel)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
             node: creds.node.clone(),
         })
     }

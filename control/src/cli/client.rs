@@ -4,6 +4,7 @@
 use std::path::Path;
 use std::time::Duration;
 
+use sluice_api::MAX_MESSAGE_BYTES;
 use sluice_api::manifest::ObjectKind;
 use sluice_api::v1::{self, cluster_client::ClusterClient, resources_client::ResourcesClient};
 use tonic::transport::Channel;
@@ -35,8 +36,12 @@ impl Client {
             })?;
         Ok(Self {
             server: server.clone(),
-            resources: ResourcesClient::new(channel.clone()),
-            cluster: ClusterClient::new(channel),
+            resources: ResourcesClient::new(channel.clone())
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            cluster: ClusterClient::new(channel)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
         })
     }
 

@@ -1,10 +1,11 @@
 //! `apply`, `get`, `describe` and `delete`: services, endpoints, grants (and nodes, to
 //! read).
 
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::time::SystemTime;
 
-use sluice_api::manifest::{self, Object};
+use sluice_api::manifest::{self, Object, ObjectKind};
 use sluice_api::v1;
 use tonic::Code;
 
@@ -36,24 +37,74 @@ fn set_version(object: &mut v1::Object, version: u64) {
     meta.get_or_insert_default().resource_version = version;
 }
 
+/// Up to this many objects of one kind and namespace are read one by one.
+const GET_EACH_UP_TO: usize = 32;
+
+/// The stored version of each object `objects` names (absent: not stored).
+/// One `List` per kind and namespace rather than a `Get` per object, so that
+/// applying thousands of objects does not cost thousands of round trips; a
+/// caller who may get but not list falls back to `Get`s.
+async fn current_versions<'a>(
+    client: &super::client::Client,
+    objects: &'a [Object],
+) -> Result<HashMap<(ObjectKind, &'a str, &'a str), u64>, CliError> {
+    let mut groups: BTreeMap<(ObjectKind, &str), Vec<&Object>> = BTreeMap::new();
+    for object in objects {
+        groups
+            .entry((object.kind(), object.namespace()))
+            .or_default()
+            .push(object);
+    }
+    let mut versions = HashMap::new();
+    for ((kind, namespace), members) in groups {
+        // A few objects: a Get each beats listing a large namespace.
+        let listed = if members.len() > GET_EACH_UP_TO {
+            Some(client.list(kind, Some(namespace)).await)
+        } else {
+            None
+        };
+        match listed {
+            Some(Ok(stored)) => {
+                let wanted: HashMap<&str, &Object> =
+                    members.iter().map(|o| (o.name(), *o)).collect();
+                for s in stored {
+                    if let Some(object) = wanted.get(s.object.name()) {
+                        versions.insert((kind, namespace, object.name()), s.version);
+                    }
+                }
+            }
+            Some(Err(e)) if e.code() != Some(Code::PermissionDenied) => return Err(e),
+            // Not listed, or not allowed to list.
+            _ => {
+                for object in members {
+                    match client.get(kind, namespace, object.name()).await {
+                        Ok(stored) => {
+                            versions.insert((kind, namespace, object.name()), stored.version);
+                        }
+                        Err(e) if e.code() == Some(Code::NotFound) => {}
+                        // A caller who may update but not read sends no
+                        // version: the server still checks `update`, without
+                        // the concurrency check.
+                        Err(e) if e.code() == Some(Code::PermissionDenied) => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
+        }
+    }
+    Ok(versions)
+}
+
 pub async fn apply(cx: &Context, args: ApplyArgs) -> Result<(), CliError> {
     let ApplyArgs { files, dry_run } = args;
     let objects = load_all(&files)?;
     let client = cx.connect().await?;
 
+    let versions = current_versions(&client, &objects).await?;
     let mut messages = Vec::with_capacity(objects.len());
     for object in &objects {
-        let version = match client
-            .get(object.kind(), object.namespace(), object.name())
-            .await
-        {
-            Ok(stored) => stored.version,
-            Err(e) if e.code() == Some(Code::NotFound) => 0,
-            // A caller who may update but not read sends no version: the server
-            // still checks `update`, without the concurrency check.
-            Err(e) if e.code() == Some(Code::PermissionDenied) => 0,
-            Err(e) => return Err(e),
-        };
+        let key = (object.kind(), object.namespace(), object.name());
+        let version = versions.get(&key).copied().unwrap_or(0);
         let mut message = v1::Object::from(object);
         set_version(&mut message, version);
         messages.push(message);

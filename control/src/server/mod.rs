@@ -24,7 +24,7 @@ use std::{
     time::Duration,
 };
 
-use sluice_api::v1;
+use sluice_api::{MAX_MESSAGE_BYTES, v1};
 use tokio::sync::broadcast;
 use tracing::info;
 
@@ -269,15 +269,21 @@ impl Control {
             .tls_config(tls)?
             .add_service(health_service)
             .add_service(reflection)
-            .add_service(v1::resources_server::ResourcesServer::new(
-                resources::ResourcesApi(self.clone()),
-            ))
-            .add_service(v1::cluster_server::ClusterServer::new(cluster::ClusterApi(
-                self.clone(),
-            )))
-            .add_service(v1::node_agent_server::NodeAgentServer::new(
-                nodes::NodeAgentApi(self.clone()),
-            ))
+            .add_service(
+                v1::resources_server::ResourcesServer::new(resources::ResourcesApi(self.clone()))
+                    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                    .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            )
+            .add_service(
+                v1::cluster_server::ClusterServer::new(cluster::ClusterApi(self.clone()))
+                    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                    .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            )
+            .add_service(
+                v1::node_agent_server::NodeAgentServer::new(nodes::NodeAgentApi(self.clone()))
+                    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                    .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            )
             .serve_with_incoming_shutdown(
                 tokio_stream::wrappers::TcpListenerStream::new(listener),
                 shutdown,

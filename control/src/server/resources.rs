@@ -331,7 +331,7 @@ impl Control {
                 name: format!("{ns}/{}", req.name),
             })?;
         let endpoints: Vec<&v1::Endpoint> = state.endpoints.values().collect();
-        let resolved = view::resolve(&service, &ns, &endpoints);
+        let resolved = view::resolve(&service, &ns, &view::EndpointIndex::new(&endpoints));
         let target = |port: &v1::ServicePort| {
             if port.target_port == 0 {
                 port.port

@@ -2,12 +2,14 @@
 
 /// Bumped whenever a pinned map's key, value or type changes. The agent refuses to
 /// reuse pinned maps of another layout instead of misreading them.
-pub const LAYOUT_VERSION: u32 = 3;
+pub const LAYOUT_VERSION: u32 = 4;
 
 /// Service ports `(VIP, port, protocol)`; each has an id indexing per-frontend arrays.
 pub const MAX_FRONTENDS: u32 = 16_384;
 /// Backend ids are per frontend: one backend address serving two ports is two ids.
-pub const MAX_BACKENDS: u32 = 65_536;
+/// Sized for 10,000 services of 10 endpoints each with room to spare; the
+/// per-CPU statistics cost 24 bytes × this × CPUs of kernel memory.
+pub const MAX_BACKENDS: u32 = 131_072;
 /// Total capacity of the slot array that all frontends' slot tables share.
 pub const SLOT_CAPACITY: u32 = 1 << 20;
 /// A slot table never exceeds this; weights are scaled down proportionally to fit.

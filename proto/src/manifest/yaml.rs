@@ -22,7 +22,18 @@ pub(super) fn read_documents(
 ) -> Result<Vec<(usize, Node)>, ManifestError> {
     let starts = document_starts(text);
     // Snippets would repeat the input inside the cause; our message carries the position.
-    let options = serde_saphyr::options! { with_snippet: false };
+    // A whole cluster (10,000 services with 100,000 endpoints) is one
+    // manifest; the default budget (1,024 documents) is meant for config
+    // files. Alias and nesting limits stay as they are.
+    let options = serde_saphyr::options! {
+        with_snippet: false,
+        budget: serde_saphyr::budget! {
+            max_documents: 1_000_000,
+            max_nodes: 50_000_000,
+            max_events: 200_000_000,
+            max_total_scalar_bytes: 1 << 30,
+        },
+    };
     let roots =
         serde_saphyr::from_multiple_with_options::<Node>(text, options).map_err(|cause| {
             let location = cause.location().filter(|l| l.line() > 0);

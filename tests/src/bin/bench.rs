@@ -1,4 +1,6 @@
-//! `cargo xtask bench`: what one packet costs in Sluice's XDP program.
+//! `cargo xtask bench`: what one packet costs in Sluice's XDP program, and
+//! how fast the control plane programs a cluster (see
+//! `sluice_tests::control_bench`; `--only control|dataplane` runs one part).
 //!
 //! Every row is `BPF_PROG_TEST_RUN` with `repeat` runs on one crafted frame,
 //! in a lab namespace whose routes and neighbours are real, so the figure
@@ -24,6 +26,7 @@ use aya::{
 use serde::Serialize;
 use sluice_common::layout::map;
 use sluice_tests::{
+    control_bench,
     lab::{CLIENT, Lab, backend, with_lab},
     packet::{Spec, TCP_ACK, TCP_SYN},
 };
@@ -47,6 +50,10 @@ struct Args {
     repeat: u32,
     rounds: usize,
     json: PathBuf,
+    only: Option<String>,
+    services: usize,
+    per_service: usize,
+    control_json: PathBuf,
 }
 
 fn args() -> anyhow::Result<Args> {
@@ -54,6 +61,10 @@ fn args() -> anyhow::Result<Args> {
         repeat: 1_000_000,
         rounds: 5,
         json: PathBuf::from("target/bench/dataplane.json"),
+        only: None,
+        services: 10_000,
+        per_service: 10,
+        control_json: PathBuf::from("target/bench/control.json"),
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -62,8 +73,21 @@ fn args() -> anyhow::Result<Args> {
             "--repeat" => args.repeat = value()?.parse().context("--repeat")?,
             "--rounds" => args.rounds = value()?.parse().context("--rounds")?,
             "--json" => args.json = PathBuf::from(value()?),
+            "--control-json" => args.control_json = PathBuf::from(value()?),
+            "--services" => args.services = value()?.parse().context("--services")?,
+            "--per-service" => args.per_service = value()?.parse().context("--per-service")?,
+            "--only" => {
+                let part = value()?;
+                if part != "dataplane" && part != "control" {
+                    bail!("--only takes dataplane or control, not {part:?}");
+                }
+                args.only = Some(part);
+            }
             "-h" | "--help" => {
-                println!("sluice-bench [--repeat N (1000000)] [--rounds R (5)] [--json PATH]");
+                println!(
+                    "sluice-bench [--only dataplane|control] [--repeat N (1000000)] [--rounds R (5)] \
+                     [--json PATH] [--services N (10000)] [--per-service M (10)] [--control-json PATH]"
+                );
                 std::process::exit(0);
             }
             other => bail!("unknown argument {other}"),
@@ -104,14 +128,30 @@ struct Report {
 
 fn main() -> anyhow::Result<()> {
     let args = args()?;
-    let report = with_lab(MANIFEST, |lab| measure(lab, &args))?;
-    print_table(&report);
-    if let Some(dir) = args.json.parent() {
+    if args.only.as_deref() != Some("control") {
+        let report = with_lab(MANIFEST, |lab| measure(lab, &args))?;
+        print_table(&report);
+        write_json(&args.json, &report)?;
+    }
+    if args.only.as_deref() != Some("dataplane") {
+        println!(
+            "\ncontrol plane: apply → every agent programmed (2 joined agents; 1 service, then {} services × {} endpoints)",
+            args.services, args.per_service
+        );
+        let report = control_bench::run(args.services, args.per_service, args.rounds.max(3))?;
+        print!("{}", control_bench::render(&report));
+        write_json(&args.control_json, &report)?;
+    }
+    Ok(())
+}
+
+fn write_json(path: &std::path::Path, report: &impl Serialize) -> anyhow::Result<()> {
+    if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    std::fs::write(&args.json, serde_json::to_string_pretty(&report)?)
-        .with_context(|| format!("writing {}", args.json.display()))?;
-    println!("\nwritten: {}", args.json.display());
+    std::fs::write(path, serde_json::to_string_pretty(report)?)
+        .with_context(|| format!("writing {}", path.display()))?;
+    println!("\nwritten: {}", path.display());
     Ok(())
 }
 
