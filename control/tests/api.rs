@@ -305,7 +305,9 @@ async fn bad_objects_and_bad_vips_are_refused_whole() {
         .await
         .expect_err("outside the pool");
     assert!(
-        status.message().contains("10.1.2.3"),
+        status
+            .message()
+            .contains("Service \"shop/far\": vip: VIP 10.1.2.3 is outside the pool"),
         "{}",
         status.message()
     );

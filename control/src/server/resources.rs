@@ -22,6 +22,7 @@ use crate::{
     rbac::{self, Caller, Resource, Verb},
     store::{Expect, kind},
     view,
+    vip::VipError,
 };
 
 pub struct ResourcesApi(pub Arc<Control>);
@@ -110,7 +111,19 @@ impl Control {
                 let grants = draft.state.grants();
                 let mut results = Vec::with_capacity(parsed.len());
                 for (object, sent) in parsed {
-                    results.push(apply_one(draft, &caller, &grants, &pool, object, sent)?);
+                    let what = object.object_ref();
+                    let applied = apply_one(draft, &caller, &grants, &pool, object, sent).map_err(
+                        |e| match e {
+                            // Name the object and the field, as manifest errors do.
+                            ApiError::Vip(v) if !matches!(v, VipError::Exhausted { .. }) => {
+                                ApiError::Invalid {
+                                    message: format!("{what}: vip: {v}"),
+                                }
+                            }
+                            other => other,
+                        },
+                    )?;
+                    results.push(applied);
                 }
                 Ok(results)
             })
