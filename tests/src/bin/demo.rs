@@ -1,36 +1,528 @@
-//! `cargo xtask demo`: a node balancing a service VIP in the kernel.
+//! `cargo xtask demo`: a cluster balancing a service VIP in the kernel,
+//! driven through the control service.
 //!
-//! Builds a client, a node and three backends in network namespaces (real
-//! HTTP and UDP servers in the backends), starts `sluice-agent` on the node
-//! with agent/manifests/web.yaml, sends real traffic from the client to the
-//! VIP and shows where it went; then changes the manifest live, kills the
-//! agent under an open connection, and prints the agent's own status. Every
-//! namespace, process and pin is removed at the end, also on failure.
+//! Builds a control namespace, two nodes (each serving its own client) and
+//! three backends on a shared fabric (real HTTP and UDP servers in the
+//! backends), all in network namespaces (see `sluice_tests::cluster`). Starts
+//! `sluice-control`, joins a `sluice-agent` on each node with a one-time
+//! token, applies control/manifests/web.yaml with `sluicectl`, sends real
+//! traffic through both nodes to the VIP the control service allocated and
+//! shows where it went; then adds a backend and changes the algorithm live
+//! through the control service, and kills the control service under an open
+//! connection to show that forwarding does not depend on it. Every namespace,
+//! process and pin is removed at the end, also on failure.
 //!
-//! `--nic-like` sets the client and backend ends to `tx off, gro on` (as real
-//! NICs), where the agent picks native XDP instead of TC.
+//! `--standalone` runs the agent alone instead: one node with
+//! agent/manifests/web.yaml, no control service (a live manifest change, UDP
+//! stickiness, `kill -9` of the agent, `sluice-agent status`). `--nic-like`
+//! (which implies `--standalone`) sets its client and backend ends to
+//! `tx off, gro on` (as real NICs), where the agent picks native XDP instead
+//! of TC.
 
 use std::{
     collections::BTreeMap,
-    net::{SocketAddrV4, UdpSocket},
-    process::Command,
+    net::{Ipv4Addr, SocketAddrV4, UdpSocket},
+    process::{Command, Output},
+    thread,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail};
 use sluice_tests::{
-    Agent, HttpConn, HttpServer, Offloads, ScratchDir, Topology, TopologySpec, UdpServer,
-    agent::APPLIED_LINE,
+    Agent, ClusterTopology, ControlService, HttpConn, HttpServer, Netns, Offloads, ScratchDir,
+    Topology, TopologySpec, UdpServer,
+    agent::{APPLIED_LINE, agent_bin},
+    cluster::{CONTROL_ADDR, NODE_INTERFACES, VIP_CIDR},
+    control::node_programmed,
     http_get, tally,
     topology::{backend_addr, vip},
     udp_exchange,
 };
 
 const EXAMPLE: &str = include_str!("../../../agent/manifests/web.yaml");
+/// What `sluicectl apply -f control/manifests/web.yaml` applies.
+const CLUSTER_EXAMPLE: &str = include_str!("../../../control/manifests/web.yaml");
 const TIMEOUT: Duration = Duration::from_secs(3);
+/// Bound on an applied change reaching every node, and on an agent
+/// reconnecting to a restarted control service.
+const PROPAGATION: Duration = Duration::from_secs(20);
+
+const USAGE: &str = "usage: sluice-demo [--standalone] [--nic-like]
+  (no option)   two nodes joined to sluice-control, driven with sluicectl
+  --standalone  one sluice-agent with a manifest file, no control service
+  --nic-like    the standalone demo with NIC-like veth ends (native XDP)";
 
 fn main() -> anyhow::Result<()> {
-    let nic_like = std::env::args().any(|a| a == "--nic-like");
+    let mut standalone_flow = false;
+    let mut nic_like = false;
+    for arg in std::env::args().skip(1) {
+        match arg.as_str() {
+            "--standalone" => standalone_flow = true,
+            "--nic-like" => nic_like = true,
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                return Ok(());
+            }
+            other => bail!("unknown argument {other:?}\n{USAGE}"),
+        }
+    }
+    if standalone_flow || nic_like {
+        standalone(nic_like)
+    } else {
+        cluster()
+    }
+}
+
+/// The default flow: a control service, two joined nodes, `sluicectl`.
+fn cluster() -> anyhow::Result<()> {
+    step(
+        "1",
+        "a control service, two nodes with a client each, and three backends, in namespaces",
+    );
+    // Declared first, dropped last: every namespace goes with it.
+    let topology = ClusterTopology::build(2, 3);
+    let mut http = Vec::new();
+    let mut udp = Vec::new();
+    println!("   control    {CONTROL_ADDR}  sluice-control, on the fabric");
+    for node in &topology.nodes {
+        println!(
+            "   {:<10} {:<17} sluice-agent, serving {} with client {} behind it",
+            node.name,
+            node.fabric_addr(),
+            NODE_INTERFACES.join(" and "),
+            node.client_addr()
+        );
+    }
+    for b in &topology.backends {
+        let name = format!("backend-{}", b.index);
+        http.push(HttpServer::start(&b.ns, b.addr, 8080, &name));
+        udp.push(UdpServer::start(&b.ns, b.addr, 5353, &name));
+        println!("   {name:<10} {:<17} HTTP :8080, UDP :5353", b.addr);
+    }
+    println!(
+        "   service VIPs come from {VIP_CIDR}; they are on no interface: each client \
+         reaches them through its own node"
+    );
+
+    step(
+        "2",
+        "sluice-control: embedded store, cluster CA and first admin made on first start",
+    );
+    let started = Instant::now();
+    let mut control = ControlService::start(&topology.control, CONTROL_ADDR, VIP_CIDR, &[]);
+    let admin_conf = control.admin_conf();
+    println!(
+        "   serving {} (ready in {} ms)",
+        control.url(),
+        started.elapsed().as_millis()
+    );
+    println!(
+        "   data dir   {}",
+        admin_conf
+            .parent()
+            .map_or_else(|| "?".to_owned(), |d| d.display().to_string())
+    );
+    println!(
+        "   admin.conf {}  (sluicectl --config)",
+        admin_conf.display()
+    );
+    println!("   $ sluicectl whoami");
+    print!("{}", indent_by(&ctl(&control, &["whoami"])?, "     "));
+
+    step("3", "both nodes join with a one-time token each");
+    let mut agents: Vec<Agent> = Vec::new();
+    for node in &topology.nodes {
+        let token = ctl_json(&control, &["token", "create", "--ttl", "10m"])?;
+        let field = |name: &str| {
+            token[name]
+                .as_str()
+                .map(str::to_owned)
+                .with_context(|| format!("`sluicectl token create`: no {name} in {token}"))
+        };
+        let (secret, ca_hash) = (field("token")?, field("caHash")?);
+        println!(
+            "   $ sluicectl token create --ttl 10m   # for {}",
+            node.name
+        );
+        let args = node.join_args(&control.url(), &secret, &ca_hash);
+        print_join_command(&node.name, &args, &secret);
+        let started = Instant::now();
+        let agent = Agent::try_launch(&agent_bin(), &node.ns, args)
+            .with_context(|| format!("{} could not join", node.name))?;
+        if !agent.wait_for_log("watching the node's view", 1, PROPAGATION) {
+            bail!(
+                "{} joined but does not watch its view:\n{}",
+                node.name,
+                agent.log()
+            );
+        }
+        println!(
+            "   {} joined, data plane ready in {} ms:",
+            node.name,
+            started.elapsed().as_millis()
+        );
+        for needle in [
+            "joined the cluster",
+            "hook chosen",
+            "watching the node's view",
+        ] {
+            print_log_lines_of(&agent, needle, &node.name);
+        }
+        agents.push(agent);
+    }
+    let names: Vec<&str> = topology.nodes.iter().map(|n| n.name.as_str()).collect();
+
+    step("4", "sluicectl apply -f control/manifests/web.yaml");
+    let out = control.apply("web.yaml", CLUSTER_EXAMPLE);
+    let applied = checked("apply -f control/manifests/web.yaml", &out)?;
+    print!("{}", indent(&applied));
+    for kind in ["services", "endpoints"] {
+        println!("   $ sluicectl get {kind}");
+        print!("{}", indent_by(&ctl(&control, &["get", kind])?, "     "));
+    }
+    let vip = web_vip(&control)?;
+    wait_programmed(&control, &names)?;
+
+    step(
+        "5",
+        "100 HTTP connections through each node to the allocated VIP, round-robin",
+    );
+    for node in &topology.nodes {
+        let spread = spread(&node.client, vip, 100)?;
+        println!("   from {} via {}:", node.client_addr(), node.name);
+        show_indented(&spread, "     ");
+        check_spread(&spread, &[(1, 1), (2, 1)], &node.name)?;
+    }
+    if let Some(curl) = which("curl") {
+        println!("   and with curl from the client namespaces:");
+        for node in &topology.nodes {
+            for _ in 0..2 {
+                let url = format!("http://{vip}/");
+                let out = node.client.exec(&[&curl, "-s", "-m", "3", &url]);
+                if !out.status.success() {
+                    bail!(
+                        "curl {url} from {}'s client failed: {}",
+                        node.name,
+                        out.status
+                    );
+                }
+                println!(
+                    "     {}  curl {url}  ->  {}",
+                    node.client_addr(),
+                    String::from_utf8_lossy(&out.stdout).trim()
+                );
+            }
+        }
+    }
+    println!(
+        "   UDP to {vip}:53; each client socket sticks to a backend, replies come from the VIP:"
+    );
+    let to = SocketAddrV4::new(vip, 53);
+    for node in &topology.nodes {
+        let answers = node.client.enter(|| -> anyhow::Result<Vec<_>> {
+            let mut out = Vec::new();
+            for _ in 0..2 {
+                let socket = UdpSocket::bind((node.client_addr(), 0))?;
+                for _ in 0..2 {
+                    let (body, from) = udp_exchange(&socket, to, TIMEOUT)
+                        .with_context(|| format!("UDP to {to} via {}", node.name))?;
+                    out.push((socket.local_addr()?, body, from));
+                }
+            }
+            Ok(out)
+        })?;
+        for (local, body, from) in &answers {
+            println!("     {local:<18} -> {body:<10} reply from {from}");
+            if from.ip() != vip {
+                bail!("a UDP reply came from {from}, not from the VIP {vip}");
+            }
+        }
+    }
+
+    step(
+        "6",
+        "live update: endpoint web-3 (weight 2) added, algorithm weighted-round-robin",
+    );
+    let update = format!(
+        "{}---\n{}",
+        CLUSTER_EXAMPLE.replace(
+            "algorithm: round-robin ",
+            "algorithm: weighted-round-robin "
+        ),
+        "kind: Endpoint\nname: web-3\nlabels: { app: web }\naddress: 198.19.0.13\nweight: 2\n"
+    );
+    if !update.contains("algorithm: weighted-round-robin ") {
+        bail!("control/manifests/web.yaml has no `algorithm: round-robin ` line to change");
+    }
+    println!("   $ sluicectl apply -f web.yaml   # + web-3, algorithm: weighted-round-robin");
+    let out = control.apply("web-update.yaml", &update);
+    print!("{}", indent(&checked("apply -f web-update.yaml", &out)?));
+    wait_programmed(&control, &names)?;
+    for node in &topology.nodes {
+        let spread = spread(&node.client, vip, 100)?;
+        println!("   from {} via {}:", node.client_addr(), node.name);
+        show_indented(&spread, "     ");
+        check_spread(&spread, &[(1, 1), (2, 1), (3, 2)], &node.name)?;
+    }
+
+    step(
+        "7",
+        "kill -9 the control service while a connection through node-1 is open",
+    );
+    let node1 = topology.node(1);
+    let mut long = node1
+        .client
+        .enter(|| HttpConn::connect(SocketAddrV4::new(vip, 80), TIMEOUT))?;
+    let home = long.get()?;
+    println!("   long-lived connection via node-1 answered by {home}");
+    control.kill9();
+    println!("   sluice-control killed; the nodes forward with the last view they got:");
+    let same = long.get()?;
+    println!("     same connection  -> {same}");
+    if same != home {
+        bail!("the long-lived connection moved from {home} to {same}");
+    }
+    for node in &topology.nodes {
+        let spread = spread(&node.client, vip, 40)?;
+        println!("     40 new connections via {}:", node.name);
+        show_indented(&spread, "       ");
+        check_spread(&spread, &[(1, 1), (2, 1), (3, 2)], &node.name)?;
+    }
+    for (node, agent) in topology.nodes.iter().zip(&agents) {
+        if !agent.wait_for_log("lost the control service", 1, PROPAGATION) {
+            bail!(
+                "{} did not notice the control service went away:\n{}",
+                node.name,
+                agent.log()
+            );
+        }
+        print_log_lines_of(agent, "lost the control service", &node.name);
+    }
+    println!("   $ sluicectl get services");
+    let down = control.sluicectl(&["get", "services"]);
+    if down.status.success() {
+        bail!(
+            "sluicectl get services succeeded with the control service down:\n{}",
+            String::from_utf8_lossy(&down.stdout)
+        );
+    }
+    print!(
+        "{}",
+        indent_by(&String::from_utf8_lossy(&down.stderr), "     ")
+    );
+    println!("     (exit status {})", exit_code(&down));
+
+    let started = Instant::now();
+    control.restart();
+    println!(
+        "   sluice-control restarted on the same data dir, serving again in {} ms",
+        started.elapsed().as_millis()
+    );
+    for (node, agent) in topology.nodes.iter().zip(&agents) {
+        if !agent.wait_for_log("watching the node's view", 2, PROPAGATION) {
+            bail!(
+                "{} did not come back to the control service:\n{}",
+                node.name,
+                agent.log()
+            );
+        }
+        print_last_log_line(agent, "watching the node's view", &node.name);
+    }
+    let again = long.get()?;
+    println!("   the long-lived connection -> {again}");
+    if again != home {
+        bail!("the long-lived connection moved from {home} to {again}");
+    }
+    long.close();
+    wait_programmed(&control, &names)?;
+    println!("   $ sluicectl get nodes");
+    print!("{}", indent_by(&ctl(&control, &["get", "nodes"])?, "     "));
+    println!("   what the nodes reported with it (sluicectl get nodes -o json, traffic):");
+    print_node_traffic(&control)?;
+    println!("   $ sluicectl describe service web");
+    print!(
+        "{}",
+        indent_by(&ctl(&control, &["describe", "service", "web"])?, "     ")
+    );
+
+    step(
+        "8",
+        "clean-up: agents down, servers stopped, control service stopped, namespaces deleted",
+    );
+    drop(agents);
+    drop(http);
+    drop(udp);
+    drop(control);
+    drop(topology);
+    println!("   done");
+    Ok(())
+}
+
+/// `sluicectl <args>` as the admin; stdout, or an error with its output.
+fn ctl(control: &ControlService, args: &[&str]) -> anyhow::Result<String> {
+    checked(&args.join(" "), &control.sluicectl(args))
+}
+
+/// `sluicectl -o json <args>`, parsed.
+fn ctl_json(control: &ControlService, args: &[&str]) -> anyhow::Result<serde_json::Value> {
+    let mut all = vec!["-o", "json"];
+    all.extend_from_slice(args);
+    let out = ctl(control, &all)?;
+    serde_json::from_str(&out).with_context(|| format!("sluicectl {args:?}: not JSON:\n{out}"))
+}
+
+/// sluicectl's stdout if it succeeded, else an error with what it said.
+fn checked(what: &str, out: &Output) -> anyhow::Result<String> {
+    if !out.status.success() {
+        bail!(
+            "sluicectl {what} failed ({}):\n{}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn exit_code(out: &Output) -> String {
+    out.status
+        .code()
+        .map_or_else(|| out.status.to_string(), |c| c.to_string())
+}
+
+/// The VIP the control service allocated to `default/web`.
+fn web_vip(control: &ControlService) -> anyhow::Result<Ipv4Addr> {
+    let service = ctl_json(control, &["get", "service", "web"])?;
+    service["vip"]
+        .as_str()
+        .and_then(|v| v.parse().ok())
+        .with_context(|| format!("no VIP allocated to web: {service}"))
+}
+
+/// Waits until every node in `nodes` applied the view version current now.
+fn wait_programmed(control: &ControlService, nodes: &[&str]) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let listed = ctl_json(control, &["get", "nodes"])?;
+    let desired = listed
+        .as_array()
+        .and_then(|nodes| {
+            nodes
+                .iter()
+                .filter_map(|n| n["desiredVersion"].as_u64())
+                .max()
+        })
+        .unwrap_or(0);
+    loop {
+        let listed = ctl_json(control, &["get", "nodes"])?;
+        if nodes
+            .iter()
+            .all(|name| node_programmed(&listed, name, desired))
+        {
+            println!(
+                "   {} report view version {desired} applied (waited {} ms)",
+                nodes.join(" and "),
+                started.elapsed().as_millis()
+            );
+            return Ok(());
+        }
+        if started.elapsed() >= PROPAGATION {
+            bail!(
+                "the nodes did not apply view version {desired} within {PROPAGATION:?}: {listed}"
+            );
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Fails unless every connection went to a listed backend and the shares
+/// follow the weights (`(backend index, weight)`), within 5% or 2 connections.
+fn check_spread(
+    spread: &BTreeMap<String, usize>,
+    weights: &[(usize, usize)],
+    via: &str,
+) -> anyhow::Result<()> {
+    let total: usize = spread.values().sum();
+    let weight_sum: usize = weights.iter().map(|(_, w)| w).sum();
+    let mut listed = 0;
+    for &(backend, weight) in weights {
+        let got = spread
+            .get(&format!("backend-{backend}"))
+            .copied()
+            .unwrap_or(0);
+        listed += got;
+        let want = total * weight / weight_sum;
+        if got.abs_diff(want) > (total / 20).max(2) {
+            bail!(
+                "via {via}: backend-{backend} got {got} of {total} connections, expected about {want}: {spread:?}"
+            );
+        }
+    }
+    if listed != total {
+        bail!("via {via}: connections went to unexpected backends: {spread:?}");
+    }
+    Ok(())
+}
+
+/// Prints `sluice-agent join ...` one option per line, the token masked.
+fn print_join_command(node: &str, args: &[String], token: &str) {
+    let shown = format!("{}…", token.chars().take(6).collect::<String>());
+    let mut lines = vec![format!("   $ sluice-agent {}", args[0])];
+    for pair in args[1..].chunks(2) {
+        let value = if pair[0] == "--token" {
+            shown.as_str()
+        } else {
+            pair.get(1).map_or("", String::as_str)
+        };
+        lines.push(format!("         {} {value}", pair[0]));
+    }
+    println!("{}", lines.join(" \\\n"));
+    println!("     (in {node}'s namespace; the demo adds --bpffs-root, a private bpffs)");
+}
+
+fn print_last_log_line(agent: &Agent, needle: &str, node: &str) {
+    if let Some(line) = agent.log().lines().rev().find(|l| l.contains(needle)) {
+        println!("   {node}: {}", agent_said(line));
+    }
+}
+
+/// The traffic counters each node reported (`get nodes -o json`, `traffic`).
+fn print_node_traffic(control: &ControlService) -> anyhow::Result<()> {
+    let nodes = ctl_json(control, &["get", "nodes"])?;
+    println!(
+        "     {:<8} {:<22} {:>9} {:>10} {:>10} {:>7}",
+        "NODE", "FRONTEND", "PACKETS", "BYTES", "NEW FLOWS", "ACTIVE"
+    );
+    for node in nodes
+        .as_array()
+        .context("`get nodes -o json`: not a list")?
+    {
+        let name = node["name"].as_str().unwrap_or("?");
+        let traffic = node["traffic"].as_array().cloned().unwrap_or_default();
+        if traffic.is_empty() {
+            println!("     {name:<8} (no traffic reported)");
+        }
+        for t in &traffic {
+            let frontend = format!(
+                "{}:{}/{}",
+                t["vip"].as_str().unwrap_or("?"),
+                t["port"],
+                t["protocol"].as_str().unwrap_or("?")
+            );
+            println!(
+                "     {name:<8} {frontend:<22} {:>9} {:>10} {:>10} {:>7}",
+                t["packets"].to_string(),
+                t["bytes"].to_string(),
+                t["newFlows"].to_string(),
+                t["activeConnections"].to_string()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The standalone flow (`--standalone`): one agent run with
+/// agent/manifests/web.yaml, no control service.
+fn standalone(nic_like: bool) -> anyhow::Result<()> {
     let offloads = if nic_like {
         Offloads::NicLike
     } else {
@@ -85,7 +577,7 @@ fn main() -> anyhow::Result<()> {
     print_log_lines(&agent, "hook chosen");
 
     step("3", "300 HTTP connections to the VIP, round-robin");
-    show(&spread(&topology, 300)?);
+    show(&spread(&topology.client, vip(), 300)?);
     if let Some(curl) = which("curl") {
         println!("   and with curl from the client namespace:");
         for _ in 0..3 {
@@ -105,18 +597,21 @@ fn main() -> anyhow::Result<()> {
         "4",
         "the manifest changes to weighted-round-robin (1:1:2), live",
     );
-    scratch.write(
-        "web.yaml",
+    // Written aside and renamed over it, as editors save: written in place,
+    // the agent could read it truncated (an empty manifest is a valid one).
+    let edited = scratch.write(
+        "web.yaml.new",
         EXAMPLE.replace(
             "algorithm: round-robin ",
             "algorithm: weighted-round-robin ",
         ),
     );
+    std::fs::rename(&edited, &manifest).context("replacing the manifest")?;
     if !agent.wait_for_log(APPLIED_LINE, 2, Duration::from_secs(10)) {
         bail!("the change was not applied:\n{}", agent.log());
     }
     print_log_lines(&agent, "applied manifest");
-    show(&spread(&topology, 200)?);
+    show(&spread(&topology.client, vip(), 200)?);
 
     step(
         "5",
@@ -147,7 +642,7 @@ fn main() -> anyhow::Result<()> {
     agent.kill9();
     println!("   agent killed; the pinned data plane keeps forwarding:");
     println!("     same connection  -> {}", long.get()?);
-    let during = spread(&topology, 40)?;
+    let during = spread(&topology.client, vip(), 40)?;
     println!("     40 new connections while the agent is down:");
     show(&during);
     let started = Instant::now();
@@ -179,35 +674,48 @@ fn step(n: &str, what: &str) {
     println!("\n== {n}. {what}");
 }
 
-fn spread(topology: &Topology, n: usize) -> anyhow::Result<BTreeMap<String, usize>> {
-    let bodies = topology.client.enter(|| -> anyhow::Result<Vec<String>> {
+/// `n` new connections from `client` to `vip:80`; who answered.
+fn spread(client: &Netns, vip: Ipv4Addr, n: usize) -> anyhow::Result<BTreeMap<String, usize>> {
+    let to = SocketAddrV4::new(vip, 80);
+    let bodies = client.enter(|| -> anyhow::Result<Vec<String>> {
         (0..n)
-            .map(|_| http_get(SocketAddrV4::new(vip(), 80), TIMEOUT).map_err(anyhow::Error::from))
+            .map(|i| http_get(to, TIMEOUT).with_context(|| format!("connection {} to {to}", i + 1)))
             .collect()
     })?;
     Ok(tally(bodies))
 }
 
 fn show(spread: &BTreeMap<String, usize>) {
+    show_indented(spread, "   ");
+}
+
+fn show_indented(spread: &BTreeMap<String, usize>, prefix: &str) {
     let total: usize = spread.values().sum();
     for (backend, n) in spread {
         let share = 100.0 * *n as f64 / total as f64;
         println!(
-            "   {backend:<10} {n:>4} connections {share:>5.1}%  {}",
+            "{prefix}{backend:<10} {n:>4} connections {share:>5.1}%  {}",
             "#".repeat(share.round() as usize / 2)
         );
     }
 }
 
 fn print_log_lines(agent: &Agent, needle: &str) {
+    print_log_lines_of(agent, needle, "agent");
+}
+
+/// The agent's log lines with `needle`, each labelled `who`.
+fn print_log_lines_of(agent: &Agent, needle: &str, who: &str) {
     for line in agent.log().lines().filter(|l| l.contains(needle)) {
-        // Drop the timestamp and level; keep what the agent said.
-        let text = strip_ansi(line);
-        let said = text
-            .split_once(": ")
-            .map_or(text.as_str(), |(_, rest)| rest);
-        println!("   agent: {said}");
+        println!("   {who}: {}", agent_said(line));
     }
+}
+
+/// A log line without its timestamp, level and target: what the agent said.
+fn agent_said(line: &str) -> String {
+    let text = strip_ansi(line);
+    text.split_once(": ")
+        .map_or(text.clone(), |(_, rest)| rest.to_owned())
 }
 
 fn strip_ansi(s: &str) -> String {
@@ -228,7 +736,11 @@ fn strip_ansi(s: &str) -> String {
 }
 
 fn indent(text: &str) -> String {
-    text.lines().map(|l| format!("   {l}\n")).collect()
+    indent_by(text, "   ")
+}
+
+fn indent_by(text: &str, prefix: &str) -> String {
+    text.lines().map(|l| format!("{prefix}{l}\n")).collect()
 }
 
 fn which(program: &str) -> Option<String> {
