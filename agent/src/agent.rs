@@ -130,6 +130,11 @@ pub enum AgentError {
     Watch(#[source] notify::Error),
     #[error(transparent)]
     Control(#[from] ControlError),
+    #[error(
+        "{file}: the manifest is empty; the services stay as they are (a file caught while \
+         being rewritten looks like this). To remove every service, leave only a comment in it"
+    )]
+    EmptyManifest { file: String },
 }
 
 /// What one reconcile did, for the log.
@@ -177,6 +182,11 @@ impl Reconciler {
         let hash = fnv1a(text.as_bytes());
         if self.last_applied == Some(hash) {
             return Ok(false);
+        }
+        if text.trim().is_empty() {
+            return Err(AgentError::EmptyManifest {
+                file: source.to_owned(),
+            });
         }
         let manifest = manifest::parse(source, text)?;
         let desired = reconcile::desired(&manifest);
@@ -343,6 +353,9 @@ pub async fn run(options: RunOptions) -> Result<(), AgentError> {
         Source::Manifest(path) => {
             let source = path.display().to_string();
             let text = read_manifest(path)?;
+            if text.trim().is_empty() {
+                return Err(AgentError::EmptyManifest { file: source });
+            }
             manifest::parse(&source, &text)?;
             Some(Initial::Manifest { source, text })
         }

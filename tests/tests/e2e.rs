@@ -427,6 +427,24 @@ fn a_malformed_manifest_changes_nothing() {
                 "{offloads:?}: still all three: {spread:?}"
             );
         }
+        // An empty file (an editor between truncating and writing) is not
+        // "no services".
+        cluster.scratch.write("services.yaml", "");
+        assert!(
+            cluster
+                .agent
+                .wait_for_log("the manifest is empty", 1, Duration::from_secs(10)),
+            "{}",
+            cluster.agent.log()
+        );
+        let spread = cluster.spread(30);
+        for b in 1..=3 {
+            assert_eq!(
+                count(&spread, b),
+                10,
+                "{offloads:?}: empty file: {spread:?}"
+            );
+        }
         // Fixed again: applied.
         cluster.change_manifest(&manifest("round-robin", &[(1, 1), (2, 1)]));
         assert_eq!(count(&cluster.spread(10), 3), 0);
