@@ -8,7 +8,7 @@
 //! same version and both update it cannot both win.
 
 use std::{
-    collections::{BTreeSet, HashSet},
+    collections::{BTreeSet, HashMap, HashSet},
     net::Ipv4Addr,
     sync::Arc,
 };
@@ -109,20 +109,21 @@ impl Control {
         let mut results = self
             .mutate(dry_run, move |draft| {
                 let grants = draft.state.grants();
+                let mut vips = Vips::of(&draft.state);
                 let mut results = Vec::with_capacity(parsed.len());
                 for (object, sent) in parsed {
                     let what = object.object_ref();
-                    let applied = apply_one(draft, &caller, &grants, &pool, object, sent).map_err(
-                        |e| match e {
-                            // Name the object and the field, as manifest errors do.
-                            ApiError::Vip(v) if !matches!(v, VipError::Exhausted { .. }) => {
-                                ApiError::Invalid {
-                                    message: format!("{what}: vip: {v}"),
+                    let applied =
+                        apply_one(draft, &caller, &grants, &pool, &mut vips, object, sent)
+                            .map_err(|e| match e {
+                                // Name the object and the field, as manifest errors do.
+                                ApiError::Vip(v) if !matches!(v, VipError::Exhausted { .. }) => {
+                                    ApiError::Invalid {
+                                        message: format!("{what}: vip: {v}"),
+                                    }
                                 }
-                            }
-                            other => other,
-                        },
-                    )?;
+                                other => other,
+                            })?;
                     results.push(applied);
                 }
                 Ok(results)
@@ -409,11 +410,55 @@ impl Control {
 }
 
 /// Validates, authorizes and drafts one object; returns its outcome.
+/// The VIPs services hold, kept up to date through one apply (rebuilding
+/// them for each service of a large batch would cost services²).
+struct Vips {
+    taken: BTreeSet<Ipv4Addr>,
+    owner: HashMap<Ipv4Addr, (String, String)>,
+}
+
+impl Vips {
+    fn of(state: &super::state::State) -> Self {
+        let mut vips = Vips {
+            taken: BTreeSet::new(),
+            owner: HashMap::new(),
+        };
+        for (key, service) in &state.services {
+            if let Ok(vip) = service.vip.parse() {
+                vips.taken.insert(vip);
+                vips.owner.insert(vip, key.clone());
+            }
+        }
+        vips
+    }
+
+    /// The VIPs of services other than `key`, as far as `addr` is concerned.
+    fn others_at(&self, addr: Ipv4Addr, key: &(String, String)) -> BTreeSet<Ipv4Addr> {
+        match self.owner.get(&addr) {
+            Some(owner) if owner != key => BTreeSet::from([addr]),
+            _ => BTreeSet::new(),
+        }
+    }
+
+    fn assign(&mut self, key: &(String, String), old: Option<Ipv4Addr>, new: Ipv4Addr) {
+        if let Some(old) = old
+            && old != new
+            && self.owner.get(&old) == Some(key)
+        {
+            self.owner.remove(&old);
+            self.taken.remove(&old);
+        }
+        self.taken.insert(new);
+        self.owner.insert(new, key.clone());
+    }
+}
+
 fn apply_one(
     draft: &mut Draft,
     caller: &Caller,
     grants: &[v1::Grant],
     pool: &crate::vip::VipPool,
+    vips: &mut Vips,
     object: manifest::Object,
     sent_version: u64,
 ) -> Result<v1::ApplyResult, ApiError> {
@@ -445,24 +490,19 @@ fn apply_one(
             rbac::check(caller, verb, Resource::Services, Some(&ns), grants)?;
             let expect = check_version(current)?;
             let mut proto = v1::Service::from(s);
-            let used: BTreeSet<Ipv4Addr> = draft
-                .state
-                .services
-                .iter()
-                .filter(|(k, _)| **k != key)
-                .filter_map(|(_, other)| other.vip.parse().ok())
-                .collect();
+            let had = existing.as_ref().and_then(|e| e.vip.parse().ok());
             let vip = match s.vip {
                 Some(requested) => {
-                    pool.check_requested(requested, &used)?;
+                    pool.check_requested(requested, &vips.others_at(requested, &key))?;
                     requested
                 }
                 // Keep the VIP the service has; allocate only for new ones.
-                None => match existing.as_ref().and_then(|e| e.vip.parse().ok()) {
+                None => match had {
                     Some(kept) => kept,
-                    None => pool.allocate(&used)?,
+                    None => pool.allocate(&vips.taken)?,
                 },
             };
+            vips.assign(&key, had, vip);
             proto.vip = vip.to_string();
             if let Some(m) = proto.meta.as_mut() {
                 m.resource_version = current.unwrap_or(0);
