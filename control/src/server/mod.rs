@@ -285,7 +285,18 @@ impl Control {
                     .max_encoding_message_size(MAX_MESSAGE_BYTES),
             )
             .serve_with_incoming_shutdown(
-                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                // Without TCP_NODELAY a small view update can wait for the
+                // peer's delayed ACK (40 ms) behind the previous one.
+                tokio_stream::StreamExt::map(
+                    tokio_stream::wrappers::TcpListenerStream::new(listener),
+                    |accepted| {
+                        accepted.inspect(|stream| {
+                            if let Err(e) = stream.set_nodelay(true) {
+                                tracing::debug!("TCP_NODELAY: {e}");
+                            }
+                        })
+                    },
+                ),
                 shutdown,
             )
             .await?;
