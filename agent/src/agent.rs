@@ -576,6 +576,9 @@ impl ControlLink {
                     since = self.applied.load(Ordering::Acquire),
                     "watching the node's view"
                 );
+                // A restarted control service knows nothing of this node's
+                // progress until told.
+                self.report();
             }
             ViewEvent::Update(update) => {
                 self.view.apply(update);
@@ -661,23 +664,32 @@ async fn report_status(
         let Some(report) = reports.borrow_and_update().clone() else {
             continue;
         };
-        if client.is_none() {
-            client = match state.load() {
-                Ok(creds) => ControlClient::connect(&creds)
-                    .await
-                    .inspect_err(|e| debug!("reporting status: {}", chain(e)))
-                    .ok(),
+        // A connection that failed (the control service restarted) is made
+        // again at once, for one more try.
+        for _attempt in 0..2 {
+            if client.is_none() {
+                client = match state.load() {
+                    Ok(creds) => ControlClient::connect(&creds)
+                        .await
+                        .inspect_err(|e| debug!("reporting status: {}", chain(e)))
+                        .ok(),
+                    Err(e) => {
+                        debug!("reporting status: {}", chain(&e));
+                        None
+                    }
+                };
+            }
+            let Some(c) = client.as_mut() else { break };
+            match c
+                .report(report.applied_version, report.counters.clone())
+                .await
+            {
+                Ok(()) => break,
                 Err(e) => {
                     debug!("reporting status: {}", chain(&e));
-                    None
+                    client = None;
                 }
-            };
-        }
-        if let Some(c) = client.as_mut()
-            && let Err(e) = c.report(report.applied_version, report.counters).await
-        {
-            debug!("reporting status: {}", chain(&e));
-            client = None;
+            }
         }
     }
 }

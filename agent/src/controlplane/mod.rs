@@ -89,7 +89,12 @@ pub enum ControlError {
          cluster (sluicectl node remove <name>), delete {dir} and join with a new token"
     )]
     AlreadyJoined { dir: PathBuf },
-    #[error("this node has not joined a cluster ({dir} holds no identity); join it first")]
+    #[error(
+        "this node has not joined a cluster ({dir} holds no identity): join it first \
+         (sluice-agent join --control URL --token TOKEN --ca-hash HASH, as `sluicectl token \
+         create` prints it), pass the --state-dir it joined with, or run standalone with \
+         --manifest FILE"
+    )]
     NotJoined { dir: PathBuf },
     #[error("{path} is corrupt: {reason}")]
     Corrupt { path: PathBuf, reason: String },
