@@ -812,8 +812,102 @@ type ConnectFuture = Pin<
     >,
 >;
 
+/// How long [`await_verdict`] waits for the server's first word.
+const VERDICT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A session store that only notes that the server sent a TLS 1.3 session
+/// ticket: the server sends tickets once it has accepted the client's
+/// Finished, i.e. after it has judged the client certificate. Sluice does not
+/// resume sessions (every connection is long-lived), so nothing is kept.
+#[derive(Debug, Default)]
+struct TicketSignal {
+    seen: std::sync::atomic::AtomicBool,
+}
+
+impl rustls::client::ClientSessionStore for TicketSignal {
+    fn set_kx_hint(&self, _: ServerName<'static>, _: rustls::NamedGroup) {}
+    fn kx_hint(&self, _: &ServerName<'_>) -> Option<rustls::NamedGroup> {
+        None
+    }
+    fn set_tls12_session(
+        &self,
+        _: ServerName<'static>,
+        _: rustls::client::Tls12ClientSessionValue,
+    ) {
+    }
+    fn tls12_session(&self, _: &ServerName<'_>) -> Option<rustls::client::Tls12ClientSessionValue> {
+        None
+    }
+    fn remove_tls12_session(&self, _: &ServerName<'static>) {}
+    fn insert_tls13_ticket(
+        &self,
+        _: ServerName<'static>,
+        _: rustls::client::Tls13ClientSessionValue,
+    ) {
+        self.seen.store(true, std::sync::atomic::Ordering::Release);
+    }
+    fn take_tls13_ticket(
+        &self,
+        _: &ServerName<'static>,
+    ) -> Option<rustls::client::Tls13ClientSessionValue> {
+        None
+    }
+}
+
+/// TLS 1.3 lets the client finish its handshake before the server has judged
+/// the client's certificate; a rejection (expired, unknown CA, revoked) comes
+/// as an alert just after. If the client sent its request first, the server
+/// may close before the alert is read and the client sees only "broken
+/// pipe", which looks like a network failure and would be retried forever.
+/// So wait, before handing the connection to HTTP/2, for the server's first
+/// records: a session ticket or data means accepted, an alert is returned as
+/// the error it is. Records read here stay buffered in the TLS session.
+async fn await_verdict(
+    tls: &mut tokio_rustls::client::TlsStream<TcpStream>,
+    signal: &TicketSignal,
+) -> io::Result<()> {
+    let deadline = tokio::time::Instant::now() + VERDICT_TIMEOUT;
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let (tcp, session) = tls.get_mut();
+        let accepted = signal.seen.load(std::sync::atomic::Ordering::Acquire)
+            || session
+                .process_new_packets()
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?
+                .plaintext_bytes_to_read()
+                > 0;
+        if accepted {
+            return Ok(());
+        }
+        // No word in time: go ahead; the first call will tell.
+        match tokio::time::timeout_at(deadline, tcp.readable()).await {
+            Err(_elapsed) => return Ok(()),
+            Ok(ready) => ready?,
+        }
+        let n = match tcp.try_read(&mut buf) {
+            Ok(0) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::ConnectionAborted,
+                    "the server closed the connection after the TLS handshake",
+                ));
+            }
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        };
+        let mut fresh = &buf[..n];
+        while !fresh.is_empty() {
+            session.read_tls(&mut fresh)?;
+            session
+                .process_new_packets()
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        }
+    }
+}
+
 /// A connector for `Endpoint::connect_with_connector`: TCP to the target, then
-/// a TLS handshake with `config` (ALPN h2, required).
+/// a TLS handshake with `config` (ALPN h2, required), then the server's
+/// verdict on the client certificate ([`await_verdict`]), if one was sent.
 fn tls_connector(
     target: &Target,
     mut config: ClientConfig,
@@ -825,23 +919,31 @@ fn tls_connector(
 > + Send
 + 'static {
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let presents_certificate = config.client_auth_cert_resolver.has_certs();
+    let config = Arc::new(config);
     let host = target.host.clone();
     let port = target.port;
     let server_name = target.server_name.clone();
     tower::service_fn(move |_uri: Uri| -> ConnectFuture {
-        let connector = connector.clone();
+        // A session store of its own per connection, to see its tickets.
+        let signal = Arc::new(TicketSignal::default());
+        let mut config = (*config).clone();
+        config.resumption = rustls::client::Resumption::store(signal.clone());
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
         let host = host.clone();
         let server_name = server_name.clone();
         Box::pin(async move {
             let tcp = TcpStream::connect((host.as_str(), port)).await?;
             tcp.set_nodelay(true)?;
-            let tls = connector.connect(server_name, tcp).await?;
+            let mut tls = connector.connect(server_name, tcp).await?;
             if tls.get_ref().1.alpn_protocol() != Some(ALPN_H2) {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidData,
                     "the server did not negotiate HTTP/2 (ALPN h2)",
                 ));
+            }
+            if presents_certificate {
+                await_verdict(&mut tls, &signal).await?;
             }
             Ok(TokioIo::new(tls))
         })

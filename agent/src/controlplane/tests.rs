@@ -1,39 +1,33 @@
-//! The node state on disk, and the client against a fake `NodeAgent` server
-//! (tonic, TLS with a throwaway CA made here: `sluice-control` itself is far
-//! too heavy a dependency for the agent's tests).
+//! The node state on disk, and the agent's side of the control plane against
+//! the real control service (`sluice-control`), run in-process on 127.0.0.1
+//! with a data directory and a cluster CA of its own.
 
 #![expect(clippy::unwrap_used, reason = "tests panic on failure")]
 
 use std::{
     fs,
     future::Future,
-    net::SocketAddr,
+    net::{Ipv4Addr, SocketAddr},
     os::unix::fs::PermissionsExt,
     path::Path,
     sync::{
-        Arc, Mutex,
+        Arc,
         atomic::{AtomicU64, Ordering},
     },
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use rcgen::{
-    BasicConstraints, CertificateParams, CertificateSigningRequestParams, CertifiedIssuer,
-    DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, SanType,
-};
 use sluice_api::{
     pki::{self, Identity, PkiError},
-    v1::{
-        self,
-        node_agent_server::{NodeAgent, NodeAgentServer},
-    },
+    v1::{self, cluster_client::ClusterClient, resources_client::ResourcesClient},
 };
-use tokio::{net::TcpListener, sync::mpsc, task::JoinHandle};
-use tonic::{
-    Code, Request, Response, Status,
-    codegen::tokio_stream::wrappers::ReceiverStream,
-    transport::{Certificate, Server, ServerTlsConfig, server::TcpIncoming},
+use sluice_control::{
+    client_config::ClientConfig,
+    pki::ClusterCa,
+    server::{Control, Options},
 };
+use tokio::{runtime::Runtime, sync::mpsc};
+use tonic::{Code, transport::Channel};
 
 use super::*;
 
@@ -86,330 +80,19 @@ fn mode(path: &Path) -> u32 {
     fs::metadata(path).unwrap().permissions().mode() & 0o777
 }
 
-/// Sets a certificate's validity (rcgen takes `time` dates; the epoch plus a
-/// std duration avoids a direct dependency on `time`).
-fn set_validity(params: &mut CertificateParams, from: SystemTime, to: SystemTime) {
-    params.not_before = rcgen::date_time_ymd(1970, 1, 1) + from.duration_since(UNIX_EPOCH).unwrap();
-    params.not_after = rcgen::date_time_ymd(1970, 1, 1) + to.duration_since(UNIX_EPOCH).unwrap();
-}
-
-// ---- A throwaway cluster CA ------------------------------------------------------
-
-struct TestCa {
-    issuer: CertifiedIssuer<'static, KeyPair>,
-}
-
-impl TestCa {
-    fn new() -> Self {
-        let mut params = CertificateParams::default();
-        params.distinguished_name = DistinguishedName::new();
-        params
-            .distinguished_name
-            .push(DnType::CommonName, "test cluster CA");
-        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        TestCa {
-            issuer: CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap(),
-        }
-    }
-
-    fn pem(&self) -> String {
-        self.issuer.pem()
-    }
-
-    fn pin(&self) -> String {
-        pki::ca_pin(&self.pem()).unwrap()
-    }
-
-    /// What the control service's CA issues a node: SAN URI
-    /// `sluice://node/<name>`, client auth, for the CSR's key.
-    fn sign_node(&self, csr_pem: &str, name: &str, validity: (SystemTime, SystemTime)) -> String {
-        let csr = CertificateSigningRequestParams::from_pem(csr_pem).unwrap();
-        let mut params = CertificateParams::default();
-        params.distinguished_name = DistinguishedName::new();
-        params.distinguished_name.push(DnType::CommonName, name);
-        params
-            .distinguished_name
-            .push(DnType::OrganizationName, pki::NODES_ORGANIZATION);
-        params.subject_alt_names = vec![SanType::URI(
-            format!("{}{name}", pki::NODE_URI_PREFIX)
-                .try_into()
-                .unwrap(),
-        )];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        set_validity(&mut params, validity.0, validity.1);
-        params
-            .signed_by(&csr.public_key, &self.issuer)
+/// Credentials for `node` signed by `ca`, as a join would have saved them,
+/// for the tests of the state directory alone.
+fn credentials(ca: &ClusterCa, control: &str, node: &str) -> Credentials {
+    let kc = pki::new_key_and_csr(node).unwrap();
+    Credentials {
+        control: control.to_owned(),
+        node: node.to_owned(),
+        ca_pem: ca.cert_pem(),
+        cert_pem: ca
+            .sign_node(&kc.csr_pem, node, Duration::from_secs(3600))
             .unwrap()
-            .pem()
-    }
-
-    /// The server's chain `[leaf, CA]` (the pinned join channel wants the CA
-    /// last) and key, for 127.0.0.1.
-    fn server_identity(&self) -> tonic::transport::Identity {
-        let key = KeyPair::generate().unwrap();
-        let mut params = CertificateParams::default();
-        params.distinguished_name = DistinguishedName::new();
-        params
-            .distinguished_name
-            .push(DnType::CommonName, "sluice-control");
-        params.subject_alt_names = vec![SanType::IpAddress([127, 0, 0, 1].into())];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        let leaf = params.signed_by(&key, &self.issuer).unwrap();
-        tonic::transport::Identity::from_pem(
-            format!("{}{}", leaf.pem(), self.pem()),
-            key.serialize_pem(),
-        )
-    }
-
-    /// Credentials for `node` as a join would have saved them.
-    fn credentials(&self, control: &str, node: &str) -> Credentials {
-        let kc = pki::new_key_and_csr(node).unwrap();
-        Credentials {
-            control: control.to_owned(),
-            node: node.to_owned(),
-            ca_pem: self.pem(),
-            cert_pem: self.sign_node(&kc.csr_pem, node, valid_for_a_day()),
-            key_pem: kc.key_pem,
-        }
-    }
-}
-
-fn valid_for_a_day() -> (SystemTime, SystemTime) {
-    let now = SystemTime::now();
-    (
-        now - Duration::from_secs(60),
-        now + Duration::from_secs(24 * 3600),
-    )
-}
-
-// ---- A fake NodeAgent server -------------------------------------------------------
-
-/// What the fake saw.
-#[derive(Default)]
-struct Seen {
-    /// (node, zone, token) per Join call.
-    joins: Vec<(String, String, String)>,
-    /// (node, old serial) per RenewCertificate call.
-    renewals: Vec<(String, String)>,
-    /// (node, applied version) per ReportStatus call.
-    reports: Vec<(String, u64)>,
-}
-
-/// A WatchView call, handed to the test to script: send updates on `tx`,
-/// drop it to end the stream, or send an error.
-struct Watch {
-    node: String,
-    /// Serial of the client certificate the watch came with.
-    serial: String,
-    since: u64,
-    tx: mpsc::Sender<Result<v1::ViewUpdate, Status>>,
-}
-
-struct Fake {
-    ca: Arc<TestCa>,
-    /// Answer Join with this refusal.
-    refuse_join: Option<(Code, String)>,
-    /// Validity of the next certificates issued.
-    validity: Arc<Mutex<(SystemTime, SystemTime)>>,
-    seen: Arc<Mutex<Seen>>,
-    watches: mpsc::UnboundedSender<Watch>,
-}
-
-impl Fake {
-    /// The calling node, from its client certificate (the TLS layer checked it
-    /// against the CA), as the real service decides it.
-    fn caller<T>(request: &Request<T>) -> Result<(String, String), Status> {
-        let chain = request
-            .peer_certs()
-            .ok_or_else(|| Status::unauthenticated("no client certificate"))?;
-        match pki::identity_from_chain(&chain) {
-            Ok(pki::CertInfo {
-                identity: Identity::Node { name },
-                serial,
-                ..
-            }) => Ok((name, serial)),
-            _ => Err(Status::unauthenticated("not a node certificate")),
-        }
-    }
-
-    fn issue(&self, csr_pem: &str, node: &str) -> String {
-        let validity = *self.validity.lock().unwrap();
-        self.ca.sign_node(csr_pem, node, validity)
-    }
-}
-
-#[tonic::async_trait]
-impl NodeAgent for Fake {
-    async fn join(
-        &self,
-        request: Request<v1::JoinRequest>,
-    ) -> Result<Response<v1::JoinResponse>, Status> {
-        let v1::JoinRequest {
-            token,
-            node_name,
-            zone,
-            csr_pem,
-        } = request.into_inner();
-        self.seen
-            .lock()
-            .unwrap()
-            .joins
-            .push((node_name.clone(), zone, token));
-        if let Some((code, message)) = &self.refuse_join {
-            return Err(Status::new(*code, message.clone()));
-        }
-        Ok(Response::new(v1::JoinResponse {
-            certificate_pem: self.issue(&csr_pem, &node_name),
-            ca_pem: self.ca.pem(),
-        }))
-    }
-
-    async fn renew_certificate(
-        &self,
-        request: Request<v1::RenewCertificateRequest>,
-    ) -> Result<Response<v1::RenewCertificateResponse>, Status> {
-        let (node, serial) = Self::caller(&request)?;
-        let certificate_pem = self.issue(&request.get_ref().csr_pem, &node);
-        self.seen.lock().unwrap().renewals.push((node, serial));
-        Ok(Response::new(v1::RenewCertificateResponse {
-            certificate_pem,
-        }))
-    }
-
-    type WatchViewStream = ReceiverStream<Result<v1::ViewUpdate, Status>>;
-
-    async fn watch_view(
-        &self,
-        request: Request<v1::WatchViewRequest>,
-    ) -> Result<Response<Self::WatchViewStream>, Status> {
-        let (node, serial) = Self::caller(&request)?;
-        let (tx, rx) = mpsc::channel(16);
-        let watch = Watch {
-            node,
-            serial,
-            since: request.get_ref().since_version,
-            tx,
-        };
-        self.watches
-            .send(watch)
-            .map_err(|_| Status::unavailable("test over"))?;
-        Ok(Response::new(ReceiverStream::new(rx)))
-    }
-
-    async fn report_status(
-        &self,
-        request: Request<v1::ReportStatusRequest>,
-    ) -> Result<Response<v1::ReportStatusResponse>, Status> {
-        let (node, _) = Self::caller(&request)?;
-        let applied = request.get_ref().applied_version;
-        self.seen.lock().unwrap().reports.push((node, applied));
-        Ok(Response::new(v1::ReportStatusResponse {}))
-    }
-}
-
-struct FakeServer {
-    url: String,
-    ca: Arc<TestCa>,
-    validity: Arc<Mutex<(SystemTime, SystemTime)>>,
-    seen: Arc<Mutex<Seen>>,
-    watches: mpsc::UnboundedReceiver<Watch>,
-    task: JoinHandle<()>,
-}
-
-impl Drop for FakeServer {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-impl FakeServer {
-    async fn start(refuse_join: Option<(Code, String)>) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        Self::serve(Arc::new(TestCa::new()), listener, refuse_join)
-    }
-
-    /// Serves on `listener` with TLS (client certificates optional, as for
-    /// the real service: Join has none).
-    fn serve(ca: Arc<TestCa>, listener: TcpListener, refuse_join: Option<(Code, String)>) -> Self {
-        pki::install_crypto_provider();
-        let addr: SocketAddr = listener.local_addr().unwrap();
-        let (watch_tx, watches) = mpsc::unbounded_channel();
-        let seen = Arc::new(Mutex::new(Seen::default()));
-        let validity = Arc::new(Mutex::new(valid_for_a_day()));
-        let fake = Fake {
-            ca: ca.clone(),
-            refuse_join,
-            validity: validity.clone(),
-            seen: seen.clone(),
-            watches: watch_tx,
-        };
-        let tls = ServerTlsConfig::new()
-            .identity(ca.server_identity())
-            .client_ca_root(Certificate::from_pem(ca.pem()))
-            .client_auth_optional(true);
-        let router = Server::builder()
-            .tls_config(tls)
-            .unwrap()
-            .add_service(NodeAgentServer::new(fake));
-        let task = tokio::spawn(async move {
-            router
-                .serve_with_incoming(TcpIncoming::from(listener))
-                .await
-                .unwrap();
-        });
-        FakeServer {
-            url: format!("https://{addr}"),
-            ca,
-            validity,
-            seen,
-            watches,
-            task,
-        }
-    }
-
-    async fn next_watch(&mut self) -> Watch {
-        within("a WatchView call", self.watches.recv())
-            .await
-            .unwrap()
-    }
-
-    fn joins(&self) -> usize {
-        self.seen.lock().unwrap().joins.len()
-    }
-}
-
-async fn joined(server: &FakeServer, dir: &TempDir, node: &str) -> Credentials {
-    within(
-        "join",
-        join(
-            &dir.state(),
-            &server.url,
-            "abc.secret",
-            &server.ca.pin(),
-            node,
-            "zone-a",
-        ),
-    )
-    .await
-    .unwrap()
-}
-
-fn snapshot(version: u64, services: &[&str]) -> v1::ViewUpdate {
-    v1::ViewUpdate {
-        version,
-        snapshot: true,
-        upsert: services.iter().map(|s| frontend(s, 80)).collect(),
-        remove: vec![],
-    }
-}
-
-fn delta(version: u64, service: &str) -> v1::ViewUpdate {
-    v1::ViewUpdate {
-        version,
-        snapshot: false,
-        upsert: vec![frontend(service, 80)],
-        remove: vec![],
+            .pem,
+        key_pem: kc.key_pem,
     }
 }
 
@@ -434,17 +117,6 @@ fn frontend(service: &str, port: u32) -> v1::FrontendView {
     }
 }
 
-async fn next_event(rx: &mut mpsc::Receiver<ViewEvent>) -> ViewEvent {
-    within("a view event", rx.recv()).await.unwrap()
-}
-
-fn expect_update(event: ViewEvent) -> v1::ViewUpdate {
-    match event {
-        ViewEvent::Update(update) => update,
-        other => panic!("expected an update, got {other:?}"),
-    }
-}
-
 // ---- NodeState ---------------------------------------------------------------------
 
 #[test]
@@ -457,8 +129,8 @@ fn credentials_round_trip_with_private_modes() {
     assert!(!state.is_joined());
     assert!(matches!(state.load(), Err(ControlError::NotJoined { .. })));
 
-    let ca = TestCa::new();
-    let creds = ca.credentials("https://control.example:7443", "node-1");
+    let ca = ClusterCa::generate().unwrap();
+    let creds = credentials(&ca, "https://control.example:7443", "node-1");
     state.save_credentials(&creds).unwrap();
     assert!(state.is_joined());
     assert_eq!(state.load().unwrap(), creds);
@@ -481,9 +153,9 @@ fn credentials_round_trip_with_private_modes() {
 fn a_certificate_for_another_node_is_corrupt_state() {
     let dir = TempDir::new("other-node");
     let state = dir.state();
-    let ca = TestCa::new();
-    let mut creds = ca.credentials("https://control.example", "node-1");
-    creds.cert_pem = ca.credentials("https://control.example", "node-2").cert_pem;
+    let ca = ClusterCa::generate().unwrap();
+    let mut creds = credentials(&ca, "https://control.example", "node-1");
+    creds.cert_pem = credentials(&ca, "https://control.example", "node-2").cert_pem;
     state.save_credentials(&creds).unwrap();
     let err = state.load().unwrap_err();
     assert!(matches!(err, ControlError::Corrupt { .. }), "{err:?}");
@@ -527,10 +199,10 @@ fn views_round_trip_and_a_torn_temp_file_is_ignored() {
 fn an_interrupted_renewal_leaves_a_matching_pair() {
     let dir = TempDir::new("swap");
     let state = dir.state();
-    let ca = TestCa::new();
-    let old = ca.credentials("https://control.example", "node-1");
+    let ca = ClusterCa::generate().unwrap();
+    let old = credentials(&ca, "https://control.example", "node-1");
     state.save_credentials(&old).unwrap();
-    let new = ca.credentials("https://control.example", "node-1");
+    let new = credentials(&ca, "https://control.example", "node-1");
 
     // Crashed while staging: the old pair stands, the staged files are ignored.
     fs::write(dir.path("node.key.next"), &new.key_pem[..20]).unwrap();
@@ -544,7 +216,7 @@ fn an_interrupted_renewal_leaves_a_matching_pair() {
     assert_eq!(state.load().unwrap(), new);
 
     // The next renewal completes that swap first, then makes its own.
-    let newest = ca.credentials("https://control.example", "node-1");
+    let newest = credentials(&ca, "https://control.example", "node-1");
     state
         .save_identity(&newest.key_pem, &newest.cert_pem)
         .unwrap();
@@ -554,18 +226,263 @@ fn an_interrupted_renewal_leaves_a_matching_pair() {
     assert_eq!(mode(&dir.path("node.key")), 0o600);
 }
 
-// ---- Against the fake control service ------------------------------------------------
+// ---- The real control service -------------------------------------------------------
+
+/// Any free port on loopback.
+const ANY_PORT: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 0);
+
+/// `sluice-control` on 127.0.0.1, serving from a data directory that outlives
+/// its restarts. It runs in a tokio runtime of its own so that stopping it is
+/// a crash: the runtime's end drops every connection and watch stream at once
+/// and releases the store, as the process dying would (aborting the serve
+/// task would leave tonic's connection tasks, and so the watches, running).
+struct ControlService {
+    data: TempDir,
+    node_cert_ttl: Duration,
+    /// Where it serves, or last served.
+    addr: SocketAddr,
+    url: String,
+    runtime: Option<Runtime>,
+}
+
+impl ControlService {
+    fn start(name: &str) -> Self {
+        Self::start_with_ttl(name, Duration::from_secs(3600))
+    }
+
+    /// With node certificates valid for `node_cert_ttl`.
+    fn start_with_ttl(name: &str, node_cert_ttl: Duration) -> Self {
+        let mut control = ControlService {
+            data: TempDir::new(name),
+            node_cert_ttl,
+            addr: ANY_PORT,
+            url: String::new(),
+            runtime: None,
+        };
+        control.run_at(ANY_PORT);
+        control
+    }
+
+    /// Serves on `addr` from the data directory as it is (a restart, after
+    /// the first time).
+    fn run_at(&mut self, addr: SocketAddr) {
+        assert!(self.runtime.is_none(), "already running");
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        // Whatever the service spawns belongs to its runtime.
+        let _context = runtime.enter();
+        let listener = std::net::TcpListener::bind(addr).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+        self.addr = listener.local_addr().unwrap();
+        let control = Control::open(Options {
+            listen: self.addr,
+            data_dir: self.data.0.clone(),
+            vip_cidr: "198.18.0.0/28".into(),
+            advertise: vec!["127.0.0.1".into()],
+            node_cert_ttl: self.node_cert_ttl,
+            user_cert_ttl: Duration::from_secs(3600),
+        })
+        .unwrap();
+        self.url = control.server_url();
+        runtime.spawn(async move {
+            control
+                .serve(listener, std::future::pending())
+                .await
+                .unwrap();
+        });
+        self.runtime = Some(runtime);
+    }
+
+    /// Stops it abruptly: no goodbye to the clients.
+    async fn stop(&mut self) {
+        let runtime = self.runtime.take().unwrap();
+        // Waiting for the runtime to wind down blocks, so not on this one's threads.
+        tokio::task::spawn_blocking(move || runtime.shutdown_timeout(WAIT))
+            .await
+            .unwrap();
+    }
+
+    /// Stops it and starts it again on the same address.
+    async fn restart(&mut self) {
+        self.stop().await;
+        self.run_at(self.addr);
+    }
+
+    /// The first admin's credentials, which the service wrote at its first start.
+    fn admin(&self) -> ClientConfig {
+        ClientConfig::load(&self.data.path("admin.conf")).unwrap()
+    }
+
+    async fn admin_channel(&self) -> Channel {
+        let admin = self.admin();
+        within(
+            "an admin connection",
+            pki::mtls_channel(&self.url, &admin.ca, &admin.certificate, &admin.key),
+        )
+        .await
+        .unwrap()
+    }
+
+    /// A join token, as `sluicectl token create` gets it.
+    async fn token(&self) -> v1::CreateJoinTokenResponse {
+        let mut cluster = ClusterClient::new(self.admin_channel().await);
+        let request = v1::CreateJoinTokenRequest { ttl_seconds: 0 };
+        within("a join token", cluster.create_join_token(request))
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
+    /// Joins `node` with a fresh token, its identity saved in `dir`.
+    async fn join(&self, dir: &TempDir, node: &str) -> Credentials {
+        let token = self.token().await;
+        join_with(self, dir, &token.token, &token.ca_hash, node)
+            .await
+            .unwrap()
+    }
+
+    /// Creates or replaces the service `shop/web` (port 80 to 8080), with
+    /// static `backends`: a change to every node's view.
+    async fn apply_web(&self, backends: &[&str]) {
+        let service = v1::Service {
+            meta: Some(v1::ObjectMeta {
+                namespace: "shop".into(),
+                name: "web".into(),
+                ..Default::default()
+            }),
+            ports: vec![v1::ServicePort {
+                port: 80,
+                protocol: v1::Protocol::Tcp as i32,
+                target_port: 8080,
+            }],
+            backends: backends
+                .iter()
+                .map(|address| v1::StaticBackend {
+                    address: (*address).into(),
+                    weight: 1,
+                })
+                .collect(),
+            ..Default::default()
+        };
+        let request = v1::ApplyRequest {
+            objects: vec![v1::Object {
+                kind: Some(v1::object::Kind::Service(service)),
+            }],
+            dry_run: false,
+        };
+        let mut resources = ResourcesClient::new(self.admin_channel().await);
+        within("apply", resources.apply(request)).await.unwrap();
+    }
+
+    /// The node as the service knows it.
+    async fn node(&self, name: &str) -> v1::Node {
+        let mut resources = ResourcesClient::new(self.admin_channel().await);
+        let request = v1::GetRequest {
+            kind: v1::Kind::Node as i32,
+            namespace: String::new(),
+            name: name.into(),
+        };
+        let object = within("get the node", resources.get(request))
+            .await
+            .unwrap()
+            .into_inner();
+        match object.kind {
+            Some(v1::object::Kind::Node(node)) => node,
+            other => panic!("not a node: {other:?}"),
+        }
+    }
+
+    /// `sluicectl node remove`.
+    async fn remove_node(&self, name: &str) {
+        let mut cluster = ClusterClient::new(self.admin_channel().await);
+        let request = v1::RemoveNodeRequest { name: name.into() };
+        within("remove the node", cluster.remove_node(request))
+            .await
+            .unwrap();
+    }
+}
+
+impl Drop for ControlService {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+/// The agent's join (in zone `zone-a`), with `token` and the CA `pin`.
+async fn join_with(
+    control: &ControlService,
+    dir: &TempDir,
+    token: &str,
+    pin: &str,
+    node: &str,
+) -> Result<Credentials, ControlError> {
+    let state = dir.state();
+    within(
+        "join",
+        join(&state, &control.url, token, pin, node, "zone-a"),
+    )
+    .await
+}
+
+async fn next_event(rx: &mut mpsc::Receiver<ViewEvent>) -> ViewEvent {
+    within("a view event", rx.recv()).await.unwrap()
+}
+
+fn expect_update(event: ViewEvent) -> v1::ViewUpdate {
+    match event {
+        ViewEvent::Update(update) => update,
+        other => panic!("expected an update, got {other:?}"),
+    }
+}
+
+/// Waits out the retries of a control service that is away, up to the next
+/// connection.
+async fn reconnected(rx: &mut mpsc::Receiver<ViewEvent>) {
+    loop {
+        match next_event(rx).await {
+            ViewEvent::Connected => return,
+            ViewEvent::Disconnected(_) => {}
+            other => panic!("expected a reconnect, got {other:?}"),
+        }
+    }
+}
+
+/// The backends of `shop/web` that `update` sets.
+fn web_backends(update: &v1::ViewUpdate) -> Vec<&str> {
+    let web: Vec<&v1::FrontendView> = update
+        .upsert
+        .iter()
+        .filter(|f| f.service == "shop/web")
+        .collect();
+    assert_eq!(web.len(), 1, "one frontend for shop/web in {update:?}");
+    web[0].backends.iter().map(|b| b.address.as_str()).collect()
+}
+
+// ---- Against the real control service ----------------------------------------------
 
 #[tokio::test]
 async fn join_saves_the_identity_and_refuses_a_second_join() {
-    let server = FakeServer::start(None).await;
+    let control = ControlService::start("join-control");
     let dir = TempDir::new("join");
     let state = dir.state();
-    let creds = joined(&server, &dir, "node-1").await;
+    let token = control.token().await;
+    let creds = join_with(&control, &dir, &token.token, &token.ca_hash, "node-1")
+        .await
+        .unwrap();
 
-    assert_eq!(creds.control, server.url);
+    assert_eq!(creds.control, control.url);
     assert_eq!(creds.node, "node-1");
-    assert_eq!(creds.ca_pem, server.ca.pem(), "the pinned CA is kept");
+    assert_eq!(
+        pki::ca_pin(&creds.ca_pem).unwrap(),
+        token.ca_hash,
+        "the pinned CA is kept"
+    );
     let info = pki::parse_cert(&creds.cert_pem).unwrap();
     assert_eq!(
         info.identity,
@@ -576,91 +493,78 @@ async fn join_saves_the_identity_and_refuses_a_second_join() {
     assert_eq!(state.load().unwrap(), creds);
     assert_eq!(mode(&dir.0), 0o700);
     assert_eq!(mode(&dir.path("node.key")), 0o600);
-    {
-        let seen = server.seen.lock().unwrap();
-        assert_eq!(
-            seen.joins,
-            vec![("node-1".into(), "zone-a".into(), "abc.secret".into())]
-        );
-    }
+    // The service recorded the node, in its zone, with that certificate.
+    let node = control.node("node-1").await;
+    assert_eq!(node.zone, "zone-a");
+    assert_eq!(node.certificate_serial, info.serial);
 
     // The identity works for mTLS: report with it.
     let mut client = within("connect", ControlClient::connect(&creds))
         .await
         .unwrap();
     within("report", client.report(5, vec![])).await.unwrap();
-    assert_eq!(
-        server.seen.lock().unwrap().reports,
-        vec![("node-1".to_owned(), 5)]
-    );
+    let status = control.node("node-1").await.status.unwrap();
+    assert_eq!(status.applied_version, 5);
 
-    // Joining again is refused here, before the token reaches the server.
-    let err = within(
-        "second join",
-        join(
-            &state,
-            &server.url,
-            "def.secret",
-            &server.ca.pin(),
-            "node-1",
-            "zone-a",
-        ),
-    )
-    .await
-    .unwrap_err();
+    // Joining again is refused here, before the token reaches the service...
+    let second = control.token().await;
+    let err = join_with(&control, &dir, &second.token, &second.ca_hash, "node-1")
+        .await
+        .unwrap_err();
     assert!(matches!(err, ControlError::AlreadyJoined { .. }), "{err:?}");
     assert!(err.to_string().contains("sluicectl node remove"), "{err}");
-    assert_eq!(server.joins(), 1);
     assert_eq!(state.load().unwrap(), creds, "the identity is untouched");
+    // ...so the token is still unused: another node joins with it.
+    let other = TempDir::new("join-other");
+    join_with(&control, &other, &second.token, &second.ca_hash, "node-2")
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
 async fn a_refused_join_shows_the_servers_reason() {
-    let reason =
-        "join token refused: already used (node \"node-0\" joined with it); create a new one";
-    let server = FakeServer::start(Some((Code::Unauthenticated, reason.into()))).await;
+    let control = ControlService::start("refused-control");
+    let token = control.token().await;
+    let first = TempDir::new("refused-first");
+    join_with(&control, &first, &token.token, &token.ca_hash, "node-0")
+        .await
+        .unwrap();
+
     let dir = TempDir::new("refused");
-    let err = within(
-        "join",
-        join(
-            &dir.state(),
-            &server.url,
-            "abc.secret",
-            &server.ca.pin(),
-            "node-1",
-            "",
+    for (attempt, reason) in [
+        (
+            token.token.as_str(),
+            "already used (node \"node-0\" joined with it)",
         ),
-    )
-    .await
-    .unwrap_err();
-    match &err {
-        ControlError::Status { status, .. } => {
-            assert_eq!(status.code(), Code::Unauthenticated);
-            assert_eq!(status.message(), reason);
-        }
-        other => panic!("{other:?}"),
+        ("abcdef.0123456789abcdef", "unknown token"),
+    ] {
+        let err = join_with(&control, &dir, attempt, &token.ca_hash, "node-1")
+            .await
+            .unwrap_err();
+        let ControlError::Status { status, .. } = &err else {
+            panic!("{err:?}");
+        };
+        assert_eq!(status.code(), Code::Unauthenticated);
+        assert!(status.message().contains(reason), "{status:?}");
+        // The operator sees the service's whole explanation.
+        assert!(err.to_string().contains(status.message()), "{err}");
+        assert!(!dir.state().is_joined());
+        assert!(!dir.path("node.key").exists(), "nothing saved");
     }
-    assert!(err.to_string().contains(reason), "{err}");
-    assert_eq!(server.joins(), 1);
-    assert!(!dir.state().is_joined());
-    assert!(!dir.path("node.key").exists(), "nothing saved");
 }
 
 #[tokio::test]
 async fn a_wrong_pin_stops_the_join_before_the_token_is_sent() {
-    let server = FakeServer::start(None).await;
+    let control = ControlService::start("pin-control");
+    let token = control.token().await;
     let dir = TempDir::new("pin");
-    let other = TestCa::new();
-    let err = within(
-        "join",
-        join(
-            &dir.state(),
-            &server.url,
-            "abc.secret",
-            &other.pin(),
-            "node-1",
-            "",
-        ),
+    let another_cluster = ClusterCa::generate().unwrap();
+    let err = join_with(
+        &control,
+        &dir,
+        &token.token,
+        &another_cluster.pin(),
+        "node-1",
     )
     .await
     .unwrap_err();
@@ -668,92 +572,106 @@ async fn a_wrong_pin_stops_the_join_before_the_token_is_sent() {
         matches!(err, ControlError::Pki(PkiError::PinMismatch { .. })),
         "{err:?}"
     );
-    assert_eq!(server.joins(), 0, "the server never saw a Join");
     assert!(!dir.state().is_joined());
+
+    // The service never saw the token: with the right pin it still joins.
+    join_with(&control, &dir, &token.token, &token.ca_hash, "node-1")
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
 async fn follow_delivers_resumes_from_the_applied_version_and_stops_when_refused() {
-    let mut server = FakeServer::start(None).await;
+    let mut control = ControlService::start("follow-control");
+    control.apply_web(&["198.19.0.1"]).await;
     let dir = TempDir::new("follow");
-    let creds = joined(&server, &dir, "node-1").await;
-    let first_serial = pki::parse_cert(&creds.cert_pem).unwrap().serial;
+    control.join(&dir, "node-1").await;
 
     let since = Arc::new(AtomicU64::new(0));
     let (tx, mut rx) = mpsc::channel(16);
     let task = tokio::spawn(follow(dir.state(), since.clone(), tx));
 
-    // A snapshot, then a delta.
-    let watch = server.next_watch().await;
-    assert_eq!((watch.node.as_str(), watch.since), ("node-1", 0));
-    assert_eq!(watch.serial, first_serial);
+    // A snapshot, then each change.
     assert!(matches!(next_event(&mut rx).await, ViewEvent::Connected));
-    watch.tx.send(Ok(snapshot(1, &["web/api"]))).await.unwrap();
-    let update = expect_update(next_event(&mut rx).await);
-    assert_eq!((update.version, update.snapshot), (1, true));
-    since.store(1, Ordering::Release); // applied
-    watch.tx.send(Ok(delta(2, "web/dns"))).await.unwrap();
-    let update = expect_update(next_event(&mut rx).await);
-    assert_eq!((update.version, update.snapshot), (2, false));
-    // Version 2 is delivered but not applied yet when the stream drops.
-
-    // An open watch survives a certificate renewal.
-    let mut client = within("connect", ControlClient::connect(&creds))
-        .await
-        .unwrap();
-    let renewed = within("renew", client.renew(&dir.state())).await.unwrap();
-    let renewed_serial = pki::parse_cert(&renewed.cert_pem).unwrap().serial;
-    assert_ne!(renewed_serial, first_serial);
-    watch.tx.send(Ok(delta(3, "web/a"))).await.unwrap();
-    assert_eq!(expect_update(next_event(&mut rx).await).version, 3);
-
-    // The server ends the stream: reconnect, from the applied version, with
-    // the renewed certificate.
-    drop(watch);
+    let first = expect_update(next_event(&mut rx).await);
+    assert!(first.snapshot, "{first:?}");
+    assert_eq!(web_backends(&first), ["198.19.0.1"]);
+    since.store(first.version, Ordering::Release); // applied
+    control.apply_web(&["198.19.0.1", "198.19.0.2"]).await;
+    let second = expect_update(next_event(&mut rx).await);
+    assert_eq!(
+        (second.version, second.snapshot),
+        (first.version + 1, false)
+    );
+    assert_eq!(web_backends(&second), ["198.19.0.1", "198.19.0.2"]);
+    // The second is delivered but not applied when the control service
+    // crashes; a third change is made while the node cannot reach it (the
+    // service runs on another port meanwhile).
+    let addr = control.addr;
+    control.stop().await;
     match next_event(&mut rx).await {
-        ViewEvent::Disconnected(why) => {
-            assert!(why.contains("ended the watch"), "{why}");
-            assert!(why.contains("reconnecting in"), "{why}");
-        }
+        ViewEvent::Disconnected(why) => assert!(why.contains("reconnecting in"), "{why}"),
         other => panic!("{other:?}"),
     }
-    let watch = server.next_watch().await;
-    assert_eq!(watch.since, 1, "resumes from the applied version");
-    assert_eq!(watch.serial, renewed_serial, "the new certificate is used");
-    assert!(matches!(next_event(&mut rx).await, ViewEvent::Connected));
-    // The server resends what follows version 1; what was delivered already
-    // is not delivered twice.
-    for update in [delta(2, "web/dns"), delta(3, "web/a"), delta(4, "web/b")] {
-        watch.tx.send(Ok(update)).await.unwrap();
-    }
-    assert_eq!(expect_update(next_event(&mut rx).await).version, 4);
+    control.run_at(ANY_PORT);
+    control.apply_web(&["198.19.0.2"]).await;
+    control.stop().await;
+    control.run_at(addr);
 
-    // Removed from the cluster: refused, and the loop ends.
-    let removed = "node \"node-1\" was removed from the cluster; its certificate is revoked";
-    watch
-        .tx
-        .send(Err(Status::permission_denied(removed)))
-        .await
-        .unwrap();
+    // Back, watching from the applied version: the service replays what
+    // followed it, the second (which follow drops: it was delivered) and the
+    // third, and sends no snapshot.
+    reconnected(&mut rx).await;
+    let third = expect_update(next_event(&mut rx).await);
+    assert_eq!((third.version, third.snapshot), (second.version + 1, false));
+    assert_eq!(web_backends(&third), ["198.19.0.2"]);
+    since.store(third.version, Ordering::Release);
+
+    // A restart that missed nothing resends nothing: the next update is the
+    // next change.
+    control.restart().await;
+    reconnected(&mut rx).await;
+    control.apply_web(&["198.19.0.3"]).await;
+    let fourth = expect_update(next_event(&mut rx).await);
+    assert_eq!(
+        (fourth.version, fourth.snapshot),
+        (third.version + 1, false)
+    );
+    assert_eq!(web_backends(&fourth), ["198.19.0.3"]);
+
+    // Removed from the cluster: refused, and the loop ends...
+    control.remove_node("node-1").await;
     match next_event(&mut rx).await {
-        ViewEvent::Refused(why) => assert!(why.contains(removed), "{why}"),
+        ViewEvent::Refused(why) => {
+            assert!(
+                why.contains("node \"node-1\" was removed from the cluster"),
+                "{why}"
+            );
+        }
         other => panic!("{other:?}"),
     }
     within("follow to end", task).await.unwrap();
     assert!(rx.recv().await.is_none());
+
+    // ...and following again is refused at once.
+    let (tx, mut rx) = mpsc::channel(16);
+    let task = tokio::spawn(follow(dir.state(), since, tx));
+    match next_event(&mut rx).await {
+        ViewEvent::Refused(why) => {
+            assert!(why.contains("not a member of this cluster"), "{why}");
+        }
+        other => panic!("{other:?}"),
+    }
+    within("follow to end", task).await.unwrap();
 }
 
 #[tokio::test]
 async fn follow_waits_for_a_control_service_that_is_down() {
-    // Take a free port, then leave it closed until the server starts.
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    drop(listener);
-    let ca = Arc::new(TestCa::new());
+    let mut control = ControlService::start("down-control");
+    control.apply_web(&["198.19.0.1"]).await;
     let dir = TempDir::new("down");
-    dir.state()
-        .save_credentials(&ca.credentials(&format!("https://{addr}"), "node-1"))
-        .unwrap();
+    control.join(&dir, "node-1").await;
+    control.stop().await;
 
     let (tx, mut rx) = mpsc::channel(16);
     let task = tokio::spawn(follow(dir.state(), Arc::new(AtomicU64::new(0)), tx));
@@ -765,35 +683,76 @@ async fn follow_waits_for_a_control_service_that_is_down() {
             other => panic!("{other:?}"),
         }
     }
-    let mut server = FakeServer::serve(ca, TcpListener::bind(addr).await.unwrap(), None);
-    loop {
-        match next_event(&mut rx).await {
-            ViewEvent::Connected => break,
-            ViewEvent::Disconnected(_) => {}
-            other => panic!("{other:?}"),
-        }
-    }
-    let watch = server.next_watch().await;
-    watch.tx.send(Ok(snapshot(9, &["web/api"]))).await.unwrap();
-    assert_eq!(expect_update(next_event(&mut rx).await).version, 9);
+    control.run_at(control.addr);
+    reconnected(&mut rx).await;
+    let update = expect_update(next_event(&mut rx).await);
+    assert!(update.snapshot, "{update:?}");
+    assert_eq!(web_backends(&update), ["198.19.0.1"]);
 
     // The consumer goes away: follow ends.
     drop(rx);
     within("follow to end", task).await.unwrap();
 }
 
+/// A node of `another` cluster, pointed at `control` (whose CA it trusts,
+/// so the only thing wrong is its certificate): follows from `dir`.
+async fn a_stranger(
+    control: &ControlService,
+    another: &ControlService,
+    dir: &TempDir,
+) -> (mpsc::Receiver<ViewEvent>, tokio::task::JoinHandle<()>) {
+    another.join(dir, "node-1").await;
+    fs::write(dir.path("ca.crt"), control.admin().ca).unwrap();
+    fs::write(dir.path("control"), format!("{}\n", control.url)).unwrap();
+    let (tx, rx) = mpsc::channel(16);
+    let task = tokio::spawn(follow(dir.state(), Arc::new(AtomicU64::new(0)), tx));
+    (rx, task)
+}
+
 #[tokio::test]
 async fn an_unknown_node_is_refused_at_the_watch() {
-    let server = FakeServer::start(None).await;
+    let control = ControlService::start("unknown-control");
+    let another = ControlService::start("unknown-another");
     let dir = TempDir::new("unknown");
-    // Credentials from another CA: the TLS layer refuses them with an alert,
-    // which retrying cannot fix...
-    let stranger = TestCa::new();
-    let mut creds = stranger.credentials(&server.url, "node-1");
-    creds.ca_pem = server.ca.pem();
-    dir.state().save_credentials(&creds).unwrap();
-    let (tx, mut rx) = mpsc::channel(16);
-    let task = tokio::spawn(follow(dir.state(), Arc::new(AtomicU64::new(0)), tx));
+    // A certificate from another CA never gets a watch: the TLS layer
+    // refuses it (whether the agent learns why is the next test).
+    let (mut rx, task) = a_stranger(&control, &another, &dir).await;
+    match next_event(&mut rx).await {
+        ViewEvent::Refused(_) | ViewEvent::Disconnected(_) => {}
+        other => panic!("a foreign certificate got through: {other:?}"),
+    }
+    drop(rx);
+    within("follow to end", task).await.unwrap();
+
+    // A certificate of this cluster that is not a node's (the first
+    // admin's) is refused by the service, and retrying cannot help.
+    let admin = control.admin();
+    let user = Credentials {
+        control: control.url.clone(),
+        node: "admin".into(),
+        ca_pem: admin.ca,
+        cert_pem: admin.certificate,
+        key_pem: admin.key,
+    };
+    let mut client = within("connect", ControlClient::connect(&user))
+        .await
+        .unwrap();
+    let err = within("watch", client.watch(0)).await.unwrap_err();
+    assert!(err.is_refusal(), "{err:?}");
+    assert!(err.to_string().contains("this call is for nodes"), "{err}");
+}
+
+/// The TLS alert that refuses the certificate is what tells the agent that
+/// retrying cannot help. TLS 1.3 sends it after the client has finished its
+/// side of the handshake; the connector waits for the server's verdict
+/// before the first request (`sluice_api::pki`), so that a request racing
+/// the alert ("broken pipe") cannot hide it.
+#[tokio::test]
+async fn a_certificate_from_another_ca_is_refused_with_an_explanation() {
+    let control = ControlService::start("stranger-control");
+    let another = ControlService::start("stranger-another");
+    let dir = TempDir::new("stranger");
+    let (mut rx, task) = a_stranger(&control, &another, &dir).await;
     match next_event(&mut rx).await {
         ViewEvent::Refused(why) => {
             assert!(why.contains("this cluster's CA"), "{why}");
@@ -802,44 +761,28 @@ async fn an_unknown_node_is_refused_at_the_watch() {
         other => panic!("expected a refusal, got {other:?}"),
     }
     within("follow to end", task).await.unwrap();
-
-    // ...while a certificate the server does not accept as a node is refused.
-    let mut user = server.ca.credentials(&server.url, "node-1");
-    let kc = pki::new_key_and_csr("node-1").unwrap();
-    user.cert_pem = {
-        let csr = CertificateSigningRequestParams::from_pem(&kc.csr_pem).unwrap();
-        let mut params = CertificateParams::default();
-        params.subject_alt_names = vec![SanType::URI("sluice://user/node-1".try_into().unwrap())];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        params
-            .signed_by(&csr.public_key, &server.ca.issuer)
-            .unwrap()
-            .pem()
-    };
-    user.key_pem = kc.key_pem;
-    let mut client = within("connect", ControlClient::connect(&user))
-        .await
-        .unwrap();
-    let err = within("watch", client.watch(0)).await.unwrap_err();
-    assert!(err.is_refusal(), "{err:?}");
-    assert!(err.to_string().contains("not a node certificate"), "{err}");
 }
 
 #[tokio::test]
 async fn certificates_are_renewed_at_two_thirds_of_their_life() {
-    let server = FakeServer::start(None).await;
+    // Node certificates live 2 s: due 1.33 s after they are issued.
+    let mut control = ControlService::start_with_ttl("renew-control", Duration::from_secs(2));
+    control.apply_web(&["198.19.0.1"]).await;
     let dir = TempDir::new("renew");
     let state = dir.state();
-    // A certificate two hours into a life of two and a half hours: due.
-    let now = SystemTime::now();
-    *server.validity.lock().unwrap() = (
-        now - Duration::from_secs(2 * 3600),
-        now + Duration::from_secs(1800),
-    );
-    let old = joined(&server, &dir, "node-1").await;
-    *server.validity.lock().unwrap() = valid_for_a_day();
+    let old = control.join(&dir, "node-1").await;
+    let old_cert = pki::parse_cert(&old.cert_pem).unwrap();
+    let due = renewal_time(old_cert.not_before, old_cert.not_after);
 
-    let task = tokio::spawn(keep_certificate_fresh(state.clone()));
+    // A watch opened with the old certificate.
+    let (tx, mut rx) = mpsc::channel(16);
+    let follower = tokio::spawn(follow(state.clone(), Arc::new(AtomicU64::new(0)), tx));
+    assert!(matches!(next_event(&mut rx).await, ViewEvent::Connected));
+    expect_update(next_event(&mut rx).await);
+
+    // Left running to the end: with a life of 2 s, the node's certificate
+    // must keep being renewed for the rest of the test.
+    let renewer = tokio::spawn(keep_certificate_fresh(state.clone()));
     let renewed = within("renewal", async {
         loop {
             let creds = state.load().unwrap();
@@ -850,25 +793,45 @@ async fn certificates_are_renewed_at_two_thirds_of_their_life() {
         }
     })
     .await;
-    task.abort();
+    assert!(SystemTime::now() >= due, "renewed when due, not before");
     assert_ne!(renewed.key_pem, old.key_pem, "a new key");
     assert_eq!(mode(&dir.path("node.key")), 0o600);
-    let old_serial = pki::parse_cert(&old.cert_pem).unwrap().serial;
-    assert_eq!(
-        server.seen.lock().unwrap().renewals,
-        vec![("node-1".to_owned(), old_serial)],
-        "renewed over mTLS with the old certificate"
-    );
-    // The new one is far from due.
+    // Renewed over mTLS with the old certificate, as node-1: the service
+    // has replaced it.
+    let node = control.node("node-1").await;
+    assert_ne!(node.certificate_serial, old_cert.serial);
+    // The new certificate was not due when the old one was.
     assert!(
-        within("check", renew_if_due(&state, SystemTime::now()))
+        within("check", renew_if_due(&state, due))
             .await
             .unwrap()
             .is_none()
     );
-    // And it works.
-    let mut client = within("connect", ControlClient::connect(&renewed))
-        .await
-        .unwrap();
-    within("report", client.report(1, vec![])).await.unwrap();
+
+    // The open watch keeps delivering.
+    control.apply_web(&["198.19.0.2"]).await;
+    let update = expect_update(next_event(&mut rx).await);
+    assert_eq!(web_backends(&update), ["198.19.0.2"]);
+
+    // Once the old certificate is refused (expired, or retired by the next
+    // renewal), a new connection still gets through: it uses the new one.
+    within("the old certificate to be refused", async {
+        loop {
+            let refused = match ControlClient::connect(&old).await {
+                Ok(mut client) => client.watch(0).await.err(),
+                Err(e) => Some(e),
+            };
+            if refused.is_some_and(|e| e.is_refusal()) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    control.restart().await;
+    reconnected(&mut rx).await;
+
+    renewer.abort();
+    drop(rx);
+    within("follow to end", follower).await.unwrap();
 }
