@@ -20,8 +20,11 @@ use std::{
 };
 
 use sluice_common::{
-    layout::{MAX_BACKENDS, MAX_FRONTENDS, MAX_SLOTS_PER_FRONTEND, SLOT_CAPACITY},
-    slots,
+    layout::{
+        MAGLEV_DEFAULT_TABLE_SIZE, MAX_BACKENDS, MAX_FRONTENDS, MAX_SLOTS_PER_FRONTEND,
+        SLOT_CAPACITY,
+    },
+    maglev, slots,
     types::{
         BACKEND_RETIRED, Backend, FAMILY_V4, Frontend, FrontendKeyV4, FrontendMeta, IPPROTO_UDP,
         algorithm, fixed_name,
@@ -287,14 +290,22 @@ pub fn kernel_algorithm(a: Algorithm) -> u32 {
         Algorithm::WeightedRoundRobin => algorithm::WEIGHTED_ROUND_ROBIN,
         Algorithm::LeastConnections => algorithm::LEAST_CONNECTIONS,
         Algorithm::WeightedLeastConnections => algorithm::WEIGHTED_LEAST_CONNECTIONS,
+        Algorithm::Maglev => algorithm::MAGLEV,
     }
 }
 
 /// A frontend's slot table: backend ids as the kernel walks them.
 /// Round-robin and the least-connections algorithms list each backend once
 /// (least-connections scans the list); weighted round-robin repeats each in
-/// proportion to its weight, smoothly interleaved.
-pub fn slot_table(algorithm: Algorithm, ids: &[u32], weights: &[u32]) -> Vec<u32> {
+/// proportion to its weight, smoothly interleaved; Maglev is its lookup table
+/// of [`MAGLEV_DEFAULT_TABLE_SIZE`] slots, built from the backends'
+/// `identities` (address and port) so that every node builds the same one.
+pub fn slot_table(
+    algorithm: Algorithm,
+    ids: &[u32],
+    weights: &[u32],
+    identities: &[u64],
+) -> Vec<u32> {
     match algorithm {
         Algorithm::WeightedRoundRobin if !ids.is_empty() => {
             let effective = slots::effective_weights(weights, MAX_SLOTS_PER_FRONTEND);
@@ -303,8 +314,22 @@ pub fn slot_table(algorithm: Algorithm, ids: &[u32], weights: &[u32]) -> Vec<u32
                 .map(|i| ids[i as usize])
                 .collect()
         }
+        Algorithm::Maglev if !ids.is_empty() => {
+            let size = MAGLEV_DEFAULT_TABLE_SIZE;
+            let effective = slots::effective_weights(weights, size);
+            let backends: Vec<(u64, u32)> = identities.iter().copied().zip(effective).collect();
+            maglev::table(&backends, size)
+                .into_iter()
+                .map(|i| ids[i as usize])
+                .collect()
+        }
         _ => ids.to_vec(),
     }
+}
+
+/// A backend's identity for Maglev: address and port, in host order.
+fn identity(address: Ipv4Addr, port: u16) -> u64 {
+    (u64::from(u32::from(address)) << 16) | u64::from(port)
 }
 
 fn range_of(f: &Frontend) -> SlotRange {
@@ -417,6 +442,7 @@ pub fn plan(desired: &Desired, current: &State, alloc: &Allocator) -> Result<Pla
         let target_port = want.target_port.to_be();
         let mut ids = Vec::with_capacity(want.backends.len());
         let mut weights = Vec::with_capacity(want.backends.len());
+        let mut identities = Vec::with_capacity(want.backends.len());
         for &(address, weight) in &want.backends {
             let addr = u32::from_ne_bytes(address.octets());
             let known = by_frontend
@@ -473,11 +499,12 @@ pub fn plan(desired: &Desired, current: &State, alloc: &Allocator) -> Result<Pla
             };
             ids.push(bid);
             weights.push(weight);
+            identities.push(identity(address, want.target_port));
         }
         let keep: BTreeSet<u32> = ids.iter().copied().collect();
         retire_backends(&mut next, &mut phases, &by_frontend, key, id, &keep);
 
-        let table = slot_table(want.algorithm, &ids, &weights);
+        let table = slot_table(want.algorithm, &ids, &weights, &identities);
         let kernel_algorithm = kernel_algorithm(want.algorithm);
         let frontend = match &existing {
             Some(f) if f.slots == table && f.frontend.algorithm == kernel_algorithm => f.frontend,

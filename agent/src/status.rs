@@ -118,6 +118,7 @@ fn algorithm_name(value: u32) -> &'static str {
         algorithm::WEIGHTED_ROUND_ROBIN => "weighted-round-robin",
         algorithm::LEAST_CONNECTIONS => "least-connections",
         algorithm::WEIGHTED_LEAST_CONNECTIONS => "weighted-least-connections",
+        algorithm::MAGLEV => "maglev",
         _ => "unknown",
     }
 }

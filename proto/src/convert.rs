@@ -110,6 +110,7 @@ impl From<Algorithm> for v1::Algorithm {
             Algorithm::WeightedRoundRobin => Self::WeightedRoundRobin,
             Algorithm::LeastConnections => Self::LeastConnections,
             Algorithm::WeightedLeastConnections => Self::WeightedLeastConnections,
+            Algorithm::Maglev => Self::Maglev,
         }
     }
 }
@@ -122,6 +123,7 @@ impl From<v1::Algorithm> for Algorithm {
             v1::Algorithm::WeightedRoundRobin => Self::WeightedRoundRobin,
             v1::Algorithm::LeastConnections => Self::LeastConnections,
             v1::Algorithm::WeightedLeastConnections => Self::WeightedLeastConnections,
+            v1::Algorithm::Maglev => Self::Maglev,
         }
     }
 }

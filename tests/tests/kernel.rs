@@ -252,6 +252,71 @@ fn weighted_least_connections_scales_by_weight() {
     });
 }
 
+/// Where the kernel sends each of `sports` for a Maglev service whose
+/// backends are listed as `order` (backend numbers).
+fn maglev_choices(hook: Hook, order: &[u8], sports: std::ops::Range<u16>) -> Vec<Ipv4Addr> {
+    let backends: String = order
+        .iter()
+        .map(|&i| format!("  - {{ address: 198.19.{i}.2 }}\n"))
+        .collect();
+    let manifest = format!(
+        "kind: Service\nname: web\nvip: 198.18.0.10\nports: [{{ port: 80, protocol: TCP, targetPort: 8080 }}]\nalgorithm: maglev\nbackends:\n{backends}"
+    );
+    with_lab(&manifest, |lab| {
+        sports.map(|sport| open(lab, hook, sport)).collect()
+    })
+}
+
+#[test]
+fn maglev_picks_by_flow_hash_the_same_on_every_node() {
+    use sluice_common::{layout::MAGLEV_DEFAULT_TABLE_SIZE, maglev};
+    let sports = 40000u16..40300;
+    // What user space predicts: the flow hash of the client's 5-tuple (as on
+    // the wire) into the lookup table built from (address, port).
+    let listed = [backend(1), backend(2), backend(3)];
+    let identities: Vec<(u64, u32)> = listed
+        .iter()
+        .map(|a| ((u64::from(u32::from(*a)) << 16) | 8080, 1))
+        .collect();
+    let table = maglev::table(&identities, MAGLEV_DEFAULT_TABLE_SIZE);
+    let expected: Vec<Ipv4Addr> = sports
+        .clone()
+        .map(|sport| {
+            let hash = maglev::flow_hash(
+                u32::from_ne_bytes(CLIENT.octets()),
+                u32::from_ne_bytes(VIP.octets()),
+                sport.to_be(),
+                80u16.to_be(),
+                6,
+            );
+            listed[table[(hash % MAGLEV_DEFAULT_TABLE_SIZE) as usize] as usize]
+        })
+        .collect();
+    for hook in HOOKS {
+        let node_a = maglev_choices(hook, &[1, 2, 3], sports.clone());
+        assert_eq!(node_a, expected, "{hook:?}");
+        // Another node, backends listed (and numbered) differently: same choices.
+        let node_b = maglev_choices(hook, &[3, 1, 2], sports.clone());
+        assert_eq!(node_b, node_a, "{hook:?}: consistent across nodes");
+        for b in listed {
+            let n = node_a.iter().filter(|&&d| d == b).count();
+            assert!((70..=130).contains(&n), "{hook:?}: {b} got {n} of 300");
+        }
+        // Without backend 2, flows that were elsewhere stay where they were.
+        let without_2 = maglev_choices(hook, &[1, 3], sports.clone());
+        let moved = node_a
+            .iter()
+            .zip(&without_2)
+            .filter(|(before, after)| **before != backend(2) && before != after)
+            .count();
+        assert!(
+            moved <= 6,
+            "{hook:?}: {moved} of the flows on 1 and 3 moved"
+        );
+        assert!(without_2.iter().all(|&d| d != backend(2)));
+    }
+}
+
 #[test]
 fn replies_are_reverse_natted_to_the_vip() {
     for hook in HOOKS {

@@ -15,6 +15,11 @@ pub const SLOT_CAPACITY: u32 = 1 << 20;
 /// A slot table never exceeds this; weights are scaled down proportionally to fit.
 /// 1% canary shares need ≥ 100 slots, so this leaves ample precision.
 pub const MAX_SLOTS_PER_FRONTEND: u32 = 65_536;
+/// Maglev lookup table size when a service gives none: prime, and large
+/// against the backend count (disruption and imbalance shrink as M/N grows).
+pub const MAGLEV_DEFAULT_TABLE_SIZE: u32 = 16_381;
+/// The largest prime a slot table can hold.
+pub const MAGLEV_MAX_TABLE_SIZE: u32 = 65_521;
 /// Least-connections scans at most this many backends per new flow (a rotating
 /// window); with fewer backends the choice is exact.
 pub const LC_SCAN_WINDOW: u32 = 64;

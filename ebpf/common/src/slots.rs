@@ -73,7 +73,7 @@ pub fn round_robin_table(backends: usize) -> Vec<u32> {
     (0..backends as u32).collect()
 }
 
-const fn gcd(a: u32, b: u32) -> u32 {
+pub(crate) const fn gcd(a: u32, b: u32) -> u32 {
     if b == 0 { a } else { gcd(b, a % b) }
 }
 

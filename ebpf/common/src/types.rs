@@ -48,6 +48,9 @@ pub mod algorithm {
     pub const LEAST_CONNECTIONS: u32 = 2;
     /// Fewest active connections per unit of weight.
     pub const WEIGHTED_LEAST_CONNECTIONS: u32 = 3;
+    /// Consistent hashing: the slot table is a Maglev lookup table indexed by
+    /// the flow's hash (`maglev::flow_hash`).
+    pub const MAGLEV: u32 = 4;
 }
 
 /// Value of `FRONTENDS_V4`. Replaced as a whole (the map is `BPF_F_NO_PREALLOC`,

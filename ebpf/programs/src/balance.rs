@@ -13,7 +13,7 @@ use aya_ebpf::{
 use sluice_common::{
     csum,
     layout::LC_SCAN_WINDOW,
-    reason,
+    maglev, reason,
     types::{
         FAMILY_V4, FLOW_CLOSED, FLOW_OPEN, FlowKeyV4, FlowV4, Frontend, FrontendKeyV4, IPPROTO_TCP,
         IPPROTO_UDP, NextHop, ReplyV4, TrafficStats, algorithm,
@@ -266,7 +266,7 @@ fn open(
     if frontend.slot_count == 0 {
         return Err(reason::DROP_NO_BACKEND);
     }
-    let backend_id = select(frontend)?;
+    let backend_id = select(frontend, key)?;
     let backend = BACKENDS.get(backend_id).ok_or(reason::DROP_INTERNAL)?;
     if backend.family != FAMILY_V4 {
         return Err(reason::DROP_INTERNAL);
@@ -336,9 +336,17 @@ fn open(
 }
 
 /// One shared cursor per frontend: round-robin walks the slot table with it,
-/// least-connections starts its scan there so that ties rotate.
+/// least-connections starts its scan there so that ties rotate. Maglev needs
+/// no cursor: its table is indexed by the flow's hash.
 #[inline(always)]
-fn select(frontend: &Frontend) -> Result<u32, u32> {
+fn select(frontend: &Frontend, key: &FlowKeyV4) -> Result<u32, u32> {
+    if frontend.algorithm == algorithm::MAGLEV {
+        let hash = maglev::flow_hash(key.src, key.dst, key.sport, key.dport, key.proto);
+        return SLOTS
+            .get(frontend.slot_base + hash % frontend.slot_count)
+            .copied()
+            .ok_or(reason::DROP_INTERNAL);
+    }
     let cursor = RR_CURSORS
         .get_ptr_mut(frontend.id)
         .ok_or(reason::DROP_INTERNAL)?;

@@ -207,14 +207,18 @@ pub enum Algorithm {
     WeightedRoundRobin,
     LeastConnections,
     WeightedLeastConnections,
+    /// Consistent hashing (Maglev): a flow's backend follows from its hash,
+    /// the same on every node; weights set the shares.
+    Maglev,
 }
 
 impl Algorithm {
-    pub const ALL: [Self; 4] = [
+    pub const ALL: [Self; 5] = [
         Self::RoundRobin,
         Self::WeightedRoundRobin,
         Self::LeastConnections,
         Self::WeightedLeastConnections,
+        Self::Maglev,
     ];
 
     /// The manifest spelling.
@@ -224,6 +228,7 @@ impl Algorithm {
             Self::WeightedRoundRobin => "weighted-round-robin",
             Self::LeastConnections => "least-connections",
             Self::WeightedLeastConnections => "weighted-least-connections",
+            Self::Maglev => "maglev",
         }
     }
 }
