@@ -45,6 +45,8 @@ pub struct DesiredFrontend {
     pub algorithm: Algorithm,
     /// In manifest order: (address, weight).
     pub backends: Vec<(Ipv4Addr, u32)>,
+    /// Maglev only; `None`: [`MAGLEV_DEFAULT_TABLE_SIZE`].
+    pub maglev_table_size: Option<u32>,
 }
 
 pub type Desired = BTreeMap<FrontendKeyV4, DesiredFrontend>;
@@ -67,6 +69,7 @@ pub fn desired(manifest: &Manifest) -> Desired {
                     service: service.name.clone(),
                     target_port: port.target_port,
                     algorithm: service.algorithm,
+                    maglev_table_size: service.maglev_table_size,
                     backends: service
                         .backends
                         .iter()
@@ -118,6 +121,7 @@ pub fn desired_from_view<'a>(
                 target_port: if target_port == 0 { port } else { target_port },
                 algorithm,
                 backends,
+                maglev_table_size: (f.maglev_table_size != 0).then_some(f.maglev_table_size),
             },
         );
     }
@@ -298,13 +302,14 @@ pub fn kernel_algorithm(a: Algorithm) -> u32 {
 /// Round-robin and the least-connections algorithms list each backend once
 /// (least-connections scans the list); weighted round-robin repeats each in
 /// proportion to its weight, smoothly interleaved; Maglev is its lookup table
-/// of [`MAGLEV_DEFAULT_TABLE_SIZE`] slots, built from the backends'
-/// `identities` (address and port) so that every node builds the same one.
+/// of `maglev_size` slots (a prime), built from the backends' `identities`
+/// (address and port) so that every node builds the same one.
 pub fn slot_table(
     algorithm: Algorithm,
     ids: &[u32],
     weights: &[u32],
     identities: &[u64],
+    maglev_size: u32,
 ) -> Vec<u32> {
     match algorithm {
         Algorithm::WeightedRoundRobin if !ids.is_empty() => {
@@ -315,7 +320,7 @@ pub fn slot_table(
                 .collect()
         }
         Algorithm::Maglev if !ids.is_empty() => {
-            let size = MAGLEV_DEFAULT_TABLE_SIZE;
+            let size = maglev_size;
             let effective = slots::effective_weights(weights, size);
             let backends: Vec<(u64, u32)> = identities.iter().copied().zip(effective).collect();
             maglev::table(&backends, size)
@@ -504,7 +509,13 @@ pub fn plan(desired: &Desired, current: &State, alloc: &Allocator) -> Result<Pla
         let keep: BTreeSet<u32> = ids.iter().copied().collect();
         retire_backends(&mut next, &mut phases, &by_frontend, key, id, &keep);
 
-        let table = slot_table(want.algorithm, &ids, &weights, &identities);
+        let table = slot_table(
+            want.algorithm,
+            &ids,
+            &weights,
+            &identities,
+            want.maglev_table_size.unwrap_or(MAGLEV_DEFAULT_TABLE_SIZE),
+        );
         let kernel_algorithm = kernel_algorithm(want.algorithm);
         let frontend = match &existing {
             Some(f) if f.slots == table && f.frontend.algorithm == kernel_algorithm => f.frontend,
@@ -651,6 +662,7 @@ mod tests {
             target_port: 8080,
             algorithm,
             backends: backends.iter().map(|&(a, w)| (addr(a), w)).collect(),
+            maglev_table_size: None,
         }
     }
 
@@ -681,6 +693,32 @@ mod tests {
                 Step::ClearFrontendMeta { .. } => "clear_meta",
             })
             .collect()
+    }
+
+    #[test]
+    fn maglev_tables_have_the_size_asked_for_and_change_only_with_the_backends() {
+        let k = key("198.18.0.10", 80, IPPROTO_TCP);
+        let backends = [("198.19.1.2", 1), ("198.19.2.2", 1), ("198.19.3.2", 1)];
+        let default = Desired::from([(k, frontend("web", Algorithm::Maglev, &backends))]);
+        let plan = plan_ok(&default, &State::default());
+        let table = &plan.next.frontends[&k];
+        assert_eq!(table.frontend.slot_count, MAGLEV_DEFAULT_TABLE_SIZE);
+        assert_eq!(table.frontend.algorithm, algorithm::MAGLEV);
+        let mut small = frontend("web", Algorithm::Maglev, &backends);
+        small.maglev_table_size = Some(251);
+        let resized = plan_ok(&Desired::from([(k, small)]), &plan.next);
+        assert_eq!(resized.next.frontends[&k].frontend.slot_count, 251);
+        // Every backend owns about a third of the slots.
+        let ids: BTreeSet<u32> = resized.next.frontends[&k].slots.iter().copied().collect();
+        assert_eq!(ids.len(), 3);
+        for id in ids {
+            let owned = resized.next.frontends[&k]
+                .slots
+                .iter()
+                .filter(|&&s| s == id)
+                .count();
+            assert!((82..=86).contains(&owned), "{owned}");
+        }
     }
 
     #[test]
@@ -939,6 +977,7 @@ mod tests {
     fn desired_from_a_view_matches_the_manifest_form() {
         use sluice_api::v1;
         let view = [v1::FrontendView {
+            maglev_table_size: 0,
             service: "shop/web".into(),
             vip: "198.18.0.10".into(),
             port: 80,

@@ -54,6 +54,7 @@ pub fn compute<'a>(
                     protocol: port.protocol,
                     target_port,
                     algorithm: service.algorithm,
+                    maglev_table_size: service.maglev_table_size,
                     backends: backends.clone(),
                 },
             );
@@ -285,6 +286,7 @@ mod tests {
 
     fn service(name: &str, vip: &str, backends: &[&str], selector: &[(&str, &str)]) -> v1::Service {
         v1::Service {
+            maglev_table_size: 0,
             meta: meta("shop", name, &[]),
             vip: vip.into(),
             ports: vec![

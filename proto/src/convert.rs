@@ -220,6 +220,7 @@ impl From<&ServiceObject> for v1::Service {
             algorithm,
             backends,
             selector,
+            maglev_table_size,
         } = service;
         Self {
             meta: meta(namespace, name, labels),
@@ -228,6 +229,7 @@ impl From<&ServiceObject> for v1::Service {
             algorithm: v1::Algorithm::from(*algorithm) as i32,
             backends: backends.iter().map(v1::StaticBackend::from).collect(),
             selector: to_map(selector),
+            maglev_table_size: maglev_table_size.unwrap_or(0),
         }
     }
 }
@@ -402,6 +404,7 @@ impl TryFrom<v1::Service> for ServiceObject {
             algorithm,
             backends,
             selector,
+            maglev_table_size,
         } = service;
         let (check, labels) = from_meta(ObjectKind::Service, meta)?;
         let vip = if vip.is_empty() {
@@ -437,6 +440,13 @@ impl TryFrom<v1::Service> for ServiceObject {
         }
 
         let algorithm = algorithm_from_proto(algorithm).map_err(check.at("algorithm"))?;
+        let maglev_table_size = match maglev_table_size {
+            0 => None,
+            size => Some(
+                rules::validate_maglev_table_size(size.into(), algorithm)
+                    .map_err(check.at("maglevTableSize"))?,
+            ),
+        };
 
         rules::validate_backend_count(backends.len()).map_err(check.at("backends"))?;
         let mut unique = UniqueBackends::default();
@@ -471,6 +481,7 @@ impl TryFrom<v1::Service> for ServiceObject {
             algorithm,
             backends: domain_backends,
             selector,
+            maglev_table_size,
         })
     }
 }
@@ -639,6 +650,7 @@ mod tests {
                 },
             ],
             selector: Labels::new(),
+            maglev_table_size: None,
         }
     }
 
@@ -647,6 +659,7 @@ mod tests {
             vip: None,
             backends: Vec::new(),
             selector: labels(&[("app", "web"), ("app.kubernetes.io/part-of", "shop")]),
+            maglev_table_size: None,
             algorithm: Algorithm::RoundRobin,
             ..service()
         }

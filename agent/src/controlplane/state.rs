@@ -385,6 +385,12 @@ struct FrontendFile {
     target_port: u32,
     algorithm: String,
     backends: Vec<BackendFile>,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    maglev_table_size: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -404,6 +410,7 @@ impl From<&v1::FrontendView> for FrontendFile {
             target_port,
             algorithm,
             backends,
+            maglev_table_size,
         } = view;
         FrontendFile {
             service: service.clone(),
@@ -421,6 +428,7 @@ impl From<&v1::FrontendView> for FrontendFile {
                     weight: *weight,
                 })
                 .collect(),
+            maglev_table_size: *maglev_table_size,
         }
     }
 }
@@ -437,6 +445,7 @@ impl TryFrom<FrontendFile> for v1::FrontendView {
             target_port,
             algorithm,
             backends,
+            maglev_table_size,
         } = file;
         // A value this build does not know (from a newer control service)
         // was saved as its number.
@@ -455,6 +464,7 @@ impl TryFrom<FrontendFile> for v1::FrontendView {
             protocol,
             target_port,
             algorithm,
+            maglev_table_size,
             backends: backends
                 .into_iter()
                 .map(|BackendFile { address, weight }| v1::ViewBackend { address, weight })

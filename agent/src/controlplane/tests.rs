@@ -98,6 +98,7 @@ fn credentials(ca: &ClusterCa, control: &str, node: &str) -> Credentials {
 
 fn frontend(service: &str, port: u32) -> v1::FrontendView {
     v1::FrontendView {
+        maglev_table_size: 0,
         service: service.to_owned(),
         vip: "10.96.0.10".into(),
         port,

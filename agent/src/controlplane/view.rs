@@ -66,6 +66,7 @@ mod tests {
 
     fn frontend(vip: &str, port: u32, backends: &[&str]) -> v1::FrontendView {
         v1::FrontendView {
+            maglev_table_size: 0,
             service: format!("default/{vip}"),
             vip: vip.into(),
             port,

@@ -200,6 +200,7 @@ pub fn describe(described: &Described) -> String {
         algorithm,
         backends: static_backends,
         selector,
+        maglev_table_size,
     } = service;
     let mut pairs = vec![
         ("Name", name.clone()),
@@ -210,7 +211,13 @@ pub fn describe(described: &Described) -> String {
             vip.map_or_else(|| "<pending>".to_owned(), |v| v.to_string()),
         ),
         ("Ports", ports(service_ports, ", ")),
-        ("Algorithm", algorithm.to_string()),
+        (
+            "Algorithm",
+            match maglev_table_size {
+                Some(size) => format!("{algorithm} (table size {size})"),
+                None => algorithm.to_string(),
+            },
+        ),
     ];
     if selector.is_empty() {
         let list: Vec<String> = static_backends

@@ -99,6 +99,7 @@ backends:
                     weight: 3,
                 },
             ],
+            maglev_table_size: None,
         }],
     };
     assert_eq!(ok(text), expected);
@@ -751,6 +752,39 @@ fn duplicate_port_and_protocol_in_a_service() {
 }
 
 // --- Algorithm and backends -------------------------------------------------------
+
+#[test]
+fn maglev_table_size_is_a_prime_and_only_for_maglev() {
+    let maglev = format!("{MINIMAL}algorithm: maglev\n");
+    assert_eq!(ok(&maglev).services[0].maglev_table_size, None);
+    let sized = ok(&format!("{maglev}maglevTableSize: 65521\n"));
+    assert_eq!(sized.services[0].maglev_table_size, Some(65_521));
+    for (value, shown) in [
+        ("65535", "65535"),
+        ("65537", "65537"),
+        ("1", "1"),
+        ("-7", "-7"),
+    ] {
+        let e = err(&format!("{maglev}maglevTableSize: {value}\n"));
+        assert_mentions(
+            &e,
+            &[
+                "line 7",
+                "maglevTableSize",
+                "prime number no larger than 65521",
+                shown,
+            ],
+        );
+    }
+    let e = err(&format!("{MINIMAL}maglevTableSize: 251\n"));
+    assert_mentions(
+        &e,
+        &[
+            "maglevTableSize",
+            "only applies to algorithm maglev, not round-robin",
+        ],
+    );
+}
 
 #[test]
 fn unknown_algorithm_lists_the_valid_ones() {

@@ -130,6 +130,7 @@ backends: [{ address: 198.19.2.2, weight: 5 }]
             algorithm: Algorithm::RoundRobin,
             backends: Vec::new(),
             selector: labels(&[("app", "web")]),
+            maglev_table_size: None,
         }),
         Object::Endpoint(Endpoint {
             namespace: "shop".to_owned(),
@@ -175,6 +176,7 @@ backends: [{ address: 198.19.2.2, weight: 5 }]
                 weight: 5,
             }],
             selector: Labels::new(),
+            maglev_table_size: None,
         }),
     ];
     assert_eq!(ok(text), expected);

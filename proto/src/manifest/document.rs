@@ -23,6 +23,7 @@ const AGENT_SERVICE_FIELDS: &[&str] = &[
     "ports",
     "algorithm",
     "backends",
+    "maglevTableSize",
 ];
 const CONTROL_SERVICE_FIELDS: &[&str] = &[
     "kind",
@@ -34,6 +35,7 @@ const CONTROL_SERVICE_FIELDS: &[&str] = &[
     "algorithm",
     "backends",
     "selector",
+    "maglevTableSize",
 ];
 const PORT_FIELDS: &[&str] = &["port", "protocol", "targetPort"];
 const BACKEND_FIELDS: &[&str] = &["address", "weight"];
@@ -184,6 +186,13 @@ fn parse_service<'n>(
         Some(node) => rules::validate_algorithm(string(cx, "algorithm", node)?)
             .map_err(cx.fail(node, "algorithm"))?,
     };
+    let maglev_table_size = fields
+        .get("maglevTableSize")
+        .map(|node| {
+            rules::validate_maglev_table_size(integer(cx, "maglevTableSize", node)?, algorithm)
+                .map_err(cx.fail(node, "maglevTableSize"))
+        })
+        .transpose()?;
     let backends_node = fields.get("backends");
     let backends = match backends_node {
         None => Vec::new(),
@@ -212,6 +221,7 @@ fn parse_service<'n>(
         algorithm,
         backends,
         selector,
+        maglev_table_size,
     };
     Ok((service, port_nodes))
 }

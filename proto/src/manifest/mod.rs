@@ -21,6 +21,7 @@
 //!   - { port: 80, protocol: TCP, targetPort: 8080 }
 //!   - { port: 53, protocol: UDP }              # targetPort defaults to port
 //! algorithm: round-robin         # optional, see `Algorithm`
+//! # maglevTableSize: 16381       # algorithm maglev only: lookup table size, a prime ≤ 65521
 //! backends:                      # optional; none means the data plane drops and counts
 //!   - { address: 198.19.1.2, weight: 3 }       # weight 1..=10000, defaults to 1
 //! # selector: { app: web }       # control service only; instead of backends, not with
@@ -135,6 +136,9 @@ pub struct Service {
     pub algorithm: Algorithm,
     /// Empty is valid: the data plane then drops the service's traffic and counts it.
     pub backends: Vec<BackendSpec>,
+    /// With `algorithm: maglev`: the lookup table's size, a prime.
+    #[serde(rename = "maglevTableSize", skip_serializing_if = "Option::is_none")]
+    pub maglev_table_size: Option<u32>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
@@ -416,6 +420,7 @@ fn standalone(source: &str, document: usize, parsed: Parsed<'_>) -> Result<Servi
         algorithm,
         backends,
         selector,
+        maglev_table_size,
     } = service;
     if !selector.is_empty() {
         return Err(ManifestError::NeedsControlService {
@@ -438,6 +443,7 @@ fn standalone(source: &str, document: usize, parsed: Parsed<'_>) -> Result<Servi
         ports,
         algorithm,
         backends,
+        maglev_table_size,
     })
 }
 

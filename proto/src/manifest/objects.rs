@@ -142,6 +142,9 @@ pub struct ServiceObject {
     /// `backends` is used.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub selector: Labels,
+    /// With `algorithm: maglev`: the lookup table's size, a prime.
+    #[serde(rename = "maglevTableSize", skip_serializing_if = "Option::is_none")]
+    pub maglev_table_size: Option<u32>,
 }
 
 /// A standalone agent's service is a control-mode service with a VIP and static backends.
@@ -155,6 +158,7 @@ impl From<Service> for ServiceObject {
             ports,
             algorithm,
             backends,
+            maglev_table_size,
         } = service;
         Self {
             namespace,
@@ -165,6 +169,7 @@ impl From<Service> for ServiceObject {
             algorithm,
             backends,
             selector: Labels::new(),
+            maglev_table_size,
         }
     }
 }

@@ -26,6 +26,8 @@
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, Ipv6Addr};
 
+use sluice_common::{layout::MAGLEV_MAX_TABLE_SIZE, maglev};
+
 use super::{
     Algorithm, MAX_BACKENDS_PER_SERVICE, MAX_PORTS_PER_SERVICE, MAX_WEIGHT, Permission, Protocol,
     Resource, Role, Scope, Verb, algorithm_names,
@@ -74,6 +76,10 @@ pub enum Problem {
         value: String,
         problem: AddressProblem,
     },
+    #[error("must be a prime number no larger than {max} (e.g. 16381 or 65521), got {value}")]
+    MaglevTableSize { value: i128, max: u32 },
+    #[error("only applies to algorithm maglev, not {algorithm}")]
+    MaglevTableSizeWithout { algorithm: Algorithm },
     #[error("at least one port is required, got an empty list")]
     NoPorts,
     #[error("at most {max} ports per service, got {count}")]
@@ -497,6 +503,21 @@ pub fn validate_weight(value: i128) -> Result<u32, Problem> {
         .ok()
         .filter(|w| (1..=MAX_WEIGHT).contains(w))
         .ok_or(Problem::WeightOutOfRange { value })
+}
+
+/// A Maglev table size: a prime between 2 and
+/// [`MAGLEV_MAX_TABLE_SIZE`], and only for the `maglev` algorithm.
+pub fn validate_maglev_table_size(value: i128, algorithm: Algorithm) -> Result<u32, Problem> {
+    if algorithm != Algorithm::Maglev {
+        return Err(Problem::MaglevTableSizeWithout { algorithm });
+    }
+    u32::try_from(value)
+        .ok()
+        .filter(|&n| n <= MAGLEV_MAX_TABLE_SIZE && maglev::is_prime(n))
+        .ok_or(Problem::MaglevTableSize {
+            value,
+            max: MAGLEV_MAX_TABLE_SIZE,
+        })
 }
 
 pub fn validate_backend_count(count: usize) -> Result<(), Problem> {
