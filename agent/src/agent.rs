@@ -826,12 +826,17 @@ fn reload(input: &Input, dp: &mut Dataplane, reconciler: &mut Reconciler) {
     let Input::Manifest { path, source, .. } = input else {
         return;
     };
-    let result = read_manifest(path)
-        .map_err(AgentError::from)
-        .and_then(|text| reconciler.apply_manifest(dp, source, &text));
+    // The content judged is the content remembered: re-reading the file to
+    // identify it could see a newer version and silence its errors.
+    let (result, hash) = match read_manifest(path) {
+        Ok(text) => (
+            reconciler.apply_manifest(dp, source, &text),
+            Some(fnv1a(text.as_bytes())),
+        ),
+        Err(e) => (Err(AgentError::from(e)), None),
+    };
     if let Err(e) = result {
         // Only log a given bad content once; the poll would repeat it.
-        let hash = read_manifest(path).ok().map(|t| fnv1a(t.as_bytes()));
         if hash.is_none() || hash != reconciler.last_rejected {
             error!(
                 "manifest rejected, keeping the previous state: {}",
