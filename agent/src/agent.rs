@@ -26,7 +26,7 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use sluice_api::v1;
+use sluice_api::{error_chain, v1};
 use sluice_common::types::AgentMeta;
 use tokio::{
     io::unix::AsyncFd,
@@ -593,7 +593,7 @@ impl ControlLink {
                     Err(e) => error!(
                         version = self.view.version(),
                         "view rejected, keeping the previous state: {}",
-                        chain(&e)
+                        error_chain(&e)
                     ),
                 }
             }
@@ -671,10 +671,10 @@ async fn report_status(
                 client = match state.load() {
                     Ok(creds) => ControlClient::connect(&creds)
                         .await
-                        .inspect_err(|e| debug!("reporting status: {}", chain(e)))
+                        .inspect_err(|e| debug!("reporting status: {}", error_chain(e)))
                         .ok(),
                     Err(e) => {
-                        debug!("reporting status: {}", chain(&e));
+                        debug!("reporting status: {}", error_chain(&e));
                         None
                     }
                 };
@@ -686,7 +686,7 @@ async fn report_status(
             {
                 Ok(()) => break,
                 Err(e) => {
-                    debug!("reporting status: {}", chain(&e));
+                    debug!("reporting status: {}", error_chain(&e));
                     client = None;
                 }
             }
@@ -708,7 +708,7 @@ async fn save_views(
         let saved = tokio::task::spawn_blocking(move || state.save_view(version, &frontends)).await;
         match saved {
             Ok(Ok(())) => debug!(version, "saved the view"),
-            Ok(Err(e)) => warn!(version, "saving the view for restarts: {}", chain(&e)),
+            Ok(Err(e)) => warn!(version, "saving the view for restarts: {}", error_chain(&e)),
             Err(e) => warn!(version, "saving the view for restarts: {e}"),
         }
     }
@@ -814,7 +814,7 @@ async fn follow(
         if let Some((version, frontends)) = newest
             && let Err(e) = link.state.save_view(version, &frontends)
         {
-            warn!(version, "saving the view for restarts: {}", chain(&e));
+            warn!(version, "saving the view for restarts: {}", error_chain(&e));
         }
     }
     info!("stopping; the data plane stays in place (`sluice-agent down` removes it)");
@@ -840,27 +840,11 @@ fn reload(input: &Input, dp: &mut Dataplane, reconciler: &mut Reconciler) {
         if hash.is_none() || hash != reconciler.last_rejected {
             error!(
                 "manifest rejected, keeping the previous state: {}",
-                chain(&e)
+                error_chain(&e)
             );
         }
         reconciler.last_rejected = hash;
     }
-}
-
-/// An error and its causes on one line. A cause whose text the message
-/// already carries (as manifest errors do) is not repeated.
-pub fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        source = s.source();
-    }
-    out
 }
 
 /// Watches the manifest's directory (editors replace files by renaming, which

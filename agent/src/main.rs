@@ -137,7 +137,10 @@ fn main() -> ExitCode {
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("sluice-agent: error: {}", agent::chain(e.as_ref()));
+            eprintln!(
+                "sluice-agent: error: {}",
+                sluice_api::error_chain(e.as_ref())
+            );
             ExitCode::FAILURE
         }
     }

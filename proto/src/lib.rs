@@ -11,6 +11,23 @@
 /// snapshot; tonic's default of 4 MB would refuse the first.
 pub const MAX_MESSAGE_BYTES: usize = 256 * 1024 * 1024;
 
+/// An error and its causes on one line (`error: cause: cause`), as the
+/// programs print and log them. A cause whose text the message already
+/// carries (many errors repeat their source) is not repeated.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut out = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = cause.source();
+    }
+    out
+}
+
 pub mod convert;
 pub mod manifest;
 pub mod pki;

@@ -15,7 +15,7 @@ use sluice_api::{pki, v1};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
-use super::{ControlClient, ControlError, NodeState, describe};
+use super::{ControlClient, ControlError, NodeState};
 
 /// The first reconnect waits this long (at most; jitter shortens it)...
 pub const BACKOFF_START: Duration = Duration::from_millis(200);
@@ -232,7 +232,7 @@ pub async fn keep_certificate_fresh(state: NodeState) {
             Err(e) => {
                 let delay = backoff_delay(failures.saturating_add(3), random_jitter());
                 failures = failures.saturating_add(1);
-                warn!(error = %describe(&e), "cannot renew the node certificate; trying again in {delay:.1?}");
+                warn!(error = %sluice_api::error_chain(&e), "cannot renew the node certificate; trying again in {delay:.1?}");
                 delay
             }
         };

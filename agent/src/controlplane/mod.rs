@@ -139,7 +139,7 @@ impl ControlError {
     /// This error for the operator: a rejected certificate says what it
     /// means and what to do.
     pub fn explain(&self) -> String {
-        let text = describe(self);
+        let text = sluice_api::error_chain(self);
         let Some(alert) = self.certificate_rejected() else {
             return text;
         };
@@ -171,19 +171,4 @@ impl ControlError {
             other => ControlError::Pki(other),
         }
     }
-}
-
-/// An error and its causes on one line, for events and logs.
-pub(crate) fn describe(error: &dyn std::error::Error) -> String {
-    let mut out = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let text = cause.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        source = cause.source();
-    }
-    out
 }

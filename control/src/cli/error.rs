@@ -126,22 +126,6 @@ impl CliError {
     }
 }
 
-/// `error: cause: cause`, on one line, as the binary prints it.
-pub fn report(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        // Some errors repeat their cause in their own message.
-        if !text.ends_with(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -170,7 +154,7 @@ mod tests {
         ];
         for (code, message, exit_code) in cases {
             let error = CliError::api("https://c:7443", tonic::Status::new(code, message));
-            assert_eq!(report(&error), message);
+            assert_eq!(sluice_api::error_chain(&error), message);
             assert_eq!(error.exit_code(), exit_code, "{code:?}");
         }
         let down = CliError::api(
@@ -178,7 +162,7 @@ mod tests {
             tonic::Status::unavailable("connection reset"),
         );
         assert_eq!(
-            report(&down),
+            sluice_api::error_chain(&down),
             "the control service at https://c:7443 is unavailable: connection reset"
         );
         assert_eq!(down.exit_code(), exit::UNREACHABLE);

@@ -31,7 +31,7 @@ use clap::CommandFactory as _;
 pub use args::Cli;
 use args::{Command, Format, NodeCommand, TokenCommand, UserCommand};
 use client::Client;
-pub use error::{CliError, exit, report};
+pub use error::{CliError, exit};
 
 use crate::client_config::ClientConfig;
 

@@ -11,7 +11,7 @@ use tonic::Code;
 
 use super::Context;
 use super::args::{ApplyArgs, DeleteArgs, DescribeArgs, Format, GetArgs};
-use super::error::{CliError, report};
+use super::error::CliError;
 use super::model::{Stored, object_path};
 use super::output::{json, print, yaml, yaml_documents};
 use super::tables;
@@ -238,7 +238,7 @@ pub async fn delete(cx: &Context, args: DeleteArgs) -> Result<(), CliError> {
                 print(&format!("{path} not found, skipped\n"))?;
             }
             Err(e) => {
-                eprintln!("sluicectl: error: {path}: {}", report(&e));
+                eprintln!("sluicectl: error: {path}: {}", sluice_api::error_chain(&e));
                 failed += 1;
             }
         }
