@@ -15,8 +15,6 @@
 
 use std::{
     env,
-    fs::{self, OpenOptions},
-    io::Write,
     path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Output, Stdio},
     thread,
@@ -255,9 +253,7 @@ impl Agent {
 
     /// The whole log so far (stdout and stderr of every start, appended).
     pub fn log(&self) -> String {
-        fs::read(&self.log_path)
-            .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
-            .unwrap_or_default()
+        command::read_log(&self.log_path)
     }
 
     pub fn log_path(&self) -> &Path {
@@ -327,22 +323,8 @@ impl Agent {
     }
 
     fn spawn(&mut self) {
-        let mut log = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log_path)
-            .unwrap_or_else(|e| panic!("opening {}: {e}", self.log_path.display()));
         let args: Vec<&str> = self.run_args.iter().map(String::as_str).collect();
-        let mut cmd = self.cli(&args);
-        // A marker between starts; it never contains a line tests wait for.
-        let _ = writeln!(log, "=== sluice-tests: {}", command::describe(&cmd));
-        let stdout = log
-            .try_clone()
-            .unwrap_or_else(|e| panic!("duplicating {}: {e}", self.log_path.display()));
-        cmd.stdout(stdout).stderr(log);
-        let child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start `{}`: {e}", command::describe(&cmd)));
+        let child = command::spawn_logged(&mut self.cli(&args), &self.log_path);
         self.pid = child.id();
         self.child = Some(child);
     }

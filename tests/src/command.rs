@@ -1,7 +1,12 @@
 //! Running external tools (`ip`, `ethtool`, the agent's CLI) with errors that
 //! carry everything needed to understand a failure.
 
-use std::process::{Command, ExitStatus, Output};
+use std::{
+    fs::{self, OpenOptions},
+    io::Write as _,
+    path::Path,
+    process::{Child, Command, ExitStatus, Output},
+};
 
 use thiserror::Error;
 
@@ -52,4 +57,31 @@ pub fn run(cmd: &mut Command) -> Result<Output, CommandError> {
             stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
         })
     }
+}
+
+/// Starts `cmd` with stdout and stderr appended to `log` (created if need
+/// be), after a marker line naming the command; every start of a restarted
+/// process lands in the same file. Panics if the log or the process cannot be
+/// opened or started.
+pub fn spawn_logged(cmd: &mut Command, log: &Path) -> Child {
+    let mut file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap_or_else(|e| panic!("opening {}: {e}", log.display()));
+    // A marker between starts; it never contains a line tests wait for.
+    let _ = writeln!(file, "=== sluice-tests: {}", describe(cmd));
+    let stdout = file
+        .try_clone()
+        .unwrap_or_else(|e| panic!("duplicating {}: {e}", log.display()));
+    cmd.stdout(stdout).stderr(file);
+    cmd.spawn()
+        .unwrap_or_else(|e| panic!("cannot start `{}`: {e}", describe(cmd)))
+}
+
+/// A log file's whole text so far (empty if it does not exist yet).
+pub fn read_log(log: &Path) -> String {
+    fs::read(log)
+        .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
+        .unwrap_or_default()
 }

@@ -9,8 +9,6 @@
 //! cluster from the root namespace.
 
 use std::{
-    fs::{self, OpenOptions},
-    io::Write as _,
     net::SocketAddrV4,
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
@@ -105,9 +103,16 @@ impl ControlService {
     }
 
     pub fn log(&self) -> String {
-        fs::read(&self.log_path)
-            .map(|b| String::from_utf8_lossy(&b).into_owned())
-            .unwrap_or_default()
+        command::read_log(&self.log_path)
+    }
+
+    /// The current view version: what every node should have applied.
+    pub fn view_version(&self) -> u64 {
+        let nodes = self.sluicectl_json(&["get", "nodes"]);
+        nodes
+            .as_array()
+            .and_then(|n| n.iter().filter_map(|n| n["desiredVersion"].as_u64()).max())
+            .unwrap_or(0)
     }
 
     /// SIGKILLs the control service (no shutdown path runs) and reaps it.
@@ -211,11 +216,6 @@ impl ControlService {
     }
 
     fn spawn(&mut self) {
-        let mut log = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log_path)
-            .unwrap_or_else(|e| panic!("opening {}: {e}", self.log_path.display()));
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &self.ns])
             .arg(control_bin())
@@ -223,13 +223,7 @@ impl ControlService {
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
             .stdin(Stdio::null());
-        let _ = writeln!(log, "=== sluice-tests: {}", command::describe(&cmd));
-        let stdout = log.try_clone().expect("duplicating the log file");
-        cmd.stdout(stdout).stderr(log);
-        self.child = Some(
-            cmd.spawn()
-                .unwrap_or_else(|e| panic!("cannot start `{}`: {e}", command::describe(&cmd))),
-        );
+        self.child = Some(command::spawn_logged(&mut cmd, &self.log_path));
     }
 
     fn wait_ready(&mut self) {
@@ -263,7 +257,7 @@ impl ControlService {
 
 /// Whether `get nodes -o json` output shows `name` with its current view
 /// (at least version `at_least`) applied.
-pub fn node_programmed(listed: &serde_json::Value, name: &str, at_least: u64) -> bool {
+fn node_programmed(listed: &serde_json::Value, name: &str, at_least: u64) -> bool {
     let nodes = listed.as_array().cloned().unwrap_or_default();
     nodes.iter().any(|n| {
         let applied = n["appliedVersion"].as_u64().unwrap_or(0);

@@ -183,7 +183,7 @@ impl BenchCluster {
         if !out.status.success() {
             bail!("apply failed: {}", String::from_utf8_lossy(&out.stderr));
         }
-        let version = self.desired_version()?;
+        let version = self.control.view_version();
         let deadline = Instant::now() + PROGRAMMED_TIMEOUT;
         let mut programmed = Vec::new();
         for (agent, seen) in self.agents.iter().zip(before) {
@@ -213,14 +213,6 @@ impl BenchCluster {
             ack_to_programmed_ms: ms(last.duration_since(acked).unwrap_or_default()),
             request_to_programmed_ms: ms(last.duration_since(sent).unwrap_or_default()),
         })
-    }
-
-    fn desired_version(&self) -> anyhow::Result<u64> {
-        let nodes = self.control.sluicectl_json(&["get", "nodes"]);
-        nodes
-            .as_array()
-            .and_then(|n| n.iter().filter_map(|n| n["desiredVersion"].as_u64()).max())
-            .context("no desired version in get nodes")
     }
 
     fn memory(&self, services: usize, endpoints: usize) -> anyhow::Result<Memory> {

@@ -140,12 +140,7 @@ impl Cluster {
     fn wait_programmed(&self) {
         let names = self.node_names();
         let names: Vec<&str> = names.iter().map(String::as_str).collect();
-        let listed = self.control.sluicectl_json(&["get", "nodes"]);
-        let desired = listed
-            .as_array()
-            .and_then(|nodes| nodes.iter().map(|n| n["desiredVersion"].as_u64()).max())
-            .flatten()
-            .unwrap_or(0);
+        let desired = self.control.view_version();
         if let Err(last) = self.control.wait_programmed(&names, desired, PROPAGATION) {
             panic!("nodes did not apply view version {desired} within {PROPAGATION:?}: {last}");
         }

@@ -23,7 +23,6 @@ use std::{
     collections::BTreeMap,
     net::{Ipv4Addr, SocketAddrV4, UdpSocket},
     process::{Command, Output},
-    thread,
     time::{Duration, Instant},
 };
 
@@ -33,7 +32,6 @@ use sluice_tests::{
     Topology, TopologySpec, UdpServer,
     agent::{APPLIED_LINE, agent_bin},
     cluster::{CONTROL_ADDR, NODE_INTERFACES, VIP_CIDR},
-    control::node_programmed,
     http_get, tally,
     topology::{backend_addr, vip},
     udp_exchange,
@@ -402,36 +400,20 @@ fn web_vip(control: &ControlService) -> anyhow::Result<Ipv4Addr> {
 /// Waits until every node in `nodes` applied the view version current now.
 fn wait_programmed(control: &ControlService, nodes: &[&str]) -> anyhow::Result<()> {
     let started = Instant::now();
-    let listed = ctl_json(control, &["get", "nodes"])?;
-    let desired = listed
-        .as_array()
-        .and_then(|nodes| {
-            nodes
-                .iter()
-                .filter_map(|n| n["desiredVersion"].as_u64())
-                .max()
-        })
-        .unwrap_or(0);
-    loop {
-        let listed = ctl_json(control, &["get", "nodes"])?;
-        if nodes
-            .iter()
-            .all(|name| node_programmed(&listed, name, desired))
-        {
-            println!(
-                "   {} report view version {desired} applied (waited {} ms)",
-                nodes.join(" and "),
-                started.elapsed().as_millis()
-            );
-            return Ok(());
-        }
-        if started.elapsed() >= PROPAGATION {
-            bail!(
-                "the nodes did not apply view version {desired} within {PROPAGATION:?}: {listed}"
-            );
-        }
-        thread::sleep(Duration::from_millis(100));
-    }
+    let desired = control.view_version();
+    control
+        .wait_programmed(nodes, desired, PROPAGATION)
+        .map_err(|last| {
+            anyhow::anyhow!(
+                "the nodes did not apply view version {desired} within {PROPAGATION:?}: {last}"
+            )
+        })?;
+    println!(
+        "   {} report view version {desired} applied (waited {} ms)",
+        nodes.join(" and "),
+        started.elapsed().as_millis()
+    );
+    Ok(())
 }
 
 /// Fails unless every connection went to a listed backend and the shares
