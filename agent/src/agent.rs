@@ -338,12 +338,17 @@ pub fn ensure_bpffs(root: &Path) -> Result<(), AgentError> {
 /// The desired state to program first, read before anything is touched.
 enum Initial {
     Manifest {
+        path: PathBuf,
         source: String,
         text: String,
     },
-    /// The saved view of a joined node; `None` before its first view (the
-    /// maps then keep what they hold until the control service speaks).
-    View(Option<View>),
+    /// A joined node (joining first with `join`); its identity and saved
+    /// view are read once the interfaces are checked, since a join spends
+    /// its token.
+    Control {
+        state: NodeState,
+        join: Option<JoinSpec>,
+    },
 }
 
 pub async fn run(options: RunOptions) -> Result<(), AgentError> {
@@ -357,10 +362,16 @@ pub async fn run(options: RunOptions) -> Result<(), AgentError> {
                 return Err(AgentError::EmptyManifest { file: source });
             }
             manifest::parse(&source, &text)?;
-            Some(Initial::Manifest { source, text })
+            Initial::Manifest {
+                path: path.clone(),
+                source,
+                text,
+            }
         }
-        // Read after the interfaces are checked: a join spends its token.
-        Source::Control { .. } => None,
+        Source::Control { state, join } => Initial::Control {
+            state: state.clone(),
+            join: join.clone(),
+        },
     };
     let choices = dataplane::choose_hooks(&options.interfaces, options.mode)?;
     for c in &choices {
@@ -374,10 +385,11 @@ pub async fn run(options: RunOptions) -> Result<(), AgentError> {
         );
     }
     ensure_bpffs(&options.bpffs_root)?;
-    let initial = match (initial, &options.source) {
-        (Some(initial), _) => initial,
-        (None, Source::Control { state, join }) => Initial::View(load_identity(state, join).await?),
-        (None, Source::Manifest(_)) => unreachable!("a manifest is read above"),
+    // The saved view of a joined node; `None` before its first view (the
+    // maps then keep what they hold until the control service speaks).
+    let saved_view = match &initial {
+        Initial::Control { state, join } => load_identity(state, join).await?,
+        Initial::Manifest { .. } => None,
     };
 
     let pins = PinDir::new(&options.bpffs_root, netdev::netns_cookie()?);
@@ -402,22 +414,16 @@ pub async fn run(options: RunOptions) -> Result<(), AgentError> {
 
     let mut reconciler = Reconciler::new(&dp)?;
     let (input, wakeup) = match initial {
-        Initial::Manifest { source, text } => {
+        Initial::Manifest { path, source, text } => {
             reconciler.apply_manifest(&mut dp, &source, &text)?;
-            let Source::Manifest(path) = &options.source else {
-                unreachable!("a manifest comes from a manifest source")
-            };
-            let (input, changed) = Input::manifest(path.clone(), source)?;
+            let (input, changed) = Input::manifest(path, source)?;
             (input, Wakeup::Manifest(changed))
         }
-        Initial::View(view) => {
-            if let Some(view) = &view {
+        Initial::Control { state, .. } => {
+            if let Some(view) = &saved_view {
                 reconciler.apply_view(&mut dp, view)?;
             }
-            let Source::Control { state, .. } = &options.source else {
-                unreachable!("a view comes from a control source")
-            };
-            let (link, events) = ControlLink::start(state.clone(), view.unwrap_or_default());
+            let (link, events) = ControlLink::start(state, saved_view.unwrap_or_default());
             (Input::Control(link), Wakeup::View(events))
         }
     };
@@ -521,7 +527,6 @@ impl Input {
 /// background tasks that follow it, report status, keep the certificate fresh
 /// and save the view.
 struct ControlLink {
-    state: NodeState,
     view: View,
     /// The version applied to the maps; where a reconnect resumes.
     applied: Arc<AtomicU64>,
@@ -533,7 +538,10 @@ struct ControlLink {
     unsaved: bool,
     /// Whether the last watch attempt connected; `None` before the first.
     connected: Option<bool>,
+    /// Aborted when the link is dropped.
     tasks: Vec<JoinHandle<()>>,
+    /// The one writer of the saved view; [`ControlLink::finish`] lets it end.
+    saver: Option<JoinHandle<()>>,
 }
 
 impl ControlLink {
@@ -550,10 +558,9 @@ impl ControlLink {
             )),
             tokio::spawn(controlplane::keep_certificate_fresh(state.clone())),
             tokio::spawn(report_status(state.clone(), reports_rx)),
-            tokio::spawn(save_views(state.clone(), saves_rx)),
         ];
+        let saver = Some(tokio::spawn(save_views(state, saves_rx)));
         let link = ControlLink {
-            state,
             view,
             applied,
             reports,
@@ -562,6 +569,7 @@ impl ControlLink {
             unsaved: false,
             connected: None,
             tasks,
+            saver,
         };
         (link, events)
     }
@@ -640,6 +648,21 @@ impl ControlLink {
             let frontends = self.view.frontends().cloned().collect();
             self.saves
                 .send_replace(Some((self.applied.load(Ordering::Acquire), frontends)));
+        }
+    }
+}
+
+impl ControlLink {
+    /// A clean stop leaves the newest view for the next start: hands it to
+    /// the saver, closes the channel and waits for the saver to write it.
+    async fn finish(mut self) {
+        self.save_if_changed();
+        let saver = self.saver.take();
+        drop(self);
+        if let Some(saver) = saver
+            && let Err(e) = saver.await
+        {
+            warn!("saving the view for restarts: {e}");
         }
     }
 }
@@ -807,15 +830,8 @@ async fn follow(
             }
         }
     }
-    if let Input::Control(link) = &mut input {
-        // A clean stop leaves the newest view for the next start.
-        link.save_if_changed();
-        let newest = link.saves.borrow().clone();
-        if let Some((version, frontends)) = newest
-            && let Err(e) = link.state.save_view(version, &frontends)
-        {
-            warn!(version, "saving the view for restarts: {}", error_chain(&e));
-        }
+    if let Input::Control(link) = input {
+        link.finish().await;
     }
     info!("stopping; the data plane stays in place (`sluice-agent down` removes it)");
     Ok(())

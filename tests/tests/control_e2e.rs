@@ -329,11 +329,44 @@ fn one_apply_programs_every_node_and_updates_follow_through_a_control_restart() 
             &format!("node-{k}, web-2 gone"),
         );
     }
-    // They reported what they applied, with counters.
-    let nodes = cluster.control.sluicectl_json(&["get", "nodes"]);
-    for node in nodes.as_array().expect("a list") {
-        assert_eq!(node["connected"], true, "{node}");
+    // They report their counters too (every 5 s): the new flows they balanced.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let nodes = cluster.control.sluicectl_json(&["get", "nodes"]);
+        let flows = |node: &serde_json::Value| -> u64 {
+            node["traffic"]
+                .as_array()
+                .map_or(0, |t| t.iter().filter_map(|f| f["newFlows"].as_u64()).sum())
+        };
+        let listed = nodes.as_array().expect("a list");
+        if listed.len() == 2
+            && listed
+                .iter()
+                .all(|n| n["connected"] == true && flows(n) >= 100)
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no counters reported: {nodes}"
+        );
+        thread::sleep(Duration::from_millis(200));
     }
+
+    // A clean stop right after an update leaves that view saved for the
+    // next start.
+    cluster.apply(&endpoint(2, 1));
+    cluster.wait_programmed();
+    let version = cluster.control.view_version();
+    let agent = &mut cluster.agents[1];
+    agent.signal(libc::SIGTERM);
+    let status = agent.wait_exit(TIMEOUT).expect("stops on SIGTERM");
+    assert!(status.success(), "{status}");
+    let saved =
+        std::fs::read_to_string(Path::new(&cluster.topology.node(2).state_dir()).join("view.json"))
+            .expect("a saved view");
+    let saved: serde_json::Value = serde_json::from_str(&saved).expect("JSON");
+    assert_eq!(saved["version"], version, "{saved}");
 }
 
 #[test]
