@@ -28,7 +28,8 @@ fn err(text: &str) -> ManifestError {
 }
 
 /// The message names every part (file, document, field, value, line...).
-fn assert_mentions(e: &ManifestError, parts: &[&str]) {
+/// Shared with the control-mode tests.
+pub(super) fn assert_mentions(e: &ManifestError, parts: &[&str]) {
     let message = e.to_string();
     for part in parts {
         assert!(

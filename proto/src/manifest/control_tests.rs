@@ -1,6 +1,7 @@
 //! Control-mode manifests (`parse_objects`, `load_objects`): Service, Endpoint and Grant
 //! with namespaces, labels, selectors and optional VIPs.
 
+use super::agent_tests::assert_mentions;
 use super::*;
 
 /// Bases for rejection tests; each test appends or replaces lines, so the line numbers
@@ -44,16 +45,6 @@ fn err(text: &str) -> ManifestError {
     match parse_objects("app.yaml", text) {
         Ok(objects) => panic!("expected an error, got {objects:?}"),
         Err(e) => e,
-    }
-}
-
-fn assert_mentions(e: &ManifestError, parts: &[&str]) {
-    let message = e.to_string();
-    for part in parts {
-        assert!(
-            message.contains(part),
-            "{message:?} does not mention {part:?}"
-        );
     }
 }
 
