@@ -37,6 +37,13 @@ pub struct Row {
     pub case: String,
     pub services: usize,
     pub endpoints: usize,
+    #[serde(flatten)]
+    pub timing: Timing,
+}
+
+/// One apply, timed.
+#[derive(Debug, Serialize)]
+pub struct Timing {
     /// From starting `sluicectl apply` to its exit (the acknowledgement).
     pub apply_ms: f64,
     /// From the acknowledgement to the last agent's maps programmed (0 if
@@ -76,12 +83,11 @@ pub fn run(services: usize, per_service: usize, rounds: usize) -> anyhow::Result
             .control
             .scratch()
             .write("all.yaml", manifest(size, per, 1));
-        let first = cluster.apply(&manifest, "first apply")?;
         report.rows.push(Row {
             case: "first apply".into(),
             services: size,
             endpoints: size * per,
-            ..first
+            timing: cluster.apply(&manifest)?,
         });
         let changes = if size == 1 { rounds } else { 3 };
         let mut samples = Vec::new();
@@ -90,23 +96,18 @@ pub fn run(services: usize, per_service: usize, rounds: usize) -> anyhow::Result
                 .control
                 .scratch()
                 .write("change.yaml", endpoint(size / 2, 0, 2 + round as u32));
-            samples.push(cluster.apply(&change, "one endpoint changes")?);
+            samples.push(cluster.apply(&change)?);
         }
-        report.rows.push(median(samples, size, size * per));
+        samples.sort_by(|a, b| a.ack_to_programmed_ms.total_cmp(&b.ack_to_programmed_ms));
+        report.rows.push(Row {
+            case: "one endpoint changes (median)".into(),
+            services: size,
+            endpoints: size * per,
+            timing: samples.swap_remove(samples.len() / 2),
+        });
         report.memory.push(cluster.memory(size, size * per)?);
     }
     Ok(report)
-}
-
-fn median(mut samples: Vec<Row>, services: usize, endpoints: usize) -> Row {
-    samples.sort_by(|a, b| a.ack_to_programmed_ms.total_cmp(&b.ack_to_programmed_ms));
-    let mid = samples.swap_remove(samples.len() / 2);
-    Row {
-        case: "one endpoint changes (median)".into(),
-        services,
-        endpoints,
-        ..mid
-    }
 }
 
 fn endpoint(service: usize, j: usize, weight: u32) -> String {
@@ -162,7 +163,7 @@ impl BenchCluster {
     }
 
     /// Applies `file` and times it (see the module docs).
-    fn apply(&self, file: &std::path::Path, case: &str) -> anyhow::Result<Row> {
+    fn apply(&self, file: &std::path::Path) -> anyhow::Result<Timing> {
         let before: Vec<usize> = self.agents.iter().map(|a| applied_lines(a).len()).collect();
         let sent = SystemTime::now();
         let started = Instant::now();
@@ -198,17 +199,14 @@ impl BenchCluster {
                     break;
                 }
                 if Instant::now() >= deadline {
-                    bail!("{case}: an agent did not apply view version {version}");
+                    bail!("an agent did not apply view version {version}");
                 }
                 thread::sleep(Duration::from_millis(20));
             }
         }
         let last = programmed.into_iter().max().context("no agents")?;
         let ms = |d: Duration| d.as_secs_f64() * 1e3;
-        Ok(Row {
-            case: case.into(),
-            services: 0,
-            endpoints: 0,
+        Ok(Timing {
             apply_ms: ms(apply),
             ack_to_programmed_ms: ms(last.duration_since(acked).unwrap_or_default()),
             request_to_programmed_ms: ms(last.duration_since(sent).unwrap_or_default()),
@@ -315,9 +313,9 @@ pub fn render(report: &Report) -> String {
             r.case,
             r.services,
             r.endpoints,
-            r.apply_ms,
-            r.ack_to_programmed_ms,
-            r.request_to_programmed_ms
+            r.timing.apply_ms,
+            r.timing.ack_to_programmed_ms,
+            r.timing.request_to_programmed_ms
         );
     }
     let _ = writeln!(
