@@ -439,19 +439,8 @@ async fn load_identity(
     state: &NodeState,
     join: &Option<JoinSpec>,
 ) -> Result<Option<View>, AgentError> {
-    if let Some(spec) = join {
-        if state.is_joined() {
-            // Re-running the same `join` (a unit file, a restart) keeps the
-            // identity; the token was spent by the first run.
-            let creds = state.load()?;
-            if creds.node != spec.node || creds.control != spec.control {
-                return Err(ControlError::AlreadyJoined {
-                    dir: state.dir().to_owned(),
-                }
-                .into());
-            }
-            info!(node = %creds.node, control = %creds.control, "already joined; reusing the node identity");
-        } else {
+    let creds = match join {
+        Some(spec) if !state.is_joined() => {
             controlplane::join(
                 state,
                 &spec.control,
@@ -460,10 +449,21 @@ async fn load_identity(
                 &spec.node,
                 &spec.zone,
             )
-            .await?;
+            .await?
         }
+        _ => state.load()?,
+    };
+    // Re-running the same `join` (a unit file, a restart) keeps the identity
+    // (the token was spent by the first run); another node or cluster is
+    // refused rather than silently ignored.
+    if let Some(spec) = join
+        && (creds.node != spec.node || creds.control != spec.control)
+    {
+        return Err(ControlError::AlreadyJoined {
+            dir: state.dir().to_owned(),
+        }
+        .into());
     }
-    let creds = state.load()?;
     info!(node = %creds.node, control = %creds.control, dir = %state.dir().display(), "node identity loaded");
     Ok(state
         .load_view()?
