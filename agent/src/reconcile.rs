@@ -17,7 +17,10 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     net::Ipv4Addr,
+    time::Duration,
 };
+
+use sluice_api::manifest::{HealthCheck, traffic::rollout_weights};
 
 use sluice_common::{
     layout::{
@@ -26,8 +29,8 @@ use sluice_common::{
     },
     maglev, slots,
     types::{
-        BACKEND_RETIRED, Backend, FAMILY_V4, Frontend, FrontendKeyV4, FrontendMeta, IPPROTO_UDP,
-        algorithm, fixed_name,
+        BACKEND_DRAINING, BACKEND_RETIRED, Backend, FAMILY_V4, Frontend, FrontendKeyV4,
+        FrontendMeta, IPPROTO_UDP, algorithm, fixed_name,
     },
 };
 
@@ -43,10 +46,42 @@ pub struct DesiredFrontend {
     /// Host order.
     pub target_port: u16,
     pub algorithm: Algorithm,
-    /// In manifest order: (address, weight).
-    pub backends: Vec<(Ipv4Addr, u32)>,
+    /// In manifest order.
+    pub backends: Vec<DesiredBackend>,
     /// Maglev only; `None`: [`MAGLEV_DEFAULT_TABLE_SIZE`].
     pub maglev_table_size: Option<u32>,
+    /// Probed by this agent; unhealthy backends drain (see `health`).
+    pub health_check: Option<HealthCheck>,
+    /// When draining backends' flows are ended; `None`: never, they run until
+    /// they close.
+    pub drain_timeout: Option<Duration>,
+}
+
+/// A backend of a [`DesiredFrontend`]. Only backends with a weight that are not
+/// draining are in the slot table; the others keep their id (and so their
+/// established flows) but get no new flows.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DesiredBackend {
+    pub address: Ipv4Addr,
+    /// Share of new flows; 0: none (the far side of a rollout), with no deadline
+    /// for its established flows.
+    pub weight: u32,
+    /// Out of rotation (marked so, or unhealthy): its flows end at the drain timeout.
+    pub draining: bool,
+}
+
+impl DesiredBackend {
+    pub fn new(address: Ipv4Addr, weight: u32) -> Self {
+        Self {
+            address,
+            weight,
+            draining: false,
+        }
+    }
+
+    fn takes_new_flows(&self) -> bool {
+        self.weight > 0 && !self.draining
+    }
 }
 
 pub type Desired = BTreeMap<FrontendKeyV4, DesiredFrontend>;
@@ -56,6 +91,26 @@ pub type Desired = BTreeMap<FrontendKeyV4, DesiredFrontend>;
 pub fn desired(manifest: &Manifest) -> Desired {
     let mut out = Desired::new();
     for service in &manifest.services {
+        // Draining backends take no share: the rollout splits the others.
+        let rollout = service.traffic.rollout.as_ref();
+        let sharing: Vec<(u32, Option<&str>)> = service
+            .backends
+            .iter()
+            .filter(|b| !b.draining)
+            .map(|b| (b.weight, b.version.as_deref()))
+            .collect();
+        let mut shares = rollout_weights(&sharing, rollout).into_iter();
+        let weights: Vec<u32> = service
+            .backends
+            .iter()
+            .map(|b| {
+                if b.draining {
+                    b.weight
+                } else {
+                    shares.next().unwrap_or(b.weight)
+                }
+            })
+            .collect();
         for port in &service.ports {
             let key = FrontendKeyV4 {
                 vip: u32::from_ne_bytes(service.vip.octets()),
@@ -68,13 +123,20 @@ pub fn desired(manifest: &Manifest) -> Desired {
                 DesiredFrontend {
                     service: service.name.clone(),
                     target_port: port.target_port,
-                    algorithm: service.algorithm,
+                    algorithm: effective_algorithm(service.algorithm, rollout.is_some()),
                     maglev_table_size: service.maglev_table_size,
                     backends: service
                         .backends
                         .iter()
-                        .map(|b| (b.address, b.weight))
+                        .zip(&weights)
+                        .map(|(b, &weight)| DesiredBackend {
+                            address: b.address,
+                            weight,
+                            draining: b.draining,
+                        })
                         .collect(),
+                    health_check: service.traffic.health_check.clone(),
+                    drain_timeout: drain_timeout(service.traffic.drain_timeout_seconds),
                 },
             );
         }
@@ -89,7 +151,7 @@ pub fn desired(manifest: &Manifest) -> Desired {
 pub fn desired_from_view<'a>(
     frontends: impl IntoIterator<Item = &'a sluice_api::v1::FrontendView>,
 ) -> (Desired, Vec<String>) {
-    use sluice_api::convert::{algorithm_from_proto, protocol_from_proto};
+    use sluice_api::convert::{algorithm_from_proto, health_check_from_proto, protocol_from_proto};
     let mut out = Desired::new();
     let mut skipped = Vec::new();
     for f in frontends {
@@ -107,8 +169,27 @@ pub fn desired_from_view<'a>(
         let backends = f
             .backends
             .iter()
-            .filter_map(|b| Some((b.address.parse().ok()?, b.weight.max(1))))
+            .filter_map(|b| {
+                Some(DesiredBackend {
+                    address: b.address.parse().ok()?,
+                    weight: b.weight,
+                    draining: b.draining,
+                })
+            })
             .collect();
+        // A check this agent cannot read is skipped like any unreadable entry:
+        // programming the service unprobed beats not programming it.
+        let health_check = match f.health_check.clone().map(health_check_from_proto) {
+            None => None,
+            Some(Ok(check)) => Some(check),
+            Some(Err((field, problem))) => {
+                skipped.push(format!(
+                    "{} {}:{} {field}: {problem}",
+                    f.service, f.vip, f.port
+                ));
+                None
+            }
+        };
         out.insert(
             FrontendKeyV4 {
                 vip: u32::from_ne_bytes(vip.octets()),
@@ -122,10 +203,28 @@ pub fn desired_from_view<'a>(
                 algorithm,
                 backends,
                 maglev_table_size: (f.maglev_table_size != 0).then_some(f.maglev_table_size),
+                health_check,
+                drain_timeout: drain_timeout(
+                    (f.drain_timeout_seconds != 0).then_some(f.drain_timeout_seconds),
+                ),
             },
         );
     }
     (out, skipped)
+}
+
+fn drain_timeout(seconds: Option<u32>) -> Option<Duration> {
+    seconds.map(|s| Duration::from_secs(s.into()))
+}
+
+/// Under a rollout, shares are weights even for an algorithm that ignores them
+/// (as the control service does for a view).
+fn effective_algorithm(algorithm: Algorithm, rollout: bool) -> Algorithm {
+    match algorithm {
+        Algorithm::RoundRobin if rollout => Algorithm::WeightedRoundRobin,
+        Algorithm::LeastConnections if rollout => Algorithm::WeightedLeastConnections,
+        other => other,
+    }
 }
 
 /// What the maps hold (read back once at start, then kept in step).
@@ -448,7 +547,16 @@ pub fn plan(desired: &Desired, current: &State, alloc: &Allocator) -> Result<Pla
         let mut ids = Vec::with_capacity(want.backends.len());
         let mut weights = Vec::with_capacity(want.backends.len());
         let mut identities = Vec::with_capacity(want.backends.len());
-        for &(address, weight) in &want.backends {
+        let mut kept = Vec::with_capacity(want.backends.len());
+        for wanted_backend in &want.backends {
+            let DesiredBackend {
+                address, weight, ..
+            } = *wanted_backend;
+            let flags = if wanted_backend.draining {
+                BACKEND_DRAINING
+            } else {
+                0
+            };
             let addr = u32::from_ne_bytes(address.octets());
             let known = by_frontend
                 .get(&id)
@@ -460,7 +568,7 @@ pub fn plan(desired: &Desired, current: &State, alloc: &Allocator) -> Result<Pla
                 Some((bid, backend)) => {
                     let wanted = Backend {
                         weight,
-                        flags: 0,
+                        flags,
                         ..backend
                     };
                     if wanted != backend {
@@ -486,7 +594,7 @@ pub fn plan(desired: &Desired, current: &State, alloc: &Allocator) -> Result<Pla
                         addr: [addr, 0, 0, 0],
                         port: target_port,
                         family: FAMILY_V4,
-                        flags: 0,
+                        flags,
                         weight,
                         frontend_id: id,
                         _pad: 0,
@@ -502,11 +610,14 @@ pub fn plan(desired: &Desired, current: &State, alloc: &Allocator) -> Result<Pla
                     bid
                 }
             };
-            ids.push(bid);
-            weights.push(weight);
-            identities.push(identity(address, want.target_port));
+            kept.push(bid);
+            if wanted_backend.takes_new_flows() {
+                ids.push(bid);
+                weights.push(weight);
+                identities.push(identity(address, want.target_port));
+            }
         }
-        let keep: BTreeSet<u32> = ids.iter().copied().collect();
+        let keep: BTreeSet<u32> = kept.into_iter().collect();
         retire_backends(&mut next, &mut phases, &by_frontend, key, id, &keep);
 
         let table = slot_table(
@@ -661,8 +772,13 @@ mod tests {
             service: service.to_string(),
             target_port: 8080,
             algorithm,
-            backends: backends.iter().map(|&(a, w)| (addr(a), w)).collect(),
+            backends: backends
+                .iter()
+                .map(|&(a, w)| DesiredBackend::new(addr(a), w))
+                .collect(),
             maglev_table_size: None,
+            health_check: None,
+            drain_timeout: None,
         }
     }
 
@@ -987,7 +1103,10 @@ mod tests {
             backends: vec![v1::ViewBackend {
                 address: "198.19.1.2".into(),
                 weight: 3,
+                draining: Default::default(),
             }],
+            drain_timeout_seconds: Default::default(),
+            health_check: Default::default(),
         }];
         let (d, skipped) = desired_from_view(&view);
         assert!(skipped.is_empty());
@@ -995,13 +1114,78 @@ mod tests {
         assert_eq!(f.service, "shop/web");
         assert_eq!(f.target_port, 8080);
         assert_eq!(f.algorithm, Algorithm::WeightedRoundRobin);
-        assert_eq!(f.backends, [(addr("198.19.1.2"), 3)]);
+        assert_eq!(f.backends, [DesiredBackend::new(addr("198.19.1.2"), 3)]);
         let bad = [v1::FrontendView {
             vip: "not-an-ip".into(),
             ..view[0].clone()
         }];
         let (d, skipped) = desired_from_view(&bad);
         assert!(d.is_empty() && skipped.len() == 1);
+    }
+
+    #[test]
+    fn draining_and_zero_share_backends_keep_their_id_but_leave_the_table() {
+        let k = key("198.18.0.10", 80, IPPROTO_TCP);
+        let all = frontend(
+            "web",
+            Algorithm::WeightedRoundRobin,
+            &[("198.19.1.2", 1), ("198.19.1.3", 1), ("198.19.1.4", 2)],
+        );
+        let first = plan_ok(&Desired::from([(k, all.clone())]), &State::default());
+        let ids: Vec<u32> = first.next.backends.keys().copied().collect();
+        assert_eq!(first.next.frontends[&k].slots.len(), 4);
+
+        let mut drained = all.clone();
+        drained.backends[0].draining = true;
+        drained.backends[2].weight = 0;
+        let second = plan_ok(&Desired::from([(k, drained)]), &first.next);
+        // Same ids, nothing retired or purged: established flows keep going.
+        assert_eq!(
+            second.next.backends.keys().copied().collect::<Vec<_>>(),
+            ids
+        );
+        assert!(
+            !step_names(&second.steps)
+                .iter()
+                .any(|s| matches!(*s, "retire" | "purge_udp"))
+        );
+        assert_eq!(second.next.frontends[&k].slots, [ids[1]]);
+        assert_eq!(second.next.backends[&ids[0]].flags, BACKEND_DRAINING);
+        assert_eq!(second.next.backends[&ids[2]].flags, 0);
+
+        // Back in rotation: the same ids again.
+        let third = plan_ok(&Desired::from([(k, all)]), &second.next);
+        assert_eq!(third.next.frontends[&k].slots.len(), 4);
+        assert_eq!(third.next.backends[&ids[0]].flags, 0);
+    }
+
+    #[test]
+    fn a_manifest_rollout_becomes_exact_weights_and_a_weighted_algorithm() {
+        let manifest = crate::manifest::parse(
+            "test.yaml",
+            "kind: Service\nname: web\nvip: 198.18.0.10\nports: [{ port: 80, protocol: TCP }]\n\
+             rollout: { to: v2, percent: 1 }\ndrainTimeoutSeconds: 30\nbackends:\n\
+             - { address: 198.19.1.2, version: v1 }\n- { address: 198.19.1.3, version: v1 }\n\
+             - { address: 198.19.1.4, version: v1 }\n- { address: 198.19.1.5, version: v2 }\n\
+             - { address: 198.19.1.6, version: v2, draining: true }\n",
+        )
+        .expect("valid manifest");
+        let d = desired(&manifest);
+        let web = &d[&key("198.18.0.10", 80, IPPROTO_TCP)];
+        assert_eq!(web.algorithm, Algorithm::WeightedRoundRobin);
+        assert_eq!(web.drain_timeout, Some(Duration::from_secs(30)));
+        let weights: Vec<(u32, bool)> = web
+            .backends
+            .iter()
+            .map(|b| (b.weight, b.draining))
+            .collect();
+        assert_eq!(
+            weights,
+            [(33, false), (33, false), (33, false), (1, false), (1, true)]
+        );
+        let plan = plan_ok(&d, &State::default());
+        let table = &plan.next.frontends[&key("198.18.0.10", 80, IPPROTO_TCP)].slots;
+        assert_eq!(table.len(), 100);
     }
 
     #[test]
@@ -1015,6 +1199,6 @@ mod tests {
         assert_eq!(d.len(), 2);
         let udp = &d[&key("198.18.0.10", 53, IPPROTO_UDP)];
         assert_eq!(udp.target_port, 5353);
-        assert_eq!(udp.backends, [(addr("198.19.1.2"), 2)]);
+        assert_eq!(udp.backends, [DesiredBackend::new(addr("198.19.1.2"), 2)]);
     }
 }

@@ -16,7 +16,10 @@ use std::{
     sync::Arc,
 };
 
-use sluice_api::v1;
+use sluice_api::{
+    manifest::{Rollout, VERSION_LABEL, traffic::rollout_weights},
+    v1,
+};
 
 /// Identifies a service port: (VIP, port, protocol as the proto enum value).
 pub type Key = (Ipv4Addr, u32, i32);
@@ -53,8 +56,10 @@ pub fn compute<'a>(
                     port: port.port,
                     protocol: port.protocol,
                     target_port,
-                    algorithm: service.algorithm,
+                    algorithm: effective_algorithm(service),
                     maglev_table_size: service.maglev_table_size,
+                    health_check: service.health_check.clone(),
+                    drain_timeout_seconds: service.drain_timeout_seconds,
                     backends: backends.clone(),
                 },
             );
@@ -129,13 +134,16 @@ impl<'a> EndpointIndex<'a> {
 
 /// A service's backends: static, or ready endpoints matching its selector in
 /// its namespace. Sorted by address, one entry per address (the first
-/// endpoint by name wins), weight 0 read as 1.
+/// endpoint by name wins), weight 0 read as 1. A rollout turns the weights
+/// into its shares (zero for the side that gets no new flows); draining
+/// backends stay listed, marked, so that their established flows keep going.
 pub fn resolve(
     service: &v1::Service,
     namespace: &str,
     index: &EndpointIndex<'_>,
 ) -> Vec<v1::ViewBackend> {
-    let mut by_address: BTreeMap<Ipv4Addr, u32> = BTreeMap::new();
+    // address → (weight, version, draining)
+    let mut by_address: BTreeMap<Ipv4Addr, (u32, Option<&str>, bool)> = BTreeMap::new();
     if !service.selector.is_empty() {
         let mut matching: Vec<&v1::Endpoint> = index
             .matching(namespace, &service.selector)
@@ -149,23 +157,69 @@ pub fn resolve(
         });
         for e in matching {
             if let Ok(addr) = e.address.parse::<Ipv4Addr>() {
-                by_address.entry(addr).or_insert(e.weight.max(1));
+                let version = e
+                    .meta
+                    .as_ref()
+                    .and_then(|m| m.labels.get(VERSION_LABEL))
+                    .map(String::as_str);
+                by_address
+                    .entry(addr)
+                    .or_insert((e.weight.max(1), version, e.draining));
             }
         }
     } else {
         for b in &service.backends {
             if let Ok(addr) = b.address.parse::<Ipv4Addr>() {
-                by_address.entry(addr).or_insert(b.weight.max(1));
+                let version = (!b.version.is_empty()).then_some(b.version.as_str());
+                by_address
+                    .entry(addr)
+                    .or_insert((b.weight.max(1), version, b.draining));
             }
         }
     }
+    // Draining backends take no part in the shares: they get no new flows.
+    let sharing: Vec<(u32, Option<&str>)> = by_address
+        .values()
+        .filter(|(_, _, draining)| !draining)
+        .map(|&(weight, version, _)| (weight, version))
+        .collect();
+    let mut shares = rollout_weights(&sharing, rollout(service).as_ref()).into_iter();
     by_address
         .into_iter()
-        .map(|(address, weight)| v1::ViewBackend {
+        .map(|(address, (weight, _, draining))| v1::ViewBackend {
             address: address.to_string(),
-            weight,
+            weight: if draining {
+                weight
+            } else {
+                shares.next().unwrap_or(weight)
+            },
+            draining,
         })
         .collect()
+}
+
+/// The service's rollout, as the manifest type (the API's was validated on the
+/// way in).
+fn rollout(service: &v1::Service) -> Option<Rollout> {
+    service.rollout.as_ref().map(|r| Rollout {
+        to: r.to.clone(),
+        percent: r.percent,
+    })
+}
+
+/// Under a rollout, shares are weights even for an algorithm that ignores
+/// them: round-robin becomes weighted round-robin, least-connections its
+/// weighted form.
+fn effective_algorithm(service: &v1::Service) -> i32 {
+    use v1::Algorithm as A;
+    if service.rollout.is_none() {
+        return service.algorithm;
+    }
+    match A::try_from(service.algorithm) {
+        Ok(A::Unspecified | A::RoundRobin) => A::WeightedRoundRobin as i32,
+        Ok(A::LeastConnections) => A::WeightedLeastConnections as i32,
+        _ => service.algorithm,
+    }
 }
 
 /// The update that turns `old` into `new` (None when they are equal).
@@ -307,12 +361,17 @@ mod tests {
                 .map(|a| v1::StaticBackend {
                     address: a.to_string(),
                     weight: 0,
+                    draining: Default::default(),
+                    version: Default::default(),
                 })
                 .collect(),
             selector: selector
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            drain_timeout_seconds: Default::default(),
+            health_check: Default::default(),
+            rollout: Default::default(),
         }
     }
 
@@ -330,6 +389,7 @@ mod tests {
             zone: String::new(),
             weight: 2,
             ready,
+            draining: Default::default(),
         }
     }
 
@@ -379,7 +439,8 @@ mod tests {
             tcp.backends,
             [v1::ViewBackend {
                 address: "198.19.1.2".into(),
-                weight: 2
+                weight: 2,
+                draining: Default::default(),
             }]
         );
     }

@@ -25,8 +25,9 @@ use std::collections::{BTreeMap, HashMap};
 
 use crate::manifest::rules::{self, Problem, UniqueBackends, UniquePermissions, UniquePorts};
 use crate::manifest::{
-    Algorithm, BackendSpec, DEFAULT_NAMESPACE, Endpoint, Grant, Labels, Object, ObjectKind,
-    ObjectRef, Permission, Protocol, ServiceObject, ServicePort, Subject,
+    Algorithm, BackendSpec, DEFAULT_NAMESPACE, Endpoint, Grant, HealthCheck, Labels, Object,
+    ObjectKind, ObjectRef, Permission, Probe, Protocol, Rollout, ServiceObject, ServicePort,
+    Subject, Traffic, VERSION_LABEL, traffic,
 };
 use crate::v1;
 
@@ -201,10 +202,17 @@ impl From<&ServicePort> for v1::ServicePort {
 
 impl From<&BackendSpec> for v1::StaticBackend {
     fn from(backend: &BackendSpec) -> Self {
-        let BackendSpec { address, weight } = *backend;
+        let BackendSpec {
+            address,
+            weight,
+            version,
+            draining,
+        } = backend;
         Self {
             address: address.to_string(),
-            weight,
+            weight: *weight,
+            version: version.clone().unwrap_or_default(),
+            draining: *draining,
         }
     }
 }
@@ -221,8 +229,20 @@ impl From<&ServiceObject> for v1::Service {
             backends,
             selector,
             maglev_table_size,
+            traffic:
+                Traffic {
+                    health_check,
+                    drain_timeout_seconds,
+                    rollout,
+                },
         } = service;
         Self {
+            health_check: health_check.as_ref().map(v1::HealthCheck::from),
+            drain_timeout_seconds: drain_timeout_seconds.unwrap_or(0),
+            rollout: rollout.as_ref().map(|r| v1::Rollout {
+                to: r.to.clone(),
+                percent: r.percent,
+            }),
             meta: meta(namespace, name, labels),
             vip: vip.map(|vip| vip.to_string()).unwrap_or_default(),
             ports: ports.iter().map(v1::ServicePort::from).collect(),
@@ -245,8 +265,10 @@ impl From<&Endpoint> for v1::Endpoint {
             zone,
             weight,
             ready,
+            draining,
         } = endpoint;
         Self {
+            draining: *draining,
             meta: meta(namespace, name, labels),
             address: address.to_string(),
             node: node.clone().unwrap_or_default(),
@@ -255,6 +277,97 @@ impl From<&Endpoint> for v1::Endpoint {
             ready: *ready,
         }
     }
+}
+
+impl From<&HealthCheck> for v1::HealthCheck {
+    fn from(check: &HealthCheck) -> Self {
+        let HealthCheck {
+            probe,
+            interval_ms,
+            timeout_ms,
+            unhealthy_threshold,
+            healthy_threshold,
+            fail_open,
+        } = check;
+        let probe = match probe {
+            Probe::Http { path, port } => v1::health_check::Probe::Http(v1::HttpProbe {
+                path: path.clone(),
+                port: port.map_or(0, u32::from),
+            }),
+            Probe::Tcp { port } => v1::health_check::Probe::Tcp(v1::TcpProbe {
+                port: port.map_or(0, u32::from),
+            }),
+        };
+        Self {
+            probe: Some(probe),
+            interval_ms: *interval_ms,
+            timeout_ms: *timeout_ms,
+            unhealthy_threshold: *unhealthy_threshold,
+            healthy_threshold: *healthy_threshold,
+            fail_closed: !fail_open,
+        }
+    }
+}
+
+/// A health check message as the manifest would have it: zeros take the defaults,
+/// everything is validated. Errors name the field under `healthCheck`.
+pub fn health_check_from_proto(check: v1::HealthCheck) -> Result<HealthCheck, (String, Problem)> {
+    let v1::HealthCheck {
+        probe,
+        interval_ms,
+        timeout_ms,
+        unhealthy_threshold,
+        healthy_threshold,
+        fail_closed,
+    } = check;
+    let at = |field: &str| {
+        let field = format!("healthCheck.{field}");
+        move |problem| (field, problem)
+    };
+    let probe_port = |port: u32, field: &str| match port {
+        0 => Ok(None),
+        port => rules::validate_port(port.into())
+            .map(Some)
+            .map_err(at(field)),
+    };
+    let probe = match probe {
+        Some(v1::health_check::Probe::Http(v1::HttpProbe { path, port })) => {
+            traffic::validate_http_path(&path).map_err(at("http.path"))?;
+            Probe::Http {
+                path,
+                port: probe_port(port, "http.port")?,
+            }
+        }
+        Some(v1::health_check::Probe::Tcp(v1::TcpProbe { port })) => Probe::Tcp {
+            port: probe_port(port, "tcp.port")?,
+        },
+        None => return Err(("healthCheck".to_owned(), Problem::ProbeKind)),
+    };
+    let or = |value: u32, default: u32| if value == 0 { default } else { value };
+    let interval_ms =
+        traffic::validate_interval(or(interval_ms, traffic::DEFAULT_INTERVAL_MS).into())
+            .map_err(at("intervalMs"))?;
+    let timeout_ms = traffic::validate_timeout(
+        or(timeout_ms, traffic::default_timeout(interval_ms)).into(),
+        interval_ms,
+    )
+    .map_err(at("timeoutMs"))?;
+    let unhealthy_threshold = traffic::validate_threshold(
+        or(unhealthy_threshold, traffic::DEFAULT_UNHEALTHY_THRESHOLD).into(),
+    )
+    .map_err(at("unhealthyThreshold"))?;
+    let healthy_threshold = traffic::validate_threshold(
+        or(healthy_threshold, traffic::DEFAULT_HEALTHY_THRESHOLD).into(),
+    )
+    .map_err(at("healthyThreshold"))?;
+    Ok(HealthCheck {
+        probe,
+        interval_ms,
+        timeout_ms,
+        unhealthy_threshold,
+        healthy_threshold,
+        fail_open: !fail_closed,
+    })
 }
 
 impl From<&Subject> for v1::Subject {
@@ -405,6 +518,9 @@ impl TryFrom<v1::Service> for ServiceObject {
             backends,
             selector,
             maglev_table_size,
+            health_check,
+            drain_timeout_seconds,
+            rollout,
         } = service;
         let (check, labels) = from_meta(ObjectKind::Service, meta)?;
         let vip = if vip.is_empty() {
@@ -455,14 +571,46 @@ impl TryFrom<v1::Service> for ServiceObject {
             let v1::StaticBackend {
                 address,
                 weight: raw_weight,
+                version,
+                draining,
             } = entry;
             let field = format!("backends[{i}].address");
             let address = rules::validate_address(&address).map_err(check.at(&field))?;
             rules::validate_backend_address(address, vip).map_err(check.at(&field))?;
             let weight = weight(&check, &format!("backends[{i}].weight"), raw_weight)?;
+            let version = optional(
+                &check,
+                &format!("backends[{i}].version"),
+                version,
+                traffic::validate_version,
+            )?;
             unique.insert(i, address).map_err(check.at(&field))?;
-            domain_backends.push(BackendSpec { address, weight });
+            domain_backends.push(BackendSpec {
+                address,
+                weight,
+                version,
+                draining,
+            });
         }
+        let health_check = health_check
+            .map(health_check_from_proto)
+            .transpose()
+            .map_err(|(field, problem)| check.at(field)(problem))?;
+        let drain_timeout_seconds = match drain_timeout_seconds {
+            0 => None,
+            value => Some(
+                traffic::validate_drain_timeout(value.into())
+                    .map_err(check.at("drainTimeoutSeconds"))?,
+            ),
+        };
+        let rollout = rollout
+            .map(|v1::Rollout { to, percent }| {
+                traffic::validate_version(&to).map_err(check.at("rollout.to"))?;
+                let percent = traffic::validate_percent(percent.into())
+                    .map_err(check.at("rollout.percent"))?;
+                Ok::<_, ObjectError>(Rollout { to, percent })
+            })
+            .transpose()?;
 
         // An empty map is an absent selector (proto3), never an empty one.
         let selector = from_labels(&check, "selector", selector)?;
@@ -482,6 +630,11 @@ impl TryFrom<v1::Service> for ServiceObject {
             backends: domain_backends,
             selector,
             maglev_table_size,
+            traffic: Traffic {
+                health_check,
+                drain_timeout_seconds,
+                rollout,
+            },
         })
     }
 }
@@ -497,8 +650,13 @@ impl TryFrom<v1::Endpoint> for Endpoint {
             zone,
             weight: raw_weight,
             ready,
+            draining,
         } = endpoint;
         let (check, labels) = from_meta(ObjectKind::Endpoint, meta)?;
+        if let Some(version) = labels.get(VERSION_LABEL) {
+            traffic::validate_version(version)
+                .map_err(check.at(format!("labels.{VERSION_LABEL}")))?;
+        }
         let address = rules::validate_address(required(&check, "address", &address)?)
             .map_err(check.at("address"))?;
         let node = optional(&check, "node", node, rules::validate_node)?;
@@ -516,6 +674,7 @@ impl TryFrom<v1::Endpoint> for Endpoint {
             zone,
             weight,
             ready,
+            draining,
         })
     }
 }
@@ -643,14 +802,19 @@ mod tests {
                 BackendSpec {
                     address: addr("198.19.1.2"),
                     weight: 3,
+                    draining: false,
+                    version: None,
                 },
                 BackendSpec {
                     address: addr("198.19.1.3"),
                     weight: 1,
+                    draining: false,
+                    version: None,
                 },
             ],
             selector: Labels::new(),
             maglev_table_size: None,
+            traffic: Default::default(),
         }
     }
 
@@ -675,6 +839,7 @@ mod tests {
             zone: Some("eu-west-1a".to_owned()),
             weight: 2,
             ready: false,
+            draining: false,
         }
     }
 
@@ -973,6 +1138,8 @@ scope: shop
             .map(|i| v1::StaticBackend {
                 address: format!("198.19.{}.{}", i / 250, i % 250 + 1),
                 weight: 0,
+                draining: Default::default(),
+                version: Default::default(),
             })
             .collect();
         let e = invalid(ServiceObject::try_from(proto));

@@ -387,16 +387,83 @@ struct FrontendFile {
     backends: Vec<BackendFile>,
     #[serde(default, skip_serializing_if = "is_zero")]
     maglev_table_size: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    health_check: Option<HealthCheckFile>,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    drain_timeout_seconds: u32,
 }
 
 fn is_zero(n: &u32) -> bool {
     *n == 0
 }
 
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 struct BackendFile {
     address: String,
     weight: u32,
+    #[serde(default, skip_serializing_if = "is_false")]
+    draining: bool,
+}
+
+/// The API's health check, zeros and all (validated when applied, as sent).
+#[derive(Debug, Serialize, Deserialize)]
+struct HealthCheckFile {
+    /// `None`: a TCP probe.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    http_path: Option<String>,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    port: u32,
+    interval_ms: u32,
+    timeout_ms: u32,
+    unhealthy_threshold: u32,
+    healthy_threshold: u32,
+    #[serde(default, skip_serializing_if = "is_false")]
+    fail_closed: bool,
+}
+
+impl From<&v1::HealthCheck> for HealthCheckFile {
+    fn from(check: &v1::HealthCheck) -> Self {
+        use v1::health_check::Probe;
+        let (http_path, port) = match &check.probe {
+            Some(Probe::Http(http)) => (Some(http.path.clone()), http.port),
+            Some(Probe::Tcp(tcp)) => (None, tcp.port),
+            None => (None, 0),
+        };
+        Self {
+            http_path,
+            port,
+            interval_ms: check.interval_ms,
+            timeout_ms: check.timeout_ms,
+            unhealthy_threshold: check.unhealthy_threshold,
+            healthy_threshold: check.healthy_threshold,
+            fail_closed: check.fail_closed,
+        }
+    }
+}
+
+impl From<HealthCheckFile> for v1::HealthCheck {
+    fn from(file: HealthCheckFile) -> Self {
+        use v1::health_check::Probe;
+        let probe = match file.http_path {
+            Some(path) => Probe::Http(v1::HttpProbe {
+                path,
+                port: file.port,
+            }),
+            None => Probe::Tcp(v1::TcpProbe { port: file.port }),
+        };
+        Self {
+            probe: Some(probe),
+            interval_ms: file.interval_ms,
+            timeout_ms: file.timeout_ms,
+            unhealthy_threshold: file.unhealthy_threshold,
+            healthy_threshold: file.healthy_threshold,
+            fail_closed: file.fail_closed,
+        }
+    }
 }
 
 impl From<&v1::FrontendView> for FrontendFile {
@@ -411,6 +478,8 @@ impl From<&v1::FrontendView> for FrontendFile {
             algorithm,
             backends,
             maglev_table_size,
+            health_check,
+            drain_timeout_seconds,
         } = view;
         FrontendFile {
             service: service.clone(),
@@ -423,12 +492,21 @@ impl From<&v1::FrontendView> for FrontendFile {
                 .map_or_else(|_| algorithm.to_string(), |a| a.as_str_name().to_owned()),
             backends: backends
                 .iter()
-                .map(|v1::ViewBackend { address, weight }| BackendFile {
-                    address: address.clone(),
-                    weight: *weight,
-                })
+                .map(
+                    |v1::ViewBackend {
+                         address,
+                         weight,
+                         draining,
+                     }| BackendFile {
+                        address: address.clone(),
+                        weight: *weight,
+                        draining: *draining,
+                    },
+                )
                 .collect(),
             maglev_table_size: *maglev_table_size,
+            health_check: health_check.as_ref().map(HealthCheckFile::from),
+            drain_timeout_seconds: *drain_timeout_seconds,
         }
     }
 }
@@ -446,6 +524,8 @@ impl TryFrom<FrontendFile> for v1::FrontendView {
             algorithm,
             backends,
             maglev_table_size,
+            health_check,
+            drain_timeout_seconds,
         } = file;
         // A value this build does not know (from a newer control service)
         // was saved as its number.
@@ -465,9 +545,21 @@ impl TryFrom<FrontendFile> for v1::FrontendView {
             target_port,
             algorithm,
             maglev_table_size,
+            health_check: health_check.map(v1::HealthCheck::from),
+            drain_timeout_seconds,
             backends: backends
                 .into_iter()
-                .map(|BackendFile { address, weight }| v1::ViewBackend { address, weight })
+                .map(
+                    |BackendFile {
+                         address,
+                         weight,
+                         draining,
+                     }| v1::ViewBackend {
+                        address,
+                        weight,
+                        draining,
+                    },
+                )
                 .collect(),
         })
     }

@@ -109,12 +109,16 @@ fn frontend(service: &str, port: u32) -> v1::FrontendView {
             v1::ViewBackend {
                 address: "10.0.0.1".into(),
                 weight: 1,
+                draining: Default::default(),
             },
             v1::ViewBackend {
                 address: "10.0.0.2".into(),
                 weight: 3,
+                draining: Default::default(),
             },
         ],
+        drain_timeout_seconds: Default::default(),
+        health_check: Default::default(),
     }
 }
 
@@ -365,6 +369,8 @@ impl ControlService {
                 .map(|address| v1::StaticBackend {
                     address: (*address).into(),
                     weight: 1,
+                    draining: Default::default(),
+                    version: Default::default(),
                 })
                 .collect(),
             ..Default::default()

@@ -78,8 +78,11 @@ mod tests {
                 .map(|a| v1::ViewBackend {
                     address: (*a).into(),
                     weight: 1,
+                    draining: Default::default(),
                 })
                 .collect(),
+            drain_timeout_seconds: Default::default(),
+            health_check: Default::default(),
         }
     }
 

@@ -3,7 +3,8 @@
 use std::time::{Duration, SystemTime};
 
 use sluice_api::manifest::{
-    BackendSpec, Endpoint, Grant, Labels, Object, ObjectKind, ServiceObject, ServicePort, Subject,
+    BackendSpec, Endpoint, Grant, HealthCheck, Labels, Object, ObjectKind, Probe, Rollout,
+    ServiceObject, ServicePort, Subject,
 };
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
@@ -92,6 +93,7 @@ fn endpoints<'a>(items: impl Iterator<Item = &'a Endpoint>) -> Table {
             zone,
             weight,
             ready,
+            draining,
         } = endpoint;
         table.row(vec![
             namespace.clone(),
@@ -100,7 +102,10 @@ fn endpoints<'a>(items: impl Iterator<Item = &'a Endpoint>) -> Table {
             node.clone().unwrap_or_else(|| NONE.to_owned()),
             zone.clone().unwrap_or_else(|| NONE.to_owned()),
             weight.to_string(),
-            yes_no(*ready),
+            match (*ready, *draining) {
+                (true, true) => "draining".to_owned(),
+                (ready, _) => yes_no(ready),
+            },
             labels(endpoint_labels),
         ]);
     }
@@ -183,6 +188,30 @@ pub fn nodes(items: &[NodeInfo], now: SystemTime) -> Table {
     table
 }
 
+fn health_check(check: &HealthCheck) -> String {
+    let HealthCheck {
+        probe,
+        interval_ms,
+        timeout_ms,
+        unhealthy_threshold,
+        healthy_threshold,
+        fail_open,
+    } = check;
+    let port = probe
+        .port()
+        .map_or_else(|| "target port".to_owned(), |p| format!("port {p}"));
+    let probe = match probe {
+        Probe::Http { path, .. } => format!("http GET {path} on {port}"),
+        Probe::Tcp { .. } => format!("tcp connect to {port}"),
+    };
+    let all_down = if *fail_open { "send to all" } else { "drop" };
+    format!(
+        "{probe} every {interval_ms}ms (timeout {timeout_ms}ms); out after \
+         {unhealthy_threshold} failures, back after {healthy_threshold} successes; \
+         all unhealthy: {all_down}"
+    )
+}
+
 /// `describe service`.
 pub fn describe(described: &Described) -> String {
     let Described {
@@ -201,6 +230,7 @@ pub fn describe(described: &Described) -> String {
         backends: static_backends,
         selector,
         maglev_table_size,
+        traffic,
     } = service;
     let mut pairs = vec![
         ("Name", name.clone()),
@@ -222,7 +252,23 @@ pub fn describe(described: &Described) -> String {
     if selector.is_empty() {
         let list: Vec<String> = static_backends
             .iter()
-            .map(|BackendSpec { address, weight }| format!("{address} (weight {weight})"))
+            .map(
+                |BackendSpec {
+                     address,
+                     weight,
+                     version,
+                     draining,
+                 }| {
+                    let mut text = format!("{address} (weight {weight}");
+                    if let Some(version) = version {
+                        text.push_str(&format!(", version {version}"));
+                    }
+                    if *draining {
+                        text.push_str(", draining");
+                    }
+                    text + ")"
+                },
+            )
             .collect();
         let value = if list.is_empty() {
             "none (traffic is dropped)".to_owned()
@@ -232,6 +278,18 @@ pub fn describe(described: &Described) -> String {
         pairs.push(("Static backends", value));
     } else {
         pairs.push(("Selector", labels(selector)));
+    }
+    if let Some(check) = &traffic.health_check {
+        pairs.push(("Health check", health_check(check)));
+    }
+    if let Some(seconds) = traffic.drain_timeout_seconds {
+        pairs.push(("Drain timeout", format!("{seconds}s")));
+    }
+    if let Some(Rollout { to, percent }) = &traffic.rollout {
+        pairs.push((
+            "Rollout",
+            format!("{percent}% of new flows to version {to}, the rest to other versions"),
+        ));
     }
     pairs.push(("Version", resource_version.to_string()));
     let mut out = fields(&pairs);

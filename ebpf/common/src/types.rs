@@ -92,6 +92,10 @@ pub struct Backend {
 const _: () = assert!(size_of::<Backend>() == 32);
 
 pub const BACKEND_RETIRED: u8 = 1;
+/// In no slot table because it drains (marked so, or failing its health check);
+/// unlike a retired one it stays in the service. User space only: the kernel
+/// never reads `flags`.
+pub const BACKEND_DRAINING: u8 = 2;
 
 /// 5-tuple key of `FLOWS_V4` (client → VIP) and `REPLIES_V4` (backend → client).
 ///

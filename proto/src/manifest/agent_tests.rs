@@ -94,13 +94,18 @@ backends:
                 BackendSpec {
                     address: addr("198.19.1.2"),
                     weight: 1,
+                    draining: false,
+                    version: None,
                 },
                 BackendSpec {
                     address: addr("198.19.2.2"),
                     weight: 3,
+                    draining: false,
+                    version: None,
                 },
             ],
             maglev_table_size: None,
+            traffic: Default::default(),
         }],
     };
     assert_eq!(ok(text), expected);

@@ -122,6 +122,7 @@ backends: [{ address: 198.19.2.2, weight: 5 }]
             backends: Vec::new(),
             selector: labels(&[("app", "web")]),
             maglev_table_size: None,
+            traffic: Default::default(),
         }),
         Object::Endpoint(Endpoint {
             namespace: "shop".to_owned(),
@@ -132,6 +133,7 @@ backends: [{ address: 198.19.2.2, weight: 5 }]
             zone: Some("eu-west-1a".to_owned()),
             weight: 1,
             ready: true,
+            draining: false,
         }),
         Object::Grant(Grant {
             namespace: DEFAULT_NAMESPACE.to_owned(),
@@ -165,9 +167,12 @@ backends: [{ address: 198.19.2.2, weight: 5 }]
             backends: vec![BackendSpec {
                 address: addr("198.19.2.2"),
                 weight: 5,
+                draining: false,
+                version: None,
             }],
             selector: Labels::new(),
             maglev_table_size: None,
+            traffic: Default::default(),
         }),
     ];
     assert_eq!(ok(text), expected);

@@ -12,7 +12,7 @@ use super::rules::{self, Problem, UniqueBackends, UniquePermissions, UniquePorts
 use super::yaml::{
     Cx, Fields, Node, Value, boolean, integer, mapping, sequence, string, wrong_type,
 };
-use super::{Algorithm, BackendSpec, ServicePort};
+use super::{Algorithm, BackendSpec, ServicePort, traffic};
 
 const AGENT_SERVICE_FIELDS: &[&str] = &[
     "kind",
@@ -24,6 +24,9 @@ const AGENT_SERVICE_FIELDS: &[&str] = &[
     "algorithm",
     "backends",
     "maglevTableSize",
+    "healthCheck",
+    "drainTimeoutSeconds",
+    "rollout",
 ];
 const CONTROL_SERVICE_FIELDS: &[&str] = &[
     "kind",
@@ -36,9 +39,12 @@ const CONTROL_SERVICE_FIELDS: &[&str] = &[
     "backends",
     "selector",
     "maglevTableSize",
+    "healthCheck",
+    "drainTimeoutSeconds",
+    "rollout",
 ];
 const PORT_FIELDS: &[&str] = &["port", "protocol", "targetPort"];
-const BACKEND_FIELDS: &[&str] = &["address", "weight"];
+const BACKEND_FIELDS: &[&str] = &["address", "weight", "version", "draining"];
 const ENDPOINT_FIELDS: &[&str] = &[
     "kind",
     "namespace",
@@ -49,6 +55,7 @@ const ENDPOINT_FIELDS: &[&str] = &[
     "zone",
     "weight",
     "ready",
+    "draining",
 ];
 const GRANT_FIELDS: &[&str] = &[
     "kind",
@@ -211,6 +218,7 @@ fn parse_service<'n>(
         rules::validate_backends_or_selector(backends_node.is_some(), true)
             .map_err(cx.fail(node, "selector"))?;
     }
+    let traffic = traffic::parse(cx, fields)?;
 
     let service = ServiceObject {
         namespace: id.namespace.clone(),
@@ -222,6 +230,7 @@ fn parse_service<'n>(
         backends,
         selector,
         maglev_table_size,
+        traffic,
     };
     Ok((service, port_nodes))
 }
@@ -281,10 +290,28 @@ fn parse_backends(
             Some(node) => weight(cx, &fields.path("weight"), node)?,
             None => 1,
         };
+        let version = match fields.get("version") {
+            Some(node) => {
+                let field = fields.path("version");
+                let version = string(cx, &field, node)?;
+                traffic::validate_version(version).map_err(cx.fail(node, &field))?;
+                Some(version.to_owned())
+            }
+            None => None,
+        };
+        let draining = match fields.get("draining") {
+            Some(node) => boolean(cx, &fields.path("draining"), node)?,
+            None => false,
+        };
         unique
             .insert(i, address)
             .map_err(cx.fail(address_node, &address_field))?;
-        backends.push(BackendSpec { address, weight });
+        backends.push(BackendSpec {
+            address,
+            weight,
+            version,
+            draining,
+        });
     }
     Ok(backends)
 }
@@ -307,6 +334,15 @@ fn parse_endpoint(
         Some(node) => boolean(cx, "ready", node)?,
         None => true,
     };
+    let draining = match fields.get("draining") {
+        Some(node) => boolean(cx, "draining", node)?,
+        None => false,
+    };
+    if let Some(version) = labels.get(super::VERSION_LABEL) {
+        let field = format!("labels.{}", super::VERSION_LABEL);
+        let node = fields.get("labels").unwrap_or(fields.node);
+        traffic::validate_version(version).map_err(cx.fail(node, &field))?;
+    }
     Ok(Endpoint {
         namespace: id.namespace.clone(),
         name: id.name.clone(),
@@ -316,6 +352,7 @@ fn parse_endpoint(
         zone,
         weight,
         ready,
+        draining,
     })
 }
 

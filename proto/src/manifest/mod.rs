@@ -24,7 +24,9 @@
 //! # maglevTableSize: 16381       # algorithm maglev only: lookup table size, a prime ≤ 65521
 //! backends:                      # optional; none means the data plane drops and counts
 //!   - { address: 198.19.1.2, weight: 3 }       # weight 1..=10000, defaults to 1
+//!   - { address: 198.19.1.3, version: v2, draining: true }  # both optional
 //! # selector: { app: web }       # control service only; instead of backends, not with
+//! # healthCheck, drainTimeoutSeconds, rollout: see `traffic`
 //! ---
 //! kind: Endpoint                 # control service only
 //! namespace: shop
@@ -35,6 +37,7 @@
 //! zone: eu-west-1a               # optional
 //! weight: 1                      # optional, 1..=10000, defaults to 1
 //! ready: true                    # optional, defaults to true
+//! draining: false                # optional: true takes it out of rotation, flows drain
 //! ---
 //! kind: Grant                    # control service only
 //! namespace: shop                # where the grant itself lives
@@ -84,6 +87,7 @@ mod document;
 mod error;
 mod objects;
 pub mod rules;
+pub mod traffic;
 mod yaml;
 
 use std::collections::hash_map::Entry;
@@ -99,9 +103,10 @@ use sluice_common::types::{IPPROTO_TCP, IPPROTO_UDP};
 pub use error::{ControlOnly, ManifestError, Mode, Position};
 pub use objects::{
     DEFAULT_NAMESPACE, Endpoint, Grant, Labels, Object, ObjectKind, ObjectRef, Permission,
-    Resource, Role, Scope, ServiceObject, Subject, Verb,
+    Resource, Role, Scope, ServiceObject, Subject, VERSION_LABEL, Verb,
 };
 pub use rules::{AddressProblem, LabelProblem, NameProblem, Problem};
+pub use traffic::{HealthCheck, Probe, Rollout, Traffic};
 
 use document::{Parsed, parse_document};
 use yaml::{Cx, read_documents};
@@ -139,6 +144,8 @@ pub struct Service {
     /// With `algorithm: maglev`: the lookup table's size, a prime.
     #[serde(rename = "maglevTableSize", skip_serializing_if = "Option::is_none")]
     pub maglev_table_size: Option<u32>,
+    #[serde(flatten)]
+    pub traffic: Traffic,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
@@ -266,10 +273,17 @@ fn algorithm_names() -> String {
     Algorithm::ALL.map(Algorithm::as_str).join(", ")
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
 pub struct BackendSpec {
     pub address: Ipv4Addr,
     pub weight: u32,
+    /// What a rollout moves traffic between.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    /// No new flows; established ones run until they close or the service's
+    /// drain timeout ends them.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub draining: bool,
 }
 
 // ---------------------------------------------------------------------------------------
@@ -421,6 +435,7 @@ fn standalone(source: &str, document: usize, parsed: Parsed<'_>) -> Result<Servi
         backends,
         selector,
         maglev_table_size,
+        traffic,
     } = service;
     if !selector.is_empty() {
         return Err(ManifestError::NeedsControlService {
@@ -444,6 +459,7 @@ fn standalone(source: &str, document: usize, parsed: Parsed<'_>) -> Result<Servi
         algorithm,
         backends,
         maglev_table_size,
+        traffic,
     })
 }
 

@@ -11,7 +11,7 @@ use std::net::Ipv4Addr;
 
 use serde::{Serialize, Serializer};
 
-use super::{Algorithm, BackendSpec, Service, ServicePort};
+use super::{Algorithm, BackendSpec, Service, ServicePort, Traffic};
 
 /// Where objects go when a manifest or a request names no namespace, as in Kubernetes.
 pub const DEFAULT_NAMESPACE: &str = "default";
@@ -145,6 +145,8 @@ pub struct ServiceObject {
     /// With `algorithm: maglev`: the lookup table's size, a prime.
     #[serde(rename = "maglevTableSize", skip_serializing_if = "Option::is_none")]
     pub maglev_table_size: Option<u32>,
+    #[serde(flatten)]
+    pub traffic: Traffic,
 }
 
 /// A standalone agent's service is a control-mode service with a VIP and static backends.
@@ -159,6 +161,7 @@ impl From<Service> for ServiceObject {
             algorithm,
             backends,
             maglev_table_size,
+            traffic,
         } = service;
         Self {
             namespace,
@@ -170,6 +173,7 @@ impl From<Service> for ServiceObject {
             backends,
             selector: Labels::new(),
             maglev_table_size,
+            traffic,
         }
     }
 }
@@ -191,7 +195,14 @@ pub struct Endpoint {
     pub weight: u32,
     /// Only ready endpoints receive traffic; true when not given.
     pub ready: bool,
+    /// No new flows; established ones run until they close or the service's
+    /// drain timeout ends them. (The version a rollout uses is the `version` label.)
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub draining: bool,
 }
+
+/// The label that carries an endpoint's version for rollouts.
+pub const VERSION_LABEL: &str = "version";
 
 /// RBAC: binds a subject to a role on a scope. Deny by default.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

@@ -80,6 +80,17 @@ pub enum Problem {
     MaglevTableSize { value: i128, max: u32 },
     #[error("only applies to algorithm maglev, not {algorithm}")]
     MaglevTableSizeWithout { algorithm: Algorithm },
+    #[error("must be between {min} and {max}, got {value}")]
+    OutOfRange { value: i128, min: i128, max: i128 },
+    #[error("a version must not be empty")]
+    EmptyVersion,
+    #[error(
+        "must be an absolute path of printable ASCII without spaces (e.g. /healthz), \
+         got {value:?}"
+    )]
+    HttpPath { value: String },
+    #[error("must give exactly one probe: http or tcp")]
+    ProbeKind,
     #[error("at least one port is required, got an empty list")]
     NoPorts,
     #[error("at most {max} ports per service, got {count}")]
