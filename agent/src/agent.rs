@@ -41,6 +41,8 @@ use crate::{
     apply::{self, ApplyError},
     controlplane::{self, ControlClient, ControlError, NodeState, View, ViewEvent},
     dataplane::{self, Dataplane, DataplaneError, HookChoice, LoadOptions, Mode},
+    drain::Drains,
+    health::{self, Health},
     manifest::{self, ManifestError},
     netdev::{self, NetdevError},
     pins::{self, PinDir},
@@ -156,6 +158,11 @@ struct Reconciler {
     last_applied: Option<u64>,
     /// Content hash of the last manifest rejected, to log each bad one once.
     last_rejected: Option<u64>,
+    /// The last desired state applied, before health checks had their say:
+    /// a change of health applies it again.
+    input: Desired,
+    health: Health,
+    drains: Drains,
 }
 
 impl Reconciler {
@@ -168,6 +175,9 @@ impl Reconciler {
             retiring: Vec::new(),
             last_applied: None,
             last_rejected: None,
+            input: Desired::new(),
+            health: Health::default(),
+            drains: Drains::default(),
         })
     }
 
@@ -190,7 +200,7 @@ impl Reconciler {
         }
         let manifest = manifest::parse(source, text)?;
         let desired = reconcile::desired(&manifest);
-        let done = self.apply_desired(dp, &desired, hash)?;
+        let done = self.apply_desired(dp, desired, hash)?;
         info!(
             services = manifest.services.len(),
             steps = done.steps,
@@ -210,10 +220,11 @@ impl Reconciler {
             // agent cannot read means a newer control service. Program the rest.
             warn!(%frontend, "skipping a frontend of the view this agent cannot program");
         }
-        let done = self.apply_desired(dp, &desired, fnv1a(&view.version().to_le_bytes()))?;
+        let frontends = desired.len();
+        let done = self.apply_desired(dp, desired, fnv1a(&view.version().to_le_bytes()))?;
         info!(
             version = view.version(),
-            frontends = desired.len(),
+            frontends,
             steps = done.steps,
             udp_flows_purged = done.udp_flows_purged,
             flows_purged = done.flows_purged,
@@ -231,15 +242,19 @@ impl Reconciler {
     fn apply_desired(
         &mut self,
         dp: &mut Dataplane,
-        desired: &Desired,
+        desired: Desired,
         input: u64,
     ) -> Result<Applied, AgentError> {
-        let plan = reconcile::plan(desired, &self.state, &self.alloc)?;
+        let effective = health::overlay(&desired, |t| self.health.is_healthy(t));
+        let plan = reconcile::plan(&effective, &self.state, &self.alloc)?;
         let started = Instant::now();
         match apply::apply(&mut dp.maps, &plan.steps) {
             Ok(applied) => {
                 self.state = plan.next;
                 self.alloc = plan.alloc;
+                self.drains.track(&self.state, &effective, Instant::now());
+                self.health.track(&desired);
+                self.input = desired;
                 let due = Instant::now() + SLOT_GRACE;
                 self.retiring
                     .extend(plan.retired_ranges.into_iter().map(|r| (r, due)));
@@ -267,6 +282,33 @@ impl Reconciler {
                 self.resync(dp);
                 Err(e.into())
             }
+        }
+    }
+
+    /// Applies the last input again after a backend's health changed.
+    fn apply_health(&mut self, dp: &mut Dataplane) {
+        let Some(input) = self.last_applied else {
+            return;
+        };
+        match self.apply_desired(dp, self.input.clone(), input) {
+            Ok(done) => info!(
+                steps = done.steps,
+                micros = done.micros,
+                "applied a change of backend health"
+            ),
+            Err(e) => error!("applying a change of backend health: {}", error_chain(&e)),
+        }
+    }
+
+    /// Ends the flows of backends whose drain timeout passed.
+    fn end_drained(&mut self, dp: &mut Dataplane) {
+        let due = self.drains.due(Instant::now());
+        if due.is_empty() {
+            return;
+        }
+        match apply::purge_flows(&mut dp.maps, |_, flow| due.contains(&flow.backend_id)) {
+            Ok(flows) => info!(backends = ?due, flows, "drain timeout: ended the remaining flows"),
+            Err(e) => warn!("ending drained flows: {e}"),
         }
     }
 
@@ -810,8 +852,10 @@ async fn follow(
                     Err(e) => warn!("sweeping flows: {e}"),
                 }
             }
+            true = reconciler.health.next_change() => reconciler.apply_health(&mut dp),
             _ = housekeeping.tick() => {
                 reconciler.release_due_ranges();
+                reconciler.end_drained(&mut dp);
                 while features_rx.try_recv().is_ok() {}
                 sync_egress(&mut dp, managed);
                 if let Input::Control(link) = &mut input {

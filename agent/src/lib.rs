@@ -9,6 +9,8 @@
 //! | [`dataplane`] | hook choice, loading, pinned links, `down` |
 //! | [`agent`] | `run`: start-up and the follow loop |
 //! | [`reaper`] | idle-flow expiry |
+//! | [`health`] | health probes; unhealthy backends leave rotation |
+//! | [`drain`] | drain timeouts: when a drained backend's flows end |
 //! | [`status`] | `status`: report from the pinned maps |
 //! | [`maps`], [`pins`], [`objects`], [`netdev`], [`sys`], [`alloc`] | supporting pieces |
 
@@ -17,6 +19,8 @@ pub mod alloc;
 pub mod apply;
 pub mod controlplane;
 pub mod dataplane;
+pub mod drain;
+pub mod health;
 /// The manifest format lives with the API contract, shared with the control service.
 pub use sluice_api::manifest;
 pub mod maps;

@@ -10,7 +10,9 @@ use std::{
 use serde::Serialize;
 use sluice_common::{
     layout::{MAX_INTERFACES, map},
-    types::{BACKEND_RETIRED, IPPROTO_TCP, TrafficStats, algorithm, hook, name_str},
+    types::{
+        BACKEND_DRAINING, BACKEND_RETIRED, IPPROTO_TCP, TrafficStats, algorithm, hook, name_str,
+    },
 };
 
 use sluice_api::v1;
@@ -195,6 +197,10 @@ pub fn services(maps: &Maps, state: &State) -> Result<Vec<ServiceReport>, Status
                 weight: b.weight,
                 state: if b.flags & BACKEND_RETIRED != 0 {
                     "retired"
+                } else if b.flags & BACKEND_DRAINING != 0 {
+                    "draining"
+                } else if b.weight == 0 {
+                    "no share"
                 } else {
                     "active"
                 },

@@ -20,9 +20,21 @@
 //! namespaces, like [`crate::Topology`]'s: nothing appears in the root
 //! namespace. Dropping the cluster deletes every namespace.
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddrV4},
+    time::Duration,
+};
 
-use crate::{netns::Netns, scratch::ScratchDir};
+use crate::{
+    Agent, ControlService, HttpConn, HttpServer, StartFailure, agent::agent_bin, http_get,
+    netns::Netns, scratch::ScratchDir, tally,
+};
+
+/// Client timeout for one request through a VIP.
+pub const TIMEOUT: Duration = Duration::from_secs(5);
+/// Bound on an applied change reaching every agent.
+pub const PROPAGATION: Duration = Duration::from_secs(20);
 
 /// The pool the control service allocates service VIPs from.
 pub const VIP_CIDR: &str = "198.18.100.0/24";
@@ -223,5 +235,156 @@ fn configure(ns: &Netns, dev: &str, addr: Ipv4Addr, gateway: Option<Ipv4Addr>) {
     ns.ip_ok(&["link", "set", dev, "up"]);
     if let Some(gateway) = gateway {
         ns.ip_ok(&["route", "add", "default", "via", &gateway.to_string()]);
+    }
+}
+
+/// The cluster: control service, joined agents, backends with servers.
+/// Fields drop in order: agents (their `down` needs the namespaces), servers,
+/// the control service, then the namespaces.
+pub struct Cluster {
+    pub agents: Vec<Agent>,
+    /// (token, CA pin) each agent joined with.
+    pub tokens: Vec<(String, String)>,
+    /// Backend `i`'s server is `servers[i - 1]`; they serve until the cluster drops.
+    pub servers: Vec<HttpServer>,
+    pub control: ControlService,
+    pub topology: ClusterTopology,
+}
+
+impl Cluster {
+    /// `nodes` nodes, each joined with its own token; `backends` backends,
+    /// each serving its name (`backend-<i>`) on :8080.
+    pub fn start(nodes: u8, backends: usize, control_args: &[&str]) -> Self {
+        Self::start_joined(nodes, nodes, backends, control_args)
+    }
+
+    /// Like [`Cluster::start`], with only the first `joined` nodes joined.
+    pub fn start_joined(nodes: u8, joined: u8, backends: usize, control_args: &[&str]) -> Self {
+        let topology = ClusterTopology::build(nodes, backends);
+        let servers = topology
+            .backends
+            .iter()
+            .map(|b| HttpServer::start(&b.ns, b.addr, 8080, &format!("backend-{}", b.index)))
+            .collect();
+        let control =
+            ControlService::start(&topology.control, CONTROL_ADDR, VIP_CIDR, control_args);
+        let mut cluster = Cluster {
+            agents: Vec::new(),
+            tokens: Vec::new(),
+            servers,
+            control,
+            topology,
+        };
+        for k in 1..=joined as usize {
+            let (token, ca_hash) = cluster.control.join_token("10m");
+            let agent = cluster
+                .join_with(k, &token, &ca_hash)
+                .unwrap_or_else(|f| panic!("node-{k}: {f}"));
+            cluster.agents.push(agent);
+            cluster.tokens.push((token, ca_hash));
+        }
+        cluster
+    }
+
+    pub fn join_with(&self, k: usize, token: &str, ca_hash: &str) -> Result<Agent, StartFailure> {
+        let node = self.topology.node(k);
+        Agent::try_launch(
+            &agent_bin(),
+            &node.ns,
+            node.join_args(&self.control.url(), token, ca_hash),
+        )
+    }
+
+    /// The nodes that joined.
+    pub fn node_names(&self) -> Vec<String> {
+        self.topology.nodes[..self.agents.len()]
+            .iter()
+            .map(|n| n.name.clone())
+            .collect()
+    }
+
+    /// Applies `manifest`, expecting success; returns sluicectl's output.
+    pub fn apply(&self, manifest: &str) -> String {
+        let out = self.control.apply("apply.yaml", manifest);
+        assert!(
+            out.status.success(),
+            "apply failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// The view version now, then waits until every node applied it.
+    pub fn wait_programmed(&self) {
+        let names = self.node_names();
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        let desired = self.control.view_version();
+        if let Err(last) = self.control.wait_programmed(&names, desired, PROPAGATION) {
+            panic!("nodes did not apply view version {desired} within {PROPAGATION:?}: {last}");
+        }
+    }
+
+    /// The VIP the control service allocated to `default/web`.
+    pub fn web_vip(&self) -> Ipv4Addr {
+        let service = self.control.sluicectl_json(&["get", "service", "web"]);
+        service["vip"]
+            .as_str()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no VIP in {service}"))
+    }
+
+    /// `n` new connections from node `k`'s client to `vip:80`; who answered.
+    pub fn spread(&self, k: usize, vip: Ipv4Addr, n: usize) -> BTreeMap<String, usize> {
+        let to = SocketAddrV4::new(vip, 80);
+        let bodies = self.topology.node(k).client.enter(|| {
+            (0..n)
+                .map(|i| {
+                    http_get(to, TIMEOUT)
+                        .unwrap_or_else(|e| panic!("node-{k}: request {i} to {to}: {e}"))
+                })
+                .collect::<Vec<_>>()
+        });
+        tally(bodies)
+    }
+}
+
+impl Cluster {
+    /// `n` long-lived connections from node `k`'s client to `vip:80`, each
+    /// with the backend that answered its first request.
+    pub fn hold(&self, k: usize, vip: Ipv4Addr, n: usize) -> Vec<(HttpConn, String)> {
+        let to = SocketAddrV4::new(vip, 80);
+        self.topology.node(k).client.enter(|| {
+            (0..n)
+                .map(|i| {
+                    let mut conn = HttpConn::connect(to, TIMEOUT)
+                        .unwrap_or_else(|e| panic!("node-{k}: connection {i} to {to}: {e}"));
+                    let backend = conn
+                        .get()
+                        .unwrap_or_else(|e| panic!("node-{k}: connection {i} to {to}: {e}"));
+                    (conn, backend)
+                })
+                .collect()
+        })
+    }
+}
+
+pub fn count(spread: &BTreeMap<String, usize>, backend: usize) -> usize {
+    spread
+        .get(&format!("backend-{backend}"))
+        .copied()
+        .unwrap_or(0)
+}
+
+pub fn assert_near(spread: &BTreeMap<String, usize>, expected: &[(usize, usize)], what: &str) {
+    let total: usize = spread.values().sum();
+    let listed: usize = expected.iter().map(|(b, _)| count(spread, *b)).sum();
+    assert_eq!(total, listed, "{what}: unexpected backends in {spread:?}");
+    for &(backend, want) in expected {
+        let got = count(spread, backend);
+        assert!(
+            got.abs_diff(want) <= 1,
+            "{what}: backend-{backend} got {got}, expected {want} ±1: {spread:?}"
+        );
     }
 }

@@ -7,8 +7,7 @@
 //! `cargo test -p sluice-tests --test control_e2e`.
 
 use std::{
-    collections::BTreeMap,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::SocketAddrV4,
     path::Path,
     process::{Command, Stdio},
     thread,
@@ -16,16 +15,14 @@ use std::{
 };
 
 use sluice_tests::{
-    Agent, ClusterTopology, ControlService, HttpConn, HttpServer, StartFailure,
+    Agent, ClusterTopology, ControlService, HttpConn,
     agent::agent_bin,
-    cluster::{CONTROL_ADDR, VIP_CIDR, backend_addr},
+    cluster::{
+        CONTROL_ADDR, Cluster, PROPAGATION, TIMEOUT, VIP_CIDR, assert_near, backend_addr, count,
+    },
     control::sluicectl_bin,
-    http_get, tally,
 };
 
-const TIMEOUT: Duration = Duration::from_secs(5);
-/// Bound on an applied change reaching every agent.
-const PROPAGATION: Duration = Duration::from_secs(20);
 /// `sluicectl` exit statuses (see `sluicectl --help`).
 const EXIT_DENIED: i32 = 4;
 const EXIT_CONFLICT: i32 = 5;
@@ -57,137 +54,6 @@ weight: {weight}
 ",
         backend_addr(i)
     )
-}
-
-/// The cluster: control service, joined agents, backends with servers.
-/// Fields drop in order: agents (their `down` needs the namespaces), servers,
-/// the control service, then the namespaces.
-struct Cluster {
-    agents: Vec<Agent>,
-    /// (token, CA pin) each agent joined with.
-    tokens: Vec<(String, String)>,
-    /// Kept serving until the cluster drops.
-    _servers: Vec<HttpServer>,
-    control: ControlService,
-    topology: ClusterTopology,
-}
-
-impl Cluster {
-    /// `nodes` nodes, each joined with its own token; `backends` backends,
-    /// each serving its name (`backend-<i>`) on :8080.
-    fn start(nodes: u8, backends: usize, control_args: &[&str]) -> Self {
-        Self::start_joined(nodes, nodes, backends, control_args)
-    }
-
-    /// Like [`Cluster::start`], with only the first `joined` nodes joined.
-    fn start_joined(nodes: u8, joined: u8, backends: usize, control_args: &[&str]) -> Self {
-        let topology = ClusterTopology::build(nodes, backends);
-        let servers = topology
-            .backends
-            .iter()
-            .map(|b| HttpServer::start(&b.ns, b.addr, 8080, &format!("backend-{}", b.index)))
-            .collect();
-        let control =
-            ControlService::start(&topology.control, CONTROL_ADDR, VIP_CIDR, control_args);
-        let mut cluster = Cluster {
-            agents: Vec::new(),
-            tokens: Vec::new(),
-            _servers: servers,
-            control,
-            topology,
-        };
-        for k in 1..=joined as usize {
-            let (token, ca_hash) = cluster.control.join_token("10m");
-            let agent = cluster
-                .join_with(k, &token, &ca_hash)
-                .unwrap_or_else(|f| panic!("node-{k}: {f}"));
-            cluster.agents.push(agent);
-            cluster.tokens.push((token, ca_hash));
-        }
-        cluster
-    }
-
-    fn join_with(&self, k: usize, token: &str, ca_hash: &str) -> Result<Agent, StartFailure> {
-        let node = self.topology.node(k);
-        Agent::try_launch(
-            &agent_bin(),
-            &node.ns,
-            node.join_args(&self.control.url(), token, ca_hash),
-        )
-    }
-
-    /// The nodes that joined.
-    fn node_names(&self) -> Vec<String> {
-        self.topology.nodes[..self.agents.len()]
-            .iter()
-            .map(|n| n.name.clone())
-            .collect()
-    }
-
-    /// Applies `manifest`, expecting success; returns sluicectl's output.
-    fn apply(&self, manifest: &str) -> String {
-        let out = self.control.apply("apply.yaml", manifest);
-        assert!(
-            out.status.success(),
-            "apply failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    /// The view version now, then waits until every node applied it.
-    fn wait_programmed(&self) {
-        let names = self.node_names();
-        let names: Vec<&str> = names.iter().map(String::as_str).collect();
-        let desired = self.control.view_version();
-        if let Err(last) = self.control.wait_programmed(&names, desired, PROPAGATION) {
-            panic!("nodes did not apply view version {desired} within {PROPAGATION:?}: {last}");
-        }
-    }
-
-    /// The VIP the control service allocated to `default/web`.
-    fn web_vip(&self) -> Ipv4Addr {
-        let service = self.control.sluicectl_json(&["get", "service", "web"]);
-        service["vip"]
-            .as_str()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("no VIP in {service}"))
-    }
-
-    /// `n` new connections from node `k`'s client to `vip:80`; who answered.
-    fn spread(&self, k: usize, vip: Ipv4Addr, n: usize) -> BTreeMap<String, usize> {
-        let to = SocketAddrV4::new(vip, 80);
-        let bodies = self.topology.node(k).client.enter(|| {
-            (0..n)
-                .map(|i| {
-                    http_get(to, TIMEOUT)
-                        .unwrap_or_else(|e| panic!("node-{k}: request {i} to {to}: {e}"))
-                })
-                .collect::<Vec<_>>()
-        });
-        tally(bodies)
-    }
-}
-
-fn count(spread: &BTreeMap<String, usize>, backend: usize) -> usize {
-    spread
-        .get(&format!("backend-{backend}"))
-        .copied()
-        .unwrap_or(0)
-}
-
-fn assert_near(spread: &BTreeMap<String, usize>, expected: &[(usize, usize)], what: &str) {
-    let total: usize = spread.values().sum();
-    let listed: usize = expected.iter().map(|(b, _)| count(spread, *b)).sum();
-    assert_eq!(total, listed, "{what}: unexpected backends in {spread:?}");
-    for &(backend, want) in expected {
-        let got = count(spread, backend);
-        assert!(
-            got.abs_diff(want) <= 1,
-            "{what}: backend-{backend} got {got}, expected {want} ±1: {spread:?}"
-        );
-    }
 }
 
 fn stderr(out: &std::process::Output) -> String {

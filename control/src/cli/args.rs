@@ -59,6 +59,14 @@ pub enum Command {
     Get(GetArgs),
     /// Show a service: its VIP, ports, resolved backends and state on each node.
     Describe(DescribeArgs),
+    /// Move a service's new flows between backend versions (canary, blue-green).
+    ///
+    /// Backends carry a version (`version:` on a static backend, the `version` label
+    /// on an endpoint). `--to v2 --percent 1` gives version v2 exactly 1% of new flows
+    /// and the other versions the rest; `--percent 100` completes a blue-green switch;
+    /// `--undo` sends every new flow back to the other versions at once. Established
+    /// flows stay where they are.
+    Rollout(RolloutArgs),
     /// Delete one object, or every object of manifest files.
     ///
     /// Nodes are removed with `sluicectl node remove`, which also revokes them.
@@ -123,6 +131,28 @@ pub struct DescribeArgs {
     pub name: String,
     #[command(flatten)]
     pub namespace: NamespaceArg,
+}
+
+#[derive(Debug, Args)]
+pub struct RolloutArgs {
+    /// The service's name.
+    pub name: String,
+    #[command(flatten)]
+    pub namespace: NamespaceArg,
+    /// The version that receives the share.
+    #[arg(long, value_name = "VERSION", required_unless_present = "undo")]
+    pub to: Option<String>,
+    /// Its share of new flows, 0 to 100.
+    #[arg(
+        long,
+        value_name = "N",
+        value_parser = clap::value_parser!(u32).range(0..=100),
+        required_unless_present = "undo"
+    )]
+    pub percent: Option<u32>,
+    /// Roll back: no new flows to the version rolled out to.
+    #[arg(long, conflicts_with_all = ["to", "percent"])]
+    pub undo: bool,
 }
 
 #[derive(Debug, Args)]

@@ -71,6 +71,8 @@ pub enum CliError {
         #[source]
         source: serde_json::Error,
     },
+    #[error("{service}: {problem}")]
+    Rollout { service: String, problem: String },
     #[error("{failed} of {total} deletions failed")]
     DeletesFailed { failed: usize, total: usize },
     #[error("writing to stdout")]

@@ -22,6 +22,7 @@ mod error;
 mod model;
 mod output;
 mod resources;
+mod rollout;
 mod tables;
 
 use std::path::PathBuf;
@@ -67,6 +68,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Get(args) => resources::get(&cx, args).await,
         Command::Describe(args) => resources::describe(&cx, args).await,
         Command::Delete(args) => resources::delete(&cx, args).await,
+        Command::Rollout(args) => rollout::rollout(&cx, args).await,
         Command::Token {
             command: TokenCommand::Create { ttl },
         } => cluster::create_token(&cx, ttl).await,

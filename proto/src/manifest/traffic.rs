@@ -51,7 +51,7 @@ pub struct Rollout {
     pub percent: u32,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct HealthCheck {
     #[serde(flatten)]
@@ -65,7 +65,7 @@ pub struct HealthCheck {
     pub fail_open: bool,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub enum Probe {
     /// A GET of `path` that must answer 2xx or 3xx.
