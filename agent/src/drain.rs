@@ -125,6 +125,7 @@ mod tests {
                 maglev_table_size: None,
                 health_check: None,
                 drain_timeout: timeout,
+                session_affinity: Default::default(),
             },
         )]);
         (state, desired)

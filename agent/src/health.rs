@@ -315,6 +315,7 @@ mod tests {
             maglev_table_size: None,
             health_check: Some(check(fail_open)),
             drain_timeout: None,
+            session_affinity: Default::default(),
         };
         (key, Desired::from([(key, frontend)]))
     }

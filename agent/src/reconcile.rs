@@ -55,6 +55,8 @@ pub struct DesiredFrontend {
     /// When draining backends' flows are ended; `None`: never, they run until
     /// they close.
     pub drain_timeout: Option<Duration>,
+    /// Client-IP affinity: how long a client idle stays tied to its backend.
+    pub session_affinity: Option<Duration>,
 }
 
 /// A backend of a [`DesiredFrontend`]. Only backends with a weight that are not
@@ -137,6 +139,10 @@ pub fn desired(manifest: &Manifest) -> Desired {
                         .collect(),
                     health_check: service.traffic.health_check.clone(),
                     drain_timeout: drain_timeout(service.traffic.drain_timeout_seconds),
+                    session_affinity: service
+                        .traffic
+                        .session_affinity
+                        .map(|a| Duration::from_secs(a.timeout_seconds.into())),
                 },
             );
         }
@@ -207,6 +213,8 @@ pub fn desired_from_view<'a>(
                 drain_timeout: drain_timeout(
                     (f.drain_timeout_seconds != 0).then_some(f.drain_timeout_seconds),
                 ),
+                session_affinity: (f.session_affinity_seconds != 0)
+                    .then(|| Duration::from_secs(f.session_affinity_seconds.into())),
             },
         );
     }
@@ -779,6 +787,7 @@ mod tests {
             maglev_table_size: None,
             health_check: None,
             drain_timeout: None,
+            session_affinity: Default::default(),
         }
     }
 
@@ -1107,6 +1116,8 @@ mod tests {
             }],
             drain_timeout_seconds: Default::default(),
             health_check: Default::default(),
+            session_affinity_seconds: Default::default(),
+            zones: Default::default(),
         }];
         let (d, skipped) = desired_from_view(&view);
         assert!(skipped.is_empty());

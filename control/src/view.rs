@@ -60,6 +60,8 @@ pub fn compute<'a>(
                     maglev_table_size: service.maglev_table_size,
                     health_check: service.health_check.clone(),
                     drain_timeout_seconds: service.drain_timeout_seconds,
+                    session_affinity_seconds: service.session_affinity_seconds,
+                    zones: Vec::new(),
                     backends: backends.clone(),
                 },
             );
@@ -372,6 +374,8 @@ mod tests {
             drain_timeout_seconds: Default::default(),
             health_check: Default::default(),
             rollout: Default::default(),
+            session_affinity_seconds: Default::default(),
+            topology_aware: Default::default(),
         }
     }
 

@@ -27,7 +27,7 @@ use crate::manifest::rules::{self, Problem, UniqueBackends, UniquePermissions, U
 use crate::manifest::{
     Algorithm, BackendSpec, DEFAULT_NAMESPACE, Endpoint, Grant, HealthCheck, Labels, Object,
     ObjectKind, ObjectRef, Permission, Probe, Protocol, Rollout, ServiceObject, ServicePort,
-    Subject, Traffic, VERSION_LABEL, traffic,
+    SessionAffinity, Subject, Traffic, VERSION_LABEL, traffic,
 };
 use crate::v1;
 
@@ -234,9 +234,13 @@ impl From<&ServiceObject> for v1::Service {
                     health_check,
                     drain_timeout_seconds,
                     rollout,
+                    session_affinity,
+                    topology_aware,
                 },
         } = service;
         Self {
+            session_affinity_seconds: session_affinity.map_or(0, |a| a.timeout_seconds),
+            topology_aware: *topology_aware,
             health_check: health_check.as_ref().map(v1::HealthCheck::from),
             drain_timeout_seconds: drain_timeout_seconds.unwrap_or(0),
             rollout: rollout.as_ref().map(|r| v1::Rollout {
@@ -521,6 +525,8 @@ impl TryFrom<v1::Service> for ServiceObject {
             health_check,
             drain_timeout_seconds,
             rollout,
+            session_affinity_seconds,
+            topology_aware,
         } = service;
         let (check, labels) = from_meta(ObjectKind::Service, meta)?;
         let vip = if vip.is_empty() {
@@ -596,6 +602,13 @@ impl TryFrom<v1::Service> for ServiceObject {
             .map(health_check_from_proto)
             .transpose()
             .map_err(|(field, problem)| check.at(field)(problem))?;
+        let session_affinity = match session_affinity_seconds {
+            0 => None,
+            value => Some(SessionAffinity {
+                timeout_seconds: traffic::validate_affinity_timeout(value.into())
+                    .map_err(check.at("sessionAffinity.clientIP.timeoutSeconds"))?,
+            }),
+        };
         let drain_timeout_seconds = match drain_timeout_seconds {
             0 => None,
             value => Some(
@@ -634,6 +647,8 @@ impl TryFrom<v1::Service> for ServiceObject {
                 health_check,
                 drain_timeout_seconds,
                 rollout,
+                session_affinity,
+                topology_aware,
             },
         })
     }

@@ -17,6 +17,7 @@
 //! interrupted between the two renames as the new pair.
 
 use std::{
+    collections::BTreeMap,
     fmt,
     fs::{self, DirBuilder, File, OpenOptions},
     io::{self, Write},
@@ -391,6 +392,11 @@ struct FrontendFile {
     health_check: Option<HealthCheckFile>,
     #[serde(default, skip_serializing_if = "is_zero")]
     drain_timeout_seconds: u32,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    session_affinity_seconds: u32,
+    /// Zone → weights aligned with `backends`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    zones: BTreeMap<String, Vec<u32>>,
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -480,6 +486,8 @@ impl From<&v1::FrontendView> for FrontendFile {
             maglev_table_size,
             health_check,
             drain_timeout_seconds,
+            session_affinity_seconds,
+            zones,
         } = view;
         FrontendFile {
             service: service.clone(),
@@ -507,6 +515,11 @@ impl From<&v1::FrontendView> for FrontendFile {
             maglev_table_size: *maglev_table_size,
             health_check: health_check.as_ref().map(HealthCheckFile::from),
             drain_timeout_seconds: *drain_timeout_seconds,
+            session_affinity_seconds: *session_affinity_seconds,
+            zones: zones
+                .iter()
+                .map(|z| (z.zone.clone(), z.weights.clone()))
+                .collect(),
         }
     }
 }
@@ -526,6 +539,8 @@ impl TryFrom<FrontendFile> for v1::FrontendView {
             maglev_table_size,
             health_check,
             drain_timeout_seconds,
+            session_affinity_seconds,
+            zones,
         } = file;
         // A value this build does not know (from a newer control service)
         // was saved as its number.
@@ -547,6 +562,11 @@ impl TryFrom<FrontendFile> for v1::FrontendView {
             maglev_table_size,
             health_check: health_check.map(v1::HealthCheck::from),
             drain_timeout_seconds,
+            session_affinity_seconds,
+            zones: zones
+                .into_iter()
+                .map(|(zone, weights)| v1::ZoneWeights { zone, weights })
+                .collect(),
             backends: backends
                 .into_iter()
                 .map(

@@ -119,6 +119,8 @@ fn frontend(service: &str, port: u32) -> v1::FrontendView {
         ],
         drain_timeout_seconds: Default::default(),
         health_check: Default::default(),
+        session_affinity_seconds: Default::default(),
+        zones: Default::default(),
     }
 }
 

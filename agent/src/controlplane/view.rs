@@ -83,6 +83,8 @@ mod tests {
                 .collect(),
             drain_timeout_seconds: Default::default(),
             health_check: Default::default(),
+            session_affinity_seconds: Default::default(),
+            zones: Default::default(),
         }
     }
 

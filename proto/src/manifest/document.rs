@@ -27,6 +27,8 @@ const AGENT_SERVICE_FIELDS: &[&str] = &[
     "healthCheck",
     "drainTimeoutSeconds",
     "rollout",
+    "sessionAffinity",
+    "topologyAware",
 ];
 const CONTROL_SERVICE_FIELDS: &[&str] = &[
     "kind",
@@ -42,6 +44,8 @@ const CONTROL_SERVICE_FIELDS: &[&str] = &[
     "healthCheck",
     "drainTimeoutSeconds",
     "rollout",
+    "sessionAffinity",
+    "topologyAware",
 ];
 const PORT_FIELDS: &[&str] = &["port", "protocol", "targetPort"];
 const BACKEND_FIELDS: &[&str] = &["address", "weight", "version", "draining"];

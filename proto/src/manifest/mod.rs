@@ -26,7 +26,7 @@
 //!   - { address: 198.19.1.2, weight: 3 }       # weight 1..=10000, defaults to 1
 //!   - { address: 198.19.1.3, version: v2, draining: true }  # both optional
 //! # selector: { app: web }       # control service only; instead of backends, not with
-//! # healthCheck, drainTimeoutSeconds, rollout: see `traffic`
+//! # healthCheck, drainTimeoutSeconds, rollout, sessionAffinity, topologyAware: see `traffic`
 //! ---
 //! kind: Endpoint                 # control service only
 //! namespace: shop
@@ -106,7 +106,7 @@ pub use objects::{
     Resource, Role, Scope, ServiceObject, Subject, VERSION_LABEL, Verb,
 };
 pub use rules::{AddressProblem, LabelProblem, NameProblem, Problem};
-pub use traffic::{HealthCheck, Probe, Rollout, Traffic};
+pub use traffic::{HealthCheck, Probe, Rollout, SessionAffinity, Traffic};
 
 use document::{Parsed, parse_document};
 use yaml::{Cx, read_documents};

@@ -11,6 +11,9 @@
 //!   failOpen: true                 # all unhealthy: true sends to all (default), false drops
 //! drainTimeoutSeconds: 30          # optional: flows of a draining backend end after this
 //! rollout: { to: v2, percent: 1 }  # backends with version v2 get exactly 1% of new flows
+//! sessionAffinity:                 # optional: a client's new flows go to the backend its
+//!   clientIP: { timeoutSeconds: 300 }  # last one went to, until idle this long (default 10800)
+//! topologyAware: true              # optional: prefer backends in the node's zone
 //! ```
 
 use serde::Serialize;
@@ -28,6 +31,9 @@ pub const MIN_TIMEOUT_MS: u32 = 10;
 pub const THRESHOLD_RANGE: (u32, u32) = (1, 100);
 /// A day: longer drains are better served by not draining at all.
 pub const MAX_DRAIN_TIMEOUT_SECONDS: u32 = 86_400;
+/// Kubernetes' default for `sessionAffinityConfig.clientIP.timeoutSeconds`.
+pub const DEFAULT_AFFINITY_SECONDS: u32 = 10_800;
+pub const MAX_AFFINITY_SECONDS: u32 = 86_400;
 
 /// A service's traffic policies; every one optional.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -42,6 +48,41 @@ pub struct Traffic {
     pub drain_timeout_seconds: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rollout: Option<Rollout>,
+    #[serde(rename = "sessionAffinity", skip_serializing_if = "Option::is_none")]
+    pub session_affinity: Option<SessionAffinity>,
+    /// New flows prefer healthy backends in the node's own zone.
+    #[serde(rename = "topologyAware", skip_serializing_if = "std::ops::Not::not")]
+    pub topology_aware: bool,
+}
+
+/// Client-IP affinity: a client's new flows go to the backend its previous
+/// flow went to, while it is in rotation and the client was seen within the
+/// timeout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SessionAffinity {
+    pub timeout_seconds: u32,
+}
+
+/// Spelled as in Kubernetes: `sessionAffinity: { clientIP: { timeoutSeconds: N } }`.
+impl Serialize for SessionAffinity {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        #[derive(Serialize)]
+        struct ClientIp {
+            #[serde(rename = "timeoutSeconds")]
+            timeout_seconds: u32,
+        }
+        #[derive(Serialize)]
+        struct Outer {
+            #[serde(rename = "clientIP")]
+            client_ip: ClientIp,
+        }
+        Outer {
+            client_ip: ClientIp {
+                timeout_seconds: self.timeout_seconds,
+            },
+        }
+        .serialize(serializer)
+    }
 }
 
 /// Backends whose `version` is `to` get `percent`% of new flows; the others the rest.
@@ -170,6 +211,10 @@ pub fn validate_version(value: &str) -> Result<(), Problem> {
     rules::validate_label_value(value)
 }
 
+pub fn validate_affinity_timeout(value: i128) -> Result<u32, Problem> {
+    in_range(value, 1, MAX_AFFINITY_SECONDS)
+}
+
 pub fn validate_drain_timeout(value: i128) -> Result<u32, Problem> {
     in_range(value, 1, MAX_DRAIN_TIMEOUT_SECONDS)
 }
@@ -230,6 +275,8 @@ const HEALTH_FIELDS: &[&str] = &[
 const HTTP_FIELDS: &[&str] = &["path", "port"];
 const TCP_FIELDS: &[&str] = &["port"];
 const ROLLOUT_FIELDS: &[&str] = &["to", "percent"];
+const AFFINITY_FIELDS: &[&str] = &["clientIP"];
+const CLIENT_IP_FIELDS: &[&str] = &["timeoutSeconds"];
 
 /// The traffic policies among a service's `fields`.
 pub(super) fn parse(cx: Cx<'_>, fields: &Fields<'_>) -> Result<Traffic, ManifestError> {
@@ -261,10 +308,35 @@ pub(super) fn parse(cx: Cx<'_>, fields: &Fields<'_>) -> Result<Traffic, Manifest
             })
         })
         .transpose()?;
+    let session_affinity = fields
+        .get("sessionAffinity")
+        .map(|node| {
+            let fields = Fields::new(cx, "sessionAffinity".to_owned(), node)?;
+            fields.deny_unknown(cx, AFFINITY_FIELDS)?;
+            let client_ip = fields.require(cx, "clientIP")?;
+            let client_ip = Fields::new(cx, "sessionAffinity.clientIP".to_owned(), client_ip)?;
+            client_ip.deny_unknown(cx, CLIENT_IP_FIELDS)?;
+            let timeout_seconds = match client_ip.get("timeoutSeconds") {
+                None => DEFAULT_AFFINITY_SECONDS,
+                Some(node) => {
+                    let field = client_ip.path("timeoutSeconds");
+                    validate_affinity_timeout(integer(cx, &field, node)?)
+                        .map_err(cx.fail(node, &field))?
+                }
+            };
+            Ok(SessionAffinity { timeout_seconds })
+        })
+        .transpose()?;
+    let topology_aware = match fields.get("topologyAware") {
+        Some(node) => boolean(cx, "topologyAware", node)?,
+        None => false,
+    };
     Ok(Traffic {
         health_check,
         drain_timeout_seconds,
         rollout,
+        session_affinity,
+        topology_aware,
     })
 }
 
