@@ -39,7 +39,7 @@ use tracing::{debug, error, info, warn};
 use crate::{
     alloc::SlotRange,
     apply::{self, ApplyError},
-    controlplane::{self, ControlClient, ControlError, NodeState, View, ViewEvent},
+    controlplane::{self, ControlClient, ControlError, Credentials, NodeState, View, ViewEvent},
     dataplane::{self, Dataplane, DataplaneError, HookChoice, LoadOptions, Mode},
     drain::Drains,
     health::{self, Health},
@@ -163,6 +163,11 @@ struct Reconciler {
     input: Desired,
     health: Health,
     drains: Drains,
+    /// This node's zone (joined nodes; empty: none): which of a
+    /// topology-aware frontend's zone weights apply.
+    zone: String,
+    /// This node's name (joined nodes): which backends it probes.
+    node: String,
 }
 
 impl Reconciler {
@@ -178,6 +183,8 @@ impl Reconciler {
             input: Desired::new(),
             health: Health::default(),
             drains: Drains::default(),
+            zone: String::new(),
+            node: String::new(),
         })
     }
 
@@ -214,7 +221,8 @@ impl Reconciler {
 
     /// Makes the maps match the node's view.
     fn apply_view(&mut self, dp: &mut Dataplane, view: &View) -> Result<(), AgentError> {
-        let (desired, skipped) = reconcile::desired_from_view(view.frontends());
+        let (desired, skipped) =
+            reconcile::desired_from_view(view.frontends(), &self.zone, &self.node);
         for frontend in &skipped {
             // The control service validates what it stores; a frontend this
             // agent cannot read means a newer control service. Program the rest.
@@ -245,7 +253,7 @@ impl Reconciler {
         desired: Desired,
         input: u64,
     ) -> Result<Applied, AgentError> {
-        let effective = health::overlay(&desired, |t| self.health.is_healthy(t));
+        let effective = health::overlay(&desired, |service, t| self.health.is_healthy(service, t));
         let plan = reconcile::plan(&effective, &self.state, &self.alloc)?;
         let started = Instant::now();
         match apply::apply(&mut dp.maps, &plan.steps) {
@@ -427,11 +435,12 @@ pub async fn run(options: RunOptions) -> Result<(), AgentError> {
         );
     }
     ensure_bpffs(&options.bpffs_root)?;
-    // The saved view of a joined node; `None` before its first view (the
-    // maps then keep what they hold until the control service speaks).
-    let saved_view = match &initial {
+    // The zone and saved view of a joined node; the view is `None` before
+    // its first one (the maps then keep what they hold until the control
+    // service speaks).
+    let (identity, saved_view) = match &initial {
         Initial::Control { state, join } => load_identity(state, join).await?,
-        Initial::Manifest { .. } => None,
+        Initial::Manifest { .. } => (None, None),
     };
 
     let pins = PinDir::new(&options.bpffs_root, netdev::netns_cookie()?);
@@ -455,6 +464,10 @@ pub async fn run(options: RunOptions) -> Result<(), AgentError> {
     sync_egress(&mut dp, &managed);
 
     let mut reconciler = Reconciler::new(&dp)?;
+    if let Some(creds) = identity {
+        reconciler.zone = creds.zone;
+        reconciler.node = creds.node;
+    }
     let (input, wakeup) = match initial {
         Initial::Manifest { path, source, text } => {
             reconciler.apply_manifest(&mut dp, &source, &text)?;
@@ -480,7 +493,7 @@ pub async fn run(options: RunOptions) -> Result<(), AgentError> {
 async fn load_identity(
     state: &NodeState,
     join: &Option<JoinSpec>,
-) -> Result<Option<View>, AgentError> {
+) -> Result<(Option<Credentials>, Option<View>), AgentError> {
     let creds = match join {
         Some(spec) if !state.is_joined() => {
             controlplane::join(
@@ -506,10 +519,11 @@ async fn load_identity(
         }
         .into());
     }
-    info!(node = %creds.node, control = %creds.control, dir = %state.dir().display(), "node identity loaded");
-    Ok(state
+    info!(node = %creds.node, zone = %creds.zone, control = %creds.control, dir = %state.dir().display(), "node identity loaded");
+    let view = state
         .load_view()?
-        .map(|(version, frontends)| View::from_saved(version, frontends)))
+        .map(|(version, frontends)| View::from_saved(version, frontends));
+    Ok((Some(creds), view))
 }
 
 fn log_choices(choices: &[HookChoice]) {
@@ -575,6 +589,8 @@ struct ControlLink {
     reports: watch::Sender<Option<v1::ReportStatusRequest>>,
     /// The last counters read, sent with each report.
     counters: Vec<v1::FrontendCounters>,
+    /// What this node's probes find unhealthy, sent with each report.
+    unhealthy: Vec<v1::BackendRef>,
     saves: watch::Sender<Option<(u64, Vec<v1::FrontendView>)>>,
     /// The view changed since it was last handed to the saver.
     unsaved: bool,
@@ -607,6 +623,7 @@ impl ControlLink {
             applied,
             reports,
             counters: Vec::new(),
+            unhealthy: Vec::new(),
             saves,
             unsaved: false,
             connected: None,
@@ -647,6 +664,14 @@ impl ControlLink {
                     ),
                 }
             }
+            ViewEvent::Health(unhealthy) => {
+                let verdicts = unhealthy
+                    .into_iter()
+                    .filter_map(|b| Some((b.service, b.address.parse().ok()?)));
+                if reconciler.health.set_remote(verdicts) {
+                    reconciler.apply_health(dp);
+                }
+            }
             ViewEvent::Disconnected(why) => match self.connected.replace(false) {
                 Some(true) => warn!(
                     version = self.view.version(),
@@ -680,7 +705,26 @@ impl ControlLink {
         self.reports.send_replace(Some(v1::ReportStatusRequest {
             applied_version: self.applied.load(Ordering::Acquire),
             counters: self.counters.clone(),
+            unhealthy: self.unhealthy.clone(),
         }));
+    }
+
+    /// Reports this node's probe verdicts at once when they changed: the
+    /// other nodes wait for them.
+    fn report_health(&mut self, reconciler: &Reconciler) {
+        let unhealthy: Vec<v1::BackendRef> = reconciler
+            .health
+            .local_unhealthy()
+            .into_iter()
+            .map(|(service, address)| v1::BackendRef {
+                service,
+                address: address.to_string(),
+            })
+            .collect();
+        if unhealthy != self.unhealthy {
+            self.unhealthy = unhealthy;
+            self.report();
+        }
     }
 
     /// Hands the view to the saver if it changed (at most once per call, so
@@ -745,10 +789,7 @@ async fn report_status(
                 };
             }
             let Some(c) = client.as_mut() else { break };
-            match c
-                .report(report.applied_version, report.counters.clone())
-                .await
-            {
+            match c.report(report.clone()).await {
                 Ok(()) => break,
                 Err(e) => {
                     debug!("reporting status: {}", error_chain(&e));
@@ -852,7 +893,12 @@ async fn follow(
                     Err(e) => warn!("sweeping flows: {e}"),
                 }
             }
-            true = reconciler.health.next_change() => reconciler.apply_health(&mut dp),
+            true = reconciler.health.next_change() => {
+                reconciler.apply_health(&mut dp);
+                if let Input::Control(link) = &mut input {
+                    link.report_health(&reconciler);
+                }
+            }
             _ = housekeeping.tick() => {
                 reconciler.release_due_ranges();
                 reconciler.end_drained(&mut dp);

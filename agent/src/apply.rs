@@ -146,6 +146,7 @@ pub fn apply(maps: &mut Maps, steps: &[Step]) -> Result<Applied, ApplyError> {
             Step::PurgeFrontendFlows { frontends } => {
                 applied.flows_purged +=
                     purge_flows(maps, |_, flow| frontends.contains(&flow.frontend_id))?;
+                purge_affinity(maps, frontends)?;
             }
             Step::ClearFrontendMeta { id } => maps
                 .frontend_meta
@@ -174,6 +175,35 @@ pub fn purge_flows(
         forget_flow(maps, key, flow)?;
     }
     Ok(victims.len())
+}
+
+/// Forgets the clients' affinities to these (deleted) frontends.
+///
+/// Purged rather than made harmless by the kernel: the kernel already refuses
+/// an entry whose backend left rotation or belongs to another frontend, but a
+/// frontend id is recycled once its retired backends are freed, and their ids
+/// with it, so a stale entry could name a backend of the id's next service and
+/// tie clients to it that never chose it. Purging here, in the plan that
+/// deletes the frontend, runs long before either id can be handed out again.
+/// (A packet in flight that read the old frontend may still add an entry
+/// after this; it names a backend retired in the same plan, which the kernel
+/// refuses, and it expires with the timeout.)
+fn purge_affinity(maps: &mut Maps, frontends: &BTreeSet<u32>) -> Result<(), ApplyError> {
+    let mut doomed = Vec::new();
+    for key in maps.affinity.keys() {
+        let key = key.map_err(map_err("listing", map::AFFINITY_V4))?;
+        if frontends.contains(&key.frontend_id) {
+            doomed.push(key);
+        }
+    }
+    for key in &doomed {
+        match maps.affinity.remove(key) {
+            // Evicted by the LRU meanwhile.
+            Err(MapError::KeyNotFound) | Ok(()) => {}
+            Err(e) => return Err(map_err("deleting", map::AFFINITY_V4)(e)),
+        }
+    }
+    Ok(())
 }
 
 /// Deletes one flow in both directions and returns its connection count.

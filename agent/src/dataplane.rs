@@ -693,18 +693,23 @@ fn recorded_interfaces(pins: &PinDir) -> Vec<IfaceMeta> {
         .collect()
 }
 
+/// The layout version a pinned data plane records, if it can be read.
+/// `AGENT_META` keeps its shape across versions so that this always can.
+pub fn pinned_layout_version(pins: &PinDir) -> Option<u32> {
+    let data = MapData::from_pin(pins.map(map::AGENT_META)).ok()?;
+    let array =
+        aya::maps::Array::<MapData, AgentMeta>::try_from(aya::maps::Map::Array(data)).ok()?;
+    array.get(&0, 0).ok().map(|meta| meta.layout_version)
+}
+
 /// Pinned maps must be those this agent's programs were built for.
 fn check_layout(pins: &PinDir) -> Result<(), DataplaneError> {
-    let meta_path = pins.map(map::AGENT_META);
-    if let Ok(data) = MapData::from_pin(&meta_path)
-        && let Ok(array) =
-            aya::maps::Array::<MapData, AgentMeta>::try_from(aya::maps::Map::Array(data))
-        && let Ok(meta) = array.get(&0, 0)
-        && meta.layout_version != LAYOUT_VERSION
+    if let Some(found) = pinned_layout_version(pins)
+        && found != LAYOUT_VERSION
     {
         return Err(DataplaneError::LayoutVersion {
             dir: pins.path().to_path_buf(),
-            found: meta.layout_version,
+            found,
             expected: LAYOUT_VERSION,
         });
     }

@@ -126,6 +126,7 @@ mod tests {
                 health_check: None,
                 drain_timeout: timeout,
                 session_affinity: Default::default(),
+                fallback_weights: Default::default(),
             },
         )]);
         (state, desired)

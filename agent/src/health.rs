@@ -1,5 +1,13 @@
-//! Health probes: the agent checks the backends it forwards to and takes the
-//! failing ones out of rotation.
+//! Health probes: the agent checks backends and takes the failing ones out
+//! of rotation.
+//!
+//! A standalone agent probes every backend of its health-checked services. A
+//! joined node probes only the backends the view assigns to it (a few nodes
+//! per backend, see `sluice-control`'s `view::probers`), reports what it
+//! finds, and follows the control service's verdicts for all backends: probes
+//! grow with backends rather than nodes × backends, and a backend fails out
+//! everywhere within `unhealthyThreshold × intervalMs` plus one report and
+//! one broadcast. Its own verdicts act at once, before the round trip.
 //!
 //! Every distinct (address, port, check) is one [`Target`] with one task,
 //! however many service ports share it. A task probes every `intervalMs`
@@ -14,7 +22,9 @@
 //! flows, established flows continue until they close or the service's drain
 //! timeout ends them. When every backend of a service port fails, the
 //! service's `failOpen` decides: keep sending to all of them (a probe that is
-//! wrong everywhere must not take the service down), or drop.
+//! wrong everywhere must not take the service down), or drop. A
+//! topology-aware frontend whose own zone has no healthy backend left falls
+//! back to every zone's first.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -32,7 +42,7 @@ use tokio::{
 };
 use tracing::{info, warn};
 
-use crate::reconcile::Desired;
+use crate::reconcile::{Desired, DesiredBackend};
 
 /// One thing to probe.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -62,6 +72,11 @@ pub struct Change {
 pub struct Health {
     tasks: HashMap<Target, JoinHandle<()>>,
     unhealthy: HashSet<Target>,
+    /// The services each probed target is a backend of (as the control
+    /// service names them), for reports.
+    services: HashMap<Target, Vec<String>>,
+    /// The control service's verdicts: (service, address) unhealthy.
+    remote: HashSet<(String, Ipv4Addr)>,
     changes_tx: mpsc::UnboundedSender<Change>,
     changes_rx: mpsc::UnboundedReceiver<Change>,
 }
@@ -72,6 +87,8 @@ impl Default for Health {
         Self {
             tasks: HashMap::new(),
             unhealthy: HashSet::new(),
+            services: HashMap::new(),
+            remote: HashSet::new(),
             changes_tx,
             changes_rx,
         }
@@ -90,7 +107,19 @@ impl Health {
     /// Probes exactly the targets `desired` asks for: starts the new ones,
     /// stops (and forgets) the ones no service asks for any more.
     pub fn track(&mut self, desired: &Desired) {
-        let wanted: HashSet<Target> = targets(desired).into_values().flatten().collect();
+        self.services.clear();
+        for (key, targets) in targets(desired) {
+            let want = &desired[&key];
+            for (target, backend) in targets.into_iter().zip(&want.backends) {
+                if backend.probe_here {
+                    let services = self.services.entry(target).or_default();
+                    if !services.contains(&want.service) {
+                        services.push(want.service.clone());
+                    }
+                }
+            }
+        }
+        let wanted: HashSet<Target> = self.services.keys().cloned().collect();
         self.tasks.retain(|target, task| {
             let keep = wanted.contains(target);
             if !keep {
@@ -125,8 +154,37 @@ impl Health {
         }
     }
 
-    pub fn is_healthy(&self, target: &Target) -> bool {
+    /// This node's verdict (a target it does not probe is healthy) and the
+    /// control service's.
+    pub fn is_healthy(&self, service: &str, target: &Target) -> bool {
         !self.unhealthy.contains(target)
+            && !self.remote.contains(&(service.to_owned(), target.address))
+    }
+
+    /// Takes the control service's verdicts; returns whether they changed.
+    pub fn set_remote(&mut self, unhealthy: impl IntoIterator<Item = (String, Ipv4Addr)>) -> bool {
+        let remote: HashSet<(String, Ipv4Addr)> = unhealthy.into_iter().collect();
+        let changed = remote != self.remote;
+        self.remote = remote;
+        changed
+    }
+
+    /// What this node's probes find unhealthy, as (service, address), sorted.
+    pub fn local_unhealthy(&self) -> Vec<(String, Ipv4Addr)> {
+        let mut out: Vec<(String, Ipv4Addr)> = self
+            .unhealthy
+            .iter()
+            .flat_map(|t| {
+                self.services
+                    .get(t)
+                    .into_iter()
+                    .flatten()
+                    .map(|s| (s.clone(), t.address))
+            })
+            .collect();
+        out.sort();
+        out.dedup();
+        out
     }
 
     pub fn probing(&self) -> usize {
@@ -157,19 +215,35 @@ fn targets(desired: &Desired) -> HashMap<sluice_common::types::FrontendKeyV4, Ve
 
 /// `desired` with unhealthy backends marked draining, as [`Health`] judges
 /// them (see the module comment for all-unhealthy).
-pub fn overlay(desired: &Desired, is_healthy: impl Fn(&Target) -> bool) -> Desired {
+pub fn overlay(desired: &Desired, is_healthy: impl Fn(&str, &Target) -> bool) -> Desired {
     let mut out = desired.clone();
     for (key, targets) in targets(desired) {
         let Some(want) = out.get_mut(&key) else {
             continue;
         };
         let fail_open = want.health_check.as_ref().is_some_and(|c| c.fail_open);
-        let sick: Vec<bool> = targets.iter().map(|t| !is_healthy(t)).collect();
-        let serving = want.backends.iter().zip(&sick);
-        let all_down = serving
-            .clone()
-            .filter(|(b, _)| b.weight > 0 && !b.draining)
-            .all(|(_, &sick)| sick);
+        let sick: Vec<bool> = targets
+            .iter()
+            .map(|t| !is_healthy(&want.service, t))
+            .collect();
+        let serving = |backends: &[DesiredBackend]| {
+            backends
+                .iter()
+                .zip(&sick)
+                .filter(|(b, _)| b.weight > 0 && !b.draining)
+                .map(|(_, &sick)| !sick)
+                .collect::<Vec<bool>>()
+        };
+        // Topology-aware: while no backend of the node's zone can take new
+        // flows, every zone's can.
+        if let Some(fallback) = &want.fallback_weights
+            && !serving(&want.backends).contains(&true)
+        {
+            for (backend, &weight) in want.backends.iter_mut().zip(fallback) {
+                backend.weight = weight;
+            }
+        }
+        let all_down = !serving(&want.backends).contains(&true);
         if all_down && fail_open {
             continue;
         }
@@ -316,6 +390,7 @@ mod tests {
             health_check: Some(check(fail_open)),
             drain_timeout: None,
             session_affinity: Default::default(),
+            fallback_weights: Default::default(),
         };
         (key, Desired::from([(key, frontend)]))
     }
@@ -327,14 +402,41 @@ mod tests {
     #[test]
     fn unhealthy_backends_drain_and_all_down_follows_fail_open() {
         let (key, d) = desired(true);
-        let one_down = |t: &Target| t.address != Ipv4Addr::new(198, 19, 0, 3);
+        let one_down = |_: &str, t: &Target| t.address != Ipv4Addr::new(198, 19, 0, 3);
         assert_eq!(draining(&overlay(&d, one_down), &key), [false, true, false]);
-        assert_eq!(draining(&overlay(&d, |_| false), &key), [false; 3]);
+        assert_eq!(draining(&overlay(&d, |_, _| false), &key), [false; 3]);
         let (key, closed) = desired(false);
-        assert_eq!(draining(&overlay(&closed, |_| false), &key), [true; 3]);
+        assert_eq!(draining(&overlay(&closed, |_, _| false), &key), [true; 3]);
         // The probe port defaults to the target port.
         let ports: HashSet<u16> = targets(&d)[&key].iter().map(|t| t.port).collect();
         assert_eq!(ports, HashSet::from([8080]));
+    }
+
+    #[test]
+    fn a_zone_without_healthy_backends_falls_back_to_every_zone() {
+        let (key, mut d) = desired(false);
+        let want = d.get_mut(&key).expect("frontend");
+        // The node's zone holds backend .2 only.
+        want.fallback_weights = Some(vec![1, 1, 1]);
+        for (backend, weight) in want.backends.iter_mut().zip([1, 0, 0]) {
+            backend.weight = weight;
+        }
+        let weights = |d: &Desired| -> Vec<(u32, bool)> {
+            d[&key]
+                .backends
+                .iter()
+                .map(|b| (b.weight, b.draining))
+                .collect()
+        };
+        assert_eq!(
+            weights(&overlay(&d, |_, _| true)),
+            [(1, false), (0, false), (0, false)]
+        );
+        let zone_down = |_: &str, t: &Target| t.address != Ipv4Addr::new(198, 19, 0, 2);
+        assert_eq!(
+            weights(&overlay(&d, zone_down)),
+            [(1, true), (1, false), (1, false)]
+        );
     }
 
     #[test]
@@ -415,7 +517,11 @@ mod tests {
                 .expect("test step")
         );
         let target = targets(&d)[&key][0].clone();
-        assert!(!health.is_healthy(&target));
+        assert!(!health.is_healthy("web", &target));
+        assert_eq!(
+            health.local_unhealthy(),
+            [("web".to_owned(), Ipv4Addr::LOCALHOST)]
+        );
         let _back = tokio::net::TcpListener::bind(("127.0.0.1", port))
             .await
             .expect("test step");
@@ -424,7 +530,15 @@ mod tests {
                 .await
                 .expect("test step")
         );
-        assert!(health.is_healthy(&target));
+        assert!(health.is_healthy("web", &target));
+        // The control service's verdict counts too, for its service only.
+        assert!(health.set_remote([("web".to_owned(), Ipv4Addr::LOCALHOST)]));
+        assert!(!health.is_healthy("web", &target) && health.is_healthy("api", &target));
+        // A backend assigned to other probers is not probed here.
+        d.get_mut(&key).expect("frontend").backends[0].probe_here = false;
+        health.track(&d);
+        assert_eq!(health.probing(), 0);
+        d.get_mut(&key).expect("frontend").backends[0].probe_here = true;
         // A service without the check stops its probes.
         d.get_mut(&key).expect("test step").health_check = None;
         health.track(&d);

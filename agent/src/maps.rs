@@ -17,8 +17,8 @@ use sluice_common::{
     layout::{MAX_BACKENDS, map},
     reason,
     types::{
-        AgentMeta, Backend, FlowKeyV4, FlowV4, Frontend, FrontendKeyV4, FrontendMeta, IfaceMeta,
-        NextHop, ReplyV4, TrafficStats,
+        AffinityKeyV4, AffinityV4, AgentMeta, Backend, FlowKeyV4, FlowV4, Frontend, FrontendKeyV4,
+        FrontendMeta, IfaceMeta, NextHop, ReplyV4, TrafficStats,
     },
 };
 
@@ -66,6 +66,7 @@ pub struct Maps {
     pub vips: HashMap<MapData, u32, u32>,
     pub flows: HashMap<MapData, FlowKeyV4, FlowV4>,
     pub replies: HashMap<MapData, FlowKeyV4, ReplyV4>,
+    pub affinity: HashMap<MapData, AffinityKeyV4, AffinityV4>,
     pub backends: Array<MapData, Backend>,
     pub conns: ConnCounters,
     pub next_hops: Array<MapData, NextHop>,
@@ -133,6 +134,7 @@ impl Maps {
             vips: typed!(source, map::VIPS_V4),
             flows: typed!(source, map::FLOWS_V4),
             replies: typed!(source, map::REPLIES_V4),
+            affinity: typed!(source, map::AFFINITY_V4),
             backends: typed!(source, map::BACKENDS),
             conns: ConnCounters::new(conns_map)?,
             next_hops: typed!(source, map::NEXT_HOPS),

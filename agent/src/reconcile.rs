@@ -20,7 +20,10 @@ use std::{
     time::Duration,
 };
 
-use sluice_api::manifest::{HealthCheck, traffic::rollout_weights};
+use sluice_api::manifest::{
+    HealthCheck,
+    traffic::{self, rollout_weights},
+};
 
 use sluice_common::{
     layout::{
@@ -57,6 +60,10 @@ pub struct DesiredFrontend {
     pub drain_timeout: Option<Duration>,
     /// Client-IP affinity: how long a client idle stays tied to its backend.
     pub session_affinity: Option<Duration>,
+    /// Topology-aware, with this node's zone weights in `backends`: the
+    /// backends' own weights, used when none of the zone's backends can take
+    /// new flows (see `health::overlay`).
+    pub fallback_weights: Option<Vec<u32>>,
 }
 
 /// A backend of a [`DesiredFrontend`]. Only backends with a weight that are not
@@ -70,6 +77,9 @@ pub struct DesiredBackend {
     pub weight: u32,
     /// Out of rotation (marked so, or unhealthy): its flows end at the drain timeout.
     pub draining: bool,
+    /// This node probes it, if the frontend has a health check (a joined node
+    /// probes the backends the view assigns to it; a standalone agent all).
+    pub probe_here: bool,
 }
 
 impl DesiredBackend {
@@ -78,6 +88,7 @@ impl DesiredBackend {
             address,
             weight,
             draining: false,
+            probe_here: true,
         }
     }
 
@@ -135,14 +146,25 @@ pub fn desired(manifest: &Manifest) -> Desired {
                             address: b.address,
                             weight,
                             draining: b.draining,
+                            probe_here: true,
                         })
                         .collect(),
-                    health_check: service.traffic.health_check.clone(),
+                    // One probe port for every port of the service: health
+                    // is the backend's.
+                    health_check: service.traffic.health_check.as_ref().map(|check| {
+                        let port =
+                            traffic::probe_port(check, &service.ports).unwrap_or(port.target_port);
+                        HealthCheck {
+                            probe: check.probe.with_port(port),
+                            ..check.clone()
+                        }
+                    }),
                     drain_timeout: drain_timeout(service.traffic.drain_timeout_seconds),
                     session_affinity: service
                         .traffic
                         .session_affinity
                         .map(|a| Duration::from_secs(a.timeout_seconds.into())),
+                    fallback_weights: None,
                 },
             );
         }
@@ -154,8 +176,14 @@ pub fn desired(manifest: &Manifest) -> Desired {
 /// for this node). Entries the agent cannot program (an address that is not
 /// IPv4, a port out of range) are skipped and returned for the caller to log:
 /// the control service validates before storing, so none are expected.
+///
+/// `zone` is this node's: a topology-aware frontend that lists weights for it
+/// uses them, keeping its own as the fallback. `node` is its name: it probes
+/// the backends whose probers name it (or have none).
 pub fn desired_from_view<'a>(
     frontends: impl IntoIterator<Item = &'a sluice_api::v1::FrontendView>,
+    zone: &str,
+    node: &str,
 ) -> (Desired, Vec<String>) {
     use sluice_api::convert::{algorithm_from_proto, health_check_from_proto, protocol_from_proto};
     let mut out = Desired::new();
@@ -172,17 +200,37 @@ pub fn desired_from_view<'a>(
             skipped.push(format!("{} {}:{}", f.service, f.vip, f.port));
             continue;
         };
-        let backends = f
+        let Ok(mut backends) = f
             .backends
             .iter()
-            .filter_map(|b| {
-                Some(DesiredBackend {
-                    address: b.address.parse().ok()?,
+            .map(|b| {
+                Ok(DesiredBackend {
+                    address: b.address.parse()?,
                     weight: b.weight,
                     draining: b.draining,
+                    probe_here: b.probers.is_empty() || b.probers.iter().any(|p| p == node),
                 })
             })
-            .collect();
+            .collect::<Result<Vec<_>, std::net::AddrParseError>>()
+        else {
+            skipped.push(format!(
+                "{} {}:{}: a backend address",
+                f.service, f.vip, f.port
+            ));
+            continue;
+        };
+        let zone_weights = f
+            .zones
+            .iter()
+            .find(|z| !zone.is_empty() && z.zone == zone)
+            .filter(|z| z.weights.len() == backends.len());
+        let fallback_weights = zone_weights.map(|z| {
+            let own = backends.iter().map(|b| b.weight).collect();
+            for (backend, &weight) in backends.iter_mut().zip(&z.weights) {
+                backend.weight = weight;
+            }
+            own
+        });
         // A check this agent cannot read is skipped like any unreadable entry:
         // programming the service unprobed beats not programming it.
         let health_check = match f.health_check.clone().map(health_check_from_proto) {
@@ -215,6 +263,7 @@ pub fn desired_from_view<'a>(
                 ),
                 session_affinity: (f.session_affinity_seconds != 0)
                     .then(|| Duration::from_secs(f.session_affinity_seconds.into())),
+                fallback_weights,
             },
         );
     }
@@ -344,9 +393,10 @@ pub enum Step {
     PurgeUdpFlows {
         backends: BTreeSet<u32>,
     },
-    /// Delete every flow (both directions) of these frontends: a deleted
-    /// service port ends its connections (established packets are forwarded
-    /// from the flow entry alone, without looking the service up).
+    /// Delete every flow (both directions) and client affinity of these
+    /// frontends: a deleted service port ends its connections (established
+    /// packets are forwarded from the flow entry alone, without looking the
+    /// service up), and its ids may be handed out again.
     PurgeFrontendFlows {
         frontends: BTreeSet<u32>,
     },
@@ -636,8 +686,27 @@ pub fn plan(desired: &Desired, current: &State, alloc: &Allocator) -> Result<Pla
             want.maglev_table_size.unwrap_or(MAGLEV_DEFAULT_TABLE_SIZE),
         );
         let kernel_algorithm = kernel_algorithm(want.algorithm);
+        // Saturating (u32 seconds outlast any deployment); a sub-second
+        // timeout rounds up rather than switching affinity off.
+        let affinity_timeout_s = want.session_affinity.map_or(0, |d| {
+            u32::try_from(d.as_millis().div_ceil(1000)).unwrap_or(u32::MAX)
+        });
         let frontend = match &existing {
-            Some(f) if f.slots == table && f.frontend.algorithm == kernel_algorithm => f.frontend,
+            Some(f) if f.slots == table && f.frontend.algorithm == kernel_algorithm => {
+                // The table stands; a new affinity timeout needs only a new
+                // value pointing at the same slot range.
+                let frontend = Frontend {
+                    affinity_timeout_s,
+                    ..f.frontend
+                };
+                if frontend != f.frontend {
+                    phases.put_frontend.push(Step::PutFrontend {
+                        key: *key,
+                        frontend,
+                    });
+                }
+                frontend
+            }
             _ => {
                 let needed = table.len() as u32;
                 let range =
@@ -665,6 +734,8 @@ pub fn plan(desired: &Desired, current: &State, alloc: &Allocator) -> Result<Pla
                     algorithm: kernel_algorithm,
                     slot_base: range.base,
                     slot_count: needed,
+                    affinity_timeout_s,
+                    _pad: 0,
                 };
                 phases.put_frontend.push(Step::PutFrontend {
                     key: *key,
@@ -788,6 +859,7 @@ mod tests {
             health_check: None,
             drain_timeout: None,
             session_affinity: Default::default(),
+            fallback_weights: Default::default(),
         }
     }
 
@@ -1113,13 +1185,14 @@ mod tests {
                 address: "198.19.1.2".into(),
                 weight: 3,
                 draining: Default::default(),
+                probers: Default::default(),
             }],
             drain_timeout_seconds: Default::default(),
             health_check: Default::default(),
             session_affinity_seconds: Default::default(),
             zones: Default::default(),
         }];
-        let (d, skipped) = desired_from_view(&view);
+        let (d, skipped) = desired_from_view(&view, "", "n1");
         assert!(skipped.is_empty());
         let f = &d[&key("198.18.0.10", 80, IPPROTO_TCP)];
         assert_eq!(f.service, "shop/web");
@@ -1130,7 +1203,7 @@ mod tests {
             vip: "not-an-ip".into(),
             ..view[0].clone()
         }];
-        let (d, skipped) = desired_from_view(&bad);
+        let (d, skipped) = desired_from_view(&bad, "", "n1");
         assert!(d.is_empty() && skipped.len() == 1);
     }
 
@@ -1211,5 +1284,77 @@ mod tests {
         let udp = &d[&key("198.18.0.10", 53, IPPROTO_UDP)];
         assert_eq!(udp.target_port, 5353);
         assert_eq!(udp.backends, [DesiredBackend::new(addr("198.19.1.2"), 2)]);
+    }
+
+    #[test]
+    fn an_affinity_change_rewrites_the_frontend_value_alone() {
+        let k = key("198.18.0.10", 80, IPPROTO_TCP);
+        let plain = frontend(
+            "web",
+            Algorithm::RoundRobin,
+            &[("198.19.1.2", 1), ("198.19.2.2", 1)],
+        );
+        let affine = DesiredFrontend {
+            session_affinity: Some(Duration::from_secs(300)),
+            ..plain.clone()
+        };
+        let first = plan_ok(&Desired::from([(k, plain.clone())]), &State::default());
+        let before = first.next.frontends[&k].frontend;
+        assert_eq!(before.affinity_timeout_s, 0);
+
+        let on = plan(
+            &Desired::from([(k, affine.clone())]),
+            &first.next,
+            &first.alloc,
+        )
+        .expect("plan");
+        let after = Frontend {
+            affinity_timeout_s: 300,
+            ..before
+        };
+        // Same id, same slot range: nothing else to write, nothing to free.
+        assert_eq!(
+            on.steps,
+            [Step::PutFrontend {
+                key: k,
+                frontend: after
+            }]
+        );
+        assert!(on.retired_ranges.is_empty());
+        assert!(
+            plan(&Desired::from([(k, affine)]), &on.next, &on.alloc)
+                .expect("replan")
+                .is_empty()
+        );
+
+        let off = plan(&Desired::from([(k, plain)]), &on.next, &on.alloc).expect("plan");
+        assert_eq!(
+            off.steps,
+            [Step::PutFrontend {
+                key: k,
+                frontend: before
+            }]
+        );
+    }
+
+    #[test]
+    fn affinity_timeouts_round_up_to_seconds_and_saturate() {
+        let k = key("198.18.0.10", 80, IPPROTO_TCP);
+        for (asked, kernel) in [
+            (Duration::from_millis(1), 1),
+            (Duration::from_millis(1500), 2),
+            (Duration::from_secs(10_800), 10_800),
+            (Duration::from_secs(u64::MAX), u32::MAX),
+        ] {
+            let want = DesiredFrontend {
+                session_affinity: Some(asked),
+                ..frontend("web", Algorithm::Maglev, &[("198.19.1.2", 1)])
+            };
+            let plan = plan_ok(&Desired::from([(k, want)]), &State::default());
+            assert_eq!(
+                plan.next.frontends[&k].frontend.affinity_timeout_s, kernel,
+                "{asked:?}"
+            );
+        }
     }
 }

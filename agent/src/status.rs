@@ -9,7 +9,7 @@ use std::{
 
 use serde::Serialize;
 use sluice_common::{
-    layout::{MAX_INTERFACES, map},
+    layout::{LAYOUT_VERSION, MAX_INTERFACES, map},
     types::{
         BACKEND_DRAINING, BACKEND_RETIRED, IPPROTO_TCP, TrafficStats, algorithm, hook, name_str,
     },
@@ -19,6 +19,7 @@ use sluice_api::v1;
 
 use crate::{
     apply::{self, ApplyError},
+    dataplane,
     maps::{Maps, MapsError},
     pins::{LinkKind, PinDir},
     reconcile::State,
@@ -29,6 +30,15 @@ use crate::{
 pub enum StatusError {
     #[error("no Sluice data plane in this network namespace ({dir} does not exist)")]
     NotRunning { dir: String },
+    #[error(
+        "the data plane in {dir} has layout version {found}, this agent reads {expected}: \
+         use the agent that created it, or `sluice-agent down` to reset it"
+    )]
+    LayoutVersion {
+        dir: String,
+        found: u32,
+        expected: u32,
+    },
     #[error(transparent)]
     Maps(#[from] MapsError),
     #[error(transparent)]
@@ -72,6 +82,9 @@ pub struct ServiceReport {
     pub protocol: &'static str,
     pub target_port: u16,
     pub algorithm: &'static str,
+    /// Client-IP session affinity timeout; absent when off.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub session_affinity_seconds: Option<u32>,
     pub stats: Traffic,
     pub backends: Vec<BackendReport>,
 }
@@ -134,6 +147,17 @@ pub fn report(pins: &PinDir) -> Result<Report, StatusError> {
     if !pins.exists() {
         return Err(StatusError::NotRunning {
             dir: pins.path().display().to_string(),
+        });
+    }
+    // Another layout's maps would fail to open (a missing map, another value
+    // size) with an error that does not say why.
+    if let Some(found) = dataplane::pinned_layout_version(pins)
+        && found != LAYOUT_VERSION
+    {
+        return Err(StatusError::LayoutVersion {
+            dir: pins.path().display().to_string(),
+            found,
+            expected: LAYOUT_VERSION,
         });
     }
     let maps = Maps::open_pinned(pins.maps())?;
@@ -219,6 +243,8 @@ pub fn services(maps: &Maps, state: &State) -> Result<Vec<ServiceReport>, Status
             },
             target_port: f.meta.target_port,
             algorithm: algorithm_name(f.frontend.algorithm),
+            session_affinity_seconds: (f.frontend.affinity_timeout_s != 0)
+                .then_some(f.frontend.affinity_timeout_s),
             stats: stats.into(),
             backends,
         });
@@ -294,15 +320,20 @@ pub fn render(report: &Report) -> String {
         );
     }
     for s in &report.services {
+        let affinity = s
+            .session_affinity_seconds
+            .map(|t| format!("  client-IP affinity {t}s"))
+            .unwrap_or_default();
         let _ = writeln!(
             out,
-            "\nservice {}  {}:{}/{} -> :{}  {}  packets {}  bytes {}  flows {}",
+            "\nservice {}  {}:{}/{} -> :{}  {}{}  packets {}  bytes {}  flows {}",
             s.name,
             s.vip,
             s.port,
             s.protocol,
             s.target_port,
             s.algorithm,
+            affinity,
             s.stats.packets,
             s.stats.bytes,
             s.stats.new_flows

@@ -7,8 +7,10 @@
 //! incremental update; [`History`] keeps recent updates so an agent that
 //! reconnects with the version it last applied gets only what it missed.
 //!
-//! Every node gets the same view for now; the functions take the node so that
-//! topology-aware views slot in without changing their callers.
+//! Every node gets the same view: what differs by node is in it, keyed by
+//! node or zone (the probers of each health-checked backend, the weights of
+//! each zone for topology-aware services), so one computation and one
+//! history serve all nodes.
 
 use std::{
     collections::{BTreeMap, HashMap, VecDeque},
@@ -27,10 +29,15 @@ pub type Key = (Ipv4Addr, u32, i32);
 /// A node's view: its frontends by key.
 pub type Frontends = BTreeMap<Key, v1::FrontendView>;
 
-/// The frontends `node` must program. Services without a VIP are skipped (the
-/// control service allocates one before storing, so none should exist).
+/// How many nodes probe each backend of a health-checked service.
+pub const PROBERS_PER_BACKEND: usize = 3;
+
+/// The frontends every node must program. Services without a VIP are skipped
+/// (the control service allocates one before storing, so none should exist).
+/// `nodes` are the cluster's nodes, among which each health-checked backend
+/// gets its probers.
 pub fn compute<'a>(
-    _node: &str,
+    nodes: &[&str],
     services: impl IntoIterator<Item = &'a v1::Service>,
     endpoints: &[&v1::Endpoint],
 ) -> Frontends {
@@ -41,7 +48,13 @@ pub fn compute<'a>(
             continue;
         };
         let (namespace, name) = meta_names(service.meta.as_ref());
-        let backends = resolve(service, namespace, &index);
+        let (mut backends, zones) = resolve_zoned(service, namespace, &index);
+        if service.health_check.is_some() {
+            let service = format!("{namespace}/{name}");
+            for backend in &mut backends {
+                backend.probers = probers(nodes, &service, &backend.address);
+            }
+        }
         for port in &service.ports {
             let target_port = if port.target_port == 0 {
                 port.port
@@ -58,16 +71,75 @@ pub fn compute<'a>(
                     target_port,
                     algorithm: effective_algorithm(service),
                     maglev_table_size: service.maglev_table_size,
-                    health_check: service.health_check.clone(),
+                    health_check: service
+                        .health_check
+                        .as_ref()
+                        .map(|check| with_probe_port(check, &service.ports)),
                     drain_timeout_seconds: service.drain_timeout_seconds,
                     session_affinity_seconds: service.session_affinity_seconds,
-                    zones: Vec::new(),
+                    zones: zones.clone(),
                     backends: backends.clone(),
                 },
             );
         }
     }
     out
+}
+
+/// The check with the port it probes spelled out: one port for every port
+/// of the service, since health is a backend's, not a port's (see
+/// `sluice_api::manifest::traffic::probe_port`).
+fn with_probe_port(check: &v1::HealthCheck, ports: &[v1::ServicePort]) -> v1::HealthCheck {
+    use v1::health_check::Probe;
+    let first_tcp = ports
+        .iter()
+        .find(|p| p.protocol == v1::Protocol::Tcp as i32)
+        .map(|p| {
+            if p.target_port == 0 {
+                p.port
+            } else {
+                p.target_port
+            }
+        })
+        .unwrap_or(0);
+    let mut check = check.clone();
+    match &mut check.probe {
+        Some(Probe::Http(v1::HttpProbe { port, .. }) | Probe::Tcp(v1::TcpProbe { port }))
+            if *port == 0 =>
+        {
+            *port = first_tcp;
+        }
+        _ => {}
+    }
+    check
+}
+
+/// The nodes that probe `address` for `service`: the [`PROBERS_PER_BACKEND`]
+/// highest by rendezvous hash. Every node computes the same set, backends
+/// spread evenly over nodes, and a node joining or leaving moves only the
+/// backends it gains or loses.
+pub fn probers(nodes: &[&str], service: &str, address: &str) -> Vec<String> {
+    let score = |node: &str| {
+        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+        for part in [node, service, address] {
+            for byte in part.bytes().chain([0]) {
+                hash = (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
+            }
+        }
+        // FNV alone clusters on similar names; one avalanche round spreads them.
+        hash ^= hash >> 33;
+        hash = hash.wrapping_mul(0xff51_afd7_ed55_8ccd);
+        hash ^ (hash >> 33)
+    };
+    let mut ranked: Vec<(u64, &str)> = nodes.iter().map(|n| (score(n), *n)).collect();
+    ranked.sort_unstable_by(|a, b| b.cmp(a));
+    let mut chosen: Vec<String> = ranked
+        .into_iter()
+        .take(PROBERS_PER_BACKEND)
+        .map(|(_, n)| n.to_owned())
+        .collect();
+    chosen.sort();
+    chosen
 }
 
 fn meta_names(meta: Option<&v1::ObjectMeta>) -> (&str, &str) {
@@ -144,8 +216,27 @@ pub fn resolve(
     namespace: &str,
     index: &EndpointIndex<'_>,
 ) -> Vec<v1::ViewBackend> {
-    // address → (weight, version, draining)
-    let mut by_address: BTreeMap<Ipv4Addr, (u32, Option<&str>, bool)> = BTreeMap::new();
+    resolve_zoned(service, namespace, index).0
+}
+
+/// A backend as resolution finds it, before shares are computed.
+struct Candidate<'a> {
+    weight: u32,
+    version: Option<&'a str>,
+    draining: bool,
+    zone: Option<&'a str>,
+}
+
+/// [`resolve`], and for a topology-aware service the weights a node of each
+/// zone uses: the backends of that zone that take new flows, with their
+/// weights (after any rollout); zones where none does are left out, so their
+/// nodes use every backend.
+pub fn resolve_zoned(
+    service: &v1::Service,
+    namespace: &str,
+    index: &EndpointIndex<'_>,
+) -> (Vec<v1::ViewBackend>, Vec<v1::ZoneWeights>) {
+    let mut by_address: BTreeMap<Ipv4Addr, Candidate<'_>> = BTreeMap::new();
     if !service.selector.is_empty() {
         let mut matching: Vec<&v1::Endpoint> = index
             .matching(namespace, &service.selector)
@@ -164,40 +255,76 @@ pub fn resolve(
                     .as_ref()
                     .and_then(|m| m.labels.get(VERSION_LABEL))
                     .map(String::as_str);
-                by_address
-                    .entry(addr)
-                    .or_insert((e.weight.max(1), version, e.draining));
+                by_address.entry(addr).or_insert(Candidate {
+                    weight: e.weight.max(1),
+                    version,
+                    draining: e.draining,
+                    zone: (!e.zone.is_empty()).then_some(e.zone.as_str()),
+                });
             }
         }
     } else {
         for b in &service.backends {
             if let Ok(addr) = b.address.parse::<Ipv4Addr>() {
                 let version = (!b.version.is_empty()).then_some(b.version.as_str());
-                by_address
-                    .entry(addr)
-                    .or_insert((b.weight.max(1), version, b.draining));
+                by_address.entry(addr).or_insert(Candidate {
+                    weight: b.weight.max(1),
+                    version,
+                    draining: b.draining,
+                    zone: None,
+                });
             }
         }
     }
     // Draining backends take no part in the shares: they get no new flows.
     let sharing: Vec<(u32, Option<&str>)> = by_address
         .values()
-        .filter(|(_, _, draining)| !draining)
-        .map(|&(weight, version, _)| (weight, version))
+        .filter(|c| !c.draining)
+        .map(|c| (c.weight, c.version))
         .collect();
     let mut shares = rollout_weights(&sharing, rollout(service).as_ref()).into_iter();
-    by_address
-        .into_iter()
-        .map(|(address, (weight, _, draining))| v1::ViewBackend {
+    let backends: Vec<v1::ViewBackend> = by_address
+        .iter()
+        .map(|(address, c)| v1::ViewBackend {
             address: address.to_string(),
-            weight: if draining {
-                weight
+            weight: if c.draining {
+                c.weight
             } else {
-                shares.next().unwrap_or(weight)
+                shares.next().unwrap_or(c.weight)
             },
-            draining,
+            draining: c.draining,
+            probers: Vec::new(),
         })
-        .collect()
+        .collect();
+    if !service.topology_aware {
+        return (backends, Vec::new());
+    }
+    let zones_of: Vec<Option<&str>> = by_address.values().map(|c| c.zone).collect();
+    let mut zones: BTreeMap<&str, Vec<u32>> = BTreeMap::new();
+    for zone in zones_of.iter().flatten() {
+        zones.entry(zone).or_insert_with(|| {
+            backends
+                .iter()
+                .zip(&zones_of)
+                .map(|(b, z)| {
+                    if *z == Some(*zone) && !b.draining {
+                        b.weight
+                    } else {
+                        0
+                    }
+                })
+                .collect()
+        });
+    }
+    let zones = zones
+        .into_iter()
+        .filter(|(_, weights)| weights.iter().any(|&w| w > 0))
+        .map(|(zone, weights)| v1::ZoneWeights {
+            zone: zone.to_owned(),
+            weights,
+        })
+        .collect();
+    (backends, zones)
 }
 
 /// The service's rollout, as the manifest type (the API's was validated on the
@@ -400,7 +527,7 @@ mod tests {
     #[test]
     fn static_backends_become_frontends_per_port() {
         let s = service("web", "198.18.0.10", &["198.19.2.2", "198.19.1.2"], &[]);
-        let view = compute("n1", [&s], &[]);
+        let view = compute(&["n1"], [&s], &[]);
         assert_eq!(view.len(), 2);
         let tcp = &view[&(
             "198.18.0.10".parse().expect("ip"),
@@ -433,7 +560,7 @@ mod tests {
         let e2 = endpoint("shop", "b", "198.19.2.2", &[("app", "web")], false);
         let e3 = endpoint("blog", "c", "198.19.3.2", &[("app", "web")], true);
         let e4 = endpoint("shop", "d", "198.19.4.2", &[("app", "db")], true);
-        let view = compute("n1", [&s], &[&e1, &e2, &e3, &e4]);
+        let view = compute(&["n1"], [&s], &[&e1, &e2, &e3, &e4]);
         let tcp = &view[&(
             "198.18.0.10".parse().expect("ip"),
             80,
@@ -445,7 +572,58 @@ mod tests {
                 address: "198.19.1.2".into(),
                 weight: 2,
                 draining: Default::default(),
+                probers: Default::default(),
             }]
+        );
+    }
+
+    #[test]
+    fn rollouts_draining_and_zones_shape_the_weights() {
+        let mut s = service("web", "198.18.0.10", &[], &[("app", "web")]);
+        s.rollout = Some(v1::Rollout {
+            to: "v2".into(),
+            percent: 10,
+        });
+        s.topology_aware = true;
+        let mut endpoints = Vec::new();
+        for (i, version, zone, draining) in [
+            (1, "v1", "a", false),
+            (2, "v1", "b", false),
+            (3, "v2", "a", false),
+            (4, "v2", "b", true),
+        ] {
+            let mut e = endpoint(
+                "shop",
+                &format!("e{i}"),
+                &format!("198.19.1.{i}"),
+                &[("app", "web"), ("version", version)],
+                true,
+            );
+            e.zone = zone.into();
+            e.draining = draining;
+            endpoints.push(e);
+        }
+        let refs: Vec<&v1::Endpoint> = endpoints.iter().collect();
+        let (backends, zones) = resolve_zoned(&s, "shop", &EndpointIndex::new(&refs));
+        let shares: Vec<(u32, bool)> = backends.iter().map(|b| (b.weight, b.draining)).collect();
+        // v1 (weights 2 + 2) gets 90%, v2 (the one serving, weight 2) 10%.
+        assert_eq!(shares, [(9, false), (9, false), (2, false), (2, true)]);
+        let zones: Vec<(&str, &[u32])> = zones
+            .iter()
+            .map(|z| (z.zone.as_str(), z.weights.as_slice()))
+            .collect();
+        assert_eq!(zones, [("a", &[9, 0, 2, 0][..]), ("b", &[0, 9, 0, 0][..])]);
+        // A round-robin service under a rollout is balanced by weight.
+        let view = compute(&["n1"], [&s], &refs);
+        assert!(
+            view.values()
+                .all(|f| f.algorithm == v1::Algorithm::WeightedRoundRobin as i32)
+        );
+        s.topology_aware = false;
+        assert!(
+            resolve_zoned(&s, "shop", &EndpointIndex::new(&refs))
+                .1
+                .is_empty()
         );
     }
 
@@ -453,9 +631,9 @@ mod tests {
     fn diff_carries_only_changes_and_applies_back() {
         let a = service("web", "198.18.0.10", &["198.19.1.2"], &[]);
         let b = service("api", "198.18.0.11", &["198.19.1.2"], &[]);
-        let old = compute("n", [&a, &b], &[]);
+        let old = compute(&["n"], [&a, &b], &[]);
         let a2 = service("web", "198.18.0.10", &["198.19.1.2", "198.19.2.2"], &[]);
-        let new = compute("n", [&a2], &[]);
+        let new = compute(&["n"], [&a2], &[]);
         let update = diff(&old, &new, 7).expect("changed");
         assert_eq!(update.upsert.len(), 2, "web's two ports changed");
         assert_eq!(update.remove.len(), 2, "api's two ports went");

@@ -493,6 +493,7 @@ async fn nodes_join_once_and_watch_their_view() {
         .report_status(v1::ReportStatusRequest {
             applied_version: delta.version,
             counters: vec![],
+            unhealthy: Default::default(),
         })
         .await
         .expect("report");

@@ -602,6 +602,11 @@ impl TryFrom<v1::Service> for ServiceObject {
             .map(health_check_from_proto)
             .transpose()
             .map_err(|(field, problem)| check.at(field)(problem))?;
+        if let Some(health) = &health_check
+            && traffic::probe_port(health, &domain_ports).is_none()
+        {
+            return Err(check.at("healthCheck")(Problem::ProbePort));
+        }
         let session_affinity = match session_affinity_seconds {
             0 => None,
             value => Some(SessionAffinity {

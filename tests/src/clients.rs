@@ -70,6 +70,36 @@ pub fn http_get(addr: SocketAddrV4, timeout: Duration) -> Result<String, ClientE
     Ok(body)
 }
 
+/// Like [`http_get`], from local port `source_port`, so that the same flow
+/// (5-tuple) can be opened again: the connection ends with a reset (linger
+/// 0), which leaves no TIME_WAIT behind to block the port.
+pub fn http_get_from(
+    addr: SocketAddrV4,
+    source_port: u16,
+    timeout: Duration,
+) -> Result<String, ClientError> {
+    let connect = |source| ClientError::Connect { addr, source };
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+        .map_err(connect)?;
+    socket.set_reuse_address(true).map_err(connect)?;
+    let local = SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, source_port);
+    socket
+        .bind(&SocketAddr::V4(local).into())
+        .map_err(connect)?;
+    socket
+        .connect_timeout(&SocketAddr::V4(addr).into(), timeout)
+        .map_err(connect)?;
+    socket.set_linger(Some(Duration::ZERO)).map_err(connect)?;
+    let stream: TcpStream = socket.into();
+    stream.set_read_timeout(Some(timeout)).map_err(connect)?;
+    stream.set_write_timeout(Some(timeout)).map_err(connect)?;
+    let mut conn = HttpConn {
+        addr,
+        reader: BufReader::new(stream),
+    };
+    conn.request(true)
+}
+
 /// A long-lived HTTP/1.1 keep-alive connection. It stays in the namespace it
 /// was connected in and can be used later from any thread.
 #[derive(Debug)]

@@ -69,6 +69,15 @@ impl ClusterNode {
         Ipv4Addr::new(198, 18, self.index, 2)
     }
 
+    /// `zone-a` for odd nodes, `zone-b` for even ones: the zone it joins in.
+    pub fn zone(&self) -> &'static str {
+        if self.index % 2 == 1 {
+            "zone-a"
+        } else {
+            "zone-b"
+        }
+    }
+
     /// `198.19.0.<k>`, on the fabric.
     pub fn fabric_addr(&self) -> Ipv4Addr {
         Ipv4Addr::new(198, 19, 0, self.index)
@@ -100,6 +109,8 @@ impl ClusterNode {
             ca_hash,
             "--node",
             &self.name,
+            "--zone",
+            self.zone(),
             "--state-dir",
             &self.state_dir(),
         ]
@@ -350,6 +361,16 @@ impl Cluster {
 }
 
 impl Cluster {
+    /// Starts backend `i`'s server again (after `servers[i - 1].stop()`).
+    pub fn restart_backend(&mut self, i: usize) {
+        self.servers[i - 1] = HttpServer::start(
+            &self.topology.backends[i - 1].ns,
+            backend_addr(i),
+            8080,
+            &format!("backend-{i}"),
+        );
+    }
+
     /// `n` long-lived connections from node `k`'s client to `vip:80`, each
     /// with the backend that answered its first request.
     pub fn hold(&self, k: usize, vip: Ipv4Addr, n: usize) -> Vec<(HttpConn, String)> {

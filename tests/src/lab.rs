@@ -24,7 +24,7 @@ use sluice_agent::{
 };
 use sluice_common::{
     layout::map,
-    types::{FlowKeyV4, FlowV4, TrafficStats},
+    types::{AffinityKeyV4, AffinityV4, FlowKeyV4, FlowV4, TrafficStats},
 };
 
 pub const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 2);
@@ -278,6 +278,16 @@ impl Lab {
             .collect()
     }
 
+    /// Client-IP affinity entries.
+    pub fn affinities(&self) -> Vec<(AffinityKeyV4, AffinityV4)> {
+        self.dataplane
+            .maps
+            .affinity
+            .iter()
+            .map(|e| e.expect("affinity entry"))
+            .collect()
+    }
+
     /// The backend id serving `address` on `target_port` (active or retired).
     /// One address serving two ports is two backends.
     pub fn backend_id(&self, address: Ipv4Addr, target_port: u16) -> u32 {
@@ -308,4 +318,17 @@ impl Lab {
         )
         .expect("backend stats")
     }
+}
+
+/// The kernel's `bpf_ktime_get_coarse_ns` clock (`CLOCK_MONOTONIC_COARSE`),
+/// for writing timestamps into map entries as the programs would.
+pub fn coarse_now_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we own.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &raw mut ts) };
+    assert_eq!(rc, 0, "clock_gettime: {}", std::io::Error::last_os_error());
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }

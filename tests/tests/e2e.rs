@@ -399,6 +399,43 @@ fn a_removed_backend_gets_no_new_flows_and_its_udp_flows_move() {
 }
 
 #[test]
+fn client_ip_affinity_holds_a_clients_connections_until_the_manifest_drops_it() {
+    for offloads in PROFILES {
+        let plain = all_three("round-robin");
+        let affine = plain.replace(
+            "algorithm: round-robin\n",
+            "algorithm: round-robin\nsessionAffinity: { clientIP: { timeoutSeconds: 300 } }\n",
+        );
+        let mut cluster = Cluster::start(offloads, &affine, &[]);
+        let status = cluster.status();
+        assert_eq!(
+            status["services"][1]["session_affinity_seconds"], 300,
+            "{status:#}"
+        );
+        // One client: every new connection goes where its first one went.
+        let sticky = cluster.spread(30);
+        assert_eq!(
+            sticky.values().copied().collect::<Vec<_>>(),
+            [30],
+            "{offloads:?}: {sticky:?}"
+        );
+
+        cluster.change_manifest(&plain);
+        let status = cluster.status();
+        assert!(
+            status["services"][1]
+                .get("session_affinity_seconds")
+                .is_none(),
+            "{status:#}"
+        );
+        let spread = cluster.spread(30);
+        for b in 1..=3 {
+            assert_eq!(count(&spread, b), 10, "{offloads:?}: {spread:?}");
+        }
+    }
+}
+
+#[test]
 fn a_malformed_manifest_changes_nothing() {
     for offloads in PROFILES {
         let mut cluster = Cluster::start(offloads, &all_three("round-robin"), &[]);
@@ -545,6 +582,53 @@ fn down_detaches_and_unpins_everything() {
     let status = agent.run_cli(&["status"]);
     assert!(!status.status.success());
     assert!(String::from_utf8_lossy(&status.stderr).contains("no Sluice data plane"));
+}
+
+#[test]
+fn a_pinned_data_plane_of_another_layout_is_refused_not_misread() {
+    use aya::maps::{Array, Map, MapData};
+    use sluice_common::{
+        layout::{LAYOUT_VERSION, map},
+        types::AgentMeta,
+    };
+
+    let mut cluster = Cluster::start(Offloads::KernelDefault, &all_three("round-robin"), &[]);
+    cluster.agent.kill9();
+    // The pins now stand for those of an agent one layout older.
+    let root = cluster.agent.bpffs_root().to_path_buf();
+    let dirs = pin_dirs(&root);
+    assert_eq!(dirs.len(), 1, "{dirs:?}");
+    let pin = root.join(&dirs[0]).join("maps").join(map::AGENT_META);
+    let data = MapData::from_pin(&pin).expect("AGENT_META pin");
+    let mut meta: Array<MapData, AgentMeta> = Array::try_from(Map::Array(data)).expect("array");
+    let old = AgentMeta {
+        layout_version: LAYOUT_VERSION - 1,
+        ..meta.get(&0, 0).expect("agent meta")
+    };
+    meta.set(0, old, 0).expect("writing agent meta");
+
+    let older = format!("layout version {}", LAYOUT_VERSION - 1);
+    assert!(
+        cluster.agent.try_restart().is_err(),
+        "{}",
+        cluster.agent.log()
+    );
+    let log = cluster.agent.log();
+    assert!(
+        log.contains(&older) && log.contains("sluice-agent down"),
+        "{log}"
+    );
+    let status = cluster.agent.run_cli(&["status"]);
+    let stderr = String::from_utf8_lossy(&status.stderr);
+    assert!(
+        !status.status.success() && stderr.contains(&older),
+        "{status:?}"
+    );
+
+    // The way out the message gives.
+    assert!(cluster.agent.run_cli(&["down"]).status.success());
+    cluster.agent.restart();
+    assert_eq!(cluster.spread(3).values().sum::<usize>(), 3);
 }
 
 #[test]

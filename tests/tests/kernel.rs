@@ -10,10 +10,10 @@ use std::{net::Ipv4Addr, time::Duration};
 
 use sluice_common::{
     layout::XDP_DEFER_MARK,
-    types::{FLOW_CLOSED, FLOW_OPEN},
+    types::{AffinityV4, FLOW_CLOSED, FLOW_OPEN},
 };
 use sluice_tests::{
-    lab::{CLIENT, CLIENT_MAC, Lab, Run, backend, backend_mac, with_lab},
+    lab::{CLIENT, CLIENT_MAC, Lab, Run, backend, backend_mac, coarse_now_ns, with_lab},
     packet::{self, L4, Spec, TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN},
 };
 
@@ -105,11 +105,17 @@ fn to_vip(sport: u16, flags: u8) -> Vec<u8> {
 
 /// Sends a SYN and returns the backend address it was sent to.
 fn open(lab: &mut Lab, hook: Hook, sport: u16) -> Ipv4Addr {
-    let (act, out) = run(lab, hook, "n0", &syn(sport).build());
+    open_from(lab, hook, CLIENT, sport)
+}
+
+/// As [`open`], from another client address (on the client's link).
+fn open_from(lab: &mut Lab, hook: Hook, client: Ipv4Addr, sport: u16) -> Ipv4Addr {
+    let frame = Spec::tcp((client, sport), (VIP, 80), TCP_SYN).build();
+    let (act, out) = run(lab, hook, "n0", &frame);
     assert_eq!(
         act,
         Action::Redirect,
-        "{hook:?} SYN from {sport}: {:?}",
+        "{hook:?} SYN from {client}:{sport}: {:?}",
         lab.outcomes()
     );
     packet::read(&out.frame).dst
@@ -831,4 +837,192 @@ fn deleting_a_service_port_ends_its_flows() {
             assert_eq!(run(lab, hook, "n0", &udp).0, Action::Redirect, "{hook:?}");
         });
     }
+}
+
+/// A second client, beside [`CLIENT`] on its link.
+const OTHER_CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 3);
+
+/// [`MANIFEST`] with client-IP session affinity on the web service.
+fn with_affinity(seconds: u32) -> String {
+    MANIFEST.replace(
+        "algorithm: round-robin\n",
+        &format!(
+            "algorithm: round-robin\nsessionAffinity: {{ clientIP: {{ timeoutSeconds: {seconds} }} }}\n"
+        ),
+    )
+}
+
+/// (client, backend id) of every affinity entry, sorted.
+fn remembered(lab: &Lab) -> Vec<(Ipv4Addr, u32)> {
+    let mut out: Vec<(Ipv4Addr, u32)> = lab
+        .affinities()
+        .iter()
+        .map(|(k, v)| (Ipv4Addr::from(k.client.to_ne_bytes()), v.backend_id))
+        .collect();
+    out.sort();
+    out
+}
+
+#[test]
+fn affinity_ties_a_clients_new_flows_to_one_backend() {
+    for hook in HOOKS {
+        with_lab(&with_affinity(300), |lab| {
+            for sport in 40000..40010 {
+                assert_eq!(open(lab, hook, sport), backend(1), "{hook:?}: from {sport}");
+            }
+            assert_eq!(
+                open_from(lab, hook, OTHER_CLIENT, 40000),
+                backend(2),
+                "{hook:?}: another client takes the next round-robin turn"
+            );
+            assert_eq!(open(lab, hook, 40010), backend(1), "{hook:?}");
+            assert_eq!(open_from(lab, hook, OTHER_CLIENT, 40001), backend(2));
+            // Followed or not, a new flow counts as one (least-connections
+            // and the idle reaper rely on it).
+            assert_eq!(lab.open_connections(backend(1)), 11, "{hook:?}");
+            assert_eq!(lab.open_connections(backend(2)), 2, "{hook:?}");
+            assert_eq!(lab.backend_traffic(backend(1)).new_flows, 11, "{hook:?}");
+            assert_eq!(
+                remembered(lab),
+                [
+                    (CLIENT, lab.backend_id(backend(1), 8080)),
+                    (OTHER_CLIENT, lab.backend_id(backend(2), 8080)),
+                ],
+                "{hook:?}"
+            );
+        });
+    }
+}
+
+#[test]
+fn an_expired_affinity_is_balanced_again() {
+    for hook in HOOKS {
+        with_lab(&with_affinity(2), |lab| {
+            assert_eq!(open(lab, hook, 40000), backend(1));
+            let (key, entry) = lab.affinities()[0];
+            let seen_ago = |lab: &mut Lab, ns: u64| {
+                let entry = AffinityV4 {
+                    last_seen_ns: coarse_now_ns() - ns,
+                    ..entry
+                };
+                lab.dataplane
+                    .maps
+                    .affinity
+                    .insert(key, entry, 0)
+                    .expect("writing an affinity entry");
+                entry.last_seen_ns
+            };
+            // Seen a second ago, within the 2 s timeout: followed, and the
+            // timeout starts again.
+            let then = seen_ago(lab, 1_000_000_000);
+            assert_eq!(open(lab, hook, 40001), backend(1), "{hook:?}");
+            assert!(
+                lab.affinities()[0].1.last_seen_ns > then,
+                "{hook:?}: refreshed"
+            );
+            // Seen 3 s ago: balanced again (the next turn), and remembered.
+            seen_ago(lab, 3_000_000_000);
+            assert_eq!(open(lab, hook, 40002), backend(2), "{hook:?}: expired");
+            assert_eq!(open(lab, hook, 40003), backend(2), "{hook:?}: new choice");
+            assert_eq!(
+                remembered(lab),
+                [(CLIENT, lab.backend_id(backend(2), 8080))]
+            );
+        });
+    }
+}
+
+#[test]
+fn affinity_is_not_followed_to_a_backend_out_of_rotation() {
+    let affine = with_affinity(300);
+    let draining = affine.replace(
+        "{ address: 198.19.1.2 }",
+        "{ address: 198.19.1.2, draining: true }",
+    );
+    let removed = affine.replace("  - { address: 198.19.1.2 }\n", "");
+    // The far side of a rollout keeps its entry with weight 0.
+    let no_share = affine
+        .replace(
+            "algorithm: round-robin\n",
+            "algorithm: round-robin\nrollout: { to: v2, percent: 100 }\n",
+        )
+        .replace(
+            "{ address: 198.19.2.2 }",
+            "{ address: 198.19.2.2, version: v2 }",
+        )
+        .replace(
+            "{ address: 198.19.3.2 }",
+            "{ address: 198.19.3.2, version: v2 }",
+        );
+    for (why, manifest) in [
+        ("draining", draining),
+        ("removed", removed),
+        ("no share", no_share),
+    ] {
+        for hook in HOOKS {
+            with_lab(&affine, |lab| {
+                assert_eq!(open(lab, hook, 40000), backend(1));
+                lab.apply(&manifest);
+                let next = open(lab, hook, 40001);
+                assert_ne!(next, backend(1), "{hook:?}, {why}");
+                assert_eq!(open(lab, hook, 40002), next, "{hook:?}, {why}: sticks");
+                // The established flow stays where it is.
+                let (act, out) = run(lab, hook, "n0", &to_vip(40000, TCP_ACK));
+                assert_eq!(act, Action::Redirect);
+                assert_eq!(packet::read(&out.frame).dst, backend(1), "{hook:?}");
+            });
+        }
+    }
+}
+
+#[test]
+fn without_affinity_round_robin_ignores_the_client() {
+    for hook in HOOKS {
+        with_lab(&with_affinity(300), |lab| {
+            for sport in 40000..40003 {
+                assert_eq!(open(lab, hook, sport), backend(1), "{hook:?}");
+            }
+            // Dropping affinity rewrites the frontend value alone (the slot
+            // table is the same); the cursor moved once.
+            lab.apply(MANIFEST);
+            let next: Vec<Ipv4Addr> = (40003..40006).map(|p| open(lab, hook, p)).collect();
+            assert_eq!(next, [backend(2), backend(3), backend(1)], "{hook:?}");
+            assert_eq!(
+                lab.affinities().len(),
+                1,
+                "{hook:?}: nothing new remembered"
+            );
+        });
+        with_lab(MANIFEST, |lab| {
+            let turns: Vec<Ipv4Addr> = (40000..40006).map(|p| open(lab, hook, p)).collect();
+            let expected = [1, 2, 3, 1, 2, 3].map(backend);
+            assert_eq!(turns, expected, "{hook:?}");
+            assert!(lab.affinities().is_empty(), "{hook:?}");
+        });
+    }
+}
+
+#[test]
+fn deleting_a_service_port_forgets_its_affinities() {
+    let affine = with_affinity(300);
+    with_lab(&affine, |lab| {
+        assert_eq!(open(lab, Hook::Tc, 40000), backend(1));
+        let udp = Spec::udp((CLIENT, 5000), (VIP, 53), b"q").build();
+        assert_eq!(run(lab, Hook::Tc, "n0", &udp).0, Action::Redirect);
+        assert_eq!(lab.affinities().len(), 2, "one per service port");
+        // TCP 80 goes: its frontend id may be handed out again later.
+        lab.apply(&affine.replace("  - { port: 80, protocol: TCP, targetPort: 8080 }\n", ""));
+        let flows = lab.flows();
+        assert_eq!(flows.len(), 1, "the UDP flow");
+        let left: Vec<u32> = lab
+            .affinities()
+            .iter()
+            .map(|(k, _)| k.frontend_id)
+            .collect();
+        assert_eq!(
+            left,
+            [flows[0].1.frontend_id],
+            "only UDP 53's affinity is left"
+        );
+    });
 }

@@ -10,7 +10,7 @@
 use std::{net::SocketAddrV4, thread, time::Duration};
 
 use sluice_tests::{
-    HttpConn, HttpServer,
+    HttpConn,
     cluster::{Cluster, TIMEOUT, assert_near, backend_addr, count},
 };
 
@@ -134,17 +134,40 @@ fn a_canary_gets_its_exact_share_and_undo_sends_every_new_flow_back() {
 
 #[test]
 fn an_unhealthy_backend_leaves_rotation_on_every_node_and_comes_back() {
-    let mut cluster = Cluster::start(2, 3, &[]);
+    // Four nodes: each backend is probed by three of them (rendezvous hashing),
+    // so one node learns every verdict about its backend from the others.
+    const NODES: u8 = 4;
+    let mut cluster = Cluster::start(NODES, 3, &[]);
     let mut docs = vec![web("round-robin", HEALTH_CHECK)];
     docs.extend((1..=3).map(|i| endpoint(i, "", "")));
     cluster.apply(&documents(&docs));
     cluster.wait_programmed();
     let vip = cluster.web_vip();
-    for k in 1..=2 {
+    for k in 1..=NODES as usize {
         assert_near(
             &cluster.spread(k, vip, 30),
             &[(1, 10), (2, 10), (3, 10)],
             &format!("node-{k}, all healthy"),
+        );
+    }
+    // Probes come from the nodes' fabric addresses; clients use others.
+    thread::sleep(HEALTH_BOUND);
+    for (i, server) in cluster.servers.iter().enumerate() {
+        let probers: std::collections::BTreeSet<_> = server
+            .peers()
+            .into_iter()
+            .map(|p| p.ip())
+            .filter(|ip| {
+                (1..=NODES).any(|k| {
+                    *ip == std::net::IpAddr::from(cluster.topology.node(k.into()).fabric_addr())
+                })
+            })
+            .collect();
+        assert_eq!(
+            probers.len(),
+            3,
+            "backend-{} was probed by {probers:?}, not by 3 of the {NODES} nodes",
+            i + 1
         );
     }
     // Established connections on the backends that stay healthy.
@@ -159,7 +182,7 @@ fn an_unhealthy_backend_leaves_rotation_on_every_node_and_comes_back() {
     // node, and none reaches it.
     cluster.servers[2].stop();
     thread::sleep(HEALTH_BOUND);
-    for k in 1..=2 {
+    for k in 1..=NODES as usize {
         assert_near(
             &cluster.spread(k, vip, 40),
             &[(1, 20), (2, 20)],
@@ -174,16 +197,19 @@ fn an_unhealthy_backend_leaves_rotation_on_every_node_and_comes_back() {
         status.to_string().contains("\"draining\""),
         "node-1 status shows no draining backend: {status}"
     );
+    assert!(
+        cluster
+            .control
+            .log()
+            .contains("backend unhealthy by its probers"),
+        "{}",
+        cluster.control.log()
+    );
 
     // It comes back: so does its share.
-    cluster.servers[2] = HttpServer::start(
-        &cluster.topology.backends[2].ns,
-        backend_addr(3),
-        8080,
-        "backend-3",
-    );
+    cluster.restart_backend(3);
     thread::sleep(HEALTH_BOUND);
-    for k in 1..=2 {
+    for k in 1..=NODES as usize {
         assert_near(
             &cluster.spread(k, vip, 30),
             &[(1, 10), (2, 10), (3, 10)],
@@ -262,4 +288,137 @@ fn a_draining_backend_keeps_its_connections_until_the_drain_timeout() {
                 .unwrap_or_else(|e| panic!("request {i} after the drain: {e}"));
         }
     });
+}
+
+#[test]
+fn topology_aware_flows_stay_in_zone_and_fall_back_when_the_zone_is_down() {
+    // node-1 is in zone-a, node-2 in zone-b; backends 1, 2 in zone-a, 3, 4 in zone-b.
+    let mut cluster = Cluster::start(2, 4, &[]);
+    let mut docs = vec![web(
+        "round-robin",
+        &format!("topologyAware: true\n{HEALTH_CHECK}"),
+    )];
+    for (i, zone) in [(1, "zone-a"), (2, "zone-a"), (3, "zone-b"), (4, "zone-b")] {
+        docs.push(endpoint(i, "", &format!("zone: {zone}")));
+    }
+    cluster.apply(&documents(&docs));
+    cluster.wait_programmed();
+    let vip = cluster.web_vip();
+    assert_near(
+        &cluster.spread(1, vip, 40),
+        &[(1, 20), (2, 20)],
+        "node-1 in zone-a",
+    );
+    assert_near(
+        &cluster.spread(2, vip, 40),
+        &[(3, 20), (4, 20)],
+        "node-2 in zone-b",
+    );
+
+    // One zone-a backend down: zone-a still has capacity, node-1 stays in zone.
+    cluster.servers[0].stop();
+    thread::sleep(HEALTH_BOUND);
+    assert_near(
+        &cluster.spread(1, vip, 20),
+        &[(2, 20)],
+        "zone-a on one backend",
+    );
+    // Both down: node-1 falls back to zone-b; node-2 never noticed.
+    cluster.servers[1].stop();
+    thread::sleep(HEALTH_BOUND);
+    assert_near(
+        &cluster.spread(1, vip, 40),
+        &[(3, 20), (4, 20)],
+        "zone-a down",
+    );
+    assert_near(
+        &cluster.spread(2, vip, 40),
+        &[(3, 20), (4, 20)],
+        "node-2, zone-b",
+    );
+    // Back in zone as soon as a zone-a backend is.
+    cluster.restart_backend(1);
+    thread::sleep(HEALTH_BOUND);
+    assert_near(&cluster.spread(1, vip, 20), &[(1, 20)], "zone-a back");
+}
+
+#[test]
+fn maglev_moves_about_one_nth_of_the_flows_when_one_of_n_backends_goes() {
+    const BACKENDS: usize = 5;
+    const FLOWS: u16 = 1_000;
+    let cluster = Cluster::start(1, BACKENDS, &[]);
+    let mut docs = vec![web("maglev", "")];
+    docs.extend((1..=BACKENDS).map(|i| endpoint(i, "", "")));
+    cluster.apply(&documents(&docs));
+    cluster.wait_programmed();
+    let vip = cluster.web_vip();
+    let to = SocketAddrV4::new(vip, 80);
+    // The same flows (client address and source port) before and after.
+    let place = || -> Vec<String> {
+        cluster.topology.node(1).client.enter(|| {
+            (0..FLOWS)
+                .map(|i| {
+                    sluice_tests::http_get_from(to, 40_000 + i, TIMEOUT)
+                        .unwrap_or_else(|e| panic!("flow from port {}: {e}", 40_000 + i))
+                })
+                .collect()
+        })
+    };
+    let before = place();
+    // Every backend got a share: the hash spreads flows.
+    let spread = sluice_tests::tally(before.iter().cloned());
+    assert_eq!(spread.len(), BACKENDS, "{spread:?}");
+
+    // backend-5 leaves (its endpoint is deleted).
+    cluster
+        .control
+        .sluicectl_ok(&["delete", "endpoint", &format!("web-{BACKENDS}")]);
+    cluster.wait_programmed();
+    let after = place();
+    let gone = format!("backend-{BACKENDS}");
+    assert!(
+        after.iter().all(|b| *b != gone),
+        "a flow still reached {gone}"
+    );
+    let moved = before.iter().zip(&after).filter(|(a, b)| a != b).count();
+    let had_to_move = before.iter().filter(|b| **b == gone).count();
+    let disruption = moved as f64 / f64::from(FLOWS);
+    let bound = 1.2 / BACKENDS as f64;
+    eprintln!(
+        "maglev: {moved} of {FLOWS} flows moved ({:.1}%; {had_to_move} were on {gone}; bound {:.0}%)",
+        disruption * 100.0,
+        bound * 100.0
+    );
+    assert!(
+        disruption <= bound,
+        "{moved} of {FLOWS} flows moved, more than 1.2/N"
+    );
+}
+
+#[test]
+fn session_affinity_through_the_control_service_keeps_a_client_on_one_backend() {
+    let cluster = Cluster::start(2, 3, &[]);
+    let mut docs = vec![web(
+        "round-robin",
+        "sessionAffinity: { clientIP: { timeoutSeconds: 300 } }",
+    )];
+    docs.extend((1..=3).map(|i| endpoint(i, "", "")));
+    cluster.apply(&documents(&docs));
+    cluster.wait_programmed();
+    let vip = cluster.web_vip();
+    // Each node's client sticks to one backend across new connections.
+    for k in 1..=2 {
+        let spread = cluster.spread(k, vip, 30);
+        assert_eq!(spread.len(), 1, "node-{k}: {spread:?}");
+    }
+    // Without affinity the same clients are balanced again.
+    let mut docs = vec![web("round-robin", "")];
+    docs.extend((1..=3).map(|i| endpoint(i, "", "")));
+    cluster.apply(&documents(&docs));
+    cluster.wait_programmed();
+    assert_near(
+        &cluster.spread(1, vip, 30),
+        &[(1, 10), (2, 10), (3, 10)],
+        "affinity removed",
+    );
 }

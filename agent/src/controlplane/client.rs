@@ -63,6 +63,7 @@ pub async fn join(
     let creds = Credentials {
         control: control.to_owned(),
         node: node.to_owned(),
+        zone: zone.to_owned(),
         ca_pem,
         cert_pem: certificate_pem,
         key_pem,
@@ -111,16 +112,19 @@ impl ControlClient {
         call("watch the node's view", self.client.watch_view(request)).await
     }
 
-    /// Tells the control service what this node has applied, with its counters.
-    pub async fn report(
-        &mut self,
-        applied_version: u64,
-        counters: Vec<v1::FrontendCounters>,
-    ) -> Result<(), ControlError> {
-        let request = v1::ReportStatusRequest {
-            applied_version,
-            counters,
-        };
+    /// The probers' verdicts: the complete set of unhealthy backends, now and
+    /// on every change.
+    pub async fn watch_health(&mut self) -> Result<Streaming<v1::HealthUpdate>, ControlError> {
+        call(
+            "watch backend health",
+            self.client.watch_health(v1::WatchHealthRequest {}),
+        )
+        .await
+    }
+
+    /// Tells the control service what this node has applied, with its
+    /// counters and the verdicts of its health probes.
+    pub async fn report(&mut self, request: v1::ReportStatusRequest) -> Result<(), ControlError> {
         let v1::ReportStatusResponse {} =
             call("report status", self.client.report_status(request)).await?;
         Ok(())

@@ -32,6 +32,9 @@ pub enum ViewEvent {
     /// The next change to apply, in version order. A snapshot replaces the
     /// whole view.
     Update(v1::ViewUpdate),
+    /// The backends their probers find unhealthy, all of them (replaces the
+    /// previous set).
+    Health(Vec<v1::BackendRef>),
     /// The connection or the watch failed; [`follow`] reconnects (the text
     /// says why and when).
     Disconnected(String),
@@ -146,10 +149,10 @@ async fn watch_once(
         Ok(creds) => creds,
         Err(e) => return e.into(),
     };
-    let mut stream = match ControlClient::connect(&creds).await {
-        Ok(mut client) => match client.watch(since).await {
-            Ok(stream) => stream,
-            Err(e) => return e.into(),
+    let (mut stream, mut health) = match ControlClient::connect(&creds).await {
+        Ok(mut client) => match (client.watch(since).await, client.watch_health().await) {
+            (Ok(stream), Ok(health)) => (stream, health),
+            (Err(e), _) | (_, Err(e)) => return e.into(),
         },
         Err(e) => return e.into(),
     };
@@ -158,7 +161,20 @@ async fn watch_once(
     }
     *delivered = (*delivered).max(since);
     loop {
-        match stream.message().await {
+        let message = tokio::select! {
+            message = stream.message() => message,
+            verdicts = health.message() => match verdicts {
+                Ok(Some(update)) => {
+                    if updates.send(ViewEvent::Health(update.unhealthy)).await.is_err() {
+                        return End::Closed;
+                    }
+                    continue;
+                }
+                Ok(None) => Err(tonic::Status::unavailable("the control service ended the health watch")),
+                Err(status) => Err(status),
+            },
+        };
+        match message {
             Ok(Some(update)) => {
                 *progressed = true;
                 if !update.snapshot && update.version <= *delivered {

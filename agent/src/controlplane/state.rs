@@ -6,6 +6,7 @@
 //! | `node.crt` | its certificate | 0644 |
 //! | `ca.crt` | the cluster CA, as pinned at join | 0644 |
 //! | `control` | the control service's URL | 0644 |
+//! | `zone` | the node's zone as given at join (may be empty) | 0644 |
 //! | `node` | the node's name; written last, so it marks a complete join | 0644 |
 //! | `view.json` | the last view applied, for restarts while the control service is down | 0600 |
 //!
@@ -39,6 +40,7 @@ const CERT: &str = "node.crt";
 const CA: &str = "ca.crt";
 const CONTROL: &str = "control";
 const NODE: &str = "node";
+const ZONE: &str = "zone";
 const VIEW: &str = "view.json";
 /// A renewal's new key and certificate before they replace the old ones.
 const STAGED_KEY: &str = "node.key.next";
@@ -71,6 +73,9 @@ pub struct Credentials {
     pub control: String,
     /// The node's name, as its certificate carries it.
     pub node: String,
+    /// The node's zone, as given at join; empty: none. Topology-aware
+    /// services prefer backends of this zone.
+    pub zone: String,
     pub ca_pem: String,
     pub cert_pem: String,
     pub key_pem: String,
@@ -81,6 +86,7 @@ impl fmt::Debug for Credentials {
         f.debug_struct("Credentials")
             .field("control", &self.control)
             .field("node", &self.node)
+            .field("zone", &self.zone)
             .field("ca_pem", &self.ca_pem)
             .field("cert_pem", &self.cert_pem)
             .field("key_pem", &"[elided]")
@@ -117,6 +123,12 @@ impl NodeState {
         }
         let node = self.read_line(NODE)?;
         let control = self.read_line(CONTROL)?;
+        // Absent in a state directory from before zones were kept.
+        let zone = if self.path(ZONE).exists() {
+            read(&self.path(ZONE))?.trim().to_owned()
+        } else {
+            String::new()
+        };
         let ca_pem = read(&self.path(CA))?;
         let (key_path, cert_path) = self.identity_paths();
         let key_pem = read(&key_path)?;
@@ -139,6 +151,7 @@ impl NodeState {
         Ok(Credentials {
             control,
             node,
+            zone,
             ca_pem,
             cert_pem,
             key_pem,
@@ -176,6 +189,7 @@ impl NodeState {
         let Credentials {
             control,
             node,
+            zone,
             ca_pem,
             cert_pem,
             key_pem,
@@ -189,6 +203,7 @@ impl NodeState {
         self.write_atomic(CERT, cert_pem.as_bytes(), PUBLIC_MODE)?;
         self.write_atomic(CA, ca_pem.as_bytes(), PUBLIC_MODE)?;
         self.write_atomic(CONTROL, format!("{control}\n").as_bytes(), PUBLIC_MODE)?;
+        self.write_atomic(ZONE, format!("{zone}\n").as_bytes(), PUBLIC_MODE)?;
         self.write_atomic(NODE, format!("{node}\n").as_bytes(), PUBLIC_MODE)
     }
 
@@ -413,6 +428,8 @@ struct BackendFile {
     weight: u32,
     #[serde(default, skip_serializing_if = "is_false")]
     draining: bool,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    probers: Vec<String>,
 }
 
 /// The API's health check, zeros and all (validated when applied, as sent).
@@ -505,10 +522,12 @@ impl From<&v1::FrontendView> for FrontendFile {
                          address,
                          weight,
                          draining,
+                         probers,
                      }| BackendFile {
                         address: address.clone(),
                         weight: *weight,
                         draining: *draining,
+                        probers: probers.clone(),
                     },
                 )
                 .collect(),
@@ -574,10 +593,12 @@ impl TryFrom<FrontendFile> for v1::FrontendView {
                          address,
                          weight,
                          draining,
+                         probers,
                      }| v1::ViewBackend {
                         address,
                         weight,
                         draining,
+                        probers,
                     },
                 )
                 .collect(),

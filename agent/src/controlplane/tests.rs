@@ -93,6 +93,7 @@ fn credentials(ca: &ClusterCa, control: &str, node: &str) -> Credentials {
             .unwrap()
             .pem,
         key_pem: kc.key_pem,
+        zone: Default::default(),
     }
 }
 
@@ -110,11 +111,13 @@ fn frontend(service: &str, port: u32) -> v1::FrontendView {
                 address: "10.0.0.1".into(),
                 weight: 1,
                 draining: Default::default(),
+                probers: Default::default(),
             },
             v1::ViewBackend {
                 address: "10.0.0.2".into(),
                 weight: 3,
                 draining: Default::default(),
+                probers: Default::default(),
             },
         ],
         drain_timeout_seconds: Default::default(),
@@ -511,7 +514,15 @@ async fn join_saves_the_identity_and_refuses_a_second_join() {
     let mut client = within("connect", ControlClient::connect(&creds))
         .await
         .unwrap();
-    within("report", client.report(5, vec![])).await.unwrap();
+    within(
+        "report",
+        client.report(v1::ReportStatusRequest {
+            applied_version: 5,
+            ..Default::default()
+        }),
+    )
+    .await
+    .unwrap();
     let status = control.node("node-1").await.status.unwrap();
     assert_eq!(status.applied_version, 5);
 
@@ -742,6 +753,7 @@ async fn an_unknown_node_is_refused_at_the_watch() {
         ca_pem: admin.ca,
         cert_pem: admin.certificate,
         key_pem: admin.key,
+        zone: Default::default(),
     };
     let mut client = within("connect", ControlClient::connect(&user))
         .await

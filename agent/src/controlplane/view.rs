@@ -79,6 +79,7 @@ mod tests {
                     address: (*a).into(),
                     weight: 1,
                     draining: Default::default(),
+                    probers: Default::default(),
                 })
                 .collect(),
             drain_timeout_seconds: Default::default(),

@@ -286,6 +286,10 @@ pub struct ResolvedBackend {
     pub weight: u32,
     /// `static`, or the endpoint's `namespace/name`.
     pub source: String,
+    /// serving, draining, unhealthy or no share.
+    pub state: String,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub probers: Vec<String>,
 }
 
 /// One node's programming of the service.
@@ -324,12 +328,16 @@ impl TryFrom<v1::DescribeResponse> for Described {
                     port,
                     weight,
                     source,
+                    state,
+                    probers,
                 } = b;
                 ResolvedBackend {
                     address,
                     port,
                     weight,
                     source,
+                    state,
+                    probers,
                 }
             })
             .collect();

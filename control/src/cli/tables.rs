@@ -298,14 +298,24 @@ pub fn describe(described: &Described) -> String {
     if backends.is_empty() {
         out.push_str("  none\n");
     } else {
-        let mut table = Table::new(&["ADDRESS", "PORT", "WEIGHT", "SOURCE"]);
+        let probed = backends.iter().any(|b| !b.probers.is_empty());
+        let mut columns = vec!["ADDRESS", "PORT", "WEIGHT", "STATE", "SOURCE"];
+        if probed {
+            columns.push("PROBERS");
+        }
+        let mut table = Table::new(&columns);
         for backend in backends {
-            table.row(vec![
+            let mut row = vec![
                 backend.address.clone(),
                 backend.port.to_string(),
                 backend.weight.to_string(),
+                backend.state.clone(),
                 backend.source.clone(),
-            ]);
+            ];
+            if probed {
+                row.push(backend.probers.join(","));
+            }
+            table.row(row);
         }
         out.push_str(&table.render_indented("  "));
     }
@@ -539,6 +549,8 @@ node-2   -       no          13/14             never         in 23h
                 port: 8080,
                 weight: 1,
                 source: "shop/web-1".to_owned(),
+                probers: vec!["node-1".to_owned(), "node-2".to_owned()],
+                state: "unhealthy".to_owned(),
             }],
             nodes: vec![
                 Programming {
@@ -575,8 +587,8 @@ Selector:   app=web,tier=frontend
 Version:    7
 
 Resolved backends:
-  ADDRESS      PORT   WEIGHT   SOURCE
-  198.19.1.2   8080   1        shop/web-1
+  ADDRESS      PORT   WEIGHT   STATE       SOURCE       PROBERS
+  198.19.1.2   8080   1        unhealthy   shop/web-1   node-1,node-2
 
 Nodes:
   NODE     CONNECTED   APPLIED   DESIRED   PACKETS   BYTES   ACTIVE

@@ -12,6 +12,7 @@
 
 pub mod auth;
 pub mod cluster;
+pub mod health;
 pub mod nodes;
 pub mod resources;
 pub mod state;
@@ -58,6 +59,8 @@ pub struct NodeLive {
     pub last_report: Option<std::time::SystemTime>,
     pub watchers: u32,
     pub counters: Vec<v1::FrontendCounters>,
+    /// The backends this node probes and finds unhealthy, as last reported.
+    pub unhealthy: health::Unhealthy,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -97,6 +100,9 @@ pub struct Control {
     updates: broadcast::Sender<Arc<v1::ViewUpdate>>,
     removed_nodes: broadcast::Sender<String>,
     live: Mutex<BTreeMap<String, NodeLive>>,
+    /// The probers' verdicts (see [`health`]).
+    health: tokio::sync::watch::Sender<Arc<health::Unhealthy>>,
+    started: std::time::Instant,
 }
 
 impl Control {
@@ -132,6 +138,8 @@ impl Control {
             updates,
             removed_nodes,
             live: Mutex::new(BTreeMap::new()),
+            health: tokio::sync::watch::Sender::new(Arc::default()),
+            started: std::time::Instant::now(),
         });
         control.write_admin_config_once()?;
         Ok(control)
@@ -224,6 +232,8 @@ impl Control {
             );
             // No receivers is fine: no agent is watching.
             let _ = self.updates.send(Arc::new(update));
+            // Probers may have moved, or backends gone.
+            self.judge_health();
         }
         Ok(out)
     }

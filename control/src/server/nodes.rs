@@ -199,6 +199,17 @@ impl Control {
         entry.applied_version = req.applied_version;
         entry.counters = req.counters;
         entry.last_report = Some(SystemTime::now());
+        let unhealthy: super::health::Unhealthy = req
+            .unhealthy
+            .into_iter()
+            .map(|b| (b.service, b.address))
+            .collect();
+        let changed = entry.unhealthy != unhealthy;
+        entry.unhealthy = unhealthy;
+        drop(live);
+        if changed {
+            self.judge_health();
+        }
     }
 }
 
@@ -213,6 +224,8 @@ impl Drop for Watching {
         if let Some(live) = self.control.live().get_mut(&self.node) {
             live.watchers = live.watchers.saturating_sub(1);
         }
+        // A prober that is gone has no vote any more.
+        self.control.judge_health();
     }
 }
 
@@ -249,6 +262,16 @@ impl v1::node_agent_server::NodeAgent for NodeAgentApi {
         let since = request.get_ref().since_version;
         tracing::info!(%node, since, "watching its view");
         Ok(Response::new(self.0.watch(node, since)))
+    }
+
+    type WatchHealthStream = ReceiverStream<Result<v1::HealthUpdate, Status>>;
+
+    async fn watch_health(
+        &self,
+        request: Request<v1::WatchHealthRequest>,
+    ) -> Result<Response<Self::WatchHealthStream>, Status> {
+        self.0.authenticate_node(&request)?;
+        Ok(Response::new(self.0.watch_health()))
     }
 
     async fn report_status(

@@ -367,14 +367,32 @@ impl Control {
                     )
             }
         };
+        let nodes: Vec<&str> = state.nodes.keys().map(String::as_str).collect();
+        let service_name = format!("{ns}/{}", req.name);
+        let unhealthy = self.unhealthy();
         let mut backends = Vec::new();
         for port in &service.ports {
             for b in &resolved {
+                let state = if b.draining {
+                    "draining"
+                } else if unhealthy.contains(&(service_name.clone(), b.address.clone())) {
+                    "unhealthy"
+                } else if b.weight == 0 {
+                    "no share"
+                } else {
+                    "serving"
+                };
                 backends.push(v1::ResolvedBackend {
                     address: b.address.clone(),
                     port: target(port),
                     weight: b.weight,
                     source: source_of(&b.address),
+                    state: state.to_owned(),
+                    probers: if service.health_check.is_some() {
+                        view::probers(&nodes, &service_name, &b.address)
+                    } else {
+                        Vec::new()
+                    },
                 });
             }
         }

@@ -72,7 +72,7 @@ pub struct State {
     pub endpoints: BTreeMap<Named, v1::Endpoint>,
     pub grants: BTreeMap<Named, v1::Grant>,
     pub nodes: BTreeMap<String, (NodeRecord, u64)>,
-    /// Every node's view (the same for all nodes for now) and its version.
+    /// Every node's view (one for all nodes) and its version.
     pub view: Frontends,
     pub view_version: u64,
     pub history: std::sync::Arc<History>,
@@ -163,7 +163,8 @@ impl State {
 
     pub fn compute_view(&self) -> Frontends {
         let endpoints: Vec<&v1::Endpoint> = self.endpoints.values().collect();
-        view::compute("*", self.services.values(), &endpoints)
+        let nodes: Vec<&str> = self.nodes.keys().map(String::as_str).collect();
+        view::compute(&nodes, self.services.values(), &endpoints)
     }
 
     pub fn grants(&self) -> Vec<v1::Grant> {

@@ -1,8 +1,9 @@
 //! Map names and capacities. Kernel and agent both take them from here.
 
-/// Bumped whenever a pinned map's key, value or type changes. The agent refuses to
-/// reuse pinned maps of another layout instead of misreading them.
-pub const LAYOUT_VERSION: u32 = 4;
+/// Bumped whenever a pinned map's key, value or type changes, or a map is added
+/// or removed. The agent refuses to reuse pinned maps of another layout instead
+/// of misreading them (5: affinity timeout in `Frontend`, `AFFINITY_V4`).
+pub const LAYOUT_VERSION: u32 = 5;
 
 /// Service ports `(VIP, port, protocol)`; each has an id indexing per-frontend arrays.
 pub const MAX_FRONTENDS: u32 = 16_384;
@@ -25,6 +26,12 @@ pub const MAGLEV_MAX_TABLE_SIZE: u32 = 65_521;
 pub const LC_SCAN_WINDOW: u32 = 64;
 /// Default connection-table size (forward and reply tables each).
 pub const DEFAULT_FLOW_CAPACITY: u32 = 262_144;
+/// Client-IP affinity entries, one per (service port, client) of services
+/// with session affinity (not one per connection, hence smaller than the flow
+/// table). When full, the least recently used client loses its affinity: its
+/// next flow is balanced afresh, never dropped. About 5 MiB of kernel memory
+/// (preallocated, ~72 bytes an entry).
+pub const AFFINITY_CAPACITY: u32 = 65_536;
 /// A flow's cached next hop is looked up again when older than this.
 pub const NEXT_HOP_TTL_NS: u64 = 1_000_000_000;
 /// Distinct VIP addresses.
@@ -39,6 +46,7 @@ pub mod map {
     pub const VIPS_V4: &str = "VIPS_V4";
     pub const FLOWS_V4: &str = "FLOWS_V4";
     pub const REPLIES_V4: &str = "REPLIES_V4";
+    pub const AFFINITY_V4: &str = "AFFINITY_V4";
     pub const BACKENDS: &str = "BACKENDS";
     pub const BACKEND_CONNS: &str = "BACKEND_CONNS";
     pub const NEXT_HOPS: &str = "NEXT_HOPS";
@@ -53,11 +61,12 @@ pub mod map {
     pub const AGENT_META: &str = "AGENT_META";
 
     /// Every map the agent pins, in the order it checks them.
-    pub const PINNED: [&str; 16] = [
+    pub const PINNED: [&str; 17] = [
         FRONTENDS_V4,
         VIPS_V4,
         FLOWS_V4,
         REPLIES_V4,
+        AFFINITY_V4,
         BACKENDS,
         BACKEND_CONNS,
         NEXT_HOPS,

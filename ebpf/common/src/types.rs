@@ -67,8 +67,12 @@ pub struct Frontend {
     pub slot_base: u32,
     /// Entries in the table; zero means no backend (packets are dropped and counted).
     pub slot_count: u32,
+    /// Client-IP session affinity: a client's new flows follow its previous
+    /// one (`AFFINITY_V4`) while it came within this many seconds; 0: off.
+    pub affinity_timeout_s: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(size_of::<Frontend>() == 16);
+const _: () = assert!(size_of::<Frontend>() == 24);
 
 /// `BACKENDS[backend_id]`.
 #[repr(C)]
@@ -82,8 +86,10 @@ pub struct Backend {
     pub family: u8,
     /// [`BACKEND_RETIRED`] once removed from the manifest: no new flows (it is in no
     /// slot table), established TCP flows finish; the id is recycled when none is left.
+    /// See also [`BACKEND_DRAINING`] and [`Backend::in_rotation`].
     pub flags: u8,
-    /// Weight for weighted algorithms (≥ 1).
+    /// Weight for weighted algorithms; 0 for a backend that takes no new
+    /// flows (the far side of a rollout).
     pub weight: u32,
     /// Owning frontend.
     pub frontend_id: u32,
@@ -91,10 +97,24 @@ pub struct Backend {
 }
 const _: () = assert!(size_of::<Backend>() == 32);
 
+impl Backend {
+    /// Whether this backend is in frontend `frontend_id`'s slot table, told
+    /// from the entry alone: user space puts exactly the backends with a
+    /// weight that are neither retired nor draining in slot tables. The kernel
+    /// asks before following a client's affinity, which may name a backend
+    /// that has left rotation since. (A freed id is all zeroes: weight 0.)
+    #[inline(always)]
+    pub fn in_rotation(&self, frontend_id: u32) -> bool {
+        self.frontend_id == frontend_id
+            && self.flags & (BACKEND_RETIRED | BACKEND_DRAINING) == 0
+            && self.weight > 0
+    }
+}
+
 pub const BACKEND_RETIRED: u8 = 1;
 /// In no slot table because it drains (marked so, or failing its health check);
-/// unlike a retired one it stays in the service. User space only: the kernel
-/// never reads `flags`.
+/// unlike a retired one it stays in the service. The kernel reads `flags` only
+/// to decide whether a client's affinity may still be followed.
 pub const BACKEND_DRAINING: u8 = 2;
 
 /// 5-tuple key of `FLOWS_V4` (client → VIP) and `REPLIES_V4` (backend → client).
@@ -174,6 +194,31 @@ pub struct FlowV4 {
     pub last_seen_ns: u64,
 }
 const _: () = assert!(size_of::<FlowV4>() == 32);
+
+/// Key of `AFFINITY_V4`: one client of one service port. The frontend id is
+/// part of the key so that a client's affinity to one service says nothing
+/// about another on the same VIP.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AffinityKeyV4 {
+    pub frontend_id: u32,
+    /// Client address.
+    pub client: u32,
+}
+const _: () = assert!(size_of::<AffinityKeyV4>() == 8);
+
+/// Value of `AFFINITY_V4`: the backend the client's last new flow went to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AffinityV4 {
+    pub backend_id: u32,
+    pub _pad: u32,
+    /// `bpf_ktime_get_coarse_ns` of the client's last new flow to this
+    /// service: the timeout runs from there, as with Kubernetes' ClientIP
+    /// affinity (kube-proxy's `recent` match sees only new connections).
+    pub last_seen_ns: u64,
+}
+const _: () = assert!(size_of::<AffinityV4>() == 16);
 
 /// Value of `REPLIES_V4`: how to make a backend's reply look like it came from the VIP.
 #[repr(C)]
@@ -294,6 +339,8 @@ pod!(
     Backend,
     FlowKeyV4,
     FlowV4,
+    AffinityKeyV4,
+    AffinityV4,
     NextHop,
     ReplyV4,
     TrafficStats,
@@ -336,5 +383,29 @@ mod tests {
         assert_eq!(name_str(&n), "añ");
         let n: [u8; 2] = fixed_name("añb");
         assert_eq!(name_str(&n), "a");
+    }
+
+    #[test]
+    fn only_weighted_active_backends_of_the_frontend_are_in_rotation() {
+        let active = Backend {
+            family: FAMILY_V4,
+            weight: 1,
+            frontend_id: 7,
+            ..Default::default()
+        };
+        assert!(active.in_rotation(7));
+        assert!(!active.in_rotation(8), "another frontend's backend");
+        for flags in [BACKEND_RETIRED, BACKEND_DRAINING] {
+            assert!(!Backend { flags, ..active }.in_rotation(7), "flags {flags}");
+        }
+        assert!(
+            !Backend {
+                weight: 0,
+                ..active
+            }
+            .in_rotation(7),
+            "no share"
+        );
+        assert!(!Backend::default().in_rotation(0), "a free id");
     }
 }

@@ -15,16 +15,16 @@ use sluice_common::{
     layout::LC_SCAN_WINDOW,
     maglev, reason,
     types::{
-        FAMILY_V4, FLOW_CLOSED, FLOW_OPEN, FlowKeyV4, FlowV4, Frontend, FrontendKeyV4, IPPROTO_TCP,
-        IPPROTO_UDP, NextHop, ReplyV4, TrafficStats, algorithm,
+        AffinityKeyV4, AffinityV4, FAMILY_V4, FLOW_CLOSED, FLOW_OPEN, FlowKeyV4, FlowV4, Frontend,
+        FrontendKeyV4, IPPROTO_TCP, IPPROTO_UDP, NextHop, ReplyV4, TrafficStats, algorithm,
     },
 };
 
 use crate::{
     atomic,
     maps::{
-        BACKEND_CONNS, BACKEND_STATS, BACKENDS, FLOWS_V4, FRONTEND_STATS, FRONTENDS_V4, NEXT_HOPS,
-        REPLIES_V4, RR_CURSORS, SLOTS, VIPS_V4,
+        AFFINITY_V4, BACKEND_CONNS, BACKEND_STATS, BACKENDS, FLOWS_V4, FRONTEND_STATS,
+        FRONTENDS_V4, NEXT_HOPS, REPLIES_V4, RR_CURSORS, SLOTS, VIPS_V4,
     },
     packet::{Ipv4, L4, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, parse_ipv4, parse_l4},
 };
@@ -253,7 +253,8 @@ fn from_backend(ip: &Ipv4, l4: &L4, bytes: u64, defer_partial: bool) -> Verdict 
     })
 }
 
-/// Picks a backend and records the flow in both directions.
+/// Picks a backend (the client's affine one, if the service has affinity and
+/// it still holds) and records the flow in both directions.
 #[inline(always)]
 fn open(
     frontend: &Frontend,
@@ -266,7 +267,16 @@ fn open(
     if frontend.slot_count == 0 {
         return Err(reason::DROP_NO_BACKEND);
     }
-    let backend_id = select(frontend, key)?;
+    let affinity = frontend.affinity_timeout_s != 0;
+    let affine = if affinity {
+        affine_backend(frontend, key.src, now)
+    } else {
+        None
+    };
+    let backend_id = match affine {
+        Some(id) => id,
+        None => select(frontend, key)?,
+    };
     let backend = BACKENDS.get(backend_id).ok_or(reason::DROP_INTERNAL)?;
     if backend.family != FAMILY_V4 {
         return Err(reason::DROP_INTERNAL);
@@ -313,6 +323,22 @@ fn open(
             return Err(reason::DROP_FLOW_TABLE_FULL);
         }
     }
+    if affinity && affine.is_none() {
+        // Best effort: a client that cannot be remembered (the LRU refused a
+        // node right now) is balanced afresh next time, nothing worse.
+        let _ = AFFINITY_V4.insert(
+            AffinityKeyV4 {
+                frontend_id: frontend.id,
+                client: key.src,
+            },
+            AffinityV4 {
+                backend_id,
+                _pad: 0,
+                last_seen_ns: now,
+            },
+            0,
+        );
+    }
     let reply_key = FlowKeyV4::new(
         flow.backend_addr,
         key.src,
@@ -333,6 +359,37 @@ fn open(
         .insert(reply_key, reply, 0)
         .map_err(|_| reason::DROP_INTERNAL)?;
     Ok((backend_id, flow.backend_addr, flow.backend_port))
+}
+
+/// The backend `client`'s last new flow to this frontend went to, if that was
+/// within the frontend's affinity timeout and the backend is still in
+/// rotation; the timeout then restarts. Otherwise `None`: balance as usual.
+#[inline(always)]
+fn affine_backend(frontend: &Frontend, client: u32, now: u64) -> Option<u32> {
+    let key = AffinityKeyV4 {
+        frontend_id: frontend.id,
+        client,
+    };
+    let entry = AFFINITY_V4.get_ptr_mut(key)?;
+    // SAFETY: LRU map values stay valid for the program run.
+    let AffinityV4 {
+        backend_id,
+        last_seen_ns,
+        ..
+    } = unsafe { *entry };
+    // Saturating: another CPU may have stored a time a little later than ours.
+    let idle = now.saturating_sub(last_seen_ns);
+    if idle > u64::from(frontend.affinity_timeout_s) * 1_000_000_000 {
+        return None;
+    }
+    // The entry may predate a drain, a removal or a rollout step: user space
+    // reflects all of them in the backend entry, so no slot table walk.
+    if !BACKENDS.get(backend_id)?.in_rotation(frontend.id) {
+        return None;
+    }
+    // SAFETY: as above. Racing stores from other CPUs all write "just now".
+    unsafe { (*entry).last_seen_ns = now };
+    Some(backend_id)
 }
 
 /// One shared cursor per frontend: round-robin walks the slot table with it,

@@ -8,12 +8,13 @@ use aya_ebpf::{
 };
 use sluice_common::{
     layout::{
-        DEFAULT_FLOW_CAPACITY, MAX_BACKENDS, MAX_FRONTENDS, MAX_INTERFACES, MAX_VIPS, SLOT_CAPACITY,
+        AFFINITY_CAPACITY, DEFAULT_FLOW_CAPACITY, MAX_BACKENDS, MAX_FRONTENDS, MAX_INTERFACES,
+        MAX_VIPS, SLOT_CAPACITY,
     },
     reason,
     types::{
-        AgentMeta, Backend, FlowKeyV4, FlowV4, Frontend, FrontendKeyV4, FrontendMeta, IfaceMeta,
-        NextHop, ReplyV4, TrafficStats,
+        AffinityKeyV4, AffinityV4, AgentMeta, Backend, FlowKeyV4, FlowV4, Frontend, FrontendKeyV4,
+        FrontendMeta, IfaceMeta, NextHop, ReplyV4, TrafficStats,
     },
 };
 
@@ -38,6 +39,13 @@ pub static FLOWS_V4: LruHashMap<FlowKeyV4, FlowV4> =
 #[map]
 pub static REPLIES_V4: LruHashMap<FlowKeyV4, ReplyV4> =
     LruHashMap::with_max_entries(DEFAULT_FLOW_CAPACITY, 0);
+
+/// Client-IP session affinity: the backend each client's last new flow to a
+/// service port went to. LRU: a client evicted under pressure is balanced
+/// afresh, which is all affinity can promise anyway.
+#[map]
+pub static AFFINITY_V4: LruHashMap<AffinityKeyV4, AffinityV4> =
+    LruHashMap::with_max_entries(AFFINITY_CAPACITY, 0);
 
 #[map]
 pub static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);

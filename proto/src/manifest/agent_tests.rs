@@ -1122,3 +1122,23 @@ fn the_shipped_example_parses() {
     assert_eq!(manifest.services.len(), 1);
     assert_eq!(manifest.services[0].backends.len(), 3);
 }
+
+#[test]
+fn standalone_agents_take_traffic_policies_but_not_zones() {
+    let m = ok(&format!(
+        "{MINIMAL}healthCheck: {{ tcp: {{ port: 9000 }} }}\nsessionAffinity: {{ clientIP: {{ timeoutSeconds: 60 }} }}\n\
+         rollout: {{ to: v2, percent: 10 }}\ndrainTimeoutSeconds: 3\n"
+    ));
+    let traffic = &m.services[0].traffic;
+    assert!(traffic.health_check.is_some() && traffic.rollout.is_some());
+    assert_eq!(
+        traffic.session_affinity.map(|a| a.timeout_seconds),
+        Some(60)
+    );
+    // Static backends have no zone: topology awareness needs the control service.
+    let e = err(&format!("{MINIMAL}topologyAware: true\n"));
+    assert_mentions(
+        &e,
+        &["line 6", "topologyAware", "needs the control service"],
+    );
+}

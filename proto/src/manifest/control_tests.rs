@@ -876,3 +876,148 @@ fn load_objects_reads_the_file_and_names_it_in_errors() {
         "{missing:?}"
     );
 }
+
+// ---- traffic policies ----------------------------------------------------------
+
+fn service_of(objects: Vec<Object>) -> ServiceObject {
+    match objects.into_iter().next() {
+        Some(Object::Service(s)) => s,
+        other => panic!("expected a service, got {other:?}"),
+    }
+}
+
+#[test]
+fn traffic_policies_parse_with_their_defaults() {
+    let s = service_of(ok(&format!(
+        "{SERVICE}healthCheck: {{ tcp: {{}} }}\nrollout: {{ to: v2, percent: 5 }}\n\
+         sessionAffinity: {{ clientIP: {{}} }}\ntopologyAware: true\ndrainTimeoutSeconds: 30\n\
+         backends:\n  - {{ address: 198.19.1.2, version: v1 }}\n  - {{ address: 198.19.1.3, version: v2, draining: true }}\n"
+    )));
+    let check = s.traffic.health_check.expect("health check");
+    assert_eq!(check.probe, Probe::Tcp { port: None });
+    assert_eq!(
+        (
+            check.interval_ms,
+            check.timeout_ms,
+            check.unhealthy_threshold,
+            check.healthy_threshold
+        ),
+        (2000, 1000, 3, 2)
+    );
+    assert!(check.fail_open);
+    assert_eq!(
+        s.traffic.rollout,
+        Some(Rollout {
+            to: "v2".into(),
+            percent: 5
+        })
+    );
+    assert_eq!(
+        s.traffic.session_affinity.map(|a| a.timeout_seconds),
+        Some(10_800)
+    );
+    assert!(s.traffic.topology_aware);
+    assert_eq!(s.traffic.drain_timeout_seconds, Some(30));
+    assert_eq!(s.backends[0].version.as_deref(), Some("v1"));
+    assert!(!s.backends[0].draining && s.backends[1].draining);
+
+    // A short interval lowers the default timeout with it.
+    let s = service_of(ok(&format!(
+        "{SERVICE}healthCheck: {{ http: {{ path: /healthz, port: 9000 }}, intervalMs: 500, failOpen: false }}\n"
+    )));
+    let check = s.traffic.health_check.expect("health check");
+    assert_eq!(check.timeout_ms, 500);
+    assert!(!check.fail_open);
+    assert_eq!(check.probe.port(), Some(9000));
+}
+
+#[test]
+fn traffic_policy_errors_name_the_field_and_value() {
+    let cases: &[(&str, &[&str])] = &[
+        (
+            "rollout: { to: v2, percent: 101 }",
+            &["line 6", "rollout.percent", "between 0 and 100", "101"],
+        ),
+        ("rollout: { percent: 5 }", &["rollout.to"]),
+        (
+            "rollout: { to: \"\", percent: 5 }",
+            &["rollout.to", "version must not be empty"],
+        ),
+        (
+            "healthCheck: { http: { path: healthz } }",
+            &["healthCheck.http.path", "absolute path", "\"healthz\""],
+        ),
+        (
+            "healthCheck: { tcp: {}, http: { path: / } }",
+            &["healthCheck", "exactly one probe"],
+        ),
+        (
+            "healthCheck: { intervalMs: 1000 }",
+            &["healthCheck", "exactly one probe"],
+        ),
+        (
+            "healthCheck: { tcp: {}, intervalMs: 50 }",
+            &["healthCheck.intervalMs", "between 100 and 300000", "50"],
+        ),
+        (
+            "healthCheck: { tcp: {}, intervalMs: 1000, timeoutMs: 2000 }",
+            &["healthCheck.timeoutMs", "between 10 and 1000", "2000"],
+        ),
+        (
+            "healthCheck: { tcp: { port: 0 } }",
+            &["healthCheck.tcp.port", "between 1 and 65535"],
+        ),
+        (
+            "healthCheck: { tcp: {}, unhealthyThreshold: 0 }",
+            &["healthCheck.unhealthyThreshold", "between 1 and 100"],
+        ),
+        ("healthCheck: { grpc: {} }", &["healthCheck.grpc"]),
+        (
+            "drainTimeoutSeconds: 0",
+            &["drainTimeoutSeconds", "between 1 and 86400", "got 0"],
+        ),
+        (
+            "sessionAffinity: { clientIP: { timeoutSeconds: 100000 } }",
+            &[
+                "sessionAffinity.clientIP.timeoutSeconds",
+                "between 1 and 86400",
+            ],
+        ),
+        (
+            "sessionAffinity: { cookie: {} }",
+            &["sessionAffinity.cookie"],
+        ),
+        ("topologyAware: yes please", &["topologyAware"]),
+    ];
+    for (line, parts) in cases {
+        let e = err(&format!("{SERVICE}{line}\n"));
+        assert_mentions(&e, parts);
+    }
+    let e = err(&format!(
+        "{SERVICE}backends:\n  - {{ address: 198.19.1.2, version: \"v 2\" }}\n"
+    ));
+    assert_mentions(&e, &["backends[0].version", "\"v 2\""]);
+    let e = err(&format!("{ENDPOINT}labels: {{ version: \"\" }}\n"));
+    assert_mentions(&e, &["labels.version", "version must not be empty"]);
+    // A UDP-only service has no port an HTTP or TCP probe could default to.
+    let udp_only = "kind: Service\nname: dns\nports: [{ port: 53, protocol: UDP }]\n";
+    let e = err(&format!("{udp_only}healthCheck: {{ tcp: {{}} }}\n"));
+    assert_mentions(&e, &["line 4", "healthCheck", "needs a port", "tcp.port"]);
+    ok(&format!(
+        "{udp_only}healthCheck: {{ tcp: {{ port: 8053 }} }}\n"
+    ));
+}
+
+#[test]
+fn traffic_policies_round_trip_through_yaml_and_the_api() {
+    let text = format!(
+        "{SERVICE}healthCheck: {{ http: {{ path: /healthz }}, intervalMs: 300, timeoutMs: 100, failOpen: false }}\n\
+         rollout: {{ to: v2, percent: 1 }}\nsessionAffinity: {{ clientIP: {{ timeoutSeconds: 60 }} }}\n\
+         topologyAware: true\ndrainTimeoutSeconds: 5\nselector: {{ app: web }}\n"
+    );
+    let original = ok(&text);
+    let yaml = serde_saphyr::to_string(&original[0]).expect("serializes");
+    assert_eq!(ok(&yaml), original, "{yaml}");
+    let message = crate::v1::Object::from(&original[0]);
+    assert_eq!(Object::try_from(message).expect("valid"), original[0]);
+}

@@ -28,7 +28,6 @@ const AGENT_SERVICE_FIELDS: &[&str] = &[
     "drainTimeoutSeconds",
     "rollout",
     "sessionAffinity",
-    "topologyAware",
 ];
 const CONTROL_SERVICE_FIELDS: &[&str] = &[
     "kind",
@@ -177,6 +176,13 @@ fn parse_service<'n>(
                     feature: ControlOnly::Selector,
                 });
             }
+            if let Some(key) = fields.key("topologyAware") {
+                return Err(ManifestError::NeedsControlService {
+                    at: cx.at(key),
+                    field: "topologyAware".to_owned(),
+                    feature: ControlOnly::TopologyAware,
+                });
+            }
             AGENT_SERVICE_FIELDS
         }
         Mode::Control => CONTROL_SERVICE_FIELDS,
@@ -222,7 +228,7 @@ fn parse_service<'n>(
         rules::validate_backends_or_selector(backends_node.is_some(), true)
             .map_err(cx.fail(node, "selector"))?;
     }
-    let traffic = traffic::parse(cx, fields)?;
+    let traffic = traffic::parse(cx, fields, &ports)?;
 
     let service = ServiceObject {
         namespace: id.namespace.clone(),

@@ -53,6 +53,11 @@ pub enum ControlOnly {
          `sluicectl apply -f`); `sluice-agent run --manifest` takes static backends only"
     )]
     Selector,
+    #[error(
+        "topology-aware routing needs the control service, which knows the zones of nodes \
+         and endpoints (apply with `sluicectl apply -f`)"
+    )]
+    TopologyAware,
 }
 
 /// Where in a manifest an error was found.

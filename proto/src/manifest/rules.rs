@@ -91,6 +91,11 @@ pub enum Problem {
     HttpPath { value: String },
     #[error("must give exactly one probe: http or tcp")]
     ProbeKind,
+    #[error(
+        "needs a port: the service has no TCP port whose target port it could probe \
+         (give http.port or tcp.port)"
+    )]
+    ProbePort,
     #[error("at least one port is required, got an empty list")]
     NoPorts,
     #[error("at most {max} ports per service, got {count}")]

@@ -20,7 +20,7 @@ use serde::Serialize;
 
 use super::rules::Problem;
 use super::yaml::{Cx, Fields, Node, boolean, integer, string};
-use super::{ManifestError, rules};
+use super::{ManifestError, Protocol, ServicePort, rules};
 
 pub const DEFAULT_INTERVAL_MS: u32 = 2_000;
 pub const DEFAULT_TIMEOUT_MS: u32 = 1_000;
@@ -123,12 +123,36 @@ pub enum Probe {
 }
 
 impl Probe {
-    /// The port probed: the probe's own, or the backend's target port.
+    /// The port the probe names, if it names one.
     pub fn port(&self) -> Option<u16> {
         match self {
             Self::Http { port, .. } | Self::Tcp { port } => *port,
         }
     }
+
+    /// The probe with its port set.
+    pub fn with_port(&self, port: u16) -> Self {
+        match self {
+            Self::Http { path, .. } => Self::Http {
+                path: path.clone(),
+                port: Some(port),
+            },
+            Self::Tcp { .. } => Self::Tcp { port: Some(port) },
+        }
+    }
+}
+
+/// The port a service's health check probes on each backend: the probe's
+/// own, or else the target port of the service's first TCP port (HTTP and TCP
+/// probes cannot check a UDP port). `None`: neither exists, which validation
+/// rejects.
+pub fn probe_port(check: &HealthCheck, ports: &[ServicePort]) -> Option<u16> {
+    check.probe.port().or_else(|| {
+        ports
+            .iter()
+            .find(|p| p.protocol == Protocol::Tcp)
+            .map(|p| p.target_port)
+    })
 }
 
 /// Weights that realise a rollout's shares exactly: backends of version
@@ -278,11 +302,21 @@ const ROLLOUT_FIELDS: &[&str] = &["to", "percent"];
 const AFFINITY_FIELDS: &[&str] = &["clientIP"];
 const CLIENT_IP_FIELDS: &[&str] = &["timeoutSeconds"];
 
-/// The traffic policies among a service's `fields`.
-pub(super) fn parse(cx: Cx<'_>, fields: &Fields<'_>) -> Result<Traffic, ManifestError> {
+/// The traffic policies among a service's `fields`, for a service with `ports`.
+pub(super) fn parse(
+    cx: Cx<'_>,
+    fields: &Fields<'_>,
+    ports: &[ServicePort],
+) -> Result<Traffic, ManifestError> {
     let health_check = fields
         .get("healthCheck")
-        .map(|node| parse_health_check(cx, node))
+        .map(|node| {
+            let check = parse_health_check(cx, node)?;
+            if probe_port(&check, ports).is_none() {
+                return Err(cx.invalid(node, "healthCheck", Problem::ProbePort));
+            }
+            Ok(check)
+        })
         .transpose()?;
     let drain_timeout_seconds = fields
         .get("drainTimeoutSeconds")

@@ -8,8 +8,11 @@
 //! token, applies control/manifests/web.yaml with `sluicectl`, sends real
 //! traffic through both nodes to the VIP the control service allocated and
 //! shows where it went; then adds a backend and changes the algorithm live
-//! through the control service, and kills the control service under an open
-//! connection to show that forwarding does not depend on it. Every namespace,
+//! through the control service, kills the control service under an open
+//! connection to show that forwarding does not depend on it, adds a health
+//! check and kills a backend's server (both nodes take it out of rotation, no
+//! request fails; restarted, it returns), and rolls out version v2 as a 10%
+//! canary, a blue-green switch and an undo. Every namespace,
 //! process and pin is removed at the end, also on failure.
 //!
 //! `--standalone` runs the agent alone instead: one node with
@@ -44,6 +47,8 @@ const TIMEOUT: Duration = Duration::from_secs(3);
 /// Bound on an applied change reaching every node, and on an agent
 /// reconnecting to a restarted control service.
 const PROPAGATION: Duration = Duration::from_secs(20);
+/// Comfortably past the demo's health-check bound (2 × 200 ms + 100 ms).
+const HEALTH_WAIT: Duration = Duration::from_secs(2);
 
 const USAGE: &str = "usage: sluice-demo [--standalone] [--nic-like]
   (no option)   two nodes joined to sluice-control, driven with sluicectl
@@ -345,6 +350,89 @@ fn cluster() -> anyhow::Result<()> {
 
     step(
         "8",
+        "self-healing: a health check on web, then backend-2's server is killed",
+    );
+    // The service as applied in step 6, with a health check and versions.
+    let healthy = update
+        .replace(
+            "selector: { app: web } ",
+            "healthCheck: { http: { path: /healthz }, intervalMs: 200, timeoutMs: 100, unhealthyThreshold: 2, healthyThreshold: 2 }\nselector: { app: web } ",
+        )
+        .replace("labels: { app: web }\naddress: 198.19.0.13", "labels: { app: web, version: v2 }\naddress: 198.19.0.13");
+    if !healthy.contains("healthCheck") || !healthy.contains("version: v2") {
+        bail!("control/manifests/web.yaml changed shape: cannot add the health check");
+    }
+    println!(
+        "   $ sluicectl apply -f web.yaml   # + healthCheck (http /healthz every 200 ms, out after 2 failures); web-3 labelled version: v2"
+    );
+    let out = control.apply("web-health.yaml", &healthy);
+    print!("{}", indent(&checked("apply -f web-health.yaml", &out)?));
+    wait_programmed(&control, &names)?;
+    println!(
+        "   each backend is probed by the nodes the view names (all of them here: at most 3 per backend)"
+    );
+    http[1].stop();
+    println!(
+        "   backend-2's HTTP server stopped; the bound is 2 x 200 ms + 100 ms, plus one report and one broadcast"
+    );
+    std::thread::sleep(HEALTH_WAIT);
+    for node in &topology.nodes {
+        let spread = spread(&node.client, vip, 60)?;
+        println!(
+            "   60 new connections via {}: none fails, none reaches backend-2:",
+            node.name
+        );
+        show_indented(&spread, "     ");
+        check_spread(&spread, &[(1, 1), (3, 2)], &node.name)?;
+    }
+    print_last_log_line(&agents[0], "backend unhealthy", "node-1");
+    http[1] = HttpServer::start(
+        &topology.backends[1].ns,
+        topology.backends[1].addr,
+        8080,
+        "backend-2",
+    );
+    std::thread::sleep(HEALTH_WAIT);
+    println!("   backend-2 restarted; after 2 good probes it is back:");
+    for node in &topology.nodes {
+        let spread = spread(&node.client, vip, 40)?;
+        println!("     40 new connections via {}:", node.name);
+        show_indented(&spread, "       ");
+        check_spread(&spread, &[(1, 1), (2, 1), (3, 2)], &node.name)?;
+    }
+
+    step(
+        "9",
+        "zero-downtime change: a 10% canary of version v2, then blue-green, then undo",
+    );
+    for (args, weights, what) in [
+        (
+            &["rollout", "web", "--to", "v2", "--percent", "10"][..],
+            &[(1, 45), (2, 45), (3, 10)][..],
+            "10% to v2 (backend-3), the rest shared by v1",
+        ),
+        (
+            &["rollout", "web", "--to", "v2", "--percent", "100"][..],
+            &[(3, 1)][..],
+            "blue-green: every new flow to v2",
+        ),
+        (
+            &["rollout", "web", "--undo"][..],
+            &[(1, 1), (2, 1)][..],
+            "undo: every new flow back on v1",
+        ),
+    ] {
+        println!("   $ sluicectl {}", args.join(" "));
+        print!("{}", indent_by(&ctl(&control, args)?, "     "));
+        wait_programmed(&control, &names)?;
+        let spread = spread(&topology.node(1).client, vip, 100)?;
+        println!("   100 new connections via node-1 ({what}):");
+        show_indented(&spread, "     ");
+        check_spread(&spread, weights, "node-1")?;
+    }
+
+    step(
+        "10",
         "clean-up: agents down, servers stopped, control service stopped, namespaces deleted",
     );
     drop(agents);
