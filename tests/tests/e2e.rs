@@ -399,6 +399,61 @@ fn a_removed_backend_gets_no_new_flows_and_its_udp_flows_move() {
 }
 
 #[test]
+fn health_checks_take_a_dead_backend_out_and_fail_closed_when_all_are_dead() {
+    let checked = all_three("round-robin").replace(
+        "algorithm: round-robin\n",
+        "algorithm: round-robin\nhealthCheck: { tcp: {}, intervalMs: 200, timeoutMs: 100, \
+         unhealthyThreshold: 2, healthyThreshold: 1, failOpen: false }\n",
+    );
+    // Comfortably past 2 × 200 ms + 100 ms.
+    let bound = Duration::from_secs(2);
+    let mut cluster = Cluster::start(Offloads::KernelDefault, &checked, &[]);
+    let spread = cluster.spread(30);
+    assert_eq!(spread.values().copied().collect::<Vec<_>>(), [10, 10, 10]);
+
+    cluster.http[1].stop();
+    std::thread::sleep(bound);
+    let spread = cluster.spread(30);
+    assert_eq!(
+        (count(&spread, 1), count(&spread, 3)),
+        (15, 15),
+        "{spread:?}"
+    );
+    let status = cluster.status();
+    let state = |backend: &str| -> String {
+        status["services"][1]["backends"]
+            .as_array()
+            .expect("backends")
+            .iter()
+            .find(|b| b["address"] == backend)
+            .map(|b| b["state"].as_str().unwrap_or_default().to_owned())
+            .unwrap_or_default()
+    };
+    assert_eq!(
+        state(&backend_addr(2).to_string()),
+        "draining",
+        "{status:#}"
+    );
+
+    // Every backend dead, and the service fails closed: dropped, not refused.
+    cluster.http[0].stop();
+    cluster.http[2].stop();
+    std::thread::sleep(bound);
+    let refused =
+        cluster.client(|| http_get(SocketAddrV4::new(vip(), 80), Duration::from_millis(500)));
+    assert!(
+        refused.as_ref().is_err_and(|e| e.is_timeout()),
+        "{refused:?}"
+    );
+    // One comes back: all new connections go to it.
+    let b1 = cluster.topology.backend(1);
+    cluster.http[0] = HttpServer::start(&b1.ns, b1.addr, 8080, "backend-1");
+    std::thread::sleep(bound);
+    let spread = cluster.spread(10);
+    assert_eq!(count(&spread, 1), 10, "{spread:?}");
+}
+
+#[test]
 fn client_ip_affinity_holds_a_clients_connections_until_the_manifest_drops_it() {
     for offloads in PROFILES {
         let plain = all_three("round-robin");
