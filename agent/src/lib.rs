@@ -11,6 +11,7 @@
 //! | [`reaper`] | idle-flow expiry |
 //! | [`health`] | health probes; unhealthy backends leave rotation |
 //! | [`drain`] | drain timeouts: when a drained backend's flows end |
+//! | [`policy`] | network policy: compiled form, reference evaluation, atomic install |
 //! | [`status`] | `status`: report from the pinned maps |
 //! | [`maps`], [`pins`], [`objects`], [`netdev`], [`sys`], [`alloc`] | supporting pieces |
 
@@ -27,6 +28,7 @@ pub mod maps;
 pub mod netdev;
 pub mod objects;
 pub mod pins;
+pub mod policy;
 pub mod reaper;
 pub mod reconcile;
 pub mod status;

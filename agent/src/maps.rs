@@ -10,7 +10,9 @@ use std::{
 
 use aya::{
     Ebpf,
-    maps::{Array, DevMapHash, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues},
+    maps::{
+        Array, DevMapHash, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuValues,
+    },
     util::nr_cpus,
 };
 use sluice_common::{
@@ -18,7 +20,8 @@ use sluice_common::{
     reason,
     types::{
         AffinityKeyV4, AffinityV4, AgentMeta, Backend, FlowKeyV4, FlowV4, Frontend, FrontendKeyV4,
-        FrontendMeta, IfaceMeta, NextHop, ReplyV4, TrafficStats,
+        FrontendMeta, IfaceMeta, NextHop, PolicyIdentity, PolicyRule, PolicyRuleKey, PolicyState,
+        PolicyStats, ReplyV4, TrafficStats,
     },
 };
 
@@ -79,6 +82,10 @@ pub struct Maps {
     pub frontend_meta: Array<MapData, FrontendMeta>,
     pub iface_meta: Array<MapData, IfaceMeta>,
     pub agent_meta: Array<MapData, AgentMeta>,
+    pub policy_identities: LpmTrie<MapData, [u32; 2], PolicyIdentity>,
+    pub policy_rules: HashMap<MapData, PolicyRuleKey, PolicyRule>,
+    pub policy_state: Array<MapData, PolicyState>,
+    pub policy_stats: PerCpuArray<MapData, PolicyStats>,
 }
 
 /// Where to get a map from.
@@ -147,6 +154,10 @@ impl Maps {
             frontend_meta: typed!(source, map::FRONTEND_META),
             iface_meta: typed!(source, map::IFACE_META),
             agent_meta: typed!(source, map::AGENT_META),
+            policy_identities: typed!(source, map::POLICY_IDENTITIES_V4),
+            policy_rules: typed!(source, map::POLICY_RULES),
+            policy_state: typed!(source, map::POLICY_STATE),
+            policy_stats: typed!(source, map::POLICY_STATS),
         })
     }
 

@@ -2,8 +2,9 @@
 
 /// Bumped whenever a pinned map's key, value or type changes, or a map is added
 /// or removed. The agent refuses to reuse pinned maps of another layout instead
-/// of misreading them (5: affinity timeout in `Frontend`, `AFFINITY_V4`).
-pub const LAYOUT_VERSION: u32 = 5;
+/// of misreading them (5: affinity timeout in `Frontend`, `AFFINITY_V4`;
+/// 6: the policy maps, `drop_policy` among the outcomes).
+pub const LAYOUT_VERSION: u32 = 6;
 
 /// Service ports `(VIP, port, protocol)`; each has an id indexing per-frontend arrays.
 pub const MAX_FRONTENDS: u32 = 16_384;
@@ -32,6 +33,15 @@ pub const DEFAULT_FLOW_CAPACITY: u32 = 262_144;
 /// next flow is balanced afresh, never dropped. About 5 MiB of kernel memory
 /// (preallocated, ~72 bytes an entry).
 pub const AFFINITY_CAPACITY: u32 = 65_536;
+/// Network policy: (prefix → identity) entries, per generation. Two
+/// generations coexist while one replaces the other.
+pub const POLICY_IDENTITY_CAPACITY: u32 = 131_072;
+/// Network policy: (destination, source, port, protocol) → allow entries, per
+/// generation, two generations at a time.
+pub const POLICY_RULE_CAPACITY: u32 = 262_144;
+/// Counter slots: one per policy (allowed flows) and one per enforced
+/// destination identity (denied flows).
+pub const POLICY_STATS_SLOTS: u32 = 16_384;
 /// A flow's cached next hop is looked up again when older than this.
 pub const NEXT_HOP_TTL_NS: u64 = 1_000_000_000;
 /// Distinct VIP addresses.
@@ -59,9 +69,13 @@ pub mod map {
     pub const FRONTEND_META: &str = "FRONTEND_META";
     pub const IFACE_META: &str = "IFACE_META";
     pub const AGENT_META: &str = "AGENT_META";
+    pub const POLICY_IDENTITIES_V4: &str = "POLICY_IDENTITIES_V4";
+    pub const POLICY_RULES: &str = "POLICY_RULES";
+    pub const POLICY_STATE: &str = "POLICY_STATE";
+    pub const POLICY_STATS: &str = "POLICY_STATS";
 
     /// Every map the agent pins, in the order it checks them.
-    pub const PINNED: [&str; 17] = [
+    pub const PINNED: [&str; 21] = [
         FRONTENDS_V4,
         VIPS_V4,
         FLOWS_V4,
@@ -79,6 +93,10 @@ pub mod map {
         FRONTEND_META,
         IFACE_META,
         AGENT_META,
+        POLICY_IDENTITIES_V4,
+        POLICY_RULES,
+        POLICY_STATE,
+        POLICY_STATS,
     ];
 }
 

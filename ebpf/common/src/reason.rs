@@ -57,8 +57,11 @@ pub const DROP_INTERNAL: u32 = 19;
 /// the insert even after a retry: full, and nothing evictable at that instant).
 /// The client's retransmission gets another chance.
 pub const DROP_FLOW_TABLE_FULL: u32 = 20;
+/// Dropped: a new flow that network policy does not allow (the destination
+/// backend is selected by a policy and no rule admits the source).
+pub const DROP_POLICY: u32 = 21;
 
-pub const COUNT: u32 = 21;
+pub const COUNT: u32 = 22;
 
 /// Names for status and metrics, indexed by reason.
 pub const NAMES: [&str; COUNT as usize] = [
@@ -83,6 +86,7 @@ pub const NAMES: [&str; COUNT as usize] = [
     "drop_rst_no_flow",
     "drop_internal",
     "drop_flow_table_full",
+    "drop_policy",
 ];
 
 /// The kind of verdict a reason belongs to.

@@ -220,6 +220,81 @@ pub struct AffinityV4 {
 }
 const _: () = assert!(size_of::<AffinityV4>() == 16);
 
+/// A source address no policy entry covers.
+pub const IDENTITY_WORLD: u32 = 1;
+/// In a rule: any source identity.
+pub const IDENTITY_ANY: u32 = 0;
+/// [`PolicyIdentity::flags`]: ingress is default-deny for this destination.
+pub const IDENTITY_ENFORCED: u32 = 1;
+
+/// The data of a `POLICY_IDENTITIES_V4` (LPM trie) key, after its prefix
+/// length: the generation, then the address, both in network byte order, so
+/// that a prefix length of 32 + the address prefix matches one generation's
+/// entries only.
+#[inline(always)]
+pub const fn policy_identity_key(generation: u32, addr: u32) -> [u32; 2] {
+    [generation.to_be(), addr]
+}
+
+/// Value of `POLICY_IDENTITIES_V4`: the identity of the addresses a prefix
+/// covers (an endpoint's /32, or a CIDR that rules name).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PolicyIdentity {
+    pub identity: u32,
+    /// [`IDENTITY_ENFORCED`].
+    pub flags: u32,
+    /// `POLICY_STATS` slot that counts flows denied to this destination.
+    pub stats_slot: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<PolicyIdentity>() == 16);
+
+/// Key of `POLICY_RULES`: what one rule allows, in one generation.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PolicyRuleKey {
+    pub generation: u32,
+    pub dst: u32,
+    /// [`IDENTITY_ANY`]: every source.
+    pub src: u32,
+    /// The destination (target) port, network order; 0: every port.
+    pub port: u16,
+    /// 0: every protocol (only with port 0).
+    pub proto: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(size_of::<PolicyRuleKey>() == 16);
+
+/// Value of `POLICY_RULES`: the policy that allows, for its counter.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PolicyRule {
+    pub stats_slot: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<PolicyRule>() == 8);
+
+/// `POLICY_STATE[0]`: the generation packets use. One array update switches
+/// every node-local rule at once.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PolicyState {
+    pub generation: u32,
+    /// 0: no destination is enforced, skip every lookup.
+    pub enabled: u32,
+}
+const _: () = assert!(size_of::<PolicyState>() == 8);
+
+/// Per-CPU flow verdict counters, per `POLICY_STATS` slot.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PolicyStats {
+    pub allowed: u64,
+    pub denied: u64,
+}
+const _: () = assert!(size_of::<PolicyStats>() == 16);
+
 /// Value of `REPLIES_V4`: how to make a backend's reply look like it came from the VIP.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -341,6 +416,11 @@ pod!(
     FlowV4,
     AffinityKeyV4,
     AffinityV4,
+    PolicyIdentity,
+    PolicyRuleKey,
+    PolicyRule,
+    PolicyState,
+    PolicyStats,
     NextHop,
     ReplyV4,
     TrafficStats,

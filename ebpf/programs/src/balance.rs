@@ -9,6 +9,7 @@ use core::ffi::c_void;
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
     helpers::generated::{bpf_ktime_get_coarse_ns, bpf_loop},
+    maps::lpm_trie::Key,
 };
 use sluice_common::{
     csum,
@@ -16,7 +17,8 @@ use sluice_common::{
     maglev, reason,
     types::{
         AffinityKeyV4, AffinityV4, FAMILY_V4, FLOW_CLOSED, FLOW_OPEN, FlowKeyV4, FlowV4, Frontend,
-        FrontendKeyV4, IPPROTO_TCP, IPPROTO_UDP, NextHop, ReplyV4, TrafficStats, algorithm,
+        FrontendKeyV4, IDENTITY_ANY, IDENTITY_ENFORCED, IDENTITY_WORLD, IPPROTO_TCP, IPPROTO_UDP,
+        NextHop, PolicyRuleKey, ReplyV4, TrafficStats, algorithm, policy_identity_key,
     },
 };
 
@@ -24,7 +26,8 @@ use crate::{
     atomic,
     maps::{
         AFFINITY_V4, BACKEND_CONNS, BACKEND_STATS, BACKENDS, FLOWS_V4, FRONTEND_STATS,
-        FRONTENDS_V4, NEXT_HOPS, REPLIES_V4, RR_CURSORS, SLOTS, VIPS_V4,
+        FRONTENDS_V4, NEXT_HOPS, POLICY_IDENTITIES_V4, POLICY_RULES, POLICY_STATE, POLICY_STATS,
+        REPLIES_V4, RR_CURSORS, SLOTS, VIPS_V4,
     },
     packet::{Ipv4, L4, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, parse_ipv4, parse_l4},
 };
@@ -281,6 +284,7 @@ fn open(
     if backend.family != FAMILY_V4 {
         return Err(reason::DROP_INTERNAL);
     }
+    admit(key.src, backend.addr[0], backend.port, key.proto)?;
     // A flow whose first packet already closes it never counts as open.
     let counted = !(tcp && flags & TCP_FIN != 0);
     let flow = FlowV4 {
@@ -359,6 +363,72 @@ fn open(
         .insert(reply_key, reply, 0)
         .map_err(|_| reason::DROP_INTERNAL)?;
     Ok((backend_id, flow.backend_addr, flow.backend_port))
+}
+
+/// Network policy for a new flow from `src` to backend `dst:port` (network
+/// order): allowed unless the backend is enforced (selected by a policy) and
+/// no rule of the generation in force admits the source's identity on that
+/// port. Counted per allowing policy, or per denied destination.
+#[inline(always)]
+fn admit(src: u32, dst: u32, port: u16, proto: u8) -> Result<(), u32> {
+    let Some(state) = POLICY_STATE.get(0) else {
+        return Ok(());
+    };
+    if state.enabled == 0 {
+        return Ok(());
+    }
+    let generation = state.generation;
+    let Some(target) = POLICY_IDENTITIES_V4.get(Key::new(64, policy_identity_key(generation, dst)))
+    else {
+        return Ok(());
+    };
+    if target.flags & IDENTITY_ENFORCED == 0 {
+        return Ok(());
+    }
+    let (dst_identity, denied_slot) = (target.identity, target.stats_slot);
+    let src_identity = POLICY_IDENTITIES_V4
+        .get(Key::new(64, policy_identity_key(generation, src)))
+        .map_or(IDENTITY_WORLD, |i| i.identity);
+    // Most specific first: this source on this port, then on every port, then
+    // every source on this port, then everything.
+    let mut rule = PolicyRuleKey {
+        generation,
+        dst: dst_identity,
+        src: src_identity,
+        port,
+        proto,
+        _pad: 0,
+    };
+    let mut allowed = None;
+    for (src, specific_port) in [
+        (src_identity, true),
+        (src_identity, false),
+        (IDENTITY_ANY, true),
+        (IDENTITY_ANY, false),
+    ] {
+        rule.src = src;
+        (rule.port, rule.proto) = if specific_port { (port, proto) } else { (0, 0) };
+        // SAFETY: hash map values stay valid for the program run; read at once.
+        if let Some(found) = unsafe { POLICY_RULES.get(&rule) } {
+            allowed = Some(found.stats_slot);
+            break;
+        }
+    }
+    let (slot, verdict) = match allowed {
+        Some(slot) => (slot, Ok(())),
+        None => (denied_slot, Err(reason::DROP_POLICY)),
+    };
+    if let Some(stats) = POLICY_STATS.get_ptr_mut(slot) {
+        // SAFETY: per-CPU value, only this program run touches it now.
+        unsafe {
+            if verdict.is_ok() {
+                (*stats).allowed += 1;
+            } else {
+                (*stats).denied += 1;
+            }
+        }
+    }
+    verdict
 }
 
 /// The backend `client`'s last new flow to this frontend went to, if that was

@@ -4,17 +4,19 @@
 use aya_ebpf::{
     bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC},
     macros::map,
-    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use sluice_common::{
     layout::{
         AFFINITY_CAPACITY, DEFAULT_FLOW_CAPACITY, MAX_BACKENDS, MAX_FRONTENDS, MAX_INTERFACES,
-        MAX_VIPS, SLOT_CAPACITY,
+        MAX_VIPS, POLICY_IDENTITY_CAPACITY, POLICY_RULE_CAPACITY, POLICY_STATS_SLOTS,
+        SLOT_CAPACITY,
     },
     reason,
     types::{
         AffinityKeyV4, AffinityV4, AgentMeta, Backend, FlowKeyV4, FlowV4, Frontend, FrontendKeyV4,
-        FrontendMeta, IfaceMeta, NextHop, ReplyV4, TrafficStats,
+        FrontendMeta, IfaceMeta, NextHop, PolicyIdentity, PolicyRule, PolicyRuleKey, PolicyState,
+        PolicyStats, ReplyV4, TrafficStats,
     },
 };
 
@@ -95,3 +97,23 @@ pub static IFACE_META: Array<IfaceMeta> = Array::with_max_entries(MAX_INTERFACES
 
 #[map]
 pub static AGENT_META: Array<AgentMeta> = Array::with_max_entries(1, 0);
+
+/// Network policy: address prefix → identity, keyed with the generation
+/// first (see `policy_identity_key`).
+#[map]
+pub static POLICY_IDENTITIES_V4: LpmTrie<[u32; 2], PolicyIdentity> =
+    LpmTrie::with_max_entries(POLICY_IDENTITY_CAPACITY, BPF_F_NO_PREALLOC);
+
+/// Network policy: what is allowed, per generation.
+#[map]
+pub static POLICY_RULES: HashMap<PolicyRuleKey, PolicyRule> =
+    HashMap::with_max_entries(POLICY_RULE_CAPACITY, BPF_F_NO_PREALLOC);
+
+/// The generation in force.
+#[map]
+pub static POLICY_STATE: Array<PolicyState> = Array::with_max_entries(1, 0);
+
+/// Flows allowed (per policy) and denied (per enforced destination).
+#[map]
+pub static POLICY_STATS: PerCpuArray<PolicyStats> =
+    PerCpuArray::with_max_entries(POLICY_STATS_SLOTS, 0);

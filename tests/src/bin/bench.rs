@@ -24,7 +24,8 @@ use aya::{
     programs::{TestRun as _, TestRunOptions, Xdp},
 };
 use serde::Serialize;
-use sluice_common::layout::map;
+use sluice_agent::policy::{CompiledPolicy, IdentityEntry, PolicyWriter, RuleEntry};
+use sluice_common::{layout::map, types::IPPROTO_TCP};
 use sluice_tests::{
     control_bench,
     lab::{CLIENT, Lab, backend, with_lab},
@@ -245,6 +246,46 @@ fn xdp_test_run(prog: &Xdp, frame: &[u8], ingress: u32, repeat: u32) -> anyhow::
     Ok(duration_ns(result.duration))
 }
 
+/// Every backend enforced (one identity), the benchmark's clients (all of
+/// 198.18.0.0/16) admitted by one rule, and `rules - 1` more rules for other
+/// sources, ports and protocols that never match.
+fn policy_with(rules: u32) -> CompiledPolicy {
+    let mut identities: Vec<IdentityEntry> = (1..=3)
+        .map(|i| IdentityEntry {
+            prefix: backend(i),
+            len: 32,
+            identity: 100,
+            enforced: true,
+            stats_slot: 1,
+        })
+        .collect();
+    identities.push(IdentityEntry {
+        prefix: Ipv4Addr::new(198, 18, 0, 0),
+        len: 16,
+        identity: 200,
+        enforced: false,
+        stats_slot: 2,
+    });
+    let mut list = vec![RuleEntry {
+        dst: 100,
+        src: 200,
+        port: 8080,
+        protocol: IPPROTO_TCP,
+        stats_slot: 3,
+    }];
+    list.extend((1..rules).map(|i| RuleEntry {
+        dst: 100,
+        src: 1_000 + i,
+        port: 8080,
+        protocol: IPPROTO_TCP,
+        stats_slot: 3,
+    }));
+    CompiledPolicy {
+        identities,
+        rules: list,
+    }
+}
+
 /// Keeps this thread (and the test runs it starts) on CPU 0.
 fn pin_to_one_cpu() -> anyhow::Result<()> {
     // SAFETY: a zeroed cpu_set_t is the empty set; CPU_SET and
@@ -343,6 +384,8 @@ fn measure(lab: &mut Lab, args: &Args) -> anyhow::Result<Report> {
         ingress: u32,
         new_flows: bool,
         counter: &'static str,
+        /// Network policy in force for the row: this many rules.
+        policy_rules: Option<u32>,
     }
     let cases = [
         Case {
@@ -352,6 +395,7 @@ fn measure(lab: &mut Lab, args: &Args) -> anyhow::Result<Report> {
             ingress: n0,
             new_flows: false,
             counter: "",
+            policy_rules: None,
         },
         Case {
             name: "floor: parse + swap MAC + XDP_TX",
@@ -360,6 +404,7 @@ fn measure(lab: &mut Lab, args: &Args) -> anyhow::Result<Report> {
             ingress: n0,
             new_flows: false,
             counter: "",
+            policy_rules: None,
         },
         Case {
             name: "established flow (DNAT, cached next hop)",
@@ -368,6 +413,7 @@ fn measure(lab: &mut Lab, args: &Args) -> anyhow::Result<Report> {
             ingress: n0,
             new_flows: false,
             counter: "fwd_xdp",
+            policy_rules: None,
         },
         Case {
             name: "reply (reverse NAT to the VIP)",
@@ -376,6 +422,7 @@ fn measure(lab: &mut Lab, args: &Args) -> anyhow::Result<Report> {
             ingress: nb1,
             new_flows: false,
             counter: "fwd_xdp",
+            policy_rules: None,
         },
         Case {
             name: "non-VIP pass-through",
@@ -384,6 +431,7 @@ fn measure(lab: &mut Lab, args: &Args) -> anyhow::Result<Report> {
             ingress: n0,
             new_flows: false,
             counter: "pass_not_service",
+            policy_rules: None,
         },
         // Last: a million new flows evict the ones the rows above use.
         Case {
@@ -393,6 +441,7 @@ fn measure(lab: &mut Lab, args: &Args) -> anyhow::Result<Report> {
             ingress: n0,
             new_flows: true,
             counter: "frontend_new_flows",
+            policy_rules: None,
         },
         // One client, a new source port every packet: each new flow follows
         // (and refreshes) the client's affinity entry.
@@ -403,11 +452,35 @@ fn measure(lab: &mut Lab, args: &Args) -> anyhow::Result<Report> {
             ingress: n0,
             new_flows: true,
             counter: "frontend_new_flows",
+            policy_rules: None,
+        },
+        // Every backend protected by network policy, the client admitted by
+        // one rule among many: the verdict's cost must not grow with them.
+        Case {
+            name: "new flow every packet, policy with 100 rules",
+            program: "bench_restore",
+            frame: new_flow,
+            ingress: n0,
+            new_flows: true,
+            counter: "frontend_new_flows",
+            policy_rules: Some(100),
+        },
+        Case {
+            name: "new flow every packet, policy with 10,000 rules",
+            program: "bench_restore",
+            frame: new_flow,
+            ingress: n0,
+            new_flows: true,
+            counter: "frontend_new_flows",
+            policy_rules: Some(10_000),
         },
     ];
 
     let mut rows: Vec<Row> = Vec::new();
     for case in cases {
+        if let Some(rules) = case.policy_rules {
+            PolicyWriter.install(&mut lab.dataplane.maps, &policy_with(rules))?;
+        }
         bench.set_frame(case.frame, case.new_flows)?;
         let mut rounds_ns = Vec::new();
         let mut deltas = Vec::new();

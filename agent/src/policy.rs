@@ -1,0 +1,373 @@
+//! Network policy in the data plane: the compiled form the kernel enforces,
+//! a plain reference evaluation of it, and the generation swap that installs
+//! a new one atomically.
+//!
+//! Compiled policy is two tables. *Identities* map address prefixes to
+//! numeric identities (an endpoint's /32, or a CIDR a rule names; the longest
+//! prefix wins, so a CIDR's `except` is a longer prefix with an identity no
+//! rule allows); an identity marked *enforced* is a destination selected by
+//! some policy, default-deny for ingress. *Rules* allow (destination identity,
+//! source identity or any, target port or any, protocol) and name the policy
+//! counted for it. The kernel checks every new flow to an enforced backend
+//! (`balance.rs`, `admit`); established flows are not looked up again, so a
+//! policy change that denies them must end them: [`revoke`].
+//!
+//! Atomic updates: every entry carries a generation. [`PolicyWriter::install`]
+//! writes the new generation beside the one in force, switches
+//! `POLICY_STATE` in one array update, then deletes the old entries. A packet
+//! sees one generation or the other, never a mix, so traffic both allow is
+//! never dropped and traffic both deny never passes.
+
+use std::net::Ipv4Addr;
+
+use aya::maps::{MapError, lpm_trie::Key};
+use sluice_common::types::{
+    IDENTITY_ANY, IDENTITY_ENFORCED, IDENTITY_WORLD, PolicyIdentity, PolicyRule, PolicyRuleKey,
+    PolicyState, policy_identity_key,
+};
+
+use crate::{
+    apply::{self, ApplyError},
+    maps::Maps,
+};
+
+/// One prefix → identity entry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IdentityEntry {
+    pub prefix: Ipv4Addr,
+    pub len: u8,
+    pub identity: u32,
+    /// A destination some policy selects: default-deny for ingress.
+    pub enforced: bool,
+    /// Counts flows denied to it (enforced destinations).
+    pub stats_slot: u32,
+}
+
+/// One allow rule.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RuleEntry {
+    pub dst: u32,
+    /// [`IDENTITY_ANY`]: every source.
+    pub src: u32,
+    /// Target port, host order; 0: every port (then `protocol` is 0 too).
+    pub port: u16,
+    pub protocol: u8,
+    /// Counts the flows this rule's policy allows.
+    pub stats_slot: u32,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CompiledPolicy {
+    pub identities: Vec<IdentityEntry>,
+    pub rules: Vec<RuleEntry>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Allowed by the rule counted in `slot`; `None`: not enforced.
+    Allowed {
+        slot: Option<u32>,
+    },
+    Denied {
+        slot: u32,
+    },
+}
+
+impl Verdict {
+    pub fn is_allowed(self) -> bool {
+        matches!(self, Self::Allowed { .. })
+    }
+}
+
+impl CompiledPolicy {
+    /// Whether any destination is enforced (otherwise the kernel skips every
+    /// lookup).
+    pub fn enforces(&self) -> bool {
+        self.identities.iter().any(|i| i.enforced)
+    }
+
+    /// The longest prefix covering `addr`.
+    fn identity_of(&self, addr: Ipv4Addr) -> Option<&IdentityEntry> {
+        self.identities
+            .iter()
+            .filter(|e| covers(e.prefix, e.len, addr))
+            .max_by_key(|e| e.len)
+    }
+
+    /// The verdict on a new flow from `src` to backend `dst:port` (host
+    /// order), the plain way: what the kernel must agree with.
+    pub fn evaluate(&self, src: Ipv4Addr, dst: Ipv4Addr, port: u16, protocol: u8) -> Verdict {
+        let Some(target) = self.identity_of(dst).filter(|t| t.enforced) else {
+            return Verdict::Allowed { slot: None };
+        };
+        let source = self.identity_of(src).map_or(IDENTITY_WORLD, |i| i.identity);
+        let allows = |src: u32, specific: bool| {
+            self.rules.iter().find(|r| {
+                r.dst == target.identity
+                    && r.src == src
+                    && if specific {
+                        r.port == port && r.protocol == protocol
+                    } else {
+                        r.port == 0 && r.protocol == 0
+                    }
+            })
+        };
+        [
+            (source, true),
+            (source, false),
+            (IDENTITY_ANY, true),
+            (IDENTITY_ANY, false),
+        ]
+        .into_iter()
+        .find_map(|(src, specific)| allows(src, specific))
+        .map_or(
+            Verdict::Denied {
+                slot: target.stats_slot,
+            },
+            |r| Verdict::Allowed {
+                slot: Some(r.stats_slot),
+            },
+        )
+    }
+}
+
+fn covers(prefix: Ipv4Addr, len: u8, addr: Ipv4Addr) -> bool {
+    let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
+    u32::from(prefix) & mask == u32::from(addr) & mask
+}
+
+/// Network order, as the kernel reads addresses out of packets.
+fn wire(addr: Ipv4Addr) -> u32 {
+    u32::from_ne_bytes(addr.octets())
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    #[error("writing the policy maps ({what})")]
+    Map {
+        what: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("ending flows the new policy denies")]
+    Revoke(#[source] ApplyError),
+}
+
+fn map_err(what: &'static str) -> impl FnOnce(MapError) -> PolicyError {
+    move |source| PolicyError::Map { what, source }
+}
+
+/// Installs compiled policy generation by generation (see the module docs).
+#[derive(Debug, Default)]
+pub struct PolicyWriter;
+
+impl PolicyWriter {
+    /// Makes `compiled` the policy in force, atomically. On error the
+    /// previous policy stays in force and the partial new generation is
+    /// removed.
+    pub fn install(
+        &mut self,
+        maps: &mut Maps,
+        compiled: &CompiledPolicy,
+    ) -> Result<u32, PolicyError> {
+        let current = maps
+            .policy_state
+            .get(&0, 0)
+            .map_err(map_err("reading the generation"))?;
+        let next = current.generation.wrapping_add(1);
+        if let Err(e) = write_generation(maps, compiled, next) {
+            let _ = delete_generations(maps, |generation| generation == next);
+            return Err(e);
+        }
+        let state = PolicyState {
+            generation: next,
+            enabled: u32::from(compiled.enforces()),
+        };
+        if let Err(e) = maps.policy_state.set(0, state, 0) {
+            let _ = delete_generations(maps, |generation| generation == next);
+            return Err(map_err("switching generations")(e));
+        }
+        // Packets already past the switch may still read the old entries for
+        // a moment; they are RCU-protected map values, and deleting them only
+        // makes later lookups miss, which no packet of the old generation
+        // makes any more.
+        delete_generations(maps, |generation| generation != next)?;
+        Ok(next)
+    }
+}
+
+fn write_generation(
+    maps: &mut Maps,
+    compiled: &CompiledPolicy,
+    generation: u32,
+) -> Result<(), PolicyError> {
+    for e in &compiled.identities {
+        let key = Key::new(
+            32 + u32::from(e.len),
+            policy_identity_key(generation, wire(e.prefix)),
+        );
+        let value = PolicyIdentity {
+            identity: e.identity,
+            flags: if e.enforced { IDENTITY_ENFORCED } else { 0 },
+            stats_slot: e.stats_slot,
+            _pad: 0,
+        };
+        maps.policy_identities
+            .insert(&key, value, 0)
+            .map_err(map_err("writing an identity"))?;
+    }
+    for r in &compiled.rules {
+        let key = PolicyRuleKey {
+            generation,
+            dst: r.dst,
+            src: r.src,
+            port: r.port.to_be(),
+            proto: r.protocol,
+            _pad: 0,
+        };
+        let value = PolicyRule {
+            stats_slot: r.stats_slot,
+            _pad: 0,
+        };
+        maps.policy_rules
+            .insert(key, value, 0)
+            .map_err(map_err("writing a rule"))?;
+    }
+    Ok(())
+}
+
+/// Deletes the entries of the generations `doomed` selects.
+fn delete_generations(maps: &mut Maps, doomed: impl Fn(u32) -> bool) -> Result<(), PolicyError> {
+    let identities: Vec<Key<[u32; 2]>> = maps
+        .policy_identities
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|k| doomed(u32::from_be(k.data()[0])))
+        .collect();
+    for key in identities {
+        match maps.policy_identities.remove(&key) {
+            Ok(()) | Err(MapError::KeyNotFound) => {}
+            Err(e) => return Err(map_err("deleting an identity")(e)),
+        }
+    }
+    let rules: Vec<PolicyRuleKey> = maps
+        .policy_rules
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|k| doomed(k.generation))
+        .collect();
+    for key in rules {
+        match maps.policy_rules.remove(&key) {
+            Ok(()) | Err(MapError::KeyNotFound) => {}
+            Err(e) => return Err(map_err("deleting a rule")(e)),
+        }
+    }
+    Ok(())
+}
+
+/// Ends the established flows `compiled` denies (both directions): a policy
+/// change revokes access at once rather than only for new connections.
+/// Returns how many flows went.
+pub fn revoke(maps: &mut Maps, compiled: &CompiledPolicy) -> Result<usize, PolicyError> {
+    if !compiled.enforces() {
+        return Ok(0);
+    }
+    apply::purge_flows(maps, |key, flow| {
+        let src = Ipv4Addr::from(key.src.to_ne_bytes());
+        let dst = Ipv4Addr::from(flow.backend_addr.to_ne_bytes());
+        !compiled
+            .evaluate(src, dst, u16::from_be(flow.backend_port), key.proto)
+            .is_allowed()
+    })
+    .map_err(PolicyError::Revoke)
+}
+
+#[cfg(test)]
+mod tests {
+    use sluice_common::types::IPPROTO_TCP;
+
+    use super::*;
+
+    fn ip(s: &str) -> Ipv4Addr {
+        s.parse().expect("test address")
+    }
+
+    fn policy() -> CompiledPolicy {
+        let identity = |prefix: &str, len, identity, enforced| IdentityEntry {
+            prefix: ip(prefix),
+            len,
+            identity,
+            enforced,
+            stats_slot: identity,
+        };
+        CompiledPolicy {
+            identities: vec![
+                identity("198.19.1.2", 32, 100, true),
+                identity("198.19.2.2", 32, 101, false),
+                identity("198.18.1.0", 24, 200, false),
+                // The except of a CIDR rule: a longer prefix no rule allows.
+                identity("198.18.1.128", 25, 201, false),
+            ],
+            rules: vec![RuleEntry {
+                dst: 100,
+                src: 200,
+                port: 8080,
+                protocol: IPPROTO_TCP,
+                stats_slot: 7,
+            }],
+        }
+    }
+
+    #[test]
+    fn reference_evaluation_follows_longest_prefix_and_rules() {
+        let p = policy();
+        let tcp = IPPROTO_TCP;
+        assert_eq!(
+            p.evaluate(ip("198.18.1.5"), ip("198.19.1.2"), 8080, tcp),
+            Verdict::Allowed { slot: Some(7) }
+        );
+        // The except, another port, an unknown source: denied, counted on
+        // the destination.
+        for (src, port) in [
+            ("198.18.1.200", 8080),
+            ("198.18.1.5", 9090),
+            ("10.0.0.1", 8080),
+        ] {
+            assert_eq!(
+                p.evaluate(ip(src), ip("198.19.1.2"), port, tcp),
+                Verdict::Denied { slot: 100 },
+                "{src}:{port}"
+            );
+        }
+        // Destinations no policy selects are open.
+        assert_eq!(
+            p.evaluate(ip("10.0.0.1"), ip("198.19.2.2"), 80, tcp),
+            Verdict::Allowed { slot: None }
+        );
+        assert_eq!(
+            p.evaluate(ip("10.0.0.1"), ip("198.19.3.2"), 80, tcp),
+            Verdict::Allowed { slot: None }
+        );
+        // An any-source, any-port rule opens the destination to all.
+        let mut open = policy();
+        open.rules.push(RuleEntry {
+            dst: 100,
+            src: IDENTITY_ANY,
+            port: 0,
+            protocol: 0,
+            stats_slot: 8,
+        });
+        assert_eq!(
+            open.evaluate(ip("10.0.0.1"), ip("198.19.1.2"), 9, 17),
+            Verdict::Allowed { slot: Some(8) }
+        );
+    }
+
+    #[test]
+    fn prefixes_cover_what_they_should() {
+        assert!(covers(ip("0.0.0.0"), 0, ip("255.1.2.3")));
+        assert!(covers(ip("198.18.1.128"), 25, ip("198.18.1.255")));
+        assert!(!covers(ip("198.18.1.128"), 25, ip("198.18.1.127")));
+        assert!(covers(ip("198.19.1.2"), 32, ip("198.19.1.2")));
+    }
+}
