@@ -409,7 +409,7 @@ fn admit(src: u32, dst: u32, port: u16, proto: u8) -> Result<(), u32> {
         rule.src = src;
         (rule.port, rule.proto) = if specific_port { (port, proto) } else { (0, 0) };
         // SAFETY: hash map values stay valid for the program run; read at once.
-        if let Some(found) = unsafe { POLICY_RULES.get(&rule) } {
+        if let Some(found) = unsafe { POLICY_RULES.get(rule) } {
             allowed = Some(found.stats_slot);
             break;
         }
