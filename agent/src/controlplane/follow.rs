@@ -150,10 +150,27 @@ async fn watch_once(
         Err(e) => return e.into(),
     };
     let (mut stream, mut health) = match ControlClient::connect(&creds).await {
-        Ok(mut client) => match (client.watch(since).await, client.watch_health().await) {
-            (Ok(stream), Ok(health)) => (stream, health),
-            (Err(e), _) | (_, Err(e)) => return e.into(),
-        },
+        Ok(mut client) => {
+            let stream = match client.watch(since).await {
+                Ok(stream) => stream,
+                Err(e) => return e.into(),
+            };
+            let health = match client.watch_health().await {
+                Ok(health) => Some(health),
+                // A control service from before health verdicts (during an
+                // upgrade): follow the view without them.
+                Err(ControlError::Status { status, .. })
+                    if status.code() == tonic::Code::Unimplemented =>
+                {
+                    warn!(
+                        "the control service sends no health verdicts; only this node's probes count"
+                    );
+                    None
+                }
+                Err(e) => return e.into(),
+            };
+            (stream, health)
+        }
         Err(e) => return e.into(),
     };
     if updates.send(ViewEvent::Connected).await.is_err() {
@@ -163,16 +180,21 @@ async fn watch_once(
     loop {
         let message = tokio::select! {
             message = stream.message() => message,
-            verdicts = health.message() => match verdicts {
-                Ok(Some(update)) => {
-                    if updates.send(ViewEvent::Health(update.unhealthy)).await.is_err() {
-                        return End::Closed;
+            verdicts = next_verdicts(&mut health) => {
+                let failed = |status| -> End {
+                    ControlError::Status { op: "watch backend health", status }.into()
+                };
+                match verdicts {
+                    Ok(Some(update)) => {
+                        if updates.send(ViewEvent::Health(update.unhealthy)).await.is_err() {
+                            return End::Closed;
+                        }
+                        continue;
                     }
-                    continue;
+                    Ok(None) => return failed(tonic::Status::unavailable("the control service ended the health watch")),
+                    Err(status) => return failed(status),
                 }
-                Ok(None) => Err(tonic::Status::unavailable("the control service ended the health watch")),
-                Err(status) => Err(status),
-            },
+            }
         };
         match message {
             Ok(Some(update)) => {
@@ -200,6 +222,16 @@ async fn watch_once(
                 .into();
             }
         }
+    }
+}
+
+/// The next health update, or never without a health stream.
+async fn next_verdicts(
+    health: &mut Option<tonic::Streaming<v1::HealthUpdate>>,
+) -> Result<Option<v1::HealthUpdate>, tonic::Status> {
+    match health {
+        Some(stream) => stream.message().await,
+        None => std::future::pending().await,
     }
 }
 
