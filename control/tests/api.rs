@@ -529,10 +529,12 @@ async fn nodes_join_once_and_watch_their_view() {
 #[tokio::test]
 async fn tokens_are_single_use_and_expire() {
     let control = Running::start().await;
+    // Long enough to outlive a loaded machine: expiry is in whole seconds, so
+    // a 1-second token may expire at once.
     let token = control
         .cluster()
         .await
-        .create_join_token(v1::CreateJoinTokenRequest { ttl_seconds: 1 })
+        .create_join_token(v1::CreateJoinTokenRequest { ttl_seconds: 60 })
         .await
         .expect("token")
         .into_inner();
