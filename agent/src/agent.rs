@@ -39,13 +39,16 @@ use tracing::{debug, error, info, warn};
 use crate::{
     alloc::SlotRange,
     apply::{self, ApplyError},
-    controlplane::{self, ControlClient, ControlError, Credentials, NodeState, View, ViewEvent},
+    controlplane::{
+        self, ControlClient, ControlError, Credentials, NodeState, SavedView, View, ViewEvent,
+    },
     dataplane::{self, Dataplane, DataplaneError, HookChoice, LoadOptions, Mode},
     drain::Drains,
     health::{self, Health},
     manifest::{self, ManifestError},
     netdev::{self, NetdevError},
     pins::{self, PinDir},
+    policy::{CompiledPolicy, PolicyError, PolicyWriter, revoke},
     reaper::{self, Timeouts},
     reconcile::{self, Allocator, Desired, PlanError, State},
     status, sys,
@@ -132,6 +135,8 @@ pub enum AgentError {
     Watch(#[source] notify::Error),
     #[error(transparent)]
     Control(#[from] ControlError),
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
     #[error(
         "{file}: the manifest is empty; the services stay as they are (a file caught while \
          being rewritten looks like this). To remove every service, leave only a comment in it"
@@ -168,6 +173,8 @@ struct Reconciler {
     zone: String,
     /// This node's name (joined nodes): which backends it probes.
     node: String,
+    /// The network policy in the maps, as the view last gave it.
+    installed_policy: Option<v1::PolicyView>,
 }
 
 impl Reconciler {
@@ -185,6 +192,7 @@ impl Reconciler {
             drains: Drains::default(),
             zone: String::new(),
             node: String::new(),
+            installed_policy: None,
         })
     }
 
@@ -230,6 +238,7 @@ impl Reconciler {
         }
         let frontends = desired.len();
         let done = self.apply_desired(dp, desired, fnv1a(&view.version().to_le_bytes()))?;
+        self.apply_policy(dp, view.policy())?;
         info!(
             version = view.version(),
             frontends,
@@ -291,6 +300,32 @@ impl Reconciler {
                 Err(e.into())
             }
         }
+    }
+
+    /// Installs the view's network policy if it changed (atomically, see
+    /// `policy`), then ends the established flows it now denies.
+    fn apply_policy(
+        &mut self,
+        dp: &mut Dataplane,
+        policy: &v1::PolicyView,
+    ) -> Result<(), AgentError> {
+        if self.installed_policy.as_ref() == Some(policy) {
+            return Ok(());
+        }
+        let compiled =
+            CompiledPolicy::from_view(policy).map_err(|reason| PolicyError::View { reason })?;
+        let generation = PolicyWriter.install(&mut dp.maps, &compiled)?;
+        let revoked = revoke(&mut dp.maps, &compiled)?;
+        info!(
+            generation,
+            identities = compiled.identities.len(),
+            rules = compiled.rules.len(),
+            enforcing = compiled.enforces(),
+            flows_revoked = revoked,
+            "network policy installed"
+        );
+        self.installed_policy = Some(policy.clone());
+        Ok(())
     }
 
     /// Applies the last input again after a backend's health changed.
@@ -522,7 +557,7 @@ async fn load_identity(
     info!(node = %creds.node, zone = %creds.zone, control = %creds.control, dir = %state.dir().display(), "node identity loaded");
     let view = state
         .load_view()?
-        .map(|(version, frontends)| View::from_saved(version, frontends));
+        .map(|(version, frontends, policy)| View::from_saved(version, frontends, policy));
     Ok((Some(creds), view))
 }
 
@@ -591,7 +626,7 @@ struct ControlLink {
     counters: Vec<v1::FrontendCounters>,
     /// What this node's probes find unhealthy, sent with each report.
     unhealthy: Vec<v1::BackendRef>,
-    saves: watch::Sender<Option<(u64, Vec<v1::FrontendView>)>>,
+    saves: watch::Sender<Option<SavedView>>,
     /// The view changed since it was last handed to the saver.
     unsaved: bool,
     /// Whether the last watch attempt connected; `None` before the first.
@@ -732,8 +767,11 @@ impl ControlLink {
     fn save_if_changed(&mut self) {
         if std::mem::take(&mut self.unsaved) {
             let frontends = self.view.frontends().cloned().collect();
-            self.saves
-                .send_replace(Some((self.applied.load(Ordering::Acquire), frontends)));
+            self.saves.send_replace(Some((
+                self.applied.load(Ordering::Acquire),
+                frontends,
+                self.view.policy().clone(),
+            )));
         }
     }
 }
@@ -802,16 +840,15 @@ async fn report_status(
 
 /// Writes the views handed over, off the follow loop (a large view takes a
 /// while to encode and sync); a newer one replaces any still waiting.
-async fn save_views(
-    state: NodeState,
-    mut saves: watch::Receiver<Option<(u64, Vec<v1::FrontendView>)>>,
-) {
+async fn save_views(state: NodeState, mut saves: watch::Receiver<Option<SavedView>>) {
     while saves.changed().await.is_ok() {
-        let Some((version, frontends)) = saves.borrow_and_update().clone() else {
+        let Some((version, frontends, policy)) = saves.borrow_and_update().clone() else {
             continue;
         };
         let state = state.clone();
-        let saved = tokio::task::spawn_blocking(move || state.save_view(version, &frontends)).await;
+        let saved =
+            tokio::task::spawn_blocking(move || state.save_view(version, &frontends, &policy))
+                .await;
         match saved {
             Ok(Ok(())) => debug!(version, "saved the view"),
             Ok(Err(e)) => warn!(version, "saving the view for restarts: {}", error_chain(&e)),

@@ -80,6 +80,40 @@ impl Verdict {
 }
 
 impl CompiledPolicy {
+    /// The compiled policy a control-plane view carries.
+    pub fn from_view(view: &sluice_api::v1::PolicyView) -> Result<Self, String> {
+        let identities = view
+            .identities
+            .iter()
+            .map(|i| {
+                let bad = || format!("identity {}: bad prefix {:?}", i.identity, i.prefix);
+                let (addr, len) = i.prefix.split_once('/').ok_or_else(bad)?;
+                Ok(IdentityEntry {
+                    prefix: addr.parse().map_err(|_| bad())?,
+                    len: len.parse().ok().filter(|l| *l <= 32).ok_or_else(bad)?,
+                    identity: i.identity,
+                    enforced: i.enforced,
+                    stats_slot: i.stats_slot,
+                })
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        let rules = view
+            .rules
+            .iter()
+            .map(|r| {
+                Ok(RuleEntry {
+                    dst: r.dst,
+                    src: r.src,
+                    port: u16::try_from(r.port).map_err(|_| format!("rule port {}", r.port))?,
+                    protocol: u8::try_from(r.protocol)
+                        .map_err(|_| format!("rule protocol {}", r.protocol))?,
+                    stats_slot: r.stats_slot,
+                })
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        Ok(Self { identities, rules })
+    }
+
     /// Whether any destination is enforced (otherwise the kernel skips every
     /// lookup).
     pub fn enforces(&self) -> bool {
@@ -143,6 +177,8 @@ fn wire(addr: Ipv4Addr) -> u32 {
 
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyError {
+    #[error("the view's network policy cannot be programmed: {reason}")]
+    View { reason: String },
     #[error("writing the policy maps ({what})")]
     Map {
         what: &'static str,

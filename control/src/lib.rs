@@ -16,6 +16,7 @@ pub mod cli;
 pub mod client_config;
 pub mod error;
 pub mod pki;
+pub mod policy;
 pub mod rbac;
 pub mod server;
 pub mod store;

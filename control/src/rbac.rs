@@ -49,6 +49,7 @@ pub enum Resource {
     Services,
     Endpoints,
     Grants,
+    NetworkPolicies,
     Nodes,
     Tokens,
     Users,
@@ -60,6 +61,7 @@ impl Resource {
             Self::Services => "services",
             Self::Endpoints => "endpoints",
             Self::Grants => "grants",
+            Self::NetworkPolicies => "networkpolicies",
             Self::Nodes => "nodes",
             Self::Tokens => "tokens",
             Self::Users => "users",
@@ -69,7 +71,10 @@ impl Resource {
     /// Namespaced resources can be granted per namespace; the others only
     /// with scope `"*"`.
     pub fn namespaced(self) -> bool {
-        matches!(self, Self::Services | Self::Endpoints | Self::Grants)
+        matches!(
+            self,
+            Self::Services | Self::Endpoints | Self::Grants | Self::NetworkPolicies
+        )
     }
 }
 
@@ -120,13 +125,20 @@ fn role_allows(role: &str, verb: Verb, resource: Resource) -> bool {
             READ.contains(&verb)
                 && matches!(
                     resource,
-                    Resource::Services | Resource::Endpoints | Resource::Grants | Resource::Nodes
+                    Resource::Services
+                        | Resource::Endpoints
+                        | Resource::Grants
+                        | Resource::NetworkPolicies
+                        | Resource::Nodes
                 )
         }
         "editor" => {
             role_allows("viewer", verb, resource)
                 || (WRITE.contains(&verb)
-                    && matches!(resource, Resource::Services | Resource::Endpoints))
+                    && matches!(
+                        resource,
+                        Resource::Services | Resource::Endpoints | Resource::NetworkPolicies
+                    ))
         }
         "admin" => true,
         _ => false,

@@ -351,8 +351,15 @@ fn effective_algorithm(service: &v1::Service) -> i32 {
     }
 }
 
-/// The update that turns `old` into `new` (None when they are equal).
-pub fn diff(old: &Frontends, new: &Frontends, version: u64) -> Option<v1::ViewUpdate> {
+/// The update that turns `old` into `new` (None when they are equal), the
+/// compiled network policy included when it changed.
+pub fn diff(
+    old: &Frontends,
+    new: &Frontends,
+    old_policy: &v1::PolicyView,
+    new_policy: &v1::PolicyView,
+    version: u64,
+) -> Option<v1::ViewUpdate> {
     let upsert: Vec<v1::FrontendView> = new
         .iter()
         .filter(|(k, v)| old.get(*k) != Some(*v))
@@ -367,21 +374,24 @@ pub fn diff(old: &Frontends, new: &Frontends, version: u64) -> Option<v1::ViewUp
             protocol,
         })
         .collect();
-    (!upsert.is_empty() || !remove.is_empty()).then_some(v1::ViewUpdate {
+    let policy = (old_policy != new_policy).then(|| new_policy.clone());
+    (!upsert.is_empty() || !remove.is_empty() || policy.is_some()).then_some(v1::ViewUpdate {
         version,
         snapshot: false,
         upsert,
         remove,
+        policy,
     })
 }
 
 /// The whole view as one update.
-pub fn snapshot(frontends: &Frontends, version: u64) -> v1::ViewUpdate {
+pub fn snapshot(frontends: &Frontends, policy: &v1::PolicyView, version: u64) -> v1::ViewUpdate {
     v1::ViewUpdate {
         version,
         snapshot: true,
         upsert: frontends.values().cloned().collect(),
         remove: Vec::new(),
+        policy: Some(policy.clone()),
     }
 }
 
@@ -634,13 +644,20 @@ mod tests {
         let old = compute(&["n"], [&a, &b], &[]);
         let a2 = service("web", "198.18.0.10", &["198.19.1.2", "198.19.2.2"], &[]);
         let new = compute(&["n"], [&a2], &[]);
-        let update = diff(&old, &new, 7).expect("changed");
+        let none = v1::PolicyView::default();
+        let update = diff(&old, &new, &none, &none, 7).expect("changed");
         assert_eq!(update.upsert.len(), 2, "web's two ports changed");
         assert_eq!(update.remove.len(), 2, "api's two ports went");
         let mut replay = old.clone();
         apply(&mut replay, &update);
         assert_eq!(replay, new);
-        assert!(diff(&new, &new, 8).is_none());
+        assert!(diff(&new, &new, &none, &none, 8).is_none());
+        let some = v1::PolicyView {
+            slots: vec![String::new()],
+            ..Default::default()
+        };
+        let policy_only = diff(&new, &new, &none, &some, 8).expect("the policy changed");
+        assert!(policy_only.upsert.is_empty() && policy_only.policy == Some(some));
     }
 
     #[test]

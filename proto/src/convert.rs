@@ -25,9 +25,10 @@ use std::collections::{BTreeMap, HashMap};
 
 use crate::manifest::rules::{self, Problem, UniqueBackends, UniquePermissions, UniquePorts};
 use crate::manifest::{
-    Algorithm, BackendSpec, DEFAULT_NAMESPACE, Endpoint, Grant, HealthCheck, Labels, Object,
-    ObjectKind, ObjectRef, Permission, Probe, Protocol, Rollout, ServiceObject, ServicePort,
-    SessionAffinity, Subject, Traffic, VERSION_LABEL, traffic,
+    Algorithm, BackendSpec, DEFAULT_NAMESPACE, Endpoint, Grant, HealthCheck, IngressRule, Labels,
+    NetworkPolicy, Object, ObjectKind, ObjectRef, Peer, Permission, PolicyPort, Probe, Protocol,
+    Rollout, ServiceObject, ServicePort, SessionAffinity, Subject, Traffic, VERSION_LABEL, policy,
+    traffic,
 };
 use crate::v1;
 
@@ -154,6 +155,7 @@ impl From<ObjectKind> for v1::Kind {
             ObjectKind::Service => Self::Service,
             ObjectKind::Endpoint => Self::Endpoint,
             ObjectKind::Grant => Self::Grant,
+            ObjectKind::NetworkPolicy => Self::NetworkPolicy,
         }
     }
 }
@@ -164,6 +166,7 @@ pub fn kind_from_proto(kind: v1::Kind) -> Option<ObjectKind> {
         v1::Kind::Service => Some(ObjectKind::Service),
         v1::Kind::Endpoint => Some(ObjectKind::Endpoint),
         v1::Kind::Grant => Some(ObjectKind::Grant),
+        v1::Kind::NetworkPolicy => Some(ObjectKind::NetworkPolicy),
         v1::Kind::Node | v1::Kind::Unspecified => None,
     }
 }
@@ -415,12 +418,170 @@ impl From<&Grant> for v1::Grant {
     }
 }
 
+impl From<&NetworkPolicy> for v1::NetworkPolicy {
+    fn from(policy: &NetworkPolicy) -> Self {
+        let NetworkPolicy {
+            namespace,
+            name,
+            labels,
+            selector,
+            ingress,
+        } = policy;
+        Self {
+            meta: meta(namespace, name, labels),
+            selector: to_map(selector),
+            ingress: ingress
+                .iter()
+                .map(|rule| v1::IngressRule {
+                    from: rule
+                        .from
+                        .iter()
+                        .map(|peer| match peer {
+                            Peer::Endpoints {
+                                selector,
+                                namespace,
+                            } => v1::PolicyPeer {
+                                selector: to_map(selector),
+                                namespace: namespace.clone().unwrap_or_default(),
+                                ..Default::default()
+                            },
+                            Peer::Cidr { cidr, except } => v1::PolicyPeer {
+                                cidr: cidr.to_string(),
+                                except: except.iter().map(ToString::to_string).collect(),
+                                ..Default::default()
+                            },
+                        })
+                        .collect(),
+                    ports: rule
+                        .ports
+                        .iter()
+                        .map(|p| v1::PolicyPort {
+                            port: p.port.into(),
+                            protocol: v1::Protocol::from(p.protocol) as i32,
+                        })
+                        .collect(),
+                })
+                .collect(),
+        }
+    }
+}
+
+impl TryFrom<v1::NetworkPolicy> for NetworkPolicy {
+    type Error = ObjectError;
+
+    fn try_from(policy: v1::NetworkPolicy) -> Result<Self, ObjectError> {
+        let v1::NetworkPolicy {
+            meta,
+            selector,
+            ingress,
+        } = policy;
+        let (check, labels) = from_meta(ObjectKind::NetworkPolicy, meta)?;
+        // proto3 cannot tell an empty selector from none: empty is the
+        // whole namespace, as `selector: {}` in a manifest.
+        let selector = from_labels(&check, "selector", selector)?;
+        if ingress.len() > policy::MAX_RULES {
+            return Err(check.at("ingress")(Problem::TooMany {
+                what: "ingress rules",
+                count: ingress.len(),
+                max: policy::MAX_RULES,
+            }));
+        }
+        let mut rules = Vec::with_capacity(ingress.len());
+        for (i, rule) in ingress.into_iter().enumerate() {
+            let v1::IngressRule { from, ports } = rule;
+            if from.len() > policy::MAX_PEERS {
+                return Err(check.at(format!("ingress[{i}].from"))(Problem::TooMany {
+                    what: "peers",
+                    count: from.len(),
+                    max: policy::MAX_PEERS,
+                }));
+            }
+            let mut peers = Vec::with_capacity(from.len());
+            for (j, peer) in from.into_iter().enumerate() {
+                let at = |field: &str| format!("ingress[{i}].from[{j}].{field}");
+                let v1::PolicyPeer {
+                    selector,
+                    namespace,
+                    cidr,
+                    except,
+                } = peer;
+                if cidr.is_empty() {
+                    if !except.is_empty() {
+                        return Err(check.at(at("except"))(Problem::ExceptWithoutCidr));
+                    }
+                    let selector = from_labels(&check, &at("selector"), selector)?;
+                    let namespace = optional(
+                        &check,
+                        &at("namespace"),
+                        namespace,
+                        rules::validate_namespace,
+                    )?;
+                    peers.push(Peer::Endpoints {
+                        selector,
+                        namespace,
+                    });
+                } else {
+                    if !selector.is_empty() {
+                        return Err(check.at(format!("ingress[{i}].from[{j}]"))(
+                            Problem::PeerKind,
+                        ));
+                    }
+                    if !namespace.is_empty() {
+                        return Err(check.at(at("namespace"))(Problem::NamespaceWithCidr));
+                    }
+                    let cidr = policy::validate_cidr(&cidr).map_err(check.at(at("cidr")))?;
+                    if except.len() > policy::MAX_EXCEPT {
+                        return Err(check.at(at("except"))(Problem::TooMany {
+                            what: "except entries",
+                            count: except.len(),
+                            max: policy::MAX_EXCEPT,
+                        }));
+                    }
+                    let mut excepted = Vec::with_capacity(except.len());
+                    for (k, e) in except.iter().enumerate() {
+                        let field = at(&format!("except[{k}]"));
+                        let e = policy::validate_cidr(e).map_err(check.at(&field))?;
+                        policy::validate_except(cidr, e).map_err(check.at(&field))?;
+                        excepted.push(e);
+                    }
+                    peers.push(Peer::Cidr {
+                        cidr,
+                        except: excepted,
+                    });
+                }
+            }
+            let mut domain_ports = Vec::with_capacity(ports.len());
+            for (j, p) in ports.into_iter().enumerate() {
+                let port = port(&check, &format!("ingress[{i}].ports[{j}].port"), p.port)?;
+                let protocol = protocol_from_proto(p.protocol)
+                    .map_err(check.at(format!("ingress[{i}].ports[{j}].protocol")))?;
+                domain_ports.push(PolicyPort { port, protocol });
+            }
+            rules.push(IngressRule {
+                from: peers,
+                ports: domain_ports,
+            });
+        }
+        let ObjectRef {
+            namespace, name, ..
+        } = check.object;
+        Ok(Self {
+            namespace,
+            name,
+            labels,
+            selector,
+            ingress: rules,
+        })
+    }
+}
+
 impl From<&Object> for v1::Object {
     fn from(object: &Object) -> Self {
         let kind = match object {
             Object::Service(service) => v1::object::Kind::Service(service.into()),
             Object::Endpoint(endpoint) => v1::object::Kind::Endpoint(endpoint.into()),
             Object::Grant(grant) => v1::object::Kind::Grant(grant.into()),
+            Object::NetworkPolicy(policy) => v1::object::Kind::NetworkPolicy(policy.into()),
         };
         Self { kind: Some(kind) }
     }
@@ -771,6 +932,9 @@ impl TryFrom<v1::Object> for Object {
             Some(v1::object::Kind::Service(service)) => service.try_into().map(Self::Service),
             Some(v1::object::Kind::Endpoint(endpoint)) => endpoint.try_into().map(Self::Endpoint),
             Some(v1::object::Kind::Grant(grant)) => grant.try_into().map(Self::Grant),
+            Some(v1::object::Kind::NetworkPolicy(policy)) => {
+                policy.try_into().map(Self::NetworkPolicy)
+            }
             Some(v1::object::Kind::Node(node)) => Err(ObjectError::NodeNotApplicable {
                 name: node.meta.map(|m| m.name).unwrap_or_default(),
             }),

@@ -54,7 +54,7 @@ pub use follow::{
     BACKOFF_MAX, BACKOFF_START, CERT_CHECK_INTERVAL, ViewEvent, backoff_delay, follow,
     keep_certificate_fresh, renew_if_due, renewal_time,
 };
-pub use state::{Credentials, NodeState};
+pub use state::{Credentials, NodeState, SavedView};
 pub use view::View;
 
 /// What talking to the control service, or keeping the node's state, can fail with.

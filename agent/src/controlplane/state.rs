@@ -60,6 +60,9 @@ fn identity_lock() -> MutexGuard<'static, ()> {
     IDENTITY.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// A saved view: version, frontends, compiled network policy.
+pub type SavedView = (u64, Vec<v1::FrontendView>, v1::PolicyView);
+
 /// Where a joined node keeps its identity and its last view.
 #[derive(Clone, Debug)]
 pub struct NodeState {
@@ -236,10 +239,13 @@ impl NodeState {
         &self,
         version: u64,
         frontends: &[v1::FrontendView],
+        policy: &v1::PolicyView,
     ) -> Result<(), ControlError> {
+        use prost::Message as _;
         let file = ViewFile {
             version,
             frontends: frontends.iter().map(FrontendFile::from).collect(),
+            policy: to_hex(&policy.encode_to_vec()),
         };
         let path = self.path(VIEW);
         let json = serde_json::to_vec_pretty(&file).map_err(|e| ControlError::Corrupt {
@@ -251,7 +257,7 @@ impl NodeState {
     }
 
     /// The view last saved, if any.
-    pub fn load_view(&self) -> Result<Option<(u64, Vec<v1::FrontendView>)>, ControlError> {
+    pub fn load_view(&self) -> Result<Option<SavedView>, ControlError> {
         let path = self.path(VIEW);
         let bytes = match fs::read(&path) {
             Ok(bytes) => bytes,
@@ -275,7 +281,11 @@ impl NodeState {
             .map(v1::FrontendView::try_from)
             .collect::<Result<Vec<_>, _>>()
             .map_err(corrupt)?;
-        Ok(Some((file.version, frontends)))
+        use prost::Message as _;
+        let policy = from_hex(&file.policy)
+            .and_then(|bytes| v1::PolicyView::decode(bytes.as_slice()).ok())
+            .ok_or_else(|| corrupt("the saved network policy does not decode".to_owned()))?;
+        Ok(Some((file.version, frontends, policy)))
     }
 
     /// Creates the directory 0700, and tightens it to 0700 if it exists.
@@ -390,6 +400,24 @@ fn remove_if_present(path: &Path) -> Result<(), ControlError> {
 struct ViewFile {
     version: u64,
     frontends: Vec<FrontendFile>,
+    /// The compiled network policy: its protobuf encoding, in hex (an
+    /// operator reads it with `sluicectl get networkpolicies` instead).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    policy: String,
+}
+
+fn to_hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn from_hex(text: &str) -> Option<Vec<u8>> {
+    if !text.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
+        .collect()
 }
 
 #[derive(Debug, Serialize, Deserialize)]

@@ -183,8 +183,21 @@ fn views_round_trip_and_a_torn_temp_file_is_ignored() {
     frontends[1].protocol = v1::Protocol::Udp as i32;
     frontends[1].algorithm = v1::Algorithm::Unspecified as i32;
     frontends[1].backends.clear();
-    state.save_view(7, &frontends).unwrap();
-    assert_eq!(state.load_view().unwrap(), Some((7, frontends.clone())));
+    let policy = v1::PolicyView {
+        identities: vec![v1::PolicyIdentity {
+            prefix: "198.19.0.11/32".into(),
+            identity: 256,
+            enforced: true,
+            stats_slot: 2,
+        }],
+        rules: Vec::new(),
+        slots: vec![String::new(), "allowed by shop/web".into(), "denied".into()],
+    };
+    state.save_view(7, &frontends, &policy).unwrap();
+    assert_eq!(
+        state.load_view().unwrap(),
+        Some((7, frontends.clone(), policy.clone()))
+    );
     assert_eq!(mode(&dir.path("view.json")), 0o600);
     let text = fs::read_to_string(dir.path("view.json")).unwrap();
     assert!(text.contains("PROTOCOL_UDP"), "readable enums: {text}");
@@ -192,12 +205,20 @@ fn views_round_trip_and_a_torn_temp_file_is_ignored() {
     // A crash while writing the next view leaves a partial temp file: the
     // saved view is unaffected and the next save replaces the leftover.
     fs::write(dir.path(".view.json.tmp"), b"{\"version\": 8, \"fronte").unwrap();
-    assert_eq!(state.load_view().unwrap(), Some((7, frontends.clone())));
+    assert_eq!(
+        state.load_view().unwrap(),
+        Some((7, frontends.clone(), policy.clone()))
+    );
     // Values this build does not know survive as numbers.
     let mut newer = vec![frontend("web/api", 443)];
     newer[0].protocol = 99;
-    state.save_view(8, &newer).unwrap();
-    assert_eq!(state.load_view().unwrap(), Some((8, newer)));
+    state
+        .save_view(8, &newer, &v1::PolicyView::default())
+        .unwrap();
+    assert_eq!(
+        state.load_view().unwrap(),
+        Some((8, newer, v1::PolicyView::default()))
+    );
     assert!(!dir.path(".view.json.tmp").exists());
 
     fs::write(dir.path("view.json"), b"{\"version\": 8, \"fronte").unwrap();

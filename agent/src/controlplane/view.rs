@@ -16,15 +16,26 @@ fn id_of(frontend: &v1::FrontendView) -> FrontendId {
 pub struct View {
     version: u64,
     frontends: BTreeMap<FrontendId, v1::FrontendView>,
+    policy: v1::PolicyView,
 }
 
 impl View {
     /// A view as saved by [`super::NodeState::save_view`].
-    pub fn from_saved(version: u64, frontends: Vec<v1::FrontendView>) -> Self {
+    pub fn from_saved(
+        version: u64,
+        frontends: Vec<v1::FrontendView>,
+        policy: v1::PolicyView,
+    ) -> Self {
         View {
             version,
             frontends: frontends.into_iter().map(|f| (id_of(&f), f)).collect(),
+            policy,
         }
+    }
+
+    /// The compiled network policy.
+    pub fn policy(&self) -> &v1::PolicyView {
+        &self.policy
     }
 
     /// The version of the last update applied; 0 before the first.
@@ -49,6 +60,10 @@ impl View {
     pub fn apply(&mut self, update: v1::ViewUpdate) {
         if update.snapshot {
             self.frontends.clear();
+            self.policy = v1::PolicyView::default();
+        }
+        if let Some(policy) = update.policy {
+            self.policy = policy;
         }
         for key in update.remove {
             self.frontends.remove(&(key.vip, key.port, key.protocol));
@@ -108,6 +123,7 @@ mod tests {
                 frontend("10.0.0.2", 80, &["10.1.0.2"]),
             ],
             remove: vec![],
+            policy: Default::default(),
         });
         assert_eq!((view.version(), view.len()), (3, 2));
 
@@ -116,6 +132,7 @@ mod tests {
             snapshot: false,
             upsert: vec![frontend("10.0.0.1", 80, &["10.1.0.1", "10.1.0.9"])],
             remove: vec![key("10.0.0.2", 80), key("10.0.0.7", 80)],
+            policy: Default::default(),
         });
         let got: Vec<_> = view.frontends().cloned().collect();
         assert_eq!(
@@ -132,6 +149,7 @@ mod tests {
             snapshot: false,
             upsert: vec![udp],
             remove: vec![],
+            policy: Default::default(),
         });
         assert_eq!(view.len(), 2);
 
@@ -140,10 +158,11 @@ mod tests {
             snapshot: true,
             upsert: vec![frontend("10.0.0.3", 53, &[])],
             remove: vec![],
+            policy: Default::default(),
         });
         assert_eq!(view.len(), 1);
         assert_eq!(
-            View::from_saved(9, view.frontends().cloned().collect()),
+            View::from_saved(9, view.frontends().cloned().collect(), Default::default()),
             view
         );
     }

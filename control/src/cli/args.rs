@@ -241,6 +241,8 @@ pub enum ListKind {
     Nodes,
     #[value(name = "grants", aliases = ["grant"])]
     Grants,
+    #[value(name = "networkpolicies", aliases = ["networkpolicy", "netpol"])]
+    NetworkPolicies,
 }
 
 impl ListKind {
@@ -250,6 +252,7 @@ impl ListKind {
             Self::Services => Some(ObjectKind::Service),
             Self::Endpoints => Some(ObjectKind::Endpoint),
             Self::Grants => Some(ObjectKind::Grant),
+            Self::NetworkPolicies => Some(ObjectKind::NetworkPolicy),
             Self::Nodes => None,
         }
     }
@@ -265,6 +268,7 @@ impl ListKind {
             Self::Endpoints => "endpoints",
             Self::Nodes => "nodes",
             Self::Grants => "grants",
+            Self::NetworkPolicies => "networkpolicies",
         }
     }
 }
@@ -278,6 +282,8 @@ pub enum ObjectKindArg {
     Endpoint,
     #[value(name = "grant", aliases = ["grants"])]
     Grant,
+    #[value(name = "networkpolicy", aliases = ["networkpolicies", "netpol"])]
+    NetworkPolicy,
 }
 
 impl From<ObjectKindArg> for ObjectKind {
@@ -286,6 +292,7 @@ impl From<ObjectKindArg> for ObjectKind {
             ObjectKindArg::Service => Self::Service,
             ObjectKindArg::Endpoint => Self::Endpoint,
             ObjectKindArg::Grant => Self::Grant,
+            ObjectKindArg::NetworkPolicy => Self::NetworkPolicy,
         }
     }
 }

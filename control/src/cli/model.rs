@@ -25,6 +25,7 @@ impl TryFrom<v1::Object> for Stored {
             Some(v1::object::Kind::Service(s)) => s.meta.as_ref(),
             Some(v1::object::Kind::Endpoint(e)) => e.meta.as_ref(),
             Some(v1::object::Kind::Grant(g)) => g.meta.as_ref(),
+            Some(v1::object::Kind::NetworkPolicy(p)) => p.meta.as_ref(),
             Some(v1::object::Kind::Node(n)) => n.meta.as_ref(),
             None => None,
         };

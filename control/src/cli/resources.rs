@@ -31,6 +31,7 @@ fn set_version(object: &mut v1::Object, version: u64) {
         Some(v1::object::Kind::Service(s)) => &mut s.meta,
         Some(v1::object::Kind::Endpoint(e)) => &mut e.meta,
         Some(v1::object::Kind::Grant(g)) => &mut g.meta,
+        Some(v1::object::Kind::NetworkPolicy(p)) => &mut p.meta,
         Some(v1::object::Kind::Node(n)) => &mut n.meta,
         None => return,
     };

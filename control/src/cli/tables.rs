@@ -3,8 +3,8 @@
 use std::time::{Duration, SystemTime};
 
 use sluice_api::manifest::{
-    BackendSpec, Endpoint, Grant, HealthCheck, Labels, Object, ObjectKind, Probe, Rollout,
-    ServiceObject, ServicePort, Subject,
+    BackendSpec, Endpoint, Grant, HealthCheck, IngressRule, Labels, NetworkPolicy, Object,
+    ObjectKind, Peer, Probe, Rollout, ServiceObject, ServicePort, Subject,
 };
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
@@ -30,7 +30,81 @@ pub fn objects(kind: ObjectKind, items: &[Stored]) -> Table {
             Object::Grant(grant) => Some(grant),
             _ => None,
         })),
+        ObjectKind::NetworkPolicy => policies(items.iter().filter_map(|s| match &s.object {
+            Object::NetworkPolicy(policy) => Some(policy),
+            _ => None,
+        })),
     }
+}
+
+fn policies<'a>(items: impl Iterator<Item = &'a NetworkPolicy>) -> Table {
+    let mut table = Table::new(&["NAMESPACE", "NAME", "SELECTOR", "INGRESS"]);
+    for policy in items {
+        let selector = if policy.selector.is_empty() {
+            "(every endpoint)".to_owned()
+        } else {
+            labels(&policy.selector)
+        };
+        let ingress = if policy.ingress.is_empty() {
+            "deny all".to_owned()
+        } else {
+            policy
+                .ingress
+                .iter()
+                .map(ingress_rule)
+                .collect::<Vec<_>>()
+                .join("; ")
+        };
+        table.row(vec![
+            policy.namespace.clone(),
+            policy.name.clone(),
+            selector,
+            ingress,
+        ]);
+    }
+    table
+}
+
+fn ingress_rule(rule: &IngressRule) -> String {
+    let from = if rule.from.is_empty() {
+        "anyone".to_owned()
+    } else {
+        rule.from
+            .iter()
+            .map(|peer| match peer {
+                Peer::Endpoints {
+                    selector,
+                    namespace,
+                } => {
+                    let who = if selector.is_empty() {
+                        "endpoints".to_owned()
+                    } else {
+                        labels(selector)
+                    };
+                    match namespace {
+                        Some(ns) => format!("{who} in {ns}"),
+                        None => who,
+                    }
+                }
+                Peer::Cidr { cidr, except } if except.is_empty() => cidr.to_string(),
+                Peer::Cidr { cidr, except } => {
+                    let except: Vec<String> = except.iter().map(ToString::to_string).collect();
+                    format!("{cidr} except {}", except.join(","))
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let ports = if rule.ports.is_empty() {
+        "any port".to_owned()
+    } else {
+        rule.ports
+            .iter()
+            .map(|p| format!("{}/{}", p.port, p.protocol))
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    format!("from {from} to {ports}")
 }
 
 fn services<'a>(items: impl Iterator<Item = (&'a ServiceObject, u64)>) -> Table {

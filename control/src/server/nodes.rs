@@ -143,7 +143,13 @@ impl Control {
         let catch_up = state
             .history
             .since(since, state.view_version)
-            .unwrap_or_else(|| vec![view::snapshot(&state.view, state.view_version)]);
+            .unwrap_or_else(|| {
+                vec![view::snapshot(
+                    &state.view,
+                    &state.policy,
+                    state.view_version,
+                )]
+            });
         self.live().entry(node.clone()).or_default().watchers += 1;
         let control = self.clone();
         tokio::spawn(async move {
@@ -172,7 +178,7 @@ impl Control {
                         Err(RecvError::Lagged(_)) => {
                             let state = control.state();
                             last = state.view_version;
-                            if tx.send(Ok(view::snapshot(&state.view, last))).await.is_err() {
+                            if tx.send(Ok(view::snapshot(&state.view, &state.policy, last))).await.is_err() {
                                 return;
                             }
                         }

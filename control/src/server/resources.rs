@@ -1,4 +1,4 @@
-//! `Resources`: services, endpoints and grants, for admins.
+//! `Resources`: services, endpoints, grants and network policies, for admins.
 //!
 //! Apply converts every object at the boundary (proto → validated domain
 //! object → canonical proto), checks RBAC, allocates VIPs, compares with what
@@ -32,9 +32,11 @@ fn resource_of(kind: v1::Kind) -> Result<(Resource, &'static str), ApiError> {
         v1::Kind::Service => Ok((Resource::Services, "Service")),
         v1::Kind::Endpoint => Ok((Resource::Endpoints, "Endpoint")),
         v1::Kind::Grant => Ok((Resource::Grants, "Grant")),
+        v1::Kind::NetworkPolicy => Ok((Resource::NetworkPolicies, "NetworkPolicy")),
         v1::Kind::Node => Ok((Resource::Nodes, "Node")),
         v1::Kind::Unspecified => Err(ApiError::Invalid {
-            message: "kind: must be one of service, endpoint, grant, node".to_string(),
+            message: "kind: must be one of service, endpoint, grant, networkpolicy, node"
+                .to_string(),
         }),
     }
 }
@@ -81,6 +83,7 @@ impl Control {
                 Some(v1::object::Kind::Service(s)) => version_of(s.meta.as_ref()),
                 Some(v1::object::Kind::Endpoint(e)) => version_of(e.meta.as_ref()),
                 Some(v1::object::Kind::Grant(g)) => version_of(g.meta.as_ref()),
+                Some(v1::object::Kind::NetworkPolicy(p)) => version_of(p.meta.as_ref()),
                 Some(v1::object::Kind::Node(_)) => {
                     return Err(ApiError::Invalid {
                         message: format!(
@@ -148,6 +151,11 @@ impl Control {
                     Ok(v1::Kind::Grant) => {
                         state.grants.get(&key).cloned().map(v1::object::Kind::Grant)
                     }
+                    Ok(v1::Kind::NetworkPolicy) => state
+                        .policies
+                        .get(&key)
+                        .cloned()
+                        .map(v1::object::Kind::NetworkPolicy),
                     _ => None,
                 };
                 if let Some(kind) = stored {
@@ -187,6 +195,11 @@ impl Control {
                     .endpoints
                     .remove(&key)
                     .map(|e| version_of(e.meta.as_ref())),
+                v1::Kind::NetworkPolicy => draft
+                    .state
+                    .policies
+                    .remove(&key)
+                    .map(|p| version_of(p.meta.as_ref())),
                 _ => draft
                     .state
                     .grants
@@ -210,6 +223,7 @@ impl Control {
             let store_kind = match kind {
                 v1::Kind::Service => kind::SERVICE,
                 v1::Kind::Endpoint => kind::ENDPOINT,
+                v1::Kind::NetworkPolicy => kind::NETWORK_POLICY,
                 _ => kind::GRANT,
             };
             draft.delete(store_kind, &ns, &req.name, Expect::Version(current));
@@ -249,6 +263,11 @@ impl Control {
                 .get(&key)
                 .cloned()
                 .map(v1::object::Kind::Endpoint),
+            v1::Kind::NetworkPolicy => state
+                .policies
+                .get(&key)
+                .cloned()
+                .map(v1::object::Kind::NetworkPolicy),
             _ => state.grants.get(&key).cloned().map(v1::object::Kind::Grant),
         };
         found
@@ -305,6 +324,12 @@ impl Control {
                 .iter()
                 .filter(|((ns, _), _)| visible(ns))
                 .map(|(_, e)| v1::object::Kind::Endpoint(e.clone()))
+                .collect(),
+            v1::Kind::NetworkPolicy => state
+                .policies
+                .iter()
+                .filter(|((ns, _), _)| visible(ns))
+                .map(|(_, p)| v1::object::Kind::NetworkPolicy(p.clone()))
                 .collect(),
             _ => state
                 .grants
@@ -580,6 +605,32 @@ fn apply_one(
                 draft.put_grant(proto.clone(), expect);
             }
             (v1::Kind::Grant, outcome, v1::object::Kind::Grant(proto))
+        }
+        manifest::Object::NetworkPolicy(p) => {
+            let existing = draft.state.policies.get(&key).cloned();
+            let current = existing.as_ref().map(|p| version_of(p.meta.as_ref()));
+            let verb = if existing.is_some() {
+                Verb::Update
+            } else {
+                Verb::Create
+            };
+            rbac::check(caller, verb, Resource::NetworkPolicies, Some(&ns), grants)?;
+            let expect = check_version(current)?;
+            let mut proto = v1::NetworkPolicy::from(p);
+            if let Some(m) = proto.meta.as_mut() {
+                m.resource_version = current.unwrap_or(0);
+            }
+            let outcome = outcome_of(existing.as_ref(), &proto, |p: &mut v1::NetworkPolicy| {
+                strip_meta(&mut p.meta)
+            });
+            if outcome != v1::ApplyOutcome::Unchanged {
+                draft.put_policy(proto.clone(), expect);
+            }
+            (
+                v1::Kind::NetworkPolicy,
+                outcome,
+                v1::object::Kind::NetworkPolicy(proto),
+            )
         }
     };
     Ok(v1::ApplyResult {

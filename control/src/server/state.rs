@@ -71,9 +71,12 @@ pub struct State {
     pub services: BTreeMap<Named, v1::Service>,
     pub endpoints: BTreeMap<Named, v1::Endpoint>,
     pub grants: BTreeMap<Named, v1::Grant>,
+    pub policies: BTreeMap<Named, v1::NetworkPolicy>,
     pub nodes: BTreeMap<String, (NodeRecord, u64)>,
     /// Every node's view (one for all nodes) and its version.
     pub view: Frontends,
+    /// The compiled network policy, part of the view.
+    pub policy: v1::PolicyView,
     pub view_version: u64,
     pub history: std::sync::Arc<History>,
 }
@@ -102,6 +105,7 @@ impl State {
             kind::SERVICE,
             kind::ENDPOINT,
             kind::GRANT,
+            kind::NETWORK_POLICY,
             kind::NODE,
             kinds::VIEW,
             kinds::VIEW_LOG,
@@ -111,8 +115,10 @@ impl State {
             services: BTreeMap::new(),
             endpoints: BTreeMap::new(),
             grants: BTreeMap::new(),
+            policies: BTreeMap::new(),
             nodes: BTreeMap::new(),
             view: Frontends::new(),
+            policy: v1::PolicyView::default(),
             view_version: 0,
             history: std::sync::Arc::new(History::new(HISTORY)),
         };
@@ -136,6 +142,12 @@ impl State {
                     with_version(&mut g.meta, v.version);
                     state.grants.insert(named(&key), g);
                 }
+                kind::NETWORK_POLICY => {
+                    let mut p =
+                        v1::NetworkPolicy::decode(v.value.as_slice()).map_err(|_| corrupt(&key))?;
+                    with_version(&mut p.meta, v.version);
+                    state.policies.insert(named(&key), p);
+                }
                 kind::NODE => {
                     let n: NodeRecord =
                         serde_json::from_slice(&v.value).map_err(|_| corrupt(&key))?;
@@ -151,6 +163,7 @@ impl State {
             }
         }
         state.view = state.compute_view();
+        state.policy = state.compute_policy();
         let mut history = History::new(HISTORY);
         log.sort_by(|a, b| a.0.name.cmp(&b.0.name));
         for (key, bytes) in log {
@@ -165,6 +178,10 @@ impl State {
         let endpoints: Vec<&v1::Endpoint> = self.endpoints.values().collect();
         let nodes: Vec<&str> = self.nodes.keys().map(String::as_str).collect();
         view::compute(&nodes, self.services.values(), &endpoints)
+    }
+
+    pub fn compute_policy(&self) -> v1::PolicyView {
+        crate::policy::compile(&self.policies, &self.endpoints)
     }
 
     pub fn grants(&self) -> Vec<v1::Grant> {
@@ -261,6 +278,16 @@ impl Draft {
         self.state.grants.insert((ns, name), g);
     }
 
+    pub fn put_policy(&mut self, p: v1::NetworkPolicy, expect: Expect) {
+        let (ns, name) = meta_key(p.meta.as_ref());
+        self.push(
+            Key::new(kind::NETWORK_POLICY, &ns, &name),
+            Some(p.encode_to_vec()),
+            expect,
+        );
+        self.state.policies.insert((ns, name), p);
+    }
+
     pub fn put_node(
         &mut self,
         name: &str,
@@ -298,7 +325,14 @@ impl Draft {
     /// with the objects that caused them.
     pub fn commit(mut self, store: &dyn Store) -> Result<Committed, ApiError> {
         let new_view = self.state.compute_view();
-        let update = view::diff(&self.state.view, &new_view, self.state.view_version + 1);
+        let new_policy = self.state.compute_policy();
+        let update = view::diff(
+            &self.state.view,
+            &new_view,
+            &self.state.policy,
+            &new_policy,
+            self.state.view_version + 1,
+        );
         if let Some(update) = &update {
             let from = self.state.view_version;
             let meta = serde_json::to_vec(&ViewMeta {
@@ -357,6 +391,11 @@ impl Draft {
                         with_version(&mut g.meta, revision);
                     }
                 }
+                kind::NETWORK_POLICY => {
+                    if let Some(p) = state.policies.get_mut(&n) {
+                        with_version(&mut p.meta, revision);
+                    }
+                }
                 kind::NODE => {
                     if let Some(node) = state.nodes.get_mut(&key.name) {
                         node.1 = revision;
@@ -371,6 +410,7 @@ impl Draft {
             state.history = std::sync::Arc::new(history);
             state.view_version = update.version;
             state.view = new_view;
+            state.policy = new_policy;
         }
         Ok(Committed { state, update })
     }

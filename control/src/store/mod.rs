@@ -89,6 +89,7 @@ pub mod kind {
     pub const SERVICE: &str = "service";
     pub const ENDPOINT: &str = "endpoint";
     pub const GRANT: &str = "grant";
+    pub const NETWORK_POLICY: &str = "networkpolicy";
     pub const NODE: &str = "node";
     pub const TOKEN: &str = "token";
     pub const PKI: &str = "pki";

@@ -800,7 +800,7 @@ fn grant_permissions() {
             "permissions[1].resource",
             &[
                 "unknown resource \"pods\"",
-                "services, endpoints, grants, nodes, tokens, users, *",
+                "services, endpoints, grants, networkpolicies, nodes, tokens, users, *",
             ],
         ),
         (
@@ -1020,4 +1020,102 @@ fn traffic_policies_round_trip_through_yaml_and_the_api() {
     assert_eq!(ok(&yaml), original, "{yaml}");
     let message = crate::v1::Object::from(&original[0]);
     assert_eq!(Object::try_from(message).expect("valid"), original[0]);
+}
+
+// ---- network policies ------------------------------------------------------------
+
+/// kind 1, namespace 2, name 3, selector 4; appended lines start at 5.
+const POLICY: &str = "\
+kind: NetworkPolicy
+namespace: shop
+name: web-ingress
+selector: { app: web }
+";
+
+#[test]
+fn network_policies_parse_and_round_trip() {
+    let text = format!(
+        "{POLICY}ingress:\n  - from:\n      - selector: {{ app: frontend }}\n        namespace: shop\n      \
+         - cidr: 198.18.100.0/24\n        except: [198.18.100.128/25]\n      - selector: {{}}\n    \
+         ports: [{{ port: 8080, protocol: TCP }}]\n  - {{}}\n"
+    );
+    let objects = ok(&text);
+    let Object::NetworkPolicy(policy) = &objects[0] else {
+        panic!("expected a policy: {objects:?}");
+    };
+    assert_eq!(policy.selector, labels(&[("app", "web")]));
+    assert_eq!(policy.ingress.len(), 2);
+    assert_eq!(policy.ingress[0].from.len(), 3);
+    assert!(policy.ingress[1].from.is_empty() && policy.ingress[1].ports.is_empty());
+    let yaml = serde_saphyr::to_string(&objects[0]).expect("serializes");
+    assert_eq!(ok(&yaml), objects, "{yaml}");
+    let message = crate::v1::Object::from(&objects[0]);
+    assert_eq!(Object::try_from(message).expect("valid"), objects[0]);
+    // A namespace-wide default deny.
+    let deny = ok("kind: NetworkPolicy\nname: deny-all\nselector: {}\n");
+    assert!(
+        matches!(&deny[0], Object::NetworkPolicy(p) if p.selector.is_empty() && p.ingress.is_empty())
+    );
+}
+
+#[test]
+fn network_policy_errors_name_the_field_and_value() {
+    let rule = |peer: &str| format!("{POLICY}ingress:\n  - from: [{peer}]\n");
+    let cases: Vec<(String, &[&str])> = vec![
+        (
+            rule("{ cidr: 198.18.100.1/24 }"),
+            &[
+                "line 6",
+                "ingress[0].from[0].cidr",
+                "host bits",
+                "198.18.100.0/24",
+            ],
+        ),
+        (
+            rule("{ cidr: 198.18.100.0/33 }"),
+            &["ingress[0].from[0].cidr", "not an IPv4 CIDR"],
+        ),
+        (
+            rule("{ cidr: 10.0.0.0/8, except: [11.0.0.0/16] }"),
+            &[
+                "ingress[0].from[0].except[0]",
+                "not strictly inside 10.0.0.0/8",
+            ],
+        ),
+        (
+            rule("{ selector: { app: x }, cidr: 10.0.0.0/8 }"),
+            &["ingress[0].from[0]", "exactly one of selector"],
+        ),
+        (
+            rule("{ namespace: shop }"),
+            &["ingress[0].from[0]", "exactly one of selector"],
+        ),
+        (
+            rule("{ cidr: 10.0.0.0/8, namespace: shop }"),
+            &["ingress[0].from[0].namespace", "only applies to a selector"],
+        ),
+        (
+            rule("{ selector: {}, except: [10.0.0.0/9] }"),
+            &["ingress[0].from[0].except", "only applies to a cidr"],
+        ),
+        (
+            format!("{POLICY}ingress:\n  - ports: [{{ port: 0, protocol: TCP }}]\n"),
+            &["ingress[0].ports[0].port", "between 1 and 65535"],
+        ),
+        (
+            format!("{POLICY}ingress:\n  - ports: [{{ port: 80, protocol: SCTP }}]\n"),
+            &["ingress[0].ports[0].protocol", "\"SCTP\""],
+        ),
+        (
+            "kind: NetworkPolicy\nname: p\n".to_owned(),
+            &["selector", "missing"],
+        ),
+        (format!("{POLICY}egress: []\n"), &["egress"]),
+    ];
+    for (text, parts) in cases {
+        let e = err(&text);
+        assert_mentions(&e, parts);
+    }
+    // The standalone agent does not take them.
+    assert!(parse("web.yaml", "kind: NetworkPolicy\nname: p\nselector: {}\n").is_err());
 }

@@ -150,6 +150,16 @@ pub(super) fn parse_document<'n>(
         }
         ObjectKind::Endpoint => Object::Endpoint(parse_endpoint(cx, &fields, &id)?),
         ObjectKind::Grant => Object::Grant(parse_grant(cx, &fields, &id)?),
+        ObjectKind::NetworkPolicy => {
+            let labels = labels(cx, &fields, "labels")?;
+            Object::NetworkPolicy(super::policy::parse(
+                cx,
+                &fields,
+                &id,
+                labels,
+                label_entries,
+            )?)
+        }
     };
     Ok(Parsed {
         object,

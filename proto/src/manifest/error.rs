@@ -24,7 +24,7 @@ impl Mode {
     pub const fn kinds(self) -> &'static [&'static str] {
         match self {
             Self::Agent => &["Service"],
-            Self::Control => &["Service", "Endpoint", "Grant"],
+            Self::Control => &["Service", "Endpoint", "Grant", "NetworkPolicy"],
         }
     }
 

@@ -86,6 +86,7 @@
 mod document;
 mod error;
 mod objects;
+pub mod policy;
 pub mod rules;
 pub mod traffic;
 mod yaml;
@@ -105,6 +106,7 @@ pub use objects::{
     DEFAULT_NAMESPACE, Endpoint, Grant, Labels, Object, ObjectKind, ObjectRef, Permission,
     Resource, Role, Scope, ServiceObject, Subject, VERSION_LABEL, Verb,
 };
+pub use policy::{Cidr, IngressRule, NetworkPolicy, Peer, PolicyPort};
 pub use rules::{AddressProblem, LabelProblem, NameProblem, Problem};
 pub use traffic::{HealthCheck, Probe, Rollout, SessionAffinity, Traffic};
 
@@ -364,11 +366,13 @@ fn validate_documents<'n>(
                         name: id.name,
                         first_document,
                     },
-                    ObjectKind::Endpoint | ObjectKind::Grant => ManifestError::DuplicateObject {
-                        at,
-                        object: id,
-                        first_document,
-                    },
+                    ObjectKind::Endpoint | ObjectKind::Grant | ObjectKind::NetworkPolicy => {
+                        ManifestError::DuplicateObject {
+                            at,
+                            object: id,
+                            first_document,
+                        }
+                    }
                 });
             }
             Entry::Vacant(slot) => {
@@ -417,7 +421,7 @@ fn standalone(source: &str, document: usize, parsed: Parsed<'_>) -> Result<Servi
     };
     let service = match parsed.object {
         Object::Service(service) => service,
-        Object::Endpoint(_) | Object::Grant(_) => {
+        Object::Endpoint(_) | Object::Grant(_) | Object::NetworkPolicy(_) => {
             return Err(ManifestError::NeedsControlService {
                 at: cx.at(parsed.kind_node),
                 field: "kind".to_owned(),

@@ -11,7 +11,7 @@ use std::net::Ipv4Addr;
 
 use serde::{Serialize, Serializer};
 
-use super::{Algorithm, BackendSpec, Service, ServicePort, Traffic};
+use super::{Algorithm, BackendSpec, Service, ServicePort, Traffic, policy::NetworkPolicy};
 
 /// Where objects go when a manifest or a request names no namespace, as in Kubernetes.
 pub const DEFAULT_NAMESPACE: &str = "default";
@@ -25,10 +25,16 @@ pub enum ObjectKind {
     Service,
     Endpoint,
     Grant,
+    NetworkPolicy,
 }
 
 impl ObjectKind {
-    pub const ALL: [Self; 3] = [Self::Service, Self::Endpoint, Self::Grant];
+    pub const ALL: [Self; 4] = [
+        Self::Service,
+        Self::Endpoint,
+        Self::Grant,
+        Self::NetworkPolicy,
+    ];
 
     /// The manifest spelling (`kind: Service`); case-sensitive, as in Kubernetes.
     pub const fn as_str(self) -> &'static str {
@@ -36,6 +42,7 @@ impl ObjectKind {
             Self::Service => "Service",
             Self::Endpoint => "Endpoint",
             Self::Grant => "Grant",
+            Self::NetworkPolicy => "NetworkPolicy",
         }
     }
 
@@ -77,6 +84,7 @@ pub enum Object {
     Service(ServiceObject),
     Endpoint(Endpoint),
     Grant(Grant),
+    NetworkPolicy(NetworkPolicy),
 }
 
 impl Object {
@@ -85,6 +93,7 @@ impl Object {
             Self::Service(_) => ObjectKind::Service,
             Self::Endpoint(_) => ObjectKind::Endpoint,
             Self::Grant(_) => ObjectKind::Grant,
+            Self::NetworkPolicy(_) => ObjectKind::NetworkPolicy,
         }
     }
 
@@ -93,6 +102,7 @@ impl Object {
             Self::Service(s) => &s.namespace,
             Self::Endpoint(e) => &e.namespace,
             Self::Grant(g) => &g.namespace,
+            Self::NetworkPolicy(p) => &p.namespace,
         }
     }
 
@@ -101,6 +111,7 @@ impl Object {
             Self::Service(s) => &s.name,
             Self::Endpoint(e) => &e.name,
             Self::Grant(g) => &g.name,
+            Self::NetworkPolicy(p) => &p.name,
         }
     }
 
@@ -109,6 +120,7 @@ impl Object {
             Self::Service(s) => &s.labels,
             Self::Endpoint(e) => &e.labels,
             Self::Grant(g) => &g.labels,
+            Self::NetworkPolicy(p) => &p.labels,
         }
     }
 
@@ -364,6 +376,8 @@ pub enum Resource {
     Endpoints,
     #[serde(rename = "grants")]
     Grants,
+    #[serde(rename = "networkpolicies")]
+    NetworkPolicies,
     #[serde(rename = "nodes")]
     Nodes,
     #[serde(rename = "tokens")]
@@ -376,10 +390,11 @@ pub enum Resource {
 }
 
 impl Resource {
-    pub const ALL: [Self; 7] = [
+    pub const ALL: [Self; 8] = [
         Self::Services,
         Self::Endpoints,
         Self::Grants,
+        Self::NetworkPolicies,
         Self::Nodes,
         Self::Tokens,
         Self::Users,
@@ -391,6 +406,7 @@ impl Resource {
             Self::Services => "services",
             Self::Endpoints => "endpoints",
             Self::Grants => "grants",
+            Self::NetworkPolicies => "networkpolicies",
             Self::Nodes => "nodes",
             Self::Tokens => "tokens",
             Self::Users => "users",

@@ -91,6 +91,24 @@ pub enum Problem {
     HttpPath { value: String },
     #[error("must give exactly one probe: http or tcp")]
     ProbeKind,
+    #[error("{value:?} is not an IPv4 CIDR (a.b.c.d/len, len 0..=32)")]
+    InvalidCidr { value: String },
+    #[error("{value} has host bits set; did you mean {canonical}?")]
+    CidrHostBits { value: String, canonical: String },
+    #[error("{except} is not strictly inside {cidr}")]
+    ExceptOutside { except: String, cidr: String },
+    #[error("except only applies to a cidr peer")]
+    ExceptWithoutCidr,
+    #[error("namespace only applies to a selector peer; a cidr peer matches addresses")]
+    NamespaceWithCidr,
+    #[error("must give exactly one of selector (endpoints by label) or cidr")]
+    PeerKind,
+    #[error("at most {max} {what}, got {count}")]
+    TooMany {
+        what: &'static str,
+        count: usize,
+        max: usize,
+    },
     #[error(
         "needs a port: the service has no TCP port whose target port it could probe \
          (give http.port or tcp.port)"
@@ -906,7 +924,7 @@ mod tests {
                 validate_resource("pods").err(),
                 &[
                     "\"pods\"",
-                    "services, endpoints, grants, nodes, tokens, users, *",
+                    "services, endpoints, grants, networkpolicies, nodes, tokens, users, *",
                 ][..],
             ),
         ] {

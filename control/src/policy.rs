@@ -1,0 +1,359 @@
+//! Network policies compiled for the data plane.
+//!
+//! Identities, as Cilium assigns them: every distinct (namespace, label set)
+//! of the endpoints gets a number (from [`FIRST_ENDPOINT_IDENTITY`], in
+//! sorted order, so the compilation is a pure function of the objects), and
+//! every CIDR a rule names gets one too (from [`FIRST_CIDR_IDENTITY`]). Each
+//! endpoint address maps to its identity as a /32; each CIDR as its prefix,
+//! so that the longest prefix decides: an `except` is a longer prefix whose
+//! identity the rule leaves out, and an endpoint inside a CIDR is matched by
+//! its own identity — CIDR peers are for addresses outside the cluster's
+//! endpoints, which selectors name. An identity that some policy selects is
+//! *enforced*: default-deny for ingress; rules are the union of what every
+//! policy selecting it allows.
+//!
+//! Counter slots: one per policy (flows it allowed), then one per enforced
+//! identity (flows denied to it); `PolicyView.slots` names them.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use sluice_api::{manifest::policy, v1};
+
+use crate::server::state::Named;
+
+pub const FIRST_ENDPOINT_IDENTITY: u32 = 256;
+pub const FIRST_CIDR_IDENTITY: u32 = 1 << 24;
+/// In a rule: every source.
+const ANY: u32 = 0;
+
+type LabelSet = (String, BTreeMap<String, String>);
+
+fn selects(
+    selector: &std::collections::HashMap<String, String>,
+    labels: &BTreeMap<String, String>,
+) -> bool {
+    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+fn namespace_of(meta: Option<&v1::ObjectMeta>) -> String {
+    match meta {
+        Some(m) if !m.namespace.is_empty() => m.namespace.clone(),
+        _ => "default".to_owned(),
+    }
+}
+
+/// The compiled policy of the cluster (the same for every node).
+pub fn compile(
+    policies: &BTreeMap<Named, v1::NetworkPolicy>,
+    endpoints: &BTreeMap<Named, v1::Endpoint>,
+) -> v1::PolicyView {
+    if policies.is_empty() {
+        return v1::PolicyView::default();
+    }
+    // Endpoint identities.
+    let mut sets: BTreeSet<LabelSet> = BTreeSet::new();
+    let mut by_address: BTreeMap<String, LabelSet> = BTreeMap::new();
+    for ((ns, _), e) in endpoints {
+        let labels: BTreeMap<String, String> = e
+            .meta
+            .as_ref()
+            .map(|m| m.labels.clone().into_iter().collect())
+            .unwrap_or_default();
+        let set = (ns.clone(), labels);
+        sets.insert(set.clone());
+        by_address.entry(e.address.clone()).or_insert(set);
+    }
+    let ids: HashMap<&LabelSet, u32> = sets.iter().zip(FIRST_ENDPOINT_IDENTITY..).collect();
+
+    let mut slots = vec![String::new()];
+    let policy_slot: HashMap<&Named, u32> = policies
+        .keys()
+        .map(|key| {
+            slots.push(format!("allowed by {}/{}", key.0, key.1));
+            (key, slots.len() as u32 - 1)
+        })
+        .collect();
+    let selected_by = |p: &v1::NetworkPolicy, set: &LabelSet| {
+        set.0 == namespace_of(p.meta.as_ref()) && selects(&p.selector, &set.1)
+    };
+    let mut deny_slot: HashMap<u32, u32> = HashMap::new();
+    for set in &sets {
+        if policies.values().any(|p| selected_by(p, set)) {
+            slots.push(format!("denied to {}", describe(set)));
+            deny_slot.insert(ids[set], slots.len() as u32 - 1);
+        }
+    }
+
+    // CIDR identities: every prefix a peer names, excepts included.
+    let mut cidrs: BTreeSet<policy::Cidr> = BTreeSet::new();
+    for p in policies.values() {
+        for rule in &p.ingress {
+            for peer in &rule.from {
+                if peer.cidr.is_empty() {
+                    continue;
+                }
+                cidrs.extend(policy::validate_cidr(&peer.cidr).ok());
+                cidrs.extend(
+                    peer.except
+                        .iter()
+                        .filter_map(|e| policy::validate_cidr(e).ok()),
+                );
+            }
+        }
+    }
+    let cidr_ids: BTreeMap<policy::Cidr, u32> =
+        cidrs.into_iter().zip(FIRST_CIDR_IDENTITY..).collect();
+
+    let mut identities: Vec<v1::PolicyIdentity> = by_address
+        .iter()
+        .map(|(address, set)| {
+            let identity = ids[set];
+            v1::PolicyIdentity {
+                prefix: format!("{address}/32"),
+                identity,
+                enforced: deny_slot.contains_key(&identity),
+                stats_slot: deny_slot.get(&identity).copied().unwrap_or(0),
+            }
+        })
+        .collect();
+    let endpoint_prefixes: BTreeSet<String> = identities.iter().map(|i| i.prefix.clone()).collect();
+    identities.extend(
+        cidr_ids
+            .iter()
+            .filter(|(cidr, _)| !endpoint_prefixes.contains(&cidr.to_string()))
+            .map(|(cidr, &identity)| v1::PolicyIdentity {
+                prefix: cidr.to_string(),
+                identity,
+                enforced: false,
+                stats_slot: 0,
+            }),
+    );
+
+    let mut rules: BTreeMap<(u32, u32, u32, u32), u32> = BTreeMap::new();
+    for (key, p) in policies {
+        let targets: Vec<u32> = sets
+            .iter()
+            .filter(|set| selected_by(p, set))
+            .map(|set| ids[set])
+            .collect();
+        for rule in &p.ingress {
+            let mut sources: BTreeSet<u32> = BTreeSet::new();
+            if rule.from.is_empty() {
+                sources.insert(ANY);
+            }
+            for peer in &rule.from {
+                if peer.cidr.is_empty() {
+                    sources.extend(
+                        sets.iter()
+                            .filter(|set| peer.namespace.is_empty() || set.0 == peer.namespace)
+                            .filter(|set| selects(&peer.selector, &set.1))
+                            .map(|set| ids[set]),
+                    );
+                } else if let Ok(cidr) = policy::validate_cidr(&peer.cidr) {
+                    let except: Vec<policy::Cidr> = peer
+                        .except
+                        .iter()
+                        .filter_map(|e| policy::validate_cidr(e).ok())
+                        .collect();
+                    sources.extend(
+                        cidr_ids
+                            .iter()
+                            .filter(|(c, _)| cidr.covers(c) && !except.iter().any(|e| e.covers(c)))
+                            .map(|(_, &id)| id),
+                    );
+                }
+            }
+            let ports: Vec<(u32, u32)> = if rule.ports.is_empty() {
+                vec![(0, 0)]
+            } else {
+                rule.ports
+                    .iter()
+                    .map(|p| (p.port, protocol_number(p.protocol)))
+                    .collect()
+            };
+            for &dst in &targets {
+                for &src in &sources {
+                    for &(port, protocol) in &ports {
+                        rules
+                            .entry((dst, src, port, protocol))
+                            .or_insert(policy_slot[key]);
+                    }
+                }
+            }
+        }
+    }
+    v1::PolicyView {
+        identities,
+        rules: rules
+            .into_iter()
+            .map(
+                |((dst, src, port, protocol), stats_slot)| v1::PolicyRuleView {
+                    dst,
+                    src,
+                    port,
+                    protocol,
+                    stats_slot,
+                },
+            )
+            .collect(),
+        slots,
+    }
+}
+
+fn protocol_number(protocol: i32) -> u32 {
+    match v1::Protocol::try_from(protocol) {
+        Ok(v1::Protocol::Udp) => 17,
+        _ => 6,
+    }
+}
+
+fn describe(set: &LabelSet) -> String {
+    let labels: Vec<String> = set.1.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    format!("{}:{{{}}}", set.0, labels.join(","))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn endpoint(
+        ns: &str,
+        name: &str,
+        address: &str,
+        labels: &[(&str, &str)],
+    ) -> (Named, v1::Endpoint) {
+        (
+            (ns.into(), name.into()),
+            v1::Endpoint {
+                meta: Some(v1::ObjectMeta {
+                    namespace: ns.into(),
+                    name: name.into(),
+                    labels: labels
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .collect(),
+                    ..Default::default()
+                }),
+                address: address.into(),
+                ready: true,
+                ..Default::default()
+            },
+        )
+    }
+
+    fn policy(
+        ns: &str,
+        name: &str,
+        selector: &[(&str, &str)],
+        ingress: Vec<v1::IngressRule>,
+    ) -> (Named, v1::NetworkPolicy) {
+        (
+            (ns.into(), name.into()),
+            v1::NetworkPolicy {
+                meta: Some(v1::ObjectMeta {
+                    namespace: ns.into(),
+                    name: name.into(),
+                    ..Default::default()
+                }),
+                selector: selector
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+                ingress,
+            },
+        )
+    }
+
+    #[test]
+    fn selectors_cidrs_and_excepts_become_identities_and_rules() {
+        let endpoints: BTreeMap<_, _> = [
+            endpoint("shop", "web-1", "198.19.0.11", &[("app", "web")]),
+            endpoint("shop", "web-2", "198.19.0.12", &[("app", "web")]),
+            endpoint("shop", "front", "198.19.0.20", &[("app", "frontend")]),
+            endpoint("other", "front", "198.19.0.30", &[("app", "frontend")]),
+        ]
+        .into();
+        let rule = v1::IngressRule {
+            from: vec![
+                v1::PolicyPeer {
+                    selector: [("app".into(), "frontend".into())].into(),
+                    namespace: "shop".into(),
+                    ..Default::default()
+                },
+                v1::PolicyPeer {
+                    cidr: "198.18.1.0/24".into(),
+                    except: vec!["198.18.1.128/25".into()],
+                    ..Default::default()
+                },
+            ],
+            ports: vec![v1::PolicyPort {
+                port: 8080,
+                protocol: v1::Protocol::Tcp as i32,
+            }],
+        };
+        let policies: BTreeMap<_, _> =
+            [policy("shop", "web-ingress", &[("app", "web")], vec![rule])].into();
+        let view = compile(&policies, &endpoints);
+        let identity = |prefix: &str| {
+            view.identities
+                .iter()
+                .find(|i| i.prefix == prefix)
+                .unwrap_or_else(|| panic!("no {prefix} in {view:?}"))
+                .clone()
+        };
+        let web = identity("198.19.0.11/32");
+        assert!(web.enforced);
+        assert_eq!(
+            identity("198.19.0.12/32").identity,
+            web.identity,
+            "one label set, one identity"
+        );
+        let front = identity("198.19.0.20/32");
+        assert!(!front.enforced);
+        let elsewhere = identity("198.19.0.30/32");
+        assert_ne!(
+            elsewhere.identity, front.identity,
+            "another namespace, another identity"
+        );
+        let cidr = identity("198.18.1.0/24");
+        let except = identity("198.18.1.128/25");
+        let allowed: BTreeSet<u32> = view.rules.iter().map(|r| r.src).collect();
+        assert_eq!(allowed, BTreeSet::from([front.identity, cidr.identity]));
+        assert!(!allowed.contains(&except.identity) && !allowed.contains(&elsewhere.identity));
+        assert!(
+            view.rules
+                .iter()
+                .all(|r| r.dst == web.identity && r.port == 8080 && r.protocol == 6)
+        );
+        assert_eq!(
+            view.slots[view.rules[0].stats_slot as usize],
+            "allowed by shop/web-ingress"
+        );
+        assert!(view.slots[web.stats_slot as usize].starts_with("denied to shop:"));
+        // No policy: nothing to enforce, nothing sent.
+        assert_eq!(
+            compile(&BTreeMap::new(), &endpoints),
+            v1::PolicyView::default()
+        );
+    }
+
+    #[test]
+    fn an_empty_selector_with_no_rules_denies_the_whole_namespace() {
+        let endpoints: BTreeMap<_, _> = [
+            endpoint("shop", "a", "198.19.0.11", &[("app", "a")]),
+            endpoint("shop", "b", "198.19.0.12", &[("app", "b")]),
+            endpoint("open", "c", "198.19.0.13", &[("app", "c")]),
+        ]
+        .into();
+        let policies: BTreeMap<_, _> = [policy("shop", "deny-all", &[], Vec::new())].into();
+        let view = compile(&policies, &endpoints);
+        let enforced: Vec<&str> = view
+            .identities
+            .iter()
+            .filter(|i| i.enforced)
+            .map(|i| i.prefix.as_str())
+            .collect();
+        assert_eq!(enforced, ["198.19.0.11/32", "198.19.0.12/32"]);
+        assert!(view.rules.is_empty());
+    }
+}

@@ -1,0 +1,292 @@
+//! `kind: NetworkPolicy` (control service only): which sources may open flows
+//! to which endpoints.
+//!
+//! ```yaml
+//! kind: NetworkPolicy
+//! namespace: shop
+//! name: web-ingress
+//! selector: { app: web }          # endpoints of the namespace it protects; {} for all of them
+//! ingress:                        # absent or empty: they accept nothing (default deny)
+//!   - from:                       # absent: every source
+//!       - selector: { app: frontend }      # endpoints by label, any namespace...
+//!         namespace: shop                  # ...or this one only
+//!       - cidr: 198.18.100.0/24            # addresses that are not endpoints
+//!         except: [198.18.100.128/25]
+//!     ports: [{ port: 8080, protocol: TCP }]   # target ports; absent: every port
+//! ```
+
+use std::{fmt, net::Ipv4Addr};
+
+use serde::{Serialize, Serializer};
+
+use super::rules::{self, Problem};
+use super::yaml::{Cx, Fields, Node, integer, mapping, sequence, string};
+use super::{Labels, ManifestError, ObjectRef, Protocol};
+
+/// At most this many ingress rules per policy, peers per rule, except entries
+/// per CIDR.
+pub const MAX_RULES: usize = 64;
+pub const MAX_PEERS: usize = 64;
+pub const MAX_EXCEPT: usize = 64;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct NetworkPolicy {
+    pub namespace: String,
+    pub name: String,
+    #[serde(skip_serializing_if = "Labels::is_empty")]
+    pub labels: Labels,
+    /// Empty: every endpoint of the namespace.
+    pub selector: Labels,
+    pub ingress: Vec<IngressRule>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct IngressRule {
+    /// Empty: every source.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub from: Vec<Peer>,
+    /// Empty: every port.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<PolicyPort>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
+pub enum Peer {
+    Endpoints {
+        selector: Labels,
+        /// `None`: any namespace.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        namespace: Option<String>,
+    },
+    Cidr {
+        cidr: Cidr,
+        #[serde(skip_serializing_if = "Vec::is_empty")]
+        except: Vec<Cidr>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct PolicyPort {
+    pub port: u16,
+    pub protocol: Protocol,
+}
+
+/// An IPv4 prefix with no host bits set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Cidr {
+    pub addr: Ipv4Addr,
+    pub len: u8,
+}
+
+impl Cidr {
+    fn mask(len: u8) -> u32 {
+        u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0)
+    }
+
+    pub fn contains(&self, addr: Ipv4Addr) -> bool {
+        u32::from(addr) & Self::mask(self.len) == u32::from(self.addr)
+    }
+
+    /// `other` lies inside this prefix (or is it).
+    pub fn covers(&self, other: &Cidr) -> bool {
+        other.len >= self.len && self.contains(other.addr)
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
+}
+
+impl Serialize for Cidr {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+pub fn validate_cidr(text: &str) -> Result<Cidr, Problem> {
+    let bad = || Problem::InvalidCidr {
+        value: text.to_owned(),
+    };
+    let (addr, len) = text.split_once('/').ok_or_else(bad)?;
+    let addr: Ipv4Addr = addr.parse().map_err(|_| bad())?;
+    let len: u8 = len
+        .parse()
+        .ok()
+        .filter(|l| *l <= 32 && !len.starts_with('+'))
+        .ok_or_else(bad)?;
+    let canonical = Ipv4Addr::from(u32::from(addr) & Cidr::mask(len));
+    if canonical != addr {
+        return Err(Problem::CidrHostBits {
+            value: text.to_owned(),
+            canonical: format!("{canonical}/{len}"),
+        });
+    }
+    Ok(Cidr { addr, len })
+}
+
+/// An `except` entry must lie strictly inside its CIDR.
+pub fn validate_except(cidr: Cidr, except: Cidr) -> Result<(), Problem> {
+    if except.len > cidr.len && cidr.covers(&except) {
+        Ok(())
+    } else {
+        Err(Problem::ExceptOutside {
+            except: except.to_string(),
+            cidr: cidr.to_string(),
+        })
+    }
+}
+
+pub(super) const FIELDS: &[&str] = &["kind", "namespace", "name", "labels", "selector", "ingress"];
+const RULE_FIELDS: &[&str] = &["from", "ports"];
+const PEER_FIELDS: &[&str] = &["selector", "namespace", "cidr", "except"];
+const PORT_FIELDS: &[&str] = &["port", "protocol"];
+
+pub(super) fn parse(
+    cx: Cx<'_>,
+    fields: &Fields<'_>,
+    id: &ObjectRef,
+    labels: Labels,
+    label_entries: impl Fn(Cx<'_>, &str, &[(Node, Node)]) -> Result<Labels, ManifestError>,
+) -> Result<NetworkPolicy, ManifestError> {
+    fields.deny_unknown(cx, FIELDS)?;
+    let selector_node = fields.key("selector").map(|_| fields.get("selector"));
+    let selector = match selector_node {
+        None => {
+            return Err(ManifestError::MissingField {
+                at: cx.at(fields.node),
+                field: "selector".to_owned(),
+            });
+        }
+        // `selector:` with nothing, or `{}`: the whole namespace.
+        Some(None) => Labels::new(),
+        Some(Some(node)) => label_entries(cx, "selector", mapping(cx, "selector", node)?)?,
+    };
+    let rule_nodes = match fields.get("ingress") {
+        Some(node) => sequence(cx, "ingress", node)?,
+        None => &[],
+    };
+    if rule_nodes.len() > MAX_RULES {
+        let node = fields.get("ingress").unwrap_or(fields.node);
+        return Err(cx.invalid(
+            node,
+            "ingress",
+            Problem::TooMany {
+                what: "ingress rules",
+                count: rule_nodes.len(),
+                max: MAX_RULES,
+            },
+        ));
+    }
+    let mut ingress = Vec::with_capacity(rule_nodes.len());
+    for (i, node) in rule_nodes.iter().enumerate() {
+        let rule = Fields::new(cx, format!("ingress[{i}]"), node)?;
+        rule.deny_unknown(cx, RULE_FIELDS)?;
+        let peer_nodes = match rule.get("from") {
+            Some(node) => sequence(cx, &rule.path("from"), node)?,
+            None => &[],
+        };
+        if peer_nodes.len() > MAX_PEERS {
+            let too_many = Problem::TooMany {
+                what: "peers",
+                count: peer_nodes.len(),
+                max: MAX_PEERS,
+            };
+            return Err(cx.invalid(node, &rule.path("from"), too_many));
+        }
+        let mut from = Vec::with_capacity(peer_nodes.len());
+        for (j, node) in peer_nodes.iter().enumerate() {
+            let peer = Fields::new(cx, format!("ingress[{i}].from[{j}]"), node)?;
+            peer.deny_unknown(cx, PEER_FIELDS)?;
+            from.push(parse_peer(cx, &peer, &label_entries)?);
+        }
+        let port_nodes = match rule.get("ports") {
+            Some(node) => sequence(cx, &rule.path("ports"), node)?,
+            None => &[],
+        };
+        let mut ports = Vec::with_capacity(port_nodes.len());
+        for (j, node) in port_nodes.iter().enumerate() {
+            let entry = Fields::new(cx, format!("ingress[{i}].ports[{j}]"), node)?;
+            entry.deny_unknown(cx, PORT_FIELDS)?;
+            let port_field = entry.path("port");
+            let port_node = entry.require(cx, "port")?;
+            let port = rules::validate_port(integer(cx, &port_field, port_node)?)
+                .map_err(cx.fail(port_node, &port_field))?;
+            let protocol_field = entry.path("protocol");
+            let protocol_node = entry.require(cx, "protocol")?;
+            let protocol = rules::validate_protocol(string(cx, &protocol_field, protocol_node)?)
+                .map_err(cx.fail(protocol_node, &protocol_field))?;
+            ports.push(PolicyPort { port, protocol });
+        }
+        ingress.push(IngressRule { from, ports });
+    }
+    Ok(NetworkPolicy {
+        namespace: id.namespace.clone(),
+        name: id.name.clone(),
+        labels,
+        selector,
+        ingress,
+    })
+}
+
+fn parse_peer(
+    cx: Cx<'_>,
+    peer: &Fields<'_>,
+    label_entries: &impl Fn(Cx<'_>, &str, &[(Node, Node)]) -> Result<Labels, ManifestError>,
+) -> Result<Peer, ManifestError> {
+    match (peer.key("selector"), peer.get("cidr")) {
+        (Some(_), None) => {
+            if let Some(key) = peer.key("except") {
+                return Err(cx.invalid(key, &peer.path("except"), Problem::ExceptWithoutCidr));
+            }
+            let field = peer.path("selector");
+            let selector = match peer.get("selector") {
+                None => Labels::new(),
+                Some(node) => label_entries(cx, &field, mapping(cx, &field, node)?)?,
+            };
+            let namespace = match peer.get("namespace") {
+                None => None,
+                Some(node) => {
+                    let field = peer.path("namespace");
+                    let value = string(cx, &field, node)?;
+                    rules::validate_namespace(value).map_err(cx.fail(node, &field))?;
+                    Some(value.to_owned())
+                }
+            };
+            Ok(Peer::Endpoints {
+                selector,
+                namespace,
+            })
+        }
+        (None, Some(node)) => {
+            if let Some(key) = peer.key("namespace") {
+                return Err(cx.invalid(key, &peer.path("namespace"), Problem::NamespaceWithCidr));
+            }
+            let field = peer.path("cidr");
+            let cidr = validate_cidr(string(cx, &field, node)?).map_err(cx.fail(node, &field))?;
+            let except_nodes = match peer.get("except") {
+                Some(node) => sequence(cx, &peer.path("except"), node)?,
+                None => &[],
+            };
+            if except_nodes.len() > MAX_EXCEPT {
+                let too_many = Problem::TooMany {
+                    what: "except entries",
+                    count: except_nodes.len(),
+                    max: MAX_EXCEPT,
+                };
+                return Err(cx.invalid(node, &peer.path("except"), too_many));
+            }
+            let mut except = Vec::with_capacity(except_nodes.len());
+            for (k, node) in except_nodes.iter().enumerate() {
+                let field = peer.path(&format!("except[{k}]"));
+                let e = validate_cidr(string(cx, &field, node)?).map_err(cx.fail(node, &field))?;
+                validate_except(cidr, e).map_err(cx.fail(node, &field))?;
+                except.push(e);
+            }
+            Ok(Peer::Cidr { cidr, except })
+        }
+        _ => Err(cx.invalid(peer.node, &peer.path, Problem::PeerKind)),
+    }
+}

@@ -1,0 +1,220 @@
+//! Network policy end to end: `kind: NetworkPolicy` applied with `sluicectl`,
+//! compiled by the control service, enforced by the agents' kernel programs,
+//! with real clients and servers in namespaces (see `sluice_tests::cluster`).
+//!
+//! Requires root. Run with `cargo xtask test`, or after
+//! `cargo build --workspace --exclude sluice-ebpf --bins` with
+//! `cargo test -p sluice-tests --test policy_e2e`.
+
+use std::{
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream},
+    sync::atomic::{AtomicBool, Ordering},
+    thread,
+    time::Duration,
+};
+
+use sluice_tests::{
+    cluster::{Cluster, TIMEOUT, assert_near, backend_addr},
+    http_get,
+};
+
+/// Short: a denied connection is dropped, so the client only times out.
+const DENIED_WAIT: Duration = Duration::from_millis(700);
+/// An address of node-1's client inside the policy's `except`.
+const EXCEPTED: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 200);
+
+fn service_and_endpoints() -> String {
+    let mut docs = vec![
+        "kind: Service
+name: web
+ports: [{ port: 80, protocol: TCP, targetPort: 8080 }]
+selector: { app: web }
+"
+        .to_owned(),
+    ];
+    for i in 1..=3 {
+        docs.push(format!(
+            "kind: Endpoint\nname: web-{i}\nlabels: {{ app: web }}\naddress: {}\n",
+            backend_addr(i)
+        ));
+    }
+    docs.join("---\n")
+}
+
+const POLICY: &str = "kind: NetworkPolicy
+name: web-ingress
+selector: { app: web }
+ingress:
+  - from:
+      - cidr: 198.18.1.0/24
+        except: [198.18.1.128/25]
+    ports: [{ port: 8080, protocol: TCP }]
+";
+
+/// One request from `source` (an address of the calling namespace).
+fn get_from(source: Ipv4Addr, to: SocketAddrV4, timeout: Duration) -> std::io::Result<()> {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    socket.bind(&SocketAddr::V4(SocketAddrV4::new(source, 0)).into())?;
+    socket.connect_timeout(&SocketAddr::V4(to).into(), timeout)?;
+    let stream: TcpStream = socket.into();
+    stream.set_read_timeout(Some(timeout))?;
+    use std::io::{Read, Write};
+    let mut stream = stream;
+    stream.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
+    let mut reply = Vec::new();
+    stream.read_to_end(&mut reply)?;
+    if reply.starts_with(b"HTTP/1.1 200") {
+        Ok(())
+    } else {
+        Err(std::io::Error::other("not a 200 answer"))
+    }
+}
+
+fn denied(cluster: &Cluster, k: usize, to: SocketAddrV4) -> bool {
+    cluster
+        .topology
+        .node(k)
+        .client
+        .enter(|| http_get(to, DENIED_WAIT))
+        .is_err_and(|e| e.is_timeout())
+}
+
+#[test]
+fn allowed_sources_reach_the_service_denied_ones_are_dropped_and_counted() {
+    let cluster = Cluster::start(2, 3, &[]);
+    cluster.apply(&service_and_endpoints());
+    cluster.wait_programmed();
+    let vip = cluster.web_vip();
+    let to = SocketAddrV4::new(vip, 80);
+    // node-1's client also holds an address inside the except.
+    cluster.topology.node(1).client.exec_ok(&[
+        "ip",
+        "addr",
+        "add",
+        &format!("{EXCEPTED}/24"),
+        "dev",
+        "c0",
+    ]);
+    for k in 1..=2 {
+        assert_near(
+            &cluster.spread(k, vip, 30),
+            &[(1, 10), (2, 10), (3, 10)],
+            &format!("node-{k}, no policy"),
+        );
+    }
+
+    // A bad policy is refused whole; nothing is applied.
+    let bad = cluster.control.apply(
+        "bad.yaml",
+        &POLICY.replace("198.18.1.0/24", "198.18.1.1/24"),
+    );
+    assert!(!bad.status.success());
+    let message = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        message.contains("host bits") && message.contains("198.18.1.0/24"),
+        "{message}"
+    );
+    let listed = cluster.control.sluicectl_json(&["get", "networkpolicies"]);
+    assert_eq!(listed, serde_json::json!([]), "{listed}");
+
+    // The policy arrives while node-1's client sends: allowed traffic never
+    // fails on the way.
+    let sending = AtomicBool::new(true);
+    let failures = thread::scope(|scope| {
+        let client = scope.spawn(|| {
+            cluster.topology.node(1).client.enter(|| {
+                let mut failures = Vec::new();
+                for i in 0..2_000 {
+                    if !sending.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    if let Err(e) = http_get(to, TIMEOUT) {
+                        failures.push(format!("request {i}: {e}"));
+                    }
+                }
+                failures
+            })
+        });
+        thread::sleep(Duration::from_millis(200));
+        cluster.apply(POLICY);
+        cluster.wait_programmed();
+        thread::sleep(Duration::from_millis(200));
+        sending.store(false, Ordering::SeqCst);
+        client.join().expect("client thread")
+    });
+    assert!(failures.is_empty(), "allowed requests failed: {failures:?}");
+
+    assert_near(
+        &cluster.spread(1, vip, 30),
+        &[(1, 10), (2, 10), (3, 10)],
+        "node-1's client, allowed",
+    );
+    assert!(
+        denied(&cluster, 2, to),
+        "node-2's client is outside the CIDR"
+    );
+    let excepted = cluster
+        .topology
+        .node(1)
+        .client
+        .enter(|| get_from(EXCEPTED, to, DENIED_WAIT));
+    assert!(
+        excepted.is_err(),
+        "{EXCEPTED} is in the except, yet it got through"
+    );
+    // Counted where it was dropped.
+    let status = cluster.agents[1].status_json();
+    let dropped = status["outcomes"]["drop_policy"].as_u64().unwrap_or(0);
+    assert!(dropped >= 1, "node-2 counted no policy drop: {status}");
+    let listed = cluster.control.sluicectl_ok(&["get", "networkpolicies"]);
+    assert!(
+        listed.contains("web-ingress") && listed.contains("198.18.1.0/24 except 198.18.1.128/25"),
+        "{listed}"
+    );
+
+    // Deleting the policy restores access.
+    cluster
+        .control
+        .sluicectl_ok(&["delete", "networkpolicy", "web-ingress"]);
+    cluster.wait_programmed();
+    assert_near(
+        &cluster.spread(2, vip, 30),
+        &[(1, 10), (2, 10), (3, 10)],
+        "node-2's client, policy deleted",
+    );
+    cluster
+        .topology
+        .node(1)
+        .client
+        .enter(|| get_from(EXCEPTED, to, TIMEOUT))
+        .expect("the excepted address after the policy is deleted");
+}
+
+#[test]
+fn a_namespace_wide_default_deny_blocks_everyone_and_revokes_open_connections() {
+    let cluster = Cluster::start(1, 3, &[]);
+    cluster.apply(&service_and_endpoints());
+    cluster.wait_programmed();
+    let vip = cluster.web_vip();
+    let to = SocketAddrV4::new(vip, 80);
+    let mut held = cluster.hold(1, vip, 1);
+    cluster.apply("kind: NetworkPolicy\nname: deny-all\nselector: {}\n");
+    cluster.wait_programmed();
+    assert!(denied(&cluster, 1, to), "a new connection got through");
+    // The established connection was revoked with the change: its next
+    // packet is a new flow, and denied.
+    let (conn, _) = &mut held[0];
+    assert!(
+        conn.get().is_err(),
+        "an established connection survived deny-all"
+    );
+    cluster
+        .control
+        .sluicectl_ok(&["delete", "networkpolicy", "deny-all"]);
+    cluster.wait_programmed();
+    assert_near(
+        &cluster.spread(1, vip, 30),
+        &[(1, 10), (2, 10), (3, 10)],
+        "deny-all deleted",
+    );
+}
