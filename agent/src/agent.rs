@@ -27,7 +27,7 @@ use std::{
 };
 
 use sluice_api::{error_chain, v1};
-use sluice_common::types::AgentMeta;
+use sluice_common::types::{AgentMeta, FlowEvent};
 use tokio::{
     io::unix::AsyncFd,
     signal::unix::SignalKind,
@@ -626,6 +626,9 @@ struct ControlLink {
     counters: Vec<v1::FrontendCounters>,
     /// What this node's probes find unhealthy, sent with each report.
     unhealthy: Vec<v1::BackendRef>,
+    /// Refused flows on their way to the control service (bounded: a flood
+    /// loses events, never blocks the loop).
+    flows: mpsc::Sender<v1::FlowEvent>,
     saves: watch::Sender<Option<SavedView>>,
     /// The view changed since it was last handed to the saver.
     unsaved: bool,
@@ -642,6 +645,7 @@ impl ControlLink {
         let applied = Arc::new(AtomicU64::new(view.version()));
         let (events_tx, events) = mpsc::channel(64);
         let (reports, reports_rx) = watch::channel(None);
+        let (flows, flows_rx) = mpsc::channel(4096);
         let (saves, saves_rx) = watch::channel(None);
         let tasks = vec![
             tokio::spawn(controlplane::follow(
@@ -650,7 +654,7 @@ impl ControlLink {
                 events_tx,
             )),
             tokio::spawn(controlplane::keep_certificate_fresh(state.clone())),
-            tokio::spawn(report_status(state.clone(), reports_rx)),
+            tokio::spawn(report_status(state.clone(), reports_rx, flows_rx)),
         ];
         let saver = Some(tokio::spawn(save_views(state, saves_rx)));
         let link = ControlLink {
@@ -659,6 +663,7 @@ impl ControlLink {
             reports,
             counters: Vec::new(),
             unhealthy: Vec::new(),
+            flows,
             saves,
             unsaved: false,
             connected: None,
@@ -741,7 +746,17 @@ impl ControlLink {
             applied_version: self.applied.load(Ordering::Acquire),
             counters: self.counters.clone(),
             unhealthy: self.unhealthy.clone(),
+            flows: Vec::new(),
         }));
+    }
+
+    /// Passes refused flows on to the control service.
+    fn report_flows(&self, events: Vec<v1::FlowEvent>) {
+        for event in events {
+            if self.flows.try_send(event).is_err() {
+                debug!("flow events arrive faster than they are reported; one lost");
+            }
+        }
     }
 
     /// Reports this node's probe verdicts at once when they changed: the
@@ -805,12 +820,30 @@ impl Drop for ControlLink {
 async fn report_status(
     state: NodeState,
     mut reports: watch::Receiver<Option<v1::ReportStatusRequest>>,
+    mut flows: mpsc::Receiver<v1::FlowEvent>,
 ) {
     let mut client: Option<ControlClient> = None;
-    while reports.changed().await.is_ok() {
-        let Some(report) = reports.borrow_and_update().clone() else {
+    let mut last: Option<v1::ReportStatusRequest> = None;
+    loop {
+        // A new status, or refused flows to pass on at once (with the last
+        // status, which the control service takes again harmlessly).
+        let mut events = Vec::new();
+        tokio::select! {
+            changed = reports.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                last = reports.borrow_and_update().clone();
+            }
+            Some(event) = flows.recv() => events.push(event),
+        }
+        while let Ok(event) = flows.try_recv() {
+            events.push(event);
+        }
+        let Some(mut report) = last.clone() else {
             continue;
         };
+        report.flows = events;
         // A connection that failed (the control service restarted) is made
         // again at once, for one more try.
         for _attempt in 0..2 {
@@ -857,6 +890,51 @@ async fn save_views(state: NodeState, mut saves: watch::Receiver<Option<SavedVie
     }
 }
 
+/// Drains the data plane's refused-flow events.
+fn read_flow_events(
+    ring: &mut aya::maps::RingBuf<aya::maps::MapData>,
+    policy: Option<&v1::PolicyView>,
+) -> Vec<v1::FlowEvent> {
+    let mut out = Vec::new();
+    while let Some(item) = ring.next() {
+        if item.len() < std::mem::size_of::<FlowEvent>() {
+            continue;
+        }
+        // SAFETY: the kernel wrote a whole `FlowEvent` (checked length); read
+        // unaligned, as ring buffer records carry no alignment promise.
+        let e: FlowEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+        let at = |addr: u32, port: u16| {
+            format!(
+                "{}:{}",
+                std::net::Ipv4Addr::from(addr.to_ne_bytes()),
+                u16::from_be(port)
+            )
+        };
+        out.push(v1::FlowEvent {
+            time: String::new(),
+            node: String::new(),
+            verdict: "denied".to_owned(),
+            reason: sluice_common::reason::NAMES
+                .get(usize::from(e.reason))
+                .copied()
+                .unwrap_or("unknown")
+                .to_owned(),
+            client: at(e.client, e.client_port),
+            service: at(e.vip, e.vip_port),
+            backend: at(e.backend, e.backend_port),
+            protocol: match e.proto {
+                sluice_common::types::IPPROTO_UDP => v1::Protocol::Udp as i32,
+                _ => v1::Protocol::Tcp as i32,
+            },
+            counted_as: policy
+                .and_then(|p| p.slots.get(e.stats_slot as usize))
+                .cloned()
+                .unwrap_or_default(),
+        });
+    }
+    out
+}
+
 /// The steady state: react to the source, device changes, timers and
 /// signals until asked to stop.
 async fn follow(
@@ -875,6 +953,16 @@ async fn follow(
             unsafe { AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) };
         registered
             .inspect_err(|e| warn!("kernel program logs unavailable: {e}"))
+            .ok()
+    });
+
+    let mut flow_events = dp.maps.flow_events.take().and_then(|ring| {
+        // SAFETY: the ring buffer owns its map fd, which stays open and the
+        // same for as long as it lives; the AsyncFd owns the ring buffer.
+        let registered =
+            unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) };
+        registered
+            .inspect_err(|e| warn!("flow events unavailable: {e}"))
             .ok()
     });
 
@@ -946,6 +1034,23 @@ async fn follow(
                 }
             }
             Some(()) = features_rx.recv() => sync_egress(&mut dp, managed),
+            Ok(mut guard) = async {
+                match flow_events.as_mut() {
+                    Some(fd) => fd.readable_mut().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                let events = read_flow_events(guard.get_inner_mut(), reconciler.installed_policy.as_ref());
+                guard.clear_ready();
+                match &mut input {
+                    Input::Control(link) => link.report_flows(events),
+                    Input::Manifest { .. } => {
+                        for e in events {
+                            info!(client = %e.client, service = %e.service, backend = %e.backend, reason = %e.reason, "flow refused");
+                        }
+                    }
+                }
+            }
             Ok(mut guard) = async {
                 match logger.as_mut() {
                     Some(fd) => fd.readable_mut().await,

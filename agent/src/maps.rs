@@ -12,6 +12,7 @@ use aya::{
     Ebpf,
     maps::{
         Array, DevMapHash, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuValues,
+        RingBuf,
     },
     util::nr_cpus,
 };
@@ -86,6 +87,8 @@ pub struct Maps {
     pub policy_rules: HashMap<MapData, PolicyRuleKey, PolicyRule>,
     pub policy_state: Array<MapData, PolicyState>,
     pub policy_stats: PerCpuArray<MapData, PolicyStats>,
+    /// Taken by the run loop, which reads it.
+    pub flow_events: Option<RingBuf<MapData>>,
 }
 
 /// Where to get a map from.
@@ -158,6 +161,7 @@ impl Maps {
             policy_rules: typed!(source, map::POLICY_RULES),
             policy_state: typed!(source, map::POLICY_STATE),
             policy_stats: typed!(source, map::POLICY_STATS),
+            flow_events: Some(typed!(source, map::FLOW_EVENTS)),
         })
     }
 

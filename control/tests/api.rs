@@ -494,6 +494,7 @@ async fn nodes_join_once_and_watch_their_view() {
             applied_version: delta.version,
             counters: vec![],
             unhealthy: Default::default(),
+            flows: Default::default(),
         })
         .await
         .expect("report");

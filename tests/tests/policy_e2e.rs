@@ -7,7 +7,9 @@
 //! `cargo test -p sluice-tests --test policy_e2e`.
 
 use std::{
+    io::{BufRead, BufReader},
     net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream},
+    process::{Command, Stdio},
     sync::atomic::{AtomicBool, Ordering},
     thread,
     time::Duration,
@@ -15,6 +17,7 @@ use std::{
 
 use sluice_tests::{
     cluster::{Cluster, TIMEOUT, assert_near, backend_addr},
+    control::sluicectl_bin,
     http_get,
 };
 
@@ -162,6 +165,17 @@ fn allowed_sources_reach_the_service_denied_ones_are_dropped_and_counted() {
         excepted.is_err(),
         "{EXCEPTED} is in the except, yet it got through"
     );
+    // Reported as an event: `sluicectl flows` shows who was refused where.
+    let flows = cluster
+        .control
+        .sluicectl_ok(&["flows", "--verdict", "denied", "-o", "json"]);
+    assert!(
+        flows.lines().any(|l| l.contains("\"node\":\"node-2\"")
+            && l.contains("198.18.2.2:")
+            && l.contains("drop_policy")
+            && l.contains("denied to default:{app=web}")),
+        "{flows}"
+    );
     // Counted where it was dropped.
     let status = cluster.agents[1].status_json();
     let dropped = status["outcomes"]["drop_policy"].as_u64().unwrap_or(0);
@@ -188,6 +202,47 @@ fn allowed_sources_reach_the_service_denied_ones_are_dropped_and_counted() {
         .client
         .enter(|| get_from(EXCEPTED, to, TIMEOUT))
         .expect("the excepted address after the policy is deleted");
+}
+
+#[test]
+fn sluicectl_flows_follow_streams_refusals_as_they_happen() {
+    let cluster = Cluster::start(1, 3, &[]);
+    cluster.apply(&service_and_endpoints());
+    cluster.apply("kind: NetworkPolicy\nname: deny-all\nselector: {}\n");
+    cluster.wait_programmed();
+    let vip = cluster.web_vip();
+    let mut follower = Command::new("ip")
+        .args(["netns", "exec", cluster.topology.control.name()])
+        .arg(sluicectl_bin())
+        .arg("--config")
+        .arg(cluster.control.admin_conf())
+        .args(["flows", "--verdict", "denied", "--follow", "-o", "json"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("sluicectl flows --follow");
+    let stdout = follower.stdout.take().expect("piped stdout");
+    let (lines_tx, lines_rx) = std::sync::mpsc::channel();
+    let reader = thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if lines_tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    // Give the stream a moment to open, then get refused.
+    thread::sleep(Duration::from_millis(500));
+    assert!(denied(&cluster, 1, SocketAddrV4::new(vip, 80)));
+    let line = lines_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("an event on the followed stream");
+    let _ = follower.kill();
+    let _ = follower.wait();
+    let _ = reader.join();
+    assert!(
+        line.contains("\"verdict\":\"denied\"") && line.contains(&format!("{vip}:80")),
+        "{line}"
+    );
 }
 
 #[test]

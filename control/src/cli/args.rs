@@ -86,6 +86,17 @@ pub enum Command {
         #[command(subcommand)]
         command: NodeCommand,
     },
+    /// Flows the nodes refused (network policy): the recent ones, then with
+    /// --follow each new one as it is reported. One line each; -o json gives
+    /// one JSON object per line.
+    Flows {
+        /// Which flows: only refused ones are recorded as events.
+        #[arg(long, value_enum, default_value_t = FlowVerdict::Denied)]
+        verdict: FlowVerdict,
+        /// Keep streaming new events until interrupted.
+        #[arg(short, long)]
+        follow: bool,
+    },
     /// Show who the control service takes you for.
     Whoami,
     /// Print a shell completion script to stdout.
@@ -293,6 +304,19 @@ impl From<ObjectKindArg> for ObjectKind {
             ObjectKindArg::Endpoint => Self::Endpoint,
             ObjectKindArg::Grant => Self::Grant,
             ObjectKindArg::NetworkPolicy => Self::NetworkPolicy,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum FlowVerdict {
+    Denied,
+}
+
+impl FlowVerdict {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Denied => "denied",
         }
     }
 }

@@ -233,6 +233,33 @@ impl Client {
         Ok(())
     }
 
+    /// Refused flows: the recent ones, then (with `follow`) each new one.
+    pub async fn watch_flows(
+        &self,
+        verdict: &str,
+        follow: bool,
+    ) -> Result<tonic::Streaming<v1::FlowEvent>, CliError> {
+        let request = v1::WatchFlowsRequest {
+            verdict: verdict.to_owned(),
+            follow,
+        };
+        let response = self
+            .cluster
+            .clone()
+            .watch_flows(request)
+            .await
+            .map_err(self.fail())?;
+        Ok(response.into_inner())
+    }
+
+    /// The next event of a flow stream (`None` at its end).
+    pub async fn next_flow(
+        &self,
+        stream: &mut tonic::Streaming<v1::FlowEvent>,
+    ) -> Result<Option<v1::FlowEvent>, CliError> {
+        stream.message().await.map_err(self.fail())
+    }
+
     pub async fn whoami(&self) -> Result<Identity, CliError> {
         let response = self
             .cluster

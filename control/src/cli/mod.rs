@@ -85,6 +85,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             command: NodeCommand::Remove { name },
         } => cluster::remove_node(&cx, &name).await,
         Command::Whoami => cluster::whoami(&cx).await,
+        Command::Flows { verdict, follow } => cluster::flows(&cx, verdict, follow).await,
         Command::Completion { shell } => {
             let mut script = Vec::new();
             clap_complete::generate(shell, &mut Cli::command(), "sluicectl", &mut script);

@@ -186,6 +186,18 @@ impl v1::cluster_server::Cluster for ClusterApi {
         Ok(Response::new(v1::RemoveNodeResponse {}))
     }
 
+    type WatchFlowsStream = tokio_stream::wrappers::ReceiverStream<Result<v1::FlowEvent, Status>>;
+
+    async fn watch_flows(
+        &self,
+        request: Request<v1::WatchFlowsRequest>,
+    ) -> Result<Response<Self::WatchFlowsStream>, Status> {
+        let caller = self.0.authenticate_user(&request)?;
+        Ok(Response::new(
+            self.0.watch_flows(&caller, request.into_inner())?,
+        ))
+    }
+
     async fn who_am_i(
         &self,
         request: Request<v1::WhoAmIRequest>,

@@ -12,6 +12,7 @@
 
 pub mod auth;
 pub mod cluster;
+pub mod flows;
 pub mod health;
 pub mod nodes;
 pub mod resources;
@@ -103,6 +104,7 @@ pub struct Control {
     /// The probers' verdicts (see [`health`]).
     health: tokio::sync::watch::Sender<Arc<health::Unhealthy>>,
     started: std::time::Instant,
+    flows: flows::Flows,
 }
 
 impl Control {
@@ -140,6 +142,7 @@ impl Control {
             live: Mutex::new(BTreeMap::new()),
             health: tokio::sync::watch::Sender::new(Arc::default()),
             started: std::time::Instant::now(),
+            flows: flows::Flows::default(),
         });
         control.write_admin_config_once()?;
         Ok(control)

@@ -213,6 +213,7 @@ impl Control {
         let changed = entry.unhealthy != unhealthy;
         entry.unhealthy = unhealthy;
         drop(live);
+        self.flows.record(node, req.flows);
         if changed {
             self.judge_health();
         }

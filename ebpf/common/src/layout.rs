@@ -3,7 +3,7 @@
 /// Bumped whenever a pinned map's key, value or type changes, or a map is added
 /// or removed. The agent refuses to reuse pinned maps of another layout instead
 /// of misreading them (5: affinity timeout in `Frontend`, `AFFINITY_V4`;
-/// 6: the policy maps, `drop_policy` among the outcomes).
+/// 6: the policy maps, `FLOW_EVENTS`, `drop_policy` among the outcomes).
 pub const LAYOUT_VERSION: u32 = 6;
 
 /// Service ports `(VIP, port, protocol)`; each has an id indexing per-frontend arrays.
@@ -39,6 +39,10 @@ pub const POLICY_IDENTITY_CAPACITY: u32 = 131_072;
 /// Network policy: (destination, source, port, protocol) → allow entries, per
 /// generation, two generations at a time.
 pub const POLICY_RULE_CAPACITY: u32 = 262_144;
+/// Bytes of the denied-flow event ring (32-byte events plus an 8-byte header
+/// each: about 5,000 events between two reads). A flood beyond that loses
+/// events, never packets; the counters stay exact.
+pub const FLOW_EVENTS_BYTES: u32 = 256 * 1024;
 /// Counter slots: one per policy (allowed flows) and one per enforced
 /// destination identity (denied flows).
 pub const POLICY_STATS_SLOTS: u32 = 16_384;
@@ -73,9 +77,10 @@ pub mod map {
     pub const POLICY_RULES: &str = "POLICY_RULES";
     pub const POLICY_STATE: &str = "POLICY_STATE";
     pub const POLICY_STATS: &str = "POLICY_STATS";
+    pub const FLOW_EVENTS: &str = "FLOW_EVENTS";
 
     /// Every map the agent pins, in the order it checks them.
-    pub const PINNED: [&str; 21] = [
+    pub const PINNED: [&str; 22] = [
         FRONTENDS_V4,
         VIPS_V4,
         FLOWS_V4,
@@ -97,6 +102,7 @@ pub mod map {
         POLICY_RULES,
         POLICY_STATE,
         POLICY_STATS,
+        FLOW_EVENTS,
     ];
 }
 

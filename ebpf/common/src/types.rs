@@ -295,6 +295,27 @@ pub struct PolicyStats {
 }
 const _: () = assert!(size_of::<PolicyStats>() == 16);
 
+/// A flow the data plane refused, as `FLOW_EVENTS` (a ring buffer) carries it.
+/// Addresses and ports in network order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowEvent {
+    /// `bpf_ktime_get_coarse_ns`.
+    pub time_ns: u64,
+    pub client: u32,
+    pub vip: u32,
+    pub backend: u32,
+    pub client_port: u16,
+    pub vip_port: u16,
+    pub backend_port: u16,
+    pub proto: u8,
+    /// One of [`crate::reason`] (a drop).
+    pub reason: u8,
+    /// `POLICY_STATS` slot that counted it.
+    pub stats_slot: u32,
+}
+const _: () = assert!(size_of::<FlowEvent>() == 32);
+
 /// Value of `REPLIES_V4`: how to make a backend's reply look like it came from the VIP.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -421,6 +442,7 @@ pod!(
     PolicyRule,
     PolicyState,
     PolicyStats,
+    FlowEvent,
     NextHop,
     ReplyV4,
     TrafficStats,

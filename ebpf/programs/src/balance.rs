@@ -16,16 +16,16 @@ use sluice_common::{
     layout::LC_SCAN_WINDOW,
     maglev, reason,
     types::{
-        AffinityKeyV4, AffinityV4, FAMILY_V4, FLOW_CLOSED, FLOW_OPEN, FlowKeyV4, FlowV4, Frontend,
-        FrontendKeyV4, IDENTITY_ANY, IDENTITY_ENFORCED, IDENTITY_WORLD, IPPROTO_TCP, IPPROTO_UDP,
-        NextHop, PolicyRuleKey, ReplyV4, TrafficStats, algorithm, policy_identity_key,
+        AffinityKeyV4, AffinityV4, FAMILY_V4, FLOW_CLOSED, FLOW_OPEN, FlowEvent, FlowKeyV4, FlowV4,
+        Frontend, FrontendKeyV4, IDENTITY_ANY, IDENTITY_ENFORCED, IDENTITY_WORLD, IPPROTO_TCP,
+        IPPROTO_UDP, NextHop, PolicyRuleKey, ReplyV4, TrafficStats, algorithm, policy_identity_key,
     },
 };
 
 use crate::{
     atomic,
     maps::{
-        AFFINITY_V4, BACKEND_CONNS, BACKEND_STATS, BACKENDS, FLOWS_V4, FRONTEND_STATS,
+        AFFINITY_V4, BACKEND_CONNS, BACKEND_STATS, BACKENDS, FLOW_EVENTS, FLOWS_V4, FRONTEND_STATS,
         FRONTENDS_V4, NEXT_HOPS, POLICY_IDENTITIES_V4, POLICY_RULES, POLICY_STATE, POLICY_STATS,
         REPLIES_V4, RR_CURSORS, SLOTS, VIPS_V4,
     },
@@ -284,7 +284,7 @@ fn open(
     if backend.family != FAMILY_V4 {
         return Err(reason::DROP_INTERNAL);
     }
-    admit(key.src, backend.addr[0], backend.port, key.proto)?;
+    admit(key, backend.addr[0], backend.port, now)?;
     // A flow whose first packet already closes it never counts as open.
     let counted = !(tcp && flags & TCP_FIN != 0);
     let flow = FlowV4 {
@@ -365,12 +365,14 @@ fn open(
     Ok((backend_id, flow.backend_addr, flow.backend_port))
 }
 
-/// Network policy for a new flow from `src` to backend `dst:port` (network
-/// order): allowed unless the backend is enforced (selected by a policy) and
-/// no rule of the generation in force admits the source's identity on that
-/// port. Counted per allowing policy, or per denied destination.
+/// Network policy for a new flow `key` to backend `dst:port` (network order):
+/// allowed unless the backend is enforced (selected by a policy) and no rule
+/// of the generation in force admits the source's identity on that port.
+/// Counted per allowing policy, or per denied destination; a denied flow is
+/// also reported on `FLOW_EVENTS`.
 #[inline(always)]
-fn admit(src: u32, dst: u32, port: u16, proto: u8) -> Result<(), u32> {
+fn admit(key: &FlowKeyV4, dst: u32, port: u16, now: u64) -> Result<(), u32> {
+    let (src, proto) = (key.src, key.proto);
     let Some(state) = POLICY_STATE.get(0) else {
         return Ok(());
     };
@@ -427,6 +429,24 @@ fn admit(src: u32, dst: u32, port: u16, proto: u8) -> Result<(), u32> {
                 (*stats).denied += 1;
             }
         }
+    }
+    if verdict.is_err() {
+        // Best effort: a full ring loses the event, the counters keep count.
+        let _ = FLOW_EVENTS.output::<FlowEvent>(
+            FlowEvent {
+                time_ns: now,
+                client: src,
+                vip: key.dst,
+                backend: dst,
+                client_port: key.sport,
+                vip_port: key.dport,
+                backend_port: port,
+                proto,
+                reason: reason::DROP_POLICY as u8,
+                stats_slot: slot,
+            },
+            0,
+        );
     }
     verdict
 }

@@ -4,13 +4,13 @@
 use aya_ebpf::{
     bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC},
     macros::map,
-    maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use sluice_common::{
     layout::{
-        AFFINITY_CAPACITY, DEFAULT_FLOW_CAPACITY, MAX_BACKENDS, MAX_FRONTENDS, MAX_INTERFACES,
-        MAX_VIPS, POLICY_IDENTITY_CAPACITY, POLICY_RULE_CAPACITY, POLICY_STATS_SLOTS,
-        SLOT_CAPACITY,
+        AFFINITY_CAPACITY, DEFAULT_FLOW_CAPACITY, FLOW_EVENTS_BYTES, MAX_BACKENDS, MAX_FRONTENDS,
+        MAX_INTERFACES, MAX_VIPS, POLICY_IDENTITY_CAPACITY, POLICY_RULE_CAPACITY,
+        POLICY_STATS_SLOTS, SLOT_CAPACITY,
     },
     reason,
     types::{
@@ -117,3 +117,7 @@ pub static POLICY_STATE: Array<PolicyState> = Array::with_max_entries(1, 0);
 #[map]
 pub static POLICY_STATS: PerCpuArray<PolicyStats> =
     PerCpuArray::with_max_entries(POLICY_STATS_SLOTS, 0);
+
+/// Denied flows, for `sluicectl flows` (through the agent).
+#[map]
+pub static FLOW_EVENTS: RingBuf = RingBuf::with_byte_size(FLOW_EVENTS_BYTES, 0);
