@@ -3,10 +3,11 @@
 //! a new one atomically.
 //!
 //! Compiled policy is two tables. *Identities* map address prefixes to
-//! numeric identities (an endpoint's /32, or a CIDR a rule names; the longest
-//! prefix wins, so a CIDR's `except` is a longer prefix with an identity no
-//! rule allows); an identity marked *enforced* is a destination selected by
-//! some policy, default-deny for ingress. *Rules* allow (destination identity,
+//! numeric identities (an endpoint's /32, a protected service's VIP, or a
+//! CIDR a rule names; the longest prefix wins, so a CIDR's `except` is a
+//! longer prefix with an identity no rule allows); an identity marked
+//! *enforced* is a destination selected by some policy, default-deny for
+//! ingress. *Rules* allow (destination identity,
 //! source identity or any, target port or any, protocol) and name the policy
 //! counted for it. The kernel checks every new flow to an enforced backend
 //! (`balance.rs`, `admit`); established flows are not looked up again, so a
@@ -128,8 +129,28 @@ impl CompiledPolicy {
             .max_by_key(|e| e.len)
     }
 
-    /// The verdict on a new flow from `src` to backend `dst:port` (host
-    /// order), the plain way: what the kernel must agree with.
+    /// The verdict on a new flow from `src` through service `vip:vip_port` to
+    /// backend `dst:port` (host order), the plain way: what the kernel must
+    /// agree with. The VIP decides first (if a policy protects the service),
+    /// then the backend (if a policy selects it).
+    pub fn evaluate_flow(
+        &self,
+        src: Ipv4Addr,
+        (vip, vip_port): (Ipv4Addr, u16),
+        (dst, port): (Ipv4Addr, u16),
+        protocol: u8,
+    ) -> Verdict {
+        let at_vip = self.evaluate(src, vip, vip_port, protocol);
+        if !at_vip.is_allowed() {
+            return at_vip;
+        }
+        match self.evaluate(src, dst, port, protocol) {
+            Verdict::Allowed { slot: None } => at_vip,
+            at_backend => at_backend,
+        }
+    }
+
+    /// The verdict of one destination (a VIP or a backend) on `src`.
     pub fn evaluate(&self, src: Ipv4Addr, dst: Ipv4Addr, port: u16, protocol: u8) -> Verdict {
         let Some(target) = self.identity_of(dst).filter(|t| t.enforced) else {
             return Verdict::Allowed { slot: None };
@@ -309,10 +330,14 @@ pub fn revoke(maps: &mut Maps, compiled: &CompiledPolicy) -> Result<usize, Polic
         return Ok(0);
     }
     apply::purge_flows(maps, |key, flow| {
-        let src = Ipv4Addr::from(key.src.to_ne_bytes());
-        let dst = Ipv4Addr::from(flow.backend_addr.to_ne_bytes());
+        let addr = |a: u32| Ipv4Addr::from(a.to_ne_bytes());
         !compiled
-            .evaluate(src, dst, u16::from_be(flow.backend_port), key.proto)
+            .evaluate_flow(
+                addr(key.src),
+                (addr(key.dst), u16::from_be(key.dport)),
+                (addr(flow.backend_addr), u16::from_be(flow.backend_port)),
+                key.proto,
+            )
             .is_allowed()
     })
     .map_err(PolicyError::Revoke)

@@ -12,6 +12,10 @@
 //! *enforced*: default-deny for ingress; rules are the union of what every
 //! policy selecting it allows.
 //!
+//! A policy with `service:` protects that service's VIP instead: the VIP gets
+//! an enforced identity of its own, checked before the backend's, with the
+//! rules' ports read as the service's ports.
+//!
 //! Counter slots: one per policy (flows it allowed), then one per enforced
 //! identity (flows denied to it); `PolicyView.slots` names them.
 
@@ -22,6 +26,8 @@ use sluice_api::{manifest::policy, v1};
 use crate::server::state::Named;
 
 pub const FIRST_ENDPOINT_IDENTITY: u32 = 256;
+/// Protected service VIPs.
+pub const FIRST_VIP_IDENTITY: u32 = 1 << 23;
 pub const FIRST_CIDR_IDENTITY: u32 = 1 << 24;
 /// In a rule: every source.
 const ANY: u32 = 0;
@@ -45,6 +51,7 @@ fn namespace_of(meta: Option<&v1::ObjectMeta>) -> String {
 /// The compiled policy of the cluster (the same for every node).
 pub fn compile(
     policies: &BTreeMap<Named, v1::NetworkPolicy>,
+    services: &BTreeMap<Named, v1::Service>,
     endpoints: &BTreeMap<Named, v1::Endpoint>,
 ) -> v1::PolicyView {
     if policies.is_empty() {
@@ -73,8 +80,11 @@ pub fn compile(
             (key, slots.len() as u32 - 1)
         })
         .collect();
+    // A policy with a service protects that service's VIP, no endpoint.
     let selected_by = |p: &v1::NetworkPolicy, set: &LabelSet| {
-        set.0 == namespace_of(p.meta.as_ref()) && selects(&p.selector, &set.1)
+        p.service.is_empty()
+            && set.0 == namespace_of(p.meta.as_ref())
+            && selects(&p.selector, &set.1)
     };
     let mut deny_slot: HashMap<u32, u32> = HashMap::new();
     for set in &sets {
@@ -82,6 +92,22 @@ pub fn compile(
             slots.push(format!("denied to {}", describe(set)));
             deny_slot.insert(ids[set], slots.len() as u32 - 1);
         }
+    }
+
+    // VIP identities: the services policies protect (that exist, with a VIP).
+    let mut vip_of: HashMap<&Named, (String, u32)> = HashMap::new();
+    for (key, p) in policies {
+        if p.service.is_empty() {
+            continue;
+        }
+        let target = (key.0.clone(), p.service.clone());
+        let Some(service) = services.get(&target).filter(|s| !s.vip.is_empty()) else {
+            continue;
+        };
+        let identity = FIRST_VIP_IDENTITY + vip_of.len() as u32;
+        slots.push(format!("denied to service {}/{}", target.0, target.1));
+        deny_slot.insert(identity, slots.len() as u32 - 1);
+        vip_of.insert(key, (service.vip.clone(), identity));
     }
 
     // CIDR identities: every prefix a peer names, excepts included.
@@ -116,6 +142,21 @@ pub fn compile(
             }
         })
         .collect();
+    // Two policies on one service share its VIP's identity.
+    let mut vip_identity: BTreeMap<String, u32> = BTreeMap::new();
+    for (vip, identity) in vip_of.values_mut() {
+        *identity = *vip_identity.entry(vip.clone()).or_insert(*identity);
+    }
+    identities.extend(
+        vip_identity
+            .iter()
+            .map(|(vip, &identity)| v1::PolicyIdentity {
+                prefix: format!("{vip}/32"),
+                identity,
+                enforced: true,
+                stats_slot: deny_slot[&identity],
+            }),
+    );
     let endpoint_prefixes: BTreeSet<String> = identities.iter().map(|i| i.prefix.clone()).collect();
     identities.extend(
         cidr_ids
@@ -131,11 +172,14 @@ pub fn compile(
 
     let mut rules: BTreeMap<(u32, u32, u32, u32), u32> = BTreeMap::new();
     for (key, p) in policies {
-        let targets: Vec<u32> = sets
-            .iter()
-            .filter(|set| selected_by(p, set))
-            .map(|set| ids[set])
-            .collect();
+        let targets: Vec<u32> = match vip_of.get(key) {
+            Some((_, identity)) => vec![*identity],
+            None => sets
+                .iter()
+                .filter(|set| selected_by(p, set))
+                .map(|set| ids[set])
+                .collect(),
+        };
         for rule in &p.ingress {
             let mut sources: BTreeSet<u32> = BTreeSet::new();
             if rule.from.is_empty() {
@@ -260,6 +304,7 @@ mod tests {
                     .map(|(k, v)| (k.to_string(), v.to_string()))
                     .collect(),
                 ingress,
+                service: String::new(),
             },
         )
     }
@@ -293,7 +338,7 @@ mod tests {
         };
         let policies: BTreeMap<_, _> =
             [policy("shop", "web-ingress", &[("app", "web")], vec![rule])].into();
-        let view = compile(&policies, &endpoints);
+        let view = compile(&policies, &BTreeMap::new(), &endpoints);
         let identity = |prefix: &str| {
             view.identities
                 .iter()
@@ -332,9 +377,53 @@ mod tests {
         assert!(view.slots[web.stats_slot as usize].starts_with("denied to shop:"));
         // No policy: nothing to enforce, nothing sent.
         assert_eq!(
-            compile(&BTreeMap::new(), &endpoints),
+            compile(&BTreeMap::new(), &BTreeMap::new(), &endpoints),
             v1::PolicyView::default()
         );
+    }
+
+    #[test]
+    fn a_service_policy_protects_its_vip_and_no_endpoint() {
+        let endpoints: BTreeMap<_, _> =
+            [endpoint("shop", "web-1", "198.19.0.11", &[("app", "web")])].into();
+        let services: BTreeMap<Named, v1::Service> = [(
+            ("shop".to_owned(), "web".to_owned()),
+            v1::Service {
+                vip: "198.18.100.7".into(),
+                ..Default::default()
+            },
+        )]
+        .into();
+        let (key, mut p) = policy(
+            "shop",
+            "web-vip",
+            &[],
+            vec![v1::IngressRule {
+                from: vec![v1::PolicyPeer {
+                    cidr: "198.18.1.0/24".into(),
+                    ..Default::default()
+                }],
+                ports: vec![v1::PolicyPort {
+                    port: 80,
+                    protocol: v1::Protocol::Tcp as i32,
+                }],
+            }],
+        );
+        p.service = "web".into();
+        let view = compile(&[(key, p)].into(), &services, &endpoints);
+        let enforced: Vec<&str> = view
+            .identities
+            .iter()
+            .filter(|i| i.enforced)
+            .map(|i| i.prefix.as_str())
+            .collect();
+        assert_eq!(enforced, ["198.18.100.7/32"], "{view:?}");
+        assert!(
+            view.rules
+                .iter()
+                .all(|r| r.dst >= FIRST_VIP_IDENTITY && r.port == 80)
+        );
+        assert_eq!(view.rules.len(), 1);
     }
 
     #[test]
@@ -346,7 +435,7 @@ mod tests {
         ]
         .into();
         let policies: BTreeMap<_, _> = [policy("shop", "deny-all", &[], Vec::new())].into();
-        let view = compile(&policies, &endpoints);
+        let view = compile(&policies, &BTreeMap::new(), &endpoints);
         let enforced: Vec<&str> = view
             .identities
             .iter()

@@ -425,11 +425,13 @@ impl From<&NetworkPolicy> for v1::NetworkPolicy {
             name,
             labels,
             selector,
+            service,
             ingress,
         } = policy;
         Self {
             meta: meta(namespace, name, labels),
-            selector: to_map(selector),
+            selector: selector.as_ref().map(to_map).unwrap_or_default(),
+            service: service.clone().unwrap_or_default(),
             ingress: ingress
                 .iter()
                 .map(|rule| v1::IngressRule {
@@ -474,11 +476,20 @@ impl TryFrom<v1::NetworkPolicy> for NetworkPolicy {
             meta,
             selector,
             ingress,
+            service,
         } = policy;
         let (check, labels) = from_meta(ObjectKind::NetworkPolicy, meta)?;
-        // proto3 cannot tell an empty selector from none: empty is the
-        // whole namespace, as `selector: {}` in a manifest.
-        let selector = from_labels(&check, "selector", selector)?;
+        // proto3 cannot tell an empty selector from none: without a service,
+        // empty is the whole namespace, as `selector: {}` in a manifest.
+        let (selector, service) = if service.is_empty() {
+            (Some(from_labels(&check, "selector", selector)?), None)
+        } else {
+            if !selector.is_empty() {
+                return Err(check.at("service")(Problem::PolicyTarget));
+            }
+            rules::validate_name(&service).map_err(check.at("service"))?;
+            (None, Some(service))
+        };
         if ingress.len() > policy::MAX_RULES {
             return Err(check.at("ingress")(Problem::TooMany {
                 what: "ingress rules",
@@ -570,6 +581,7 @@ impl TryFrom<v1::NetworkPolicy> for NetworkPolicy {
             name,
             labels,
             selector,
+            service,
             ingress: rules,
         })
     }

@@ -1248,8 +1248,19 @@ backends: [{ address: 198.19.3.2 }]
                 2 => (9090, IPPROTO_TCP),
                 _ => (5353, IPPROTO_UDP),
             };
+            // A rule for a backend, or for a VIP (on its service ports).
+            let (dst, port, protocol) = if rng.below(3) == 0 {
+                let service = rng.below(3) as u32;
+                match rng.below(3) {
+                    0 => (150 + service, 0, 0),
+                    1 => (150 + service, 80, IPPROTO_TCP),
+                    _ => (150 + service, 53, IPPROTO_UDP),
+                }
+            } else {
+                (101 + rng.below(3) as u32, port, protocol)
+            };
             let rule = RuleEntry {
-                dst: 101 + rng.below(3) as u32,
+                dst,
                 src,
                 port,
                 protocol,
@@ -1281,15 +1292,17 @@ backends: [{ address: 198.19.3.2 }]
                     let service = rng.below(3) as usize;
                     let udp = service == 0 && rng.below(2) == 0;
                     sport = sport.wrapping_add(1).max(1024);
-                    let (frame, port, protocol) = if udp {
+                    let (frame, vip_port, port, protocol) = if udp {
                         (
                             Spec::udp((src, sport), (VIPS[0], 53), b"q").build(),
+                            53,
                             5353,
                             IPPROTO_UDP,
                         )
                     } else {
                         (
                             syn_from(src, sport, VIPS[service]),
+                            80,
                             TARGETS[service],
                             IPPROTO_TCP,
                         )
@@ -1300,7 +1313,12 @@ backends: [{ address: 198.19.3.2 }]
                         Hook::Tc
                     };
                     let (act, _) = run(lab, hook, "n0", &frame);
-                    let want = policy.evaluate(src, backend(service as u8 + 1), port, protocol);
+                    let want = policy.evaluate_flow(
+                        src,
+                        (VIPS[service], vip_port),
+                        (backend(service as u8 + 1), port),
+                        protocol,
+                    );
                     assert_eq!(
                         act == Action::Drop,
                         !want.is_allowed(),

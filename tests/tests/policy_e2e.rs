@@ -273,3 +273,36 @@ fn a_namespace_wide_default_deny_blocks_everyone_and_revokes_open_connections() 
         "deny-all deleted",
     );
 }
+
+#[test]
+fn a_policy_on_a_service_vip_admits_outside_clients_by_cidr() {
+    let cluster = Cluster::start(2, 3, &[]);
+    cluster.apply(&service_and_endpoints());
+    cluster.apply(
+        "kind: NetworkPolicy
+name: web-vip
+service: web
+ingress:
+  - from: [{ cidr: 198.18.1.0/24 }]
+    ports: [{ port: 80, protocol: TCP }]
+",
+    );
+    cluster.wait_programmed();
+    let vip = cluster.web_vip();
+    let to = SocketAddrV4::new(vip, 80);
+    assert_near(
+        &cluster.spread(1, vip, 30),
+        &[(1, 10), (2, 10), (3, 10)],
+        "node-1's client, inside the CIDR",
+    );
+    assert!(
+        denied(&cluster, 2, to),
+        "node-2's client is outside the CIDR"
+    );
+    let flows = cluster
+        .control
+        .sluicectl_ok(&["flows", "--verdict", "denied", "-o", "json"]);
+    assert!(flows.contains("denied to service default/web"), "{flows}");
+    let listed = cluster.control.sluicectl_ok(&["get", "netpol"]);
+    assert!(listed.contains("service web"), "{listed}");
+}

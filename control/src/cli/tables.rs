@@ -38,12 +38,12 @@ pub fn objects(kind: ObjectKind, items: &[Stored]) -> Table {
 }
 
 fn policies<'a>(items: impl Iterator<Item = &'a NetworkPolicy>) -> Table {
-    let mut table = Table::new(&["NAMESPACE", "NAME", "SELECTOR", "INGRESS"]);
+    let mut table = Table::new(&["NAMESPACE", "NAME", "PROTECTS", "INGRESS"]);
     for policy in items {
-        let selector = if policy.selector.is_empty() {
-            "(every endpoint)".to_owned()
-        } else {
-            labels(&policy.selector)
+        let selector = match (&policy.selector, &policy.service) {
+            (_, Some(service)) => format!("service {service}"),
+            (Some(selector), None) if !selector.is_empty() => labels(selector),
+            _ => "every endpoint".to_owned(),
         };
         let ingress = if policy.ingress.is_empty() {
             "deny all".to_owned()

@@ -181,7 +181,7 @@ impl State {
     }
 
     pub fn compute_policy(&self) -> v1::PolicyView {
-        crate::policy::compile(&self.policies, &self.endpoints)
+        crate::policy::compile(&self.policies, &self.services, &self.endpoints)
     }
 
     pub fn grants(&self) -> Vec<v1::Grant> {

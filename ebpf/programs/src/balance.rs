@@ -366,13 +366,12 @@ fn open(
 }
 
 /// Network policy for a new flow `key` to backend `dst:port` (network order):
-/// allowed unless the backend is enforced (selected by a policy) and no rule
-/// of the generation in force admits the source's identity on that port.
-/// Counted per allowing policy, or per denied destination; a denied flow is
-/// also reported on `FLOW_EVENTS`.
+/// the service's VIP, if a policy protects it, and then the backend, if a
+/// policy selects it, must each admit the source (its identity, on that
+/// port). Counted per allowing policy, or per denied destination; a denied
+/// flow is also reported on `FLOW_EVENTS`.
 #[inline(always)]
 fn admit(key: &FlowKeyV4, dst: u32, port: u16, now: u64) -> Result<(), u32> {
-    let (src, proto) = (key.src, key.proto);
     let Some(state) = POLICY_STATE.get(0) else {
         return Ok(());
     };
@@ -380,6 +379,43 @@ fn admit(key: &FlowKeyV4, dst: u32, port: u16, now: u64) -> Result<(), u32> {
         return Ok(());
     }
     let generation = state.generation;
+    let src_identity = POLICY_IDENTITIES_V4
+        .get(Key::new(64, policy_identity_key(generation, key.src)))
+        .map_or(IDENTITY_WORLD, |i| i.identity);
+    let event = FlowEvent {
+        time_ns: now,
+        client: key.src,
+        vip: key.dst,
+        backend: dst,
+        client_port: key.sport,
+        vip_port: key.dport,
+        backend_port: port,
+        proto: key.proto,
+        reason: reason::DROP_POLICY as u8,
+        stats_slot: 0,
+    };
+    verdict(
+        generation,
+        src_identity,
+        key.dst,
+        key.dport,
+        key.proto,
+        &event,
+    )?;
+    verdict(generation, src_identity, dst, port, key.proto, &event)
+}
+
+/// Whether destination `dst:port` (a VIP or a backend) admits `src_identity`;
+/// open unless its identity is enforced.
+#[inline(always)]
+fn verdict(
+    generation: u32,
+    src_identity: u32,
+    dst: u32,
+    port: u16,
+    proto: u8,
+    event: &FlowEvent,
+) -> Result<(), u32> {
     let Some(target) = POLICY_IDENTITIES_V4.get(Key::new(64, policy_identity_key(generation, dst)))
     else {
         return Ok(());
@@ -388,9 +424,6 @@ fn admit(key: &FlowKeyV4, dst: u32, port: u16, now: u64) -> Result<(), u32> {
         return Ok(());
     }
     let (dst_identity, denied_slot) = (target.identity, target.stats_slot);
-    let src_identity = POLICY_IDENTITIES_V4
-        .get(Key::new(64, policy_identity_key(generation, src)))
-        .map_or(IDENTITY_WORLD, |i| i.identity);
     // Most specific first: this source on this port, then on every port, then
     // every source on this port, then everything.
     let mut rule = PolicyRuleKey {
@@ -416,39 +449,29 @@ fn admit(key: &FlowKeyV4, dst: u32, port: u16, now: u64) -> Result<(), u32> {
             break;
         }
     }
-    let (slot, verdict) = match allowed {
-        Some(slot) => (slot, Ok(())),
-        None => (denied_slot, Err(reason::DROP_POLICY)),
-    };
+    let slot = allowed.unwrap_or(denied_slot);
     if let Some(stats) = POLICY_STATS.get_ptr_mut(slot) {
         // SAFETY: per-CPU value, only this program run touches it now.
         unsafe {
-            if verdict.is_ok() {
+            if allowed.is_some() {
                 (*stats).allowed += 1;
             } else {
                 (*stats).denied += 1;
             }
         }
     }
-    if verdict.is_err() {
-        // Best effort: a full ring loses the event, the counters keep count.
-        let _ = FLOW_EVENTS.output::<FlowEvent>(
-            FlowEvent {
-                time_ns: now,
-                client: src,
-                vip: key.dst,
-                backend: dst,
-                client_port: key.sport,
-                vip_port: key.dport,
-                backend_port: port,
-                proto,
-                reason: reason::DROP_POLICY as u8,
-                stats_slot: slot,
-            },
-            0,
-        );
+    if allowed.is_some() {
+        return Ok(());
     }
-    verdict
+    // Best effort: a full ring loses the event, the counters keep count.
+    let _ = FLOW_EVENTS.output::<FlowEvent>(
+        FlowEvent {
+            stats_slot: slot,
+            ..*event
+        },
+        0,
+    );
+    Err(reason::DROP_POLICY)
 }
 
 /// The backend `client`'s last new flow to this frontend went to, if that was

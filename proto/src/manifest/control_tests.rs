@@ -1043,7 +1043,7 @@ fn network_policies_parse_and_round_trip() {
     let Object::NetworkPolicy(policy) = &objects[0] else {
         panic!("expected a policy: {objects:?}");
     };
-    assert_eq!(policy.selector, labels(&[("app", "web")]));
+    assert_eq!(policy.selector, Some(labels(&[("app", "web")])));
     assert_eq!(policy.ingress.len(), 2);
     assert_eq!(policy.ingress[0].from.len(), 3);
     assert!(policy.ingress[1].from.is_empty() && policy.ingress[1].ports.is_empty());
@@ -1054,7 +1054,20 @@ fn network_policies_parse_and_round_trip() {
     // A namespace-wide default deny.
     let deny = ok("kind: NetworkPolicy\nname: deny-all\nselector: {}\n");
     assert!(
-        matches!(&deny[0], Object::NetworkPolicy(p) if p.selector.is_empty() && p.ingress.is_empty())
+        matches!(&deny[0], Object::NetworkPolicy(p) if p.selector == Some(Labels::new()) && p.ingress.is_empty())
+    );
+    // A service's VIP, for clients outside the cluster.
+    let vip = ok(
+        "kind: NetworkPolicy\nname: web-vip\nservice: web\ningress:\n  - from: [{ cidr: 198.18.1.0/24 }]\n    ports: [{ port: 80, protocol: TCP }]\n",
+    );
+    assert!(
+        matches!(&vip[0], Object::NetworkPolicy(p) if p.selector.is_none() && p.service.as_deref() == Some("web"))
+    );
+    let yaml = serde_saphyr::to_string(&vip[0]).expect("serializes");
+    assert_eq!(ok(&yaml), vip, "{yaml}");
+    assert_eq!(
+        Object::try_from(crate::v1::Object::from(&vip[0])).expect("valid"),
+        vip[0]
     );
 }
 
@@ -1108,7 +1121,15 @@ fn network_policy_errors_name_the_field_and_value() {
         ),
         (
             "kind: NetworkPolicy\nname: p\n".to_owned(),
-            &["selector", "missing"],
+            &["selector", "exactly one"],
+        ),
+        (
+            format!("{POLICY}service: web\n"),
+            &["line 5", "service", "exactly one"],
+        ),
+        (
+            "kind: NetworkPolicy\nname: p\nservice: Web\n".to_owned(),
+            &["service", "\"Web\""],
         ),
         (format!("{POLICY}egress: []\n"), &["egress"]),
     ];

@@ -312,7 +312,11 @@ impl ManifestError {
     pub(super) fn from_problem(at: Box<Position>, field: String, problem: Problem) -> Self {
         match problem {
             Problem::Missing => Self::MissingField { at, field },
-            Problem::InvalidName { name, problem } => Self::InvalidName { at, name, problem },
+            // The legacy variant reads "name: ..."; another field that holds a
+            // name (a policy's `service`) keeps its own field.
+            Problem::InvalidName { name, problem } if field == "name" => {
+                Self::InvalidName { at, name, problem }
+            }
             Problem::InvalidAddress { value, problem } => Self::InvalidAddress {
                 at,
                 field,

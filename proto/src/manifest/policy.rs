@@ -6,6 +6,8 @@
 //! namespace: shop
 //! name: web-ingress
 //! selector: { app: web }          # endpoints of the namespace it protects; {} for all of them
+//! # service: web                  # or instead: this service's VIP (rule ports: its ports),
+//! #                               # e.g. for clients outside the cluster by CIDR
 //! ingress:                        # absent or empty: they accept nothing (default deny)
 //!   - from:                       # absent: every source
 //!       - selector: { app: frontend }      # endpoints by label, any namespace...
@@ -35,8 +37,13 @@ pub struct NetworkPolicy {
     pub name: String,
     #[serde(skip_serializing_if = "Labels::is_empty")]
     pub labels: Labels,
-    /// Empty: every endpoint of the namespace.
-    pub selector: Labels,
+    /// The endpoints of the namespace it protects (empty: all of them);
+    /// `None` when it protects a service's VIP instead.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub selector: Option<Labels>,
+    /// Instead of `selector`: the service whose VIP the policy protects.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
     pub ingress: Vec<IngressRule>,
 }
 
@@ -139,7 +146,15 @@ pub fn validate_except(cidr: Cidr, except: Cidr) -> Result<(), Problem> {
     }
 }
 
-pub(super) const FIELDS: &[&str] = &["kind", "namespace", "name", "labels", "selector", "ingress"];
+pub(super) const FIELDS: &[&str] = &[
+    "kind",
+    "namespace",
+    "name",
+    "labels",
+    "selector",
+    "service",
+    "ingress",
+];
 const RULE_FIELDS: &[&str] = &["from", "ports"];
 const PEER_FIELDS: &[&str] = &["selector", "namespace", "cidr", "except"];
 const PORT_FIELDS: &[&str] = &["port", "protocol"];
@@ -152,17 +167,26 @@ pub(super) fn parse(
     label_entries: impl Fn(Cx<'_>, &str, &[(Node, Node)]) -> Result<Labels, ManifestError>,
 ) -> Result<NetworkPolicy, ManifestError> {
     fields.deny_unknown(cx, FIELDS)?;
-    let selector_node = fields.key("selector").map(|_| fields.get("selector"));
-    let selector = match selector_node {
-        None => {
-            return Err(ManifestError::MissingField {
-                at: cx.at(fields.node),
-                field: "selector".to_owned(),
-            });
+    let (selector, service) = match (fields.key("selector"), fields.get("service")) {
+        (Some(_), None) => {
+            let selector = match fields.get("selector") {
+                // `selector:` with nothing, or `{}`: the whole namespace.
+                None => Labels::new(),
+                Some(node) => label_entries(cx, "selector", mapping(cx, "selector", node)?)?,
+            };
+            (Some(selector), None)
         }
-        // `selector:` with nothing, or `{}`: the whole namespace.
-        Some(None) => Labels::new(),
-        Some(Some(node)) => label_entries(cx, "selector", mapping(cx, "selector", node)?)?,
+        (None, Some(node)) => {
+            let name = string(cx, "service", node)?;
+            rules::validate_name(name).map_err(cx.fail(node, "service"))?;
+            (None, Some(name.to_owned()))
+        }
+        (Some(_), Some(node)) => {
+            return Err(cx.invalid(node, "service", Problem::PolicyTarget));
+        }
+        (None, None) => {
+            return Err(cx.invalid(fields.node, "selector", Problem::PolicyTarget));
+        }
     };
     let rule_nodes = match fields.get("ingress") {
         Some(node) => sequence(cx, "ingress", node)?,
@@ -227,6 +251,7 @@ pub(super) fn parse(
         name: id.name.clone(),
         labels,
         selector,
+        service,
         ingress,
     })
 }

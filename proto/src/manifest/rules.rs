@@ -103,6 +103,11 @@ pub enum Problem {
     NamespaceWithCidr,
     #[error("must give exactly one of selector (endpoints by label) or cidr")]
     PeerKind,
+    #[error(
+        "a policy protects either endpoints (selector, {{}} for the whole namespace) or a \
+         service's VIP (service); give exactly one"
+    )]
+    PolicyTarget,
     #[error("at most {max} {what}, got {count}")]
     TooMany {
         what: &'static str,
