@@ -626,6 +626,8 @@ struct ControlLink {
     counters: Vec<v1::FrontendCounters>,
     /// What this node's probes find unhealthy, sent with each report.
     unhealthy: Vec<v1::BackendRef>,
+    /// Network-policy verdict counters, sent with each report.
+    policy_counters: Vec<v1::PolicyCounter>,
     /// Refused flows on their way to the control service (bounded: a flood
     /// loses events, never blocks the loop).
     flows: mpsc::Sender<v1::FlowEvent>,
@@ -663,6 +665,7 @@ impl ControlLink {
             reports,
             counters: Vec::new(),
             unhealthy: Vec::new(),
+            policy_counters: Vec::new(),
             flows,
             saves,
             unsaved: false,
@@ -738,6 +741,7 @@ impl ControlLink {
             Ok(services) => self.counters = status::to_counters(&services),
             Err(e) => warn!("reading counters to report: {e}"),
         }
+        self.policy_counters = policy_counters(dp, reconciler.installed_policy.as_ref());
         self.report();
     }
 
@@ -747,6 +751,7 @@ impl ControlLink {
             counters: self.counters.clone(),
             unhealthy: self.unhealthy.clone(),
             flows: Vec::new(),
+            policy_counters: self.policy_counters.clone(),
         }));
     }
 
@@ -888,6 +893,31 @@ async fn save_views(state: NodeState, mut saves: watch::Receiver<Option<SavedVie
             Err(e) => warn!(version, "saving the view for restarts: {e}"),
         }
     }
+}
+
+/// The network-policy counters of the slots the installed policy names,
+/// summed over CPUs; slots that counted nothing are left out.
+fn policy_counters(dp: &Dataplane, policy: Option<&v1::PolicyView>) -> Vec<v1::PolicyCounter> {
+    let Some(policy) = policy else {
+        return Vec::new();
+    };
+    policy
+        .slots
+        .iter()
+        .enumerate()
+        .filter(|(_, counts)| !counts.is_empty())
+        .filter_map(|(slot, counts)| {
+            let per_cpu = dp.maps.policy_stats.get(&(slot as u32), 0).ok()?;
+            let (allowed, denied) = per_cpu
+                .iter()
+                .fold((0, 0), |(a, d), s| (a + s.allowed, d + s.denied));
+            (allowed + denied > 0).then(|| v1::PolicyCounter {
+                counts: counts.clone(),
+                allowed,
+                denied,
+            })
+        })
+        .collect()
 }
 
 /// Drains the data plane's refused-flow events.

@@ -495,6 +495,7 @@ async fn nodes_join_once_and_watch_their_view() {
             counters: vec![],
             unhealthy: Default::default(),
             flows: Default::default(),
+            policy_counters: Default::default(),
         })
         .await
         .expect("report");

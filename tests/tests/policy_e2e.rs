@@ -176,6 +176,29 @@ fn allowed_sources_reach_the_service_denied_ones_are_dropped_and_counted() {
             && l.contains("denied to default:{app=web}")),
         "{flows}"
     );
+    // Counted per policy and per protected destination, as the nodes report
+    // them (every few seconds).
+    let counted = |node: &str, counts: &str, field: &str| -> u64 {
+        let nodes = cluster.control.sluicectl_json(&["get", "nodes"]);
+        nodes
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|n| n["name"] == node)
+            .flat_map(|n| n["policy"].as_array().cloned().unwrap_or_default())
+            .filter(|c| c["counts"] == counts)
+            .filter_map(|c| c[field].as_u64())
+            .sum()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while (counted("node-2", "denied to default:{app=web}", "denied") == 0
+        || counted("node-1", "allowed by default/web-ingress", "allowed") == 0)
+        && std::time::Instant::now() < deadline
+    {
+        thread::sleep(Duration::from_millis(250));
+    }
+    assert!(counted("node-2", "denied to default:{app=web}", "denied") >= 1);
+    assert!(counted("node-1", "allowed by default/web-ingress", "allowed") >= 30);
     // Counted where it was dropped.
     let status = cluster.agents[1].status_json();
     let dropped = status["outcomes"]["drop_policy"].as_u64().unwrap_or(0);

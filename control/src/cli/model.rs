@@ -223,6 +223,16 @@ pub struct NodeInfo {
     pub resource_version: u64,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub traffic: Vec<FrontendTraffic>,
+    /// Network-policy verdicts, per counter.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub policy: Vec<PolicyVerdicts>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PolicyVerdicts {
+    pub counts: String,
+    pub allowed: u64,
+    pub denied: u64,
 }
 
 impl From<v1::Node> for NodeInfo {
@@ -242,6 +252,7 @@ impl From<v1::Node> for NodeInfo {
             last_report,
             connected,
             counters,
+            policy_counters,
         } = status.unwrap_or_default();
         Self {
             name: meta.name,
@@ -255,6 +266,14 @@ impl From<v1::Node> for NodeInfo {
             certificate_expires,
             resource_version: meta.resource_version,
             traffic: counters.into_iter().map(FrontendTraffic::from).collect(),
+            policy: policy_counters
+                .into_iter()
+                .map(|c| PolicyVerdicts {
+                    counts: c.counts,
+                    allowed: c.allowed,
+                    denied: c.denied,
+                })
+                .collect(),
         }
     }
 }

@@ -413,6 +413,7 @@ scope: default
                     }),
                     backends: Vec::new(),
                 }],
+                policy_counters: Default::default(),
             }),
         });
         let value: serde_json::Value =

@@ -595,6 +595,7 @@ default     readers   group:dev    custom (get services, list nodes)   *
             certificate_expires: "2025-01-02T11:00:00Z".to_owned(),
             resource_version: 3,
             traffic: Vec::new(),
+            policy: Default::default(),
         };
         let items = [
             node("node-1", "eu-1a", Some("2025-01-01T11:59:48Z")),

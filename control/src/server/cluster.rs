@@ -48,6 +48,7 @@ impl Control {
                 last_report: live.last_report.map(rfc3339).unwrap_or_default(),
                 connected: live.watchers > 0,
                 counters: live.counters,
+                policy_counters: live.policy_counters,
             }),
         })
     }

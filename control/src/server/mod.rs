@@ -62,6 +62,7 @@ pub struct NodeLive {
     pub counters: Vec<v1::FrontendCounters>,
     /// The backends this node probes and finds unhealthy, as last reported.
     pub unhealthy: health::Unhealthy,
+    pub policy_counters: Vec<v1::PolicyCounter>,
 }
 
 #[derive(Debug, thiserror::Error)]

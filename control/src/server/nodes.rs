@@ -204,6 +204,7 @@ impl Control {
         let entry = live.entry(node.to_string()).or_default();
         entry.applied_version = req.applied_version;
         entry.counters = req.counters;
+        entry.policy_counters = req.policy_counters;
         entry.last_report = Some(SystemTime::now());
         let unhealthy: super::health::Unhealthy = req
             .unhealthy
