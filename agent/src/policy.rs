@@ -23,8 +23,8 @@ use std::net::Ipv4Addr;
 
 use aya::maps::{MapError, lpm_trie::Key};
 use sluice_common::types::{
-    IDENTITY_ANY, IDENTITY_ENFORCED, IDENTITY_WORLD, PolicyIdentity, PolicyRule, PolicyRuleKey,
-    PolicyState, policy_identity_key,
+    IDENTITY_ANY, IDENTITY_EGRESS_ENFORCED, IDENTITY_ENFORCED, IDENTITY_WORLD, PolicyIdentity,
+    PolicyRule, PolicyRuleKey, PolicyState, RULE_EGRESS, RULE_INGRESS, policy_identity_key,
 };
 
 use crate::{
@@ -42,13 +42,19 @@ pub struct IdentityEntry {
     pub enforced: bool,
     /// Counts flows denied to it (enforced destinations).
     pub stats_slot: u32,
+    /// A source some policy restricts: default-deny for egress.
+    pub egress_enforced: bool,
+    /// Counts flows it was denied (egress-enforced sources).
+    pub egress_slot: u32,
 }
 
-/// One allow rule.
+/// One allow rule: an ingress rule of destination `dst` (any source:
+/// `src` = [`IDENTITY_ANY`]), or an egress rule of source `src` (any
+/// destination: `dst` = [`IDENTITY_ANY`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RuleEntry {
+    pub egress: bool,
     pub dst: u32,
-    /// [`IDENTITY_ANY`]: every source.
     pub src: u32,
     /// Target port, host order; 0: every port (then `protocol` is 0 too).
     pub port: u16,
@@ -95,6 +101,8 @@ impl CompiledPolicy {
                     identity: i.identity,
                     enforced: i.enforced,
                     stats_slot: i.stats_slot,
+                    egress_enforced: i.egress_enforced,
+                    egress_slot: i.egress_slot,
                 })
             })
             .collect::<Result<Vec<_>, String>>()?;
@@ -103,6 +111,7 @@ impl CompiledPolicy {
             .iter()
             .map(|r| {
                 Ok(RuleEntry {
+                    egress: r.egress,
                     dst: r.dst,
                     src: r.src,
                     port: u16::try_from(r.port).map_err(|_| format!("rule port {}", r.port))?,
@@ -118,7 +127,9 @@ impl CompiledPolicy {
     /// Whether any destination is enforced (otherwise the kernel skips every
     /// lookup).
     pub fn enforces(&self) -> bool {
-        self.identities.iter().any(|i| i.enforced)
+        self.identities
+            .iter()
+            .any(|i| i.enforced || i.egress_enforced)
     }
 
     /// The longest prefix covering `addr`.
@@ -140,6 +151,34 @@ impl CompiledPolicy {
         (dst, port): (Ipv4Addr, u16),
         protocol: u8,
     ) -> Verdict {
+        let source = self.identity_of(src);
+        if let Some(source) = source.filter(|s| s.egress_enforced) {
+            let target = self.identity_of(dst).map_or(IDENTITY_WORLD, |t| t.identity);
+            let allowed = [
+                (target, true),
+                (target, false),
+                (IDENTITY_ANY, true),
+                (IDENTITY_ANY, false),
+            ]
+            .into_iter()
+            .find_map(|(d, specific)| {
+                self.rules.iter().find(|r| {
+                    r.egress
+                        && r.src == source.identity
+                        && r.dst == d
+                        && if specific {
+                            r.port == port && r.protocol == protocol
+                        } else {
+                            r.port == 0 && r.protocol == 0
+                        }
+                })
+            });
+            if allowed.is_none() {
+                return Verdict::Denied {
+                    slot: source.egress_slot,
+                };
+            }
+        }
         let at_vip = self.evaluate(src, vip, vip_port, protocol);
         if !at_vip.is_allowed() {
             return at_vip;
@@ -158,7 +197,8 @@ impl CompiledPolicy {
         let source = self.identity_of(src).map_or(IDENTITY_WORLD, |i| i.identity);
         let allows = |src: u32, specific: bool| {
             self.rules.iter().find(|r| {
-                r.dst == target.identity
+                !r.egress
+                    && r.dst == target.identity
                     && r.src == src
                     && if specific {
                         r.port == port && r.protocol == protocol
@@ -263,11 +303,17 @@ fn write_generation(
             32 + u32::from(e.len),
             policy_identity_key(generation, wire(e.prefix)),
         );
+        let flags = if e.enforced { IDENTITY_ENFORCED } else { 0 }
+            | if e.egress_enforced {
+                IDENTITY_EGRESS_ENFORCED
+            } else {
+                0
+            };
         let value = PolicyIdentity {
             identity: e.identity,
-            flags: if e.enforced { IDENTITY_ENFORCED } else { 0 },
+            flags,
             stats_slot: e.stats_slot,
-            _pad: 0,
+            egress_slot: e.egress_slot,
         };
         maps.policy_identities
             .insert(&key, value, 0)
@@ -280,7 +326,7 @@ fn write_generation(
             src: r.src,
             port: r.port.to_be(),
             proto: r.protocol,
-            _pad: 0,
+            direction: if r.egress { RULE_EGRESS } else { RULE_INGRESS },
         };
         let value = PolicyRule {
             stats_slot: r.stats_slot,
@@ -360,6 +406,8 @@ mod tests {
             identity,
             enforced,
             stats_slot: identity,
+            egress_enforced: Default::default(),
+            egress_slot: Default::default(),
         };
         CompiledPolicy {
             identities: vec![
@@ -375,6 +423,7 @@ mod tests {
                 port: 8080,
                 protocol: IPPROTO_TCP,
                 stats_slot: 7,
+                egress: Default::default(),
             }],
         }
     }
@@ -417,6 +466,7 @@ mod tests {
             port: 0,
             protocol: 0,
             stats_slot: 8,
+            egress: Default::default(),
         });
         assert_eq!(
             open.evaluate(ip("10.0.0.1"), ip("198.19.1.2"), 9, 17),

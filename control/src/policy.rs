@@ -81,16 +81,27 @@ pub fn compile(
         })
         .collect();
     // A policy with a service protects that service's VIP, no endpoint.
-    let selected_by = |p: &v1::NetworkPolicy, set: &LabelSet| {
+    let selects_endpoints = |p: &v1::NetworkPolicy, set: &LabelSet| {
         p.service.is_empty()
             && set.0 == namespace_of(p.meta.as_ref())
             && selects(&p.selector, &set.1)
     };
+    let selected_by = |p: &v1::NetworkPolicy, set: &LabelSet| {
+        restricts(p, v1::PolicyType::Ingress) && selects_endpoints(p, set)
+    };
+    let egress_selected_by = |p: &v1::NetworkPolicy, set: &LabelSet| {
+        restricts(p, v1::PolicyType::Egress) && selects_endpoints(p, set)
+    };
     let mut deny_slot: HashMap<u32, u32> = HashMap::new();
+    let mut egress_slot: HashMap<u32, u32> = HashMap::new();
     for set in &sets {
         if policies.values().any(|p| selected_by(p, set)) {
             slots.push(format!("denied to {}", describe(set)));
             deny_slot.insert(ids[set], slots.len() as u32 - 1);
+        }
+        if policies.values().any(|p| egress_selected_by(p, set)) {
+            slots.push(format!("egress denied from {}", describe(set)));
+            egress_slot.insert(ids[set], slots.len() as u32 - 1);
         }
     }
 
@@ -113,8 +124,13 @@ pub fn compile(
     // CIDR identities: every prefix a peer names, excepts included.
     let mut cidrs: BTreeSet<policy::Cidr> = BTreeSet::new();
     for p in policies.values() {
-        for rule in &p.ingress {
-            for peer in &rule.from {
+        let peers = p
+            .ingress
+            .iter()
+            .flat_map(|r| &r.from)
+            .chain(p.egress.iter().flat_map(|r| &r.to));
+        {
+            for peer in peers {
                 if peer.cidr.is_empty() {
                     continue;
                 }
@@ -139,6 +155,8 @@ pub fn compile(
                 identity,
                 enforced: deny_slot.contains_key(&identity),
                 stats_slot: deny_slot.get(&identity).copied().unwrap_or(0),
+                egress_enforced: egress_slot.contains_key(&identity),
+                egress_slot: egress_slot.get(&identity).copied().unwrap_or(0),
             }
         })
         .collect();
@@ -155,6 +173,8 @@ pub fn compile(
                 identity,
                 enforced: true,
                 stats_slot: deny_slot[&identity],
+                egress_enforced: Default::default(),
+                egress_slot: Default::default(),
             }),
     );
     let endpoint_prefixes: BTreeSet<String> = identities.iter().map(|i| i.prefix.clone()).collect();
@@ -167,11 +187,57 @@ pub fn compile(
                 identity,
                 enforced: false,
                 stats_slot: 0,
+                egress_enforced: Default::default(),
+                egress_slot: Default::default(),
             }),
     );
 
-    let mut rules: BTreeMap<(u32, u32, u32, u32), u32> = BTreeMap::new();
+    // The identities `peers` name: endpoints by selector (and namespace),
+    // CIDRs minus their excepts; no peer at all: everyone.
+    let identities_of = |peers: &[v1::PolicyPeer]| -> BTreeSet<u32> {
+        let mut out = BTreeSet::new();
+        if peers.is_empty() {
+            out.insert(ANY);
+        }
+        for peer in peers {
+            if peer.cidr.is_empty() {
+                out.extend(
+                    sets.iter()
+                        .filter(|set| peer.namespace.is_empty() || set.0 == peer.namespace)
+                        .filter(|set| selects(&peer.selector, &set.1))
+                        .map(|set| ids[set]),
+                );
+            } else if let Ok(cidr) = policy::validate_cidr(&peer.cidr) {
+                let except: Vec<policy::Cidr> = peer
+                    .except
+                    .iter()
+                    .filter_map(|e| policy::validate_cidr(e).ok())
+                    .collect();
+                out.extend(
+                    cidr_ids
+                        .iter()
+                        .filter(|(c, _)| cidr.covers(c) && !except.iter().any(|e| e.covers(c)))
+                        .map(|(_, &id)| id),
+                );
+            }
+        }
+        out
+    };
+    let ports_of = |ports: &[v1::PolicyPort]| -> Vec<(u32, u32)> {
+        if ports.is_empty() {
+            vec![(0, 0)]
+        } else {
+            ports
+                .iter()
+                .map(|p| (p.port, protocol_number(p.protocol)))
+                .collect()
+        }
+    };
+
+    // (egress, dst, src, port, protocol) → the allowing policy's slot.
+    let mut rules: BTreeMap<(bool, u32, u32, u32, u32), u32> = BTreeMap::new();
     for (key, p) in policies {
+        let slot = policy_slot[key];
         let targets: Vec<u32> = match vip_of.get(key) {
             Some((_, identity)) => vec![*identity],
             None => sets
@@ -181,46 +247,30 @@ pub fn compile(
                 .collect(),
         };
         for rule in &p.ingress {
-            let mut sources: BTreeSet<u32> = BTreeSet::new();
-            if rule.from.is_empty() {
-                sources.insert(ANY);
-            }
-            for peer in &rule.from {
-                if peer.cidr.is_empty() {
-                    sources.extend(
-                        sets.iter()
-                            .filter(|set| peer.namespace.is_empty() || set.0 == peer.namespace)
-                            .filter(|set| selects(&peer.selector, &set.1))
-                            .map(|set| ids[set]),
-                    );
-                } else if let Ok(cidr) = policy::validate_cidr(&peer.cidr) {
-                    let except: Vec<policy::Cidr> = peer
-                        .except
-                        .iter()
-                        .filter_map(|e| policy::validate_cidr(e).ok())
-                        .collect();
-                    sources.extend(
-                        cidr_ids
-                            .iter()
-                            .filter(|(c, _)| cidr.covers(c) && !except.iter().any(|e| e.covers(c)))
-                            .map(|(_, &id)| id),
-                    );
-                }
-            }
-            let ports: Vec<(u32, u32)> = if rule.ports.is_empty() {
-                vec![(0, 0)]
-            } else {
-                rule.ports
-                    .iter()
-                    .map(|p| (p.port, protocol_number(p.protocol)))
-                    .collect()
-            };
+            let sources = identities_of(&rule.from);
             for &dst in &targets {
                 for &src in &sources {
-                    for &(port, protocol) in &ports {
+                    for (port, protocol) in ports_of(&rule.ports) {
                         rules
-                            .entry((dst, src, port, protocol))
-                            .or_insert(policy_slot[key]);
+                            .entry((false, dst, src, port, protocol))
+                            .or_insert(slot);
+                    }
+                }
+            }
+        }
+        let restricted: Vec<u32> = sets
+            .iter()
+            .filter(|set| egress_selected_by(p, set))
+            .map(|set| ids[set])
+            .collect();
+        for rule in &p.egress {
+            let destinations = identities_of(&rule.to);
+            for &src in &restricted {
+                for &dst in &destinations {
+                    for (port, protocol) in ports_of(&rule.ports) {
+                        rules
+                            .entry((true, dst, src, port, protocol))
+                            .or_insert(slot);
                     }
                 }
             }
@@ -231,7 +281,8 @@ pub fn compile(
         rules: rules
             .into_iter()
             .map(
-                |((dst, src, port, protocol), stats_slot)| v1::PolicyRuleView {
+                |((egress, dst, src, port, protocol), stats_slot)| v1::PolicyRuleView {
+                    egress,
                     dst,
                     src,
                     port,
@@ -242,6 +293,18 @@ pub fn compile(
             .collect(),
         slots,
     }
+}
+
+/// Whether `p` restricts `kind` for what it selects: as Kubernetes, with no
+/// types listed, ingress always and egress when it has egress rules.
+fn restricts(p: &v1::NetworkPolicy, kind: v1::PolicyType) -> bool {
+    if p.policy_types.is_empty() {
+        return match kind {
+            v1::PolicyType::Egress => !p.egress.is_empty(),
+            _ => true,
+        };
+    }
+    p.policy_types.contains(&(kind as i32))
 }
 
 fn protocol_number(protocol: i32) -> u32 {
@@ -305,6 +368,8 @@ mod tests {
                     .collect(),
                 ingress,
                 service: String::new(),
+                egress: Default::default(),
+                policy_types: Default::default(),
             },
         )
     }
@@ -424,6 +489,45 @@ mod tests {
                 .all(|r| r.dst >= FIRST_VIP_IDENTITY && r.port == 80)
         );
         assert_eq!(view.rules.len(), 1);
+    }
+
+    #[test]
+    fn egress_policies_restrict_their_sources_only() {
+        let endpoints: BTreeMap<_, _> = [
+            endpoint("shop", "client", "198.18.1.2", &[("app", "client")]),
+            endpoint("shop", "web", "198.19.0.11", &[("app", "web")]),
+            endpoint("shop", "db", "198.19.0.13", &[("app", "db")]),
+        ]
+        .into();
+        let (key, mut p) = policy("shop", "client-out", &[("app", "client")], Vec::new());
+        p.policy_types = vec![v1::PolicyType::Egress as i32];
+        p.egress = vec![v1::EgressRule {
+            to: vec![v1::PolicyPeer {
+                selector: [("app".into(), "web".into())].into(),
+                ..Default::default()
+            }],
+            ports: vec![v1::PolicyPort {
+                port: 8080,
+                protocol: v1::Protocol::Tcp as i32,
+            }],
+        }];
+        let view = compile(&[(key, p)].into(), &BTreeMap::new(), &endpoints);
+        let identity = |prefix: &str| {
+            view.identities
+                .iter()
+                .find(|i| i.prefix == prefix)
+                .cloned()
+                .unwrap_or_else(|| panic!("no {prefix}"))
+        };
+        let client = identity("198.18.1.2/32");
+        assert!(client.egress_enforced && !client.enforced, "{client:?}");
+        let web = identity("198.19.0.11/32");
+        assert!(!web.enforced && !web.egress_enforced);
+        assert_eq!(view.rules.len(), 1);
+        let rule = &view.rules[0];
+        assert!(rule.egress && rule.src == client.identity && rule.dst == web.identity);
+        assert_eq!((rule.port, rule.protocol), (8080, 6));
+        assert!(view.slots[client.egress_slot as usize].starts_with("egress denied from shop:"));
     }
 
     #[test]

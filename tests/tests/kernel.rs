@@ -1075,6 +1075,8 @@ backends: [{ address: 198.19.3.2 }]
             identity,
             enforced,
             stats_slot: identity,
+            egress_enforced: Default::default(),
+            egress_slot: Default::default(),
         }
     }
 
@@ -1093,6 +1095,7 @@ backends: [{ address: 198.19.3.2 }]
                 port: 8080,
                 protocol: IPPROTO_TCP,
                 stats_slot: 7,
+                egress: Default::default(),
             }],
         }
     }
@@ -1228,12 +1231,52 @@ backends: [{ address: 198.19.3.2 }]
             {
                 continue;
             }
-            p.identities.push(identity(
+            let mut client = identity(
                 prefix,
                 len,
                 200 + rng.below(3) as u32 + 10 * n as u32,
                 false,
-            ));
+            );
+            // Sometimes a client's egress is restricted too.
+            if rng.below(3) == 0 {
+                client.egress_enforced = true;
+                client.egress_slot = 400 + n as u32;
+            }
+            p.identities.push(client);
+        }
+        let restricted: Vec<u32> = p
+            .identities
+            .iter()
+            .filter(|e| e.egress_enforced)
+            .map(|e| e.identity)
+            .collect();
+        for _ in 0..rng.below(6) {
+            if restricted.is_empty() {
+                break;
+            }
+            let (port, protocol) = match rng.below(4) {
+                0 => (0, 0),
+                1 => (8080, IPPROTO_TCP),
+                2 => (9090, IPPROTO_TCP),
+                _ => (5353, IPPROTO_UDP),
+            };
+            let rule = RuleEntry {
+                egress: true,
+                src: restricted[rng.below(restricted.len() as u64) as usize],
+                dst: match rng.below(4) {
+                    0 => IDENTITY_ANY,
+                    n => 100 + n as u32,
+                },
+                port,
+                protocol,
+                stats_slot: 500 + rng.below(3) as u32,
+            };
+            if !p.rules.iter().any(|r| {
+                (r.egress, r.dst, r.src, r.port, r.protocol)
+                    == (true, rule.dst, rule.src, rule.port, rule.protocol)
+            }) {
+                p.rules.push(rule);
+            }
         }
         let sources: Vec<u32> = p.identities.iter().map(|e| e.identity).collect();
         for _ in 0..rng.below(8) {
@@ -1265,9 +1308,11 @@ backends: [{ address: 198.19.3.2 }]
                 port,
                 protocol,
                 stats_slot: 300 + rng.below(5) as u32,
+                egress: Default::default(),
             };
             if !p.rules.iter().any(|r| {
-                (r.dst, r.src, r.port, r.protocol) == (rule.dst, rule.src, rule.port, rule.protocol)
+                (r.egress, r.dst, r.src, r.port, r.protocol)
+                    == (false, rule.dst, rule.src, rule.port, rule.protocol)
             }) {
                 p.rules.push(rule);
             }

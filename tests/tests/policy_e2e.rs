@@ -329,3 +329,70 @@ ingress:
     let listed = cluster.control.sluicectl_ok(&["get", "netpol"]);
     assert!(listed.contains("service web"), "{listed}");
 }
+
+#[test]
+fn an_egress_policy_limits_where_an_endpoint_may_open_flows() {
+    let cluster = Cluster::start(1, 3, &[]);
+    // web on backends 1 and 2, db on backend 3; node-1's client is itself a
+    // registered endpoint (app: client).
+    let mut docs = vec![
+        "kind: Service\nname: web\nports: [{ port: 80, protocol: TCP, targetPort: 8080 }]\nselector: { app: web }\n"
+            .to_owned(),
+        "kind: Service\nname: db\nports: [{ port: 80, protocol: TCP, targetPort: 8080 }]\nselector: { app: db }\n"
+            .to_owned(),
+        format!(
+            "kind: Endpoint\nname: client\nlabels: {{ app: client }}\naddress: {}\n",
+            cluster.topology.node(1).client_addr()
+        ),
+    ];
+    for (i, app) in [(1, "web"), (2, "web"), (3, "db")] {
+        docs.push(format!(
+            "kind: Endpoint\nname: {app}-{i}\nlabels: {{ app: {app} }}\naddress: {}\n",
+            backend_addr(i)
+        ));
+    }
+    cluster.apply(&docs.join("---\n"));
+    cluster.wait_programmed();
+    let vip_of = |name: &str| -> Ipv4Addr {
+        let service = cluster.control.sluicectl_json(&["get", "service", name]);
+        service["vip"]
+            .as_str()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no VIP in {service}"))
+    };
+    let (web, db) = (vip_of("web"), vip_of("db"));
+    assert_near(&cluster.spread(1, db, 10), &[(3, 10)], "db, no policy");
+
+    cluster.apply(
+        "kind: NetworkPolicy
+name: client-out
+selector: { app: client }
+policyTypes: [Egress]
+egress:
+  - to: [{ selector: { app: web } }]
+    ports: [{ port: 8080, protocol: TCP }]
+",
+    );
+    cluster.wait_programmed();
+    assert_near(
+        &cluster.spread(1, web, 20),
+        &[(1, 10), (2, 10)],
+        "web, allowed",
+    );
+    assert!(
+        denied(&cluster, 1, SocketAddrV4::new(db, 80)),
+        "db is not in the egress rules"
+    );
+    let flows = cluster
+        .control
+        .sluicectl_ok(&["flows", "--verdict", "denied", "-o", "json"]);
+    assert!(
+        flows.contains("egress denied from default:{app=client}"),
+        "{flows}"
+    );
+    cluster
+        .control
+        .sluicectl_ok(&["delete", "networkpolicy", "client-out"]);
+    cluster.wait_programmed();
+    assert_near(&cluster.spread(1, db, 10), &[(3, 10)], "db, policy deleted");
+}

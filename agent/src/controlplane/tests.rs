@@ -189,6 +189,8 @@ fn views_round_trip_and_a_torn_temp_file_is_ignored() {
             identity: 256,
             enforced: true,
             stats_slot: 2,
+            egress_enforced: Default::default(),
+            egress_slot: Default::default(),
         }],
         rules: Vec::new(),
         slots: vec![String::new(), "allowed by shop/web".into(), "denied".into()],

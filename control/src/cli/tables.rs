@@ -3,8 +3,8 @@
 use std::time::{Duration, SystemTime};
 
 use sluice_api::manifest::{
-    BackendSpec, Endpoint, Grant, HealthCheck, IngressRule, Labels, NetworkPolicy, Object,
-    ObjectKind, Peer, Probe, Rollout, ServiceObject, ServicePort, Subject,
+    BackendSpec, Endpoint, Grant, HealthCheck, Labels, NetworkPolicy, Object, ObjectKind, Peer,
+    PolicyPort, Probe, Rollout, ServiceObject, ServicePort, Subject,
 };
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
@@ -38,38 +38,55 @@ pub fn objects(kind: ObjectKind, items: &[Stored]) -> Table {
 }
 
 fn policies<'a>(items: impl Iterator<Item = &'a NetworkPolicy>) -> Table {
-    let mut table = Table::new(&["NAMESPACE", "NAME", "PROTECTS", "INGRESS"]);
+    let mut table = Table::new(&["NAMESPACE", "NAME", "PROTECTS", "INGRESS", "EGRESS"]);
     for policy in items {
         let selector = match (&policy.selector, &policy.service) {
             (_, Some(service)) => format!("service {service}"),
             (Some(selector), None) if !selector.is_empty() => labels(selector),
             _ => "every endpoint".to_owned(),
         };
-        let ingress = if policy.ingress.is_empty() {
-            "deny all".to_owned()
-        } else {
+        let rules = |restricted: bool, rules: Vec<String>| {
+            if !restricted {
+                "open".to_owned()
+            } else if rules.is_empty() {
+                "deny all".to_owned()
+            } else {
+                rules.join("; ")
+            }
+        };
+        let ingress = rules(
+            policy.types.ingress,
             policy
                 .ingress
                 .iter()
-                .map(ingress_rule)
-                .collect::<Vec<_>>()
-                .join("; ")
-        };
+                .map(|r| format!("from {}", rule_text(&r.from, &r.ports)))
+                .collect(),
+        );
+        let egress = rules(
+            policy.types.egress,
+            policy
+                .egress
+                .iter()
+                .map(|r| format!("to {}", rule_text(&r.to, &r.ports)))
+                .collect(),
+        );
         table.row(vec![
             policy.namespace.clone(),
             policy.name.clone(),
             selector,
             ingress,
+            egress,
         ]);
     }
     table
 }
 
-fn ingress_rule(rule: &IngressRule) -> String {
-    let from = if rule.from.is_empty() {
+/// `PEERS to PORTS` of one rule.
+fn rule_text(peers: &[Peer], ports: &[PolicyPort]) -> String {
+    let from = if peers.is_empty() {
         "anyone".to_owned()
     } else {
-        rule.from
+        peers
             .iter()
             .map(|peer| match peer {
                 Peer::Endpoints {
@@ -95,16 +112,16 @@ fn ingress_rule(rule: &IngressRule) -> String {
             .collect::<Vec<_>>()
             .join(", ")
     };
-    let ports = if rule.ports.is_empty() {
+    let ports = if ports.is_empty() {
         "any port".to_owned()
     } else {
-        rule.ports
+        ports
             .iter()
             .map(|p| format!("{}/{}", p.port, p.protocol))
             .collect::<Vec<_>>()
             .join(",")
     };
-    format!("from {from} to {ports}")
+    format!("{from} on {ports}")
 }
 
 fn services<'a>(items: impl Iterator<Item = (&'a ServiceObject, u64)>) -> Table {

@@ -226,6 +226,11 @@ pub const IDENTITY_WORLD: u32 = 1;
 pub const IDENTITY_ANY: u32 = 0;
 /// [`PolicyIdentity::flags`]: ingress is default-deny for this destination.
 pub const IDENTITY_ENFORCED: u32 = 1;
+/// [`PolicyIdentity::flags`]: egress is default-deny for this source.
+pub const IDENTITY_EGRESS_ENFORCED: u32 = 2;
+/// [`PolicyRuleKey::direction`].
+pub const RULE_INGRESS: u8 = 0;
+pub const RULE_EGRESS: u8 = 1;
 
 /// The data of a `POLICY_IDENTITIES_V4` (LPM trie) key, after its prefix
 /// length: the generation, then the address, both in network byte order, so
@@ -242,27 +247,32 @@ pub const fn policy_identity_key(generation: u32, addr: u32) -> [u32; 2] {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct PolicyIdentity {
     pub identity: u32,
-    /// [`IDENTITY_ENFORCED`].
+    /// [`IDENTITY_ENFORCED`], [`IDENTITY_EGRESS_ENFORCED`].
     pub flags: u32,
     /// `POLICY_STATS` slot that counts flows denied to this destination.
     pub stats_slot: u32,
-    pub _pad: u32,
+    /// `POLICY_STATS` slot that counts flows this source was denied.
+    pub egress_slot: u32,
 }
 const _: () = assert!(size_of::<PolicyIdentity>() == 16);
 
-/// Key of `POLICY_RULES`: what one rule allows, in one generation.
+/// Key of `POLICY_RULES`: what one rule allows, in one generation. An
+/// ingress rule is the destination's, with any source; an egress rule the
+/// source's, with any destination.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct PolicyRuleKey {
     pub generation: u32,
+    /// [`IDENTITY_ANY`] (egress rules only): every destination.
     pub dst: u32,
-    /// [`IDENTITY_ANY`]: every source.
+    /// [`IDENTITY_ANY`] (ingress rules only): every source.
     pub src: u32,
     /// The destination (target) port, network order; 0: every port.
     pub port: u16,
     /// 0: every protocol (only with port 0).
     pub proto: u8,
-    pub _pad: u8,
+    /// [`RULE_INGRESS`] or [`RULE_EGRESS`].
+    pub direction: u8,
 }
 const _: () = assert!(size_of::<PolicyRuleKey>() == 16);
 

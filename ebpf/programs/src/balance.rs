@@ -17,8 +17,9 @@ use sluice_common::{
     maglev, reason,
     types::{
         AffinityKeyV4, AffinityV4, FAMILY_V4, FLOW_CLOSED, FLOW_OPEN, FlowEvent, FlowKeyV4, FlowV4,
-        Frontend, FrontendKeyV4, IDENTITY_ANY, IDENTITY_ENFORCED, IDENTITY_WORLD, IPPROTO_TCP,
-        IPPROTO_UDP, NextHop, PolicyRuleKey, ReplyV4, TrafficStats, algorithm, policy_identity_key,
+        Frontend, FrontendKeyV4, IDENTITY_ANY, IDENTITY_EGRESS_ENFORCED, IDENTITY_ENFORCED,
+        IDENTITY_WORLD, IPPROTO_TCP, IPPROTO_UDP, NextHop, PolicyRuleKey, RULE_EGRESS,
+        RULE_INGRESS, ReplyV4, TrafficStats, algorithm, policy_identity_key,
     },
 };
 
@@ -366,10 +367,11 @@ fn open(
 }
 
 /// Network policy for a new flow `key` to backend `dst:port` (network order):
-/// the service's VIP, if a policy protects it, and then the backend, if a
-/// policy selects it, must each admit the source (its identity, on that
-/// port). Counted per allowing policy, or per denied destination; a denied
-/// flow is also reported on `FLOW_EVENTS`.
+/// the client's egress, if a policy restricts it, must allow the backend;
+/// then the service's VIP, if a policy protects it, and the backend, if a
+/// policy selects it, must each admit the client (its identity, on that
+/// port). Counted per allowing policy, or per denied destination (or source,
+/// for egress); a denied flow is also reported on `FLOW_EVENTS`.
 #[inline(always)]
 fn admit(key: &FlowKeyV4, dst: u32, port: u16, now: u64) -> Result<(), u32> {
     let Some(state) = POLICY_STATE.get(0) else {
@@ -379,9 +381,8 @@ fn admit(key: &FlowKeyV4, dst: u32, port: u16, now: u64) -> Result<(), u32> {
         return Ok(());
     }
     let generation = state.generation;
-    let src_identity = POLICY_IDENTITIES_V4
-        .get(Key::new(64, policy_identity_key(generation, key.src)))
-        .map_or(IDENTITY_WORLD, |i| i.identity);
+    let source = POLICY_IDENTITIES_V4.get(Key::new(64, policy_identity_key(generation, key.src)));
+    let src_identity = source.map_or(IDENTITY_WORLD, |i| i.identity);
     let event = FlowEvent {
         time_ns: now,
         client: key.src,
@@ -394,6 +395,25 @@ fn admit(key: &FlowKeyV4, dst: u32, port: u16, now: u64) -> Result<(), u32> {
         reason: reason::DROP_POLICY as u8,
         stats_slot: 0,
     };
+    if let Some(source) = source
+        && source.flags & IDENTITY_EGRESS_ENFORCED != 0
+    {
+        let target = POLICY_IDENTITIES_V4
+            .get(Key::new(64, policy_identity_key(generation, dst)))
+            .map_or(IDENTITY_WORLD, |i| i.identity);
+        let rule = PolicyRuleKey {
+            generation,
+            dst: target,
+            src: src_identity,
+            port,
+            proto: key.proto,
+            direction: RULE_EGRESS,
+        };
+        // This destination on this port, on every port, then every
+        // destination on this port, then everything.
+        let allowed = find_rule(rule, [target, target, IDENTITY_ANY, IDENTITY_ANY], true);
+        count_verdict(allowed, source.egress_slot, &event)?;
+    }
     verdict(
         generation,
         src_identity,
@@ -405,50 +425,32 @@ fn admit(key: &FlowKeyV4, dst: u32, port: u16, now: u64) -> Result<(), u32> {
     verdict(generation, src_identity, dst, port, key.proto, &event)
 }
 
-/// Whether destination `dst:port` (a VIP or a backend) admits `src_identity`;
-/// open unless its identity is enforced.
+/// The first rule of the four `rule` variants that exists: with the given
+/// identities in turn (the destination's for egress, the source's for
+/// ingress), alternately on the rule's port and on every port. Returns its
+/// counter slot.
 #[inline(always)]
-fn verdict(
-    generation: u32,
-    src_identity: u32,
-    dst: u32,
-    port: u16,
-    proto: u8,
-    event: &FlowEvent,
-) -> Result<(), u32> {
-    let Some(target) = POLICY_IDENTITIES_V4.get(Key::new(64, policy_identity_key(generation, dst)))
-    else {
-        return Ok(());
-    };
-    if target.flags & IDENTITY_ENFORCED == 0 {
-        return Ok(());
-    }
-    let (dst_identity, denied_slot) = (target.identity, target.stats_slot);
-    // Most specific first: this source on this port, then on every port, then
-    // every source on this port, then everything.
-    let mut rule = PolicyRuleKey {
-        generation,
-        dst: dst_identity,
-        src: src_identity,
-        port,
-        proto,
-        _pad: 0,
-    };
-    let mut allowed = None;
-    for (src, specific_port) in [
-        (src_identity, true),
-        (src_identity, false),
-        (IDENTITY_ANY, true),
-        (IDENTITY_ANY, false),
-    ] {
-        rule.src = src;
-        (rule.port, rule.proto) = if specific_port { (port, proto) } else { (0, 0) };
+fn find_rule(mut rule: PolicyRuleKey, identities: [u32; 4], egress: bool) -> Option<u32> {
+    let (port, proto) = (rule.port, rule.proto);
+    for (i, identity) in identities.into_iter().enumerate() {
+        if egress {
+            rule.dst = identity;
+        } else {
+            rule.src = identity;
+        }
+        (rule.port, rule.proto) = if i % 2 == 0 { (port, proto) } else { (0, 0) };
         // SAFETY: hash map values stay valid for the program run; read at once.
         if let Some(found) = unsafe { POLICY_RULES.get(rule) } {
-            allowed = Some(found.stats_slot);
-            break;
+            return Some(found.stats_slot);
         }
     }
+    None
+}
+
+/// Counts a verdict (`allowed`: the allowing rule's slot; `None`: denied,
+/// counted in `denied_slot` and reported).
+#[inline(always)]
+fn count_verdict(allowed: Option<u32>, denied_slot: u32, event: &FlowEvent) -> Result<(), u32> {
     let slot = allowed.unwrap_or(denied_slot);
     if let Some(stats) = POLICY_STATS.get_ptr_mut(slot) {
         // SAFETY: per-CPU value, only this program run touches it now.
@@ -472,6 +474,42 @@ fn verdict(
         0,
     );
     Err(reason::DROP_POLICY)
+}
+
+/// Whether destination `dst:port` (a VIP or a backend) admits `src_identity`;
+/// open unless its identity is enforced.
+#[inline(always)]
+fn verdict(
+    generation: u32,
+    src_identity: u32,
+    dst: u32,
+    port: u16,
+    proto: u8,
+    event: &FlowEvent,
+) -> Result<(), u32> {
+    let Some(target) = POLICY_IDENTITIES_V4.get(Key::new(64, policy_identity_key(generation, dst)))
+    else {
+        return Ok(());
+    };
+    if target.flags & IDENTITY_ENFORCED == 0 {
+        return Ok(());
+    }
+    let rule = PolicyRuleKey {
+        generation,
+        dst: target.identity,
+        src: src_identity,
+        port,
+        proto,
+        direction: RULE_INGRESS,
+    };
+    // This source on this port, on every port, then every source on this
+    // port, then everything.
+    let allowed = find_rule(
+        rule,
+        [src_identity, src_identity, IDENTITY_ANY, IDENTITY_ANY],
+        false,
+    );
+    count_verdict(allowed, target.stats_slot, event)
 }
 
 /// The backend `client`'s last new flow to this frontend went to, if that was

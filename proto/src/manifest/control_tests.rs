@@ -1051,6 +1051,20 @@ fn network_policies_parse_and_round_trip() {
     assert_eq!(ok(&yaml), objects, "{yaml}");
     let message = crate::v1::Object::from(&objects[0]);
     assert_eq!(Object::try_from(message).expect("valid"), objects[0]);
+    // Egress: where the selected endpoints may go; types follow Kubernetes.
+    let egress = ok(&format!(
+        "{POLICY}policyTypes: [Egress]\negress:\n  - to: [{{ selector: {{ app: db }} }}]\n    ports: [{{ port: 5432, protocol: TCP }}]\n"
+    ));
+    let Object::NetworkPolicy(p) = &egress[0] else {
+        panic!("a policy");
+    };
+    assert!(!p.types.ingress && p.types.egress && p.egress.len() == 1);
+    let yaml = serde_saphyr::to_string(&egress[0]).expect("serializes");
+    assert_eq!(ok(&yaml), egress, "{yaml}");
+    assert_eq!(
+        Object::try_from(crate::v1::Object::from(&egress[0])).expect("valid"),
+        egress[0]
+    );
     // A namespace-wide default deny.
     let deny = ok("kind: NetworkPolicy\nname: deny-all\nselector: {}\n");
     assert!(
@@ -1131,7 +1145,22 @@ fn network_policy_errors_name_the_field_and_value() {
             "kind: NetworkPolicy\nname: p\nservice: Web\n".to_owned(),
             &["service", "\"Web\""],
         ),
-        (format!("{POLICY}egress: []\n"), &["egress"]),
+        (
+            format!("{POLICY}policyTypes: [Ingres]\n"),
+            &["policyTypes[0]", "\"Ingres\""],
+        ),
+        (
+            "kind: NetworkPolicy\nname: p\nservice: web\negress: []\n".to_owned(),
+            &["egress", "not a service's VIP"],
+        ),
+        (
+            format!("{POLICY}policyTypes: [Ingress]\negress: []\n"),
+            &["egress", "need Egress"],
+        ),
+        (
+            format!("{POLICY}egress:\n  - to: [{{ cidr: 10.0.0.1/8 }}]\n"),
+            &["egress[0].to[0].cidr", "host bits"],
+        ),
     ];
     for (text, parts) in cases {
         let e = err(&text);

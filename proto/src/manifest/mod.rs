@@ -106,7 +106,7 @@ pub use objects::{
     DEFAULT_NAMESPACE, Endpoint, Grant, Labels, Object, ObjectKind, ObjectRef, Permission,
     Resource, Role, Scope, ServiceObject, Subject, VERSION_LABEL, Verb,
 };
-pub use policy::{Cidr, IngressRule, NetworkPolicy, Peer, PolicyPort};
+pub use policy::{Cidr, EgressRule, IngressRule, NetworkPolicy, Peer, PolicyPort, PolicyTypes};
 pub use rules::{AddressProblem, LabelProblem, NameProblem, Problem};
 pub use traffic::{HealthCheck, Probe, Rollout, SessionAffinity, Traffic};
 

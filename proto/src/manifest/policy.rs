@@ -15,6 +15,11 @@
 //!       - cidr: 198.18.100.0/24            # addresses that are not endpoints
 //!         except: [198.18.100.128/25]
 //!     ports: [{ port: 8080, protocol: TCP }]   # target ports; absent: every port
+//! egress:                         # optional: where the selected endpoints may open flows
+//!   - to: [{ selector: { app: db } }]      # the same peers; absent: everywhere
+//!     ports: [{ port: 5432, protocol: TCP }]
+//! # policyTypes: [Ingress, Egress]  # as in Kubernetes; default: Ingress, plus Egress
+//! #                                 # when the policy has an egress field
 //! ```
 
 use std::{fmt, net::Ipv4Addr};
@@ -44,7 +49,44 @@ pub struct NetworkPolicy {
     /// Instead of `selector`: the service whose VIP the policy protects.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub service: Option<String>,
+    /// What the policy restricts for what it selects.
+    #[serde(rename = "policyTypes")]
+    pub types: PolicyTypes,
     pub ingress: Vec<IngressRule>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub egress: Vec<EgressRule>,
+}
+
+/// As Kubernetes' `policyTypes`: ingress is restricted unless only Egress is
+/// listed; egress when Egress is listed, or, without `policyTypes`, when the
+/// policy has an `egress` field (even empty: no egress allowed).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PolicyTypes {
+    pub ingress: bool,
+    pub egress: bool,
+}
+
+impl Serialize for PolicyTypes {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut names = Vec::new();
+        if self.ingress {
+            names.push("Ingress");
+        }
+        if self.egress {
+            names.push("Egress");
+        }
+        names.serialize(serializer)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct EgressRule {
+    /// Empty: every destination.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub to: Vec<Peer>,
+    /// Empty: every port.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<PolicyPort>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -153,9 +195,12 @@ pub(super) const FIELDS: &[&str] = &[
     "labels",
     "selector",
     "service",
+    "policyTypes",
     "ingress",
+    "egress",
 ];
-const RULE_FIELDS: &[&str] = &["from", "ports"];
+const INGRESS_FIELDS: &[&str] = &["from", "ports"];
+const EGRESS_FIELDS: &[&str] = &["to", "ports"];
 const PEER_FIELDS: &[&str] = &["selector", "namespace", "cidr", "except"];
 const PORT_FIELDS: &[&str] = &["port", "protocol"];
 
@@ -188,28 +233,99 @@ pub(super) fn parse(
             return Err(cx.invalid(fields.node, "selector", Problem::PolicyTarget));
         }
     };
-    let rule_nodes = match fields.get("ingress") {
-        Some(node) => sequence(cx, "ingress", node)?,
+    let ingress = parse_rules(cx, fields, "ingress", "from", &label_entries)?
+        .into_iter()
+        .map(|(from, ports)| IngressRule { from, ports })
+        .collect();
+    let egress: Vec<EgressRule> = parse_rules(cx, fields, "egress", "to", &label_entries)?
+        .into_iter()
+        .map(|(to, ports)| EgressRule { to, ports })
+        .collect();
+    let types = match fields.get("policyTypes") {
+        None => PolicyTypes {
+            ingress: true,
+            egress: fields.get("egress").is_some(),
+        },
+        Some(node) => {
+            let entries = sequence(cx, "policyTypes", node)?;
+            let mut types = PolicyTypes::default();
+            for (i, entry) in entries.iter().enumerate() {
+                let field = format!("policyTypes[{i}]");
+                let value = string(cx, &field, entry)?;
+                let slot = match value {
+                    "Ingress" => &mut types.ingress,
+                    "Egress" => &mut types.egress,
+                    other => {
+                        let problem = Problem::PolicyType {
+                            value: other.to_owned(),
+                        };
+                        return Err(cx.invalid(entry, &field, problem));
+                    }
+                };
+                *slot = true;
+            }
+            if !types.ingress && !types.egress {
+                return Err(cx.invalid(node, "policyTypes", Problem::NoPolicyType));
+            }
+            types
+        }
+    };
+    if let Some(node) = fields.get("egress") {
+        if service.is_some() {
+            return Err(cx.invalid(node, "egress", Problem::EgressOnService));
+        }
+        if !types.egress {
+            return Err(cx.invalid(node, "egress", Problem::EgressNotInTypes));
+        }
+    }
+    Ok(NetworkPolicy {
+        namespace: id.namespace.clone(),
+        name: id.name.clone(),
+        labels,
+        selector,
+        service,
+        types,
+        ingress,
+        egress,
+    })
+}
+
+/// One rule's peers and ports, before it is known as ingress or egress.
+type Rule = (Vec<Peer>, Vec<PolicyPort>);
+
+/// The rules at `key` (`ingress` or `egress`), each with its peers (at
+/// `peers_key`: `from` or `to`) and ports.
+fn parse_rules(
+    cx: Cx<'_>,
+    fields: &Fields<'_>,
+    key: &str,
+    peers_key: &str,
+    label_entries: &impl Fn(Cx<'_>, &str, &[(Node, Node)]) -> Result<Labels, ManifestError>,
+) -> Result<Vec<Rule>, ManifestError> {
+    let rule_nodes = match fields.get(key) {
+        Some(node) => sequence(cx, key, node)?,
         None => &[],
     };
     if rule_nodes.len() > MAX_RULES {
-        let node = fields.get("ingress").unwrap_or(fields.node);
-        return Err(cx.invalid(
-            node,
-            "ingress",
-            Problem::TooMany {
-                what: "ingress rules",
-                count: rule_nodes.len(),
-                max: MAX_RULES,
-            },
-        ));
+        let node = fields.get(key).unwrap_or(fields.node);
+        let too_many = Problem::TooMany {
+            what: "rules",
+            count: rule_nodes.len(),
+            max: MAX_RULES,
+        };
+        return Err(cx.invalid(node, key, too_many));
     }
-    let mut ingress = Vec::with_capacity(rule_nodes.len());
+    let allowed: &'static [&'static str] = if peers_key == "from" {
+        INGRESS_FIELDS
+    } else {
+        EGRESS_FIELDS
+    };
+    let mut out = Vec::with_capacity(rule_nodes.len());
     for (i, node) in rule_nodes.iter().enumerate() {
-        let rule = Fields::new(cx, format!("ingress[{i}]"), node)?;
-        rule.deny_unknown(cx, RULE_FIELDS)?;
-        let peer_nodes = match rule.get("from") {
-            Some(node) => sequence(cx, &rule.path("from"), node)?,
+        let rule = Fields::new(cx, format!("{key}[{i}]"), node)?;
+        rule.deny_unknown(cx, allowed)?;
+        let peer_nodes = match rule.get(peers_key) {
+            Some(node) => sequence(cx, &rule.path(peers_key), node)?,
             None => &[],
         };
         if peer_nodes.len() > MAX_PEERS {
@@ -218,13 +334,13 @@ pub(super) fn parse(
                 count: peer_nodes.len(),
                 max: MAX_PEERS,
             };
-            return Err(cx.invalid(node, &rule.path("from"), too_many));
+            return Err(cx.invalid(node, &rule.path(peers_key), too_many));
         }
-        let mut from = Vec::with_capacity(peer_nodes.len());
+        let mut peers = Vec::with_capacity(peer_nodes.len());
         for (j, node) in peer_nodes.iter().enumerate() {
-            let peer = Fields::new(cx, format!("ingress[{i}].from[{j}]"), node)?;
+            let peer = Fields::new(cx, format!("{key}[{i}].{peers_key}[{j}]"), node)?;
             peer.deny_unknown(cx, PEER_FIELDS)?;
-            from.push(parse_peer(cx, &peer, &label_entries)?);
+            peers.push(parse_peer(cx, &peer, label_entries)?);
         }
         let port_nodes = match rule.get("ports") {
             Some(node) => sequence(cx, &rule.path("ports"), node)?,
@@ -232,7 +348,7 @@ pub(super) fn parse(
         };
         let mut ports = Vec::with_capacity(port_nodes.len());
         for (j, node) in port_nodes.iter().enumerate() {
-            let entry = Fields::new(cx, format!("ingress[{i}].ports[{j}]"), node)?;
+            let entry = Fields::new(cx, format!("{key}[{i}].ports[{j}]"), node)?;
             entry.deny_unknown(cx, PORT_FIELDS)?;
             let port_field = entry.path("port");
             let port_node = entry.require(cx, "port")?;
@@ -244,16 +360,9 @@ pub(super) fn parse(
                 .map_err(cx.fail(protocol_node, &protocol_field))?;
             ports.push(PolicyPort { port, protocol });
         }
-        ingress.push(IngressRule { from, ports });
+        out.push((peers, ports));
     }
-    Ok(NetworkPolicy {
-        namespace: id.namespace.clone(),
-        name: id.name.clone(),
-        labels,
-        selector,
-        service,
-        ingress,
-    })
+    Ok(out)
 }
 
 fn parse_peer(

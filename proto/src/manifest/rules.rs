@@ -108,6 +108,14 @@ pub enum Problem {
          service's VIP (service); give exactly one"
     )]
     PolicyTarget,
+    #[error("unknown policy type {value:?}, expected Ingress or Egress")]
+    PolicyType { value: String },
+    #[error("must list Ingress, Egress or both")]
+    NoPolicyType,
+    #[error("egress rules restrict endpoints (a selector), not a service's VIP")]
+    EgressOnService,
+    #[error("egress rules need Egress in policyTypes")]
+    EgressNotInTypes,
     #[error("at most {max} {what}, got {count}")]
     TooMany {
         what: &'static str,

@@ -257,6 +257,8 @@ fn policy_with(rules: u32) -> CompiledPolicy {
             identity: 100,
             enforced: true,
             stats_slot: 1,
+            egress_enforced: Default::default(),
+            egress_slot: Default::default(),
         })
         .collect();
     identities.push(IdentityEntry {
@@ -265,6 +267,8 @@ fn policy_with(rules: u32) -> CompiledPolicy {
         identity: 200,
         enforced: false,
         stats_slot: 2,
+        egress_enforced: Default::default(),
+        egress_slot: Default::default(),
     });
     let mut list = vec![RuleEntry {
         dst: 100,
@@ -272,6 +276,7 @@ fn policy_with(rules: u32) -> CompiledPolicy {
         port: 8080,
         protocol: IPPROTO_TCP,
         stats_slot: 3,
+        egress: Default::default(),
     }];
     list.extend((1..rules).map(|i| RuleEntry {
         dst: 100,
@@ -279,6 +284,7 @@ fn policy_with(rules: u32) -> CompiledPolicy {
         port: 8080,
         protocol: IPPROTO_TCP,
         stats_slot: 3,
+        egress: Default::default(),
     }));
     CompiledPolicy {
         identities,
