@@ -185,7 +185,7 @@ pub async fn flows(cx: &Context, verdict: FlowVerdict, follow: bool) -> Result<(
     let mut stream = client.watch_flows(verdict.as_str(), follow).await?;
     if matches!(cx.format, Format::Table) {
         print(&format!(
-            "{:<25} {:<10} {:<8} {:<21} {:<21} {:<21} {:<5} {}\n",
+            "{:<30} {:<10} {:<8} {:<21} {:<21} {:<21} {:<5} {}\n",
             "TIME", "NODE", "VERDICT", "CLIENT", "SERVICE", "BACKEND", "PROTO", "COUNTED AS"
         ))?;
     }
@@ -197,7 +197,7 @@ pub async fn flows(cx: &Context, verdict: FlowVerdict, follow: bool) -> Result<(
         });
         let line = match cx.format {
             Format::Table => format!(
-                "{:<25} {:<10} {:<8} {:<21} {:<21} {:<21} {:<5} {}\n",
+                "{:<30} {:<10} {:<8} {:<21} {:<21} {:<21} {:<5} {}\n",
                 event.time,
                 event.node,
                 event.verdict,

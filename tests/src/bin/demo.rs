@@ -11,8 +11,10 @@
 //! through the control service, kills the control service under an open
 //! connection to show that forwarding does not depend on it, adds a health
 //! check and kills a backend's server (both nodes take it out of rotation, no
-//! request fails; restarted, it returns), and rolls out version v2 as a 10%
-//! canary, a blue-green switch and an undo. Every namespace,
+//! request fails; restarted, it returns), rolls out version v2 as a 10%
+//! canary, a blue-green switch and an undo, and applies a network policy that
+//! admits one node's clients only (the other's are dropped in the kernel and
+//! listed by `sluicectl flows`). Every namespace,
 //! process and pin is removed at the end, also on failure.
 //!
 //! `--standalone` runs the agent alone instead: one node with
@@ -433,6 +435,42 @@ fn cluster() -> anyhow::Result<()> {
 
     step(
         "10",
+        "network policy: only node-1's client network may reach web; refusals are events",
+    );
+    let policy = "kind: NetworkPolicy\nname: web-ingress\nselector: { app: web }\ningress:\n  - from: [{ cidr: 198.18.1.0/24 }]\n    ports: [{ port: 8080, protocol: TCP }]\n";
+    println!("   $ sluicectl apply -f policy.yaml   # web accepts 198.18.1.0/24 on 8080/TCP only");
+    let out = control.apply("policy.yaml", policy);
+    print!("{}", indent(&checked("apply -f policy.yaml", &out)?));
+    wait_programmed(&control, &names)?;
+    let allowed = spread(&topology.node(1).client, vip, 20)?;
+    println!("   20 new connections from node-1's client (198.18.1.2), allowed:");
+    show_indented(&allowed, "     ");
+    let to = SocketAddrV4::new(vip, 80);
+    let refused = topology
+        .node(2)
+        .client
+        .enter(|| http_get(to, Duration::from_millis(700)));
+    match refused {
+        Err(e) if e.is_timeout() => println!(
+            "   from node-2's client (198.18.2.2): no answer, the SYN was dropped in node-2's kernel"
+        ),
+        other => bail!("node-2's client was not refused: {other:?}"),
+    }
+    println!("   $ sluicectl flows --verdict denied");
+    let flows = ctl(&control, &["flows", "--verdict", "denied"])?;
+    if !flows.contains("198.18.2.2") {
+        bail!("the refusal is not among the flow events:\n{flows}");
+    }
+    print!("{}", indent_by(&flows, "     "));
+    println!("   $ sluicectl delete networkpolicy web-ingress");
+    ctl(&control, &["delete", "networkpolicy", "web-ingress"])?;
+    wait_programmed(&control, &names)?;
+    let back = spread(&topology.node(2).client, vip, 20)?;
+    println!("   20 new connections from node-2's client again:");
+    show_indented(&back, "     ");
+
+    step(
+        "11",
         "clean-up: agents down, servers stopped, control service stopped, namespaces deleted",
     );
     drop(agents);
