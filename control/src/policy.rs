@@ -105,8 +105,9 @@ pub fn compile(
         }
     }
 
-    // VIP identities: the services policies protect (that exist, with a VIP).
-    let mut vip_of: HashMap<&Named, (String, u32)> = HashMap::new();
+    // VIP identities: one per protected service (that exists, with a VIP),
+    // shared by every policy on it.
+    let mut vips: BTreeMap<Named, (String, u32)> = BTreeMap::new();
     for (key, p) in policies {
         if p.service.is_empty() {
             continue;
@@ -115,10 +116,12 @@ pub fn compile(
         let Some(service) = services.get(&target).filter(|s| !s.vip.is_empty()) else {
             continue;
         };
-        let identity = FIRST_VIP_IDENTITY + vip_of.len() as u32;
-        slots.push(format!("denied to service {}/{}", target.0, target.1));
-        deny_slot.insert(identity, slots.len() as u32 - 1);
-        vip_of.insert(key, (service.vip.clone(), identity));
+        let identity = FIRST_VIP_IDENTITY + vips.len() as u32;
+        vips.entry(target).or_insert_with_key(|(ns, name)| {
+            slots.push(format!("denied to service {ns}/{name}"));
+            deny_slot.insert(identity, slots.len() as u32 - 1);
+            (service.vip.clone(), identity)
+        });
     }
 
     // CIDR identities: every prefix a peer names, excepts included.
@@ -128,19 +131,15 @@ pub fn compile(
             .ingress
             .iter()
             .flat_map(|r| &r.from)
-            .chain(p.egress.iter().flat_map(|r| &r.to));
-        {
-            for peer in peers {
-                if peer.cidr.is_empty() {
-                    continue;
-                }
-                cidrs.extend(policy::validate_cidr(&peer.cidr).ok());
-                cidrs.extend(
-                    peer.except
-                        .iter()
-                        .filter_map(|e| policy::validate_cidr(e).ok()),
-                );
-            }
+            .chain(p.egress.iter().flat_map(|r| &r.to))
+            .filter(|peer| !peer.cidr.is_empty());
+        for peer in peers {
+            cidrs.extend(policy::validate_cidr(&peer.cidr).ok());
+            cidrs.extend(
+                peer.except
+                    .iter()
+                    .filter_map(|e| policy::validate_cidr(e).ok()),
+            );
         }
     }
     let cidr_ids: BTreeMap<policy::Cidr, u32> =
@@ -160,23 +159,14 @@ pub fn compile(
             }
         })
         .collect();
-    // Two policies on one service share its VIP's identity.
-    let mut vip_identity: BTreeMap<String, u32> = BTreeMap::new();
-    for (vip, identity) in vip_of.values_mut() {
-        *identity = *vip_identity.entry(vip.clone()).or_insert(*identity);
-    }
-    identities.extend(
-        vip_identity
-            .iter()
-            .map(|(vip, &identity)| v1::PolicyIdentity {
-                prefix: format!("{vip}/32"),
-                identity,
-                enforced: true,
-                stats_slot: deny_slot[&identity],
-                egress_enforced: Default::default(),
-                egress_slot: Default::default(),
-            }),
-    );
+    identities.extend(vips.values().map(|(vip, identity)| v1::PolicyIdentity {
+        prefix: format!("{vip}/32"),
+        identity: *identity,
+        enforced: true,
+        stats_slot: deny_slot[identity],
+        egress_enforced: false,
+        egress_slot: 0,
+    }));
     let endpoint_prefixes: BTreeSet<String> = identities.iter().map(|i| i.prefix.clone()).collect();
     identities.extend(
         cidr_ids
@@ -187,8 +177,8 @@ pub fn compile(
                 identity,
                 enforced: false,
                 stats_slot: 0,
-                egress_enforced: Default::default(),
-                egress_slot: Default::default(),
+                egress_enforced: false,
+                egress_slot: 0,
             }),
     );
 
@@ -238,7 +228,8 @@ pub fn compile(
     let mut rules: BTreeMap<(bool, u32, u32, u32, u32), u32> = BTreeMap::new();
     for (key, p) in policies {
         let slot = policy_slot[key];
-        let targets: Vec<u32> = match vip_of.get(key) {
+        let protected_vip = vips.get(&(key.0.clone(), p.service.clone()));
+        let targets: Vec<u32> = match protected_vip {
             Some((_, identity)) => vec![*identity],
             None => sets
                 .iter()

@@ -257,8 +257,8 @@ fn policy_with(rules: u32) -> CompiledPolicy {
             identity: 100,
             enforced: true,
             stats_slot: 1,
-            egress_enforced: Default::default(),
-            egress_slot: Default::default(),
+            egress_enforced: false,
+            egress_slot: 0,
         })
         .collect();
     identities.push(IdentityEntry {
@@ -267,8 +267,8 @@ fn policy_with(rules: u32) -> CompiledPolicy {
         identity: 200,
         enforced: false,
         stats_slot: 2,
-        egress_enforced: Default::default(),
-        egress_slot: Default::default(),
+        egress_enforced: false,
+        egress_slot: 0,
     });
     let mut list = vec![RuleEntry {
         dst: 100,
@@ -276,7 +276,7 @@ fn policy_with(rules: u32) -> CompiledPolicy {
         port: 8080,
         protocol: IPPROTO_TCP,
         stats_slot: 3,
-        egress: Default::default(),
+        egress: false,
     }];
     list.extend((1..rules).map(|i| RuleEntry {
         dst: 100,
@@ -284,7 +284,7 @@ fn policy_with(rules: u32) -> CompiledPolicy {
         port: 8080,
         protocol: IPPROTO_TCP,
         stats_slot: 3,
-        egress: Default::default(),
+        egress: false,
     }));
     CompiledPolicy {
         identities,
