@@ -27,7 +27,7 @@ use std::{
 };
 
 use sluice_api::{error_chain, v1};
-use sluice_common::types::{AgentMeta, FlowEvent};
+use sluice_common::types::{AgentMeta, FlowEvent, FrontendKeyV4};
 use tokio::{
     io::unix::AsyncFd,
     signal::unix::SignalKind,
@@ -46,6 +46,7 @@ use crate::{
     drain::Drains,
     health::{self, Health},
     manifest::{self, ManifestError},
+    metrics,
     netdev::{self, NetdevError},
     pins::{self, PinDir},
     policy::{CompiledPolicy, PolicyError, PolicyWriter, revoke},
@@ -109,6 +110,10 @@ pub struct RunOptions {
     pub sweep_interval: Duration,
     /// Pin directories of other namespaces are collected only past this age.
     pub stale_pin_age: Duration,
+    /// One flow in this many goes to the flow log (0: only policy refusals).
+    pub flow_log_sample: u32,
+    /// Where `/metrics` is served; `None`: nowhere.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -175,6 +180,8 @@ struct Reconciler {
     node: String,
     /// The network policy in the maps, as the view last gave it.
     installed_policy: Option<v1::PolicyView>,
+    /// For `/metrics`.
+    stats: metrics::AgentStats,
 }
 
 impl Reconciler {
@@ -193,6 +200,7 @@ impl Reconciler {
             zone: String::new(),
             node: String::new(),
             installed_policy: None,
+            stats: metrics::AgentStats::default(),
         })
     }
 
@@ -262,6 +270,24 @@ impl Reconciler {
         desired: Desired,
         input: u64,
     ) -> Result<Applied, AgentError> {
+        let planning = Instant::now();
+        let result = self.plan_and_apply(dp, desired, input);
+        match &result {
+            Ok(_) => self
+                .stats
+                .reconciles
+                .observe(planning.elapsed().as_secs_f64()),
+            Err(_) => self.stats.reconcile_errors += 1,
+        }
+        result
+    }
+
+    fn plan_and_apply(
+        &mut self,
+        dp: &mut Dataplane,
+        desired: Desired,
+        input: u64,
+    ) -> Result<Applied, AgentError> {
         let effective = health::overlay(&desired, |service, t| self.health.is_healthy(service, t));
         let plan = reconcile::plan(&effective, &self.state, &self.alloc)?;
         let started = Instant::now();
@@ -276,6 +302,7 @@ impl Reconciler {
                 self.retiring
                     .extend(plan.retired_ranges.into_iter().map(|r| (r, due)));
                 self.last_applied = Some(input);
+                self.stats.manifest_applied = input;
                 let meta = AgentMeta {
                     manifest_hash: input,
                     applied_at: SystemTime::now()
@@ -491,6 +518,7 @@ pub async fn run(options: RunOptions) -> Result<(), AgentError> {
             flow_capacity: options.flow_capacity,
         },
     )?;
+    dp.set_flow_log_sample(options.flow_log_sample)?;
     dp.attach(&choices)?;
     let managed: Vec<(u32, String)> = choices
         .iter()
@@ -517,10 +545,21 @@ pub async fn run(options: RunOptions) -> Result<(), AgentError> {
             (Input::Control(link), Wakeup::View(events))
         }
     };
+    let scrapes = match options.metrics_listen {
+        Some(addr) => Some(
+            metrics::start(addr)
+                .await
+                .map_err(|source| AgentError::Io {
+                    op: "binding the metrics address (--metrics-listen; `off` serves none)",
+                    source,
+                })?,
+        ),
+        None => None,
+    };
     log_choices(&choices);
     info!("data plane ready");
 
-    follow(&options, dp, reconciler, input, wakeup, &managed).await
+    follow(&options, dp, reconciler, input, wakeup, &managed, scrapes).await
 }
 
 /// Joins the cluster if asked to (and not joined yet), then loads the node's
@@ -628,8 +667,8 @@ struct ControlLink {
     unhealthy: Vec<v1::BackendRef>,
     /// Network-policy verdict counters, sent with each report.
     policy_counters: Vec<v1::PolicyCounter>,
-    /// Refused flows on their way to the control service (bounded: a flood
-    /// loses events, never blocks the loop).
+    /// Flow-log events on their way to the control service (bounded: a
+    /// flood loses events, never blocks the loop).
     flows: mpsc::Sender<v1::FlowEvent>,
     saves: watch::Sender<Option<SavedView>>,
     /// The view changed since it was last handed to the saver.
@@ -647,7 +686,7 @@ impl ControlLink {
         let applied = Arc::new(AtomicU64::new(view.version()));
         let (events_tx, events) = mpsc::channel(64);
         let (reports, reports_rx) = watch::channel(None);
-        let (flows, flows_rx) = mpsc::channel(4096);
+        let (flows, flows_rx) = mpsc::channel(16_384);
         let (saves, saves_rx) = watch::channel(None);
         let tasks = vec![
             tokio::spawn(controlplane::follow(
@@ -755,13 +794,19 @@ impl ControlLink {
         }));
     }
 
-    /// Passes refused flows on to the control service.
-    fn report_flows(&self, events: Vec<v1::FlowEvent>) {
+    /// Passes flow-log events on to the control service.
+    /// Returns how many were lost (the queue to the control service full).
+    fn report_flows(&self, events: Vec<v1::FlowEvent>) -> u64 {
+        let mut lost = 0;
         for event in events {
             if self.flows.try_send(event).is_err() {
-                debug!("flow events arrive faster than they are reported; one lost");
+                lost += 1;
             }
         }
+        if lost > 0 {
+            debug!(lost, "flow events arrive faster than they are reported");
+        }
+        lost
     }
 
     /// Reports this node's probe verdicts at once when they changed: the
@@ -819,6 +864,11 @@ impl Drop for ControlLink {
     }
 }
 
+/// How long flow-log events wait for company before they are reported.
+const FLOW_BATCH_DELAY: Duration = Duration::from_millis(100);
+/// Flow-log events per report at most (the rest follow in the next).
+const FLOW_BATCH_MAX: usize = 2_000;
+
 /// Sends each status the follow loop publishes, on a connection of its own
 /// (re-made after a failure, with the current certificate). A report that
 /// fails is not retried: the next one carries newer numbers.
@@ -840,9 +890,15 @@ async fn report_status(
                 }
                 last = reports.borrow_and_update().clone();
             }
-            Some(event) = flows.recv() => events.push(event),
+            Some(event) = flows.recv() => {
+                events.push(event);
+                // A busy node's flow log goes in batches, not a report per flow.
+                tokio::time::sleep(FLOW_BATCH_DELAY).await;
+            }
         }
-        while let Ok(event) = flows.try_recv() {
+        while events.len() < FLOW_BATCH_MAX
+            && let Ok(event) = flows.try_recv()
+        {
             events.push(event);
         }
         let Some(mut report) = last.clone() else {
@@ -920,11 +976,18 @@ fn policy_counters(dp: &Dataplane, policy: Option<&v1::PolicyView>) -> Vec<v1::P
         .collect()
 }
 
-/// Drains the data plane's refused-flow events.
+/// Drains the data plane's flow log: each record as the API carries it,
+/// named after its service and policy counter, timed by the wall clock.
 fn read_flow_events(
     ring: &mut aya::maps::RingBuf<aya::maps::MapData>,
     policy: Option<&v1::PolicyView>,
+    state: &reconcile::State,
 ) -> Vec<v1::FlowEvent> {
+    // The kernel stamps records with the coarse monotonic clock.
+    let wall_now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let mono_now_ns = sys::coarse_now_ns();
     let mut out = Vec::new();
     while let Some(item) = ring.next() {
         if item.len() < std::mem::size_of::<FlowEvent>() {
@@ -933,36 +996,94 @@ fn read_flow_events(
         // SAFETY: the kernel wrote a whole `FlowEvent` (checked length); read
         // unaligned, as ring buffer records carry no alignment promise.
         let e: FlowEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
-        let at = |addr: u32, port: u16| {
-            format!(
-                "{}:{}",
-                std::net::Ipv4Addr::from(addr.to_ne_bytes()),
-                u16::from_be(port)
-            )
-        };
-        out.push(v1::FlowEvent {
-            time: String::new(),
-            node: String::new(),
-            verdict: "denied".to_owned(),
-            reason: sluice_common::reason::NAMES
-                .get(usize::from(e.reason))
-                .copied()
-                .unwrap_or("unknown")
-                .to_owned(),
-            client: at(e.client, e.client_port),
-            service: at(e.vip, e.vip_port),
-            backend: at(e.backend, e.backend_port),
-            protocol: match e.proto {
-                sluice_common::types::IPPROTO_UDP => v1::Protocol::Udp as i32,
-                _ => v1::Protocol::Tcp as i32,
-            },
-            counted_as: policy
-                .and_then(|p| p.slots.get(e.stats_slot as usize))
-                .cloned()
-                .unwrap_or_default(),
-        });
+        let age_ms = mono_now_ns.saturating_sub(e.time_ns) / 1_000_000;
+        out.push(flow_event_to_api(
+            &e,
+            policy,
+            state,
+            wall_now_ms.saturating_sub(age_ms),
+        ));
     }
     out
+}
+
+fn flow_event_to_api(
+    e: &FlowEvent,
+    policy: Option<&v1::PolicyView>,
+    state: &reconcile::State,
+    observed_unix_ms: u64,
+) -> v1::FlowEvent {
+    use sluice_common::types as t;
+    let at = |addr: u32, port: u16| {
+        format!(
+            "{}:{}",
+            std::net::Ipv4Addr::from(addr.to_ne_bytes()),
+            u16::from_be(port)
+        )
+    };
+    let frontend = FrontendKeyV4 {
+        vip: e.vip,
+        port: e.vip_port,
+        proto: e.proto,
+        _pad: 0,
+    };
+    let service = state
+        .frontends
+        .get(&frontend)
+        .map(|f| t::name_str(&f.meta.name).to_string())
+        .unwrap_or_default();
+    let (kind, verdict, reason) = match e.kind {
+        t::FLOW_EVENT_CLOSE => (
+            "close",
+            "forwarded",
+            if e.reason == t::CLOSE_RST {
+                "rst"
+            } else {
+                "fin"
+            },
+        ),
+        t::FLOW_EVENT_DROP => (
+            "drop",
+            if e.verdict == t::POLICY_DENIED {
+                "denied"
+            } else {
+                "dropped"
+            },
+            sluice_common::reason::NAMES
+                .get(usize::from(e.reason))
+                .copied()
+                .unwrap_or("unknown"),
+        ),
+        _ => ("new", "forwarded", ""),
+    };
+    let counted_as = match e.verdict {
+        t::POLICY_ALLOWED | t::POLICY_DENIED => policy
+            .and_then(|p| p.slots.get(e.stats_slot as usize))
+            .cloned()
+            .unwrap_or_default(),
+        _ => String::new(),
+    };
+    v1::FlowEvent {
+        time: String::new(),
+        node: String::new(),
+        verdict: verdict.to_owned(),
+        reason: reason.to_owned(),
+        client: at(e.client, e.client_port),
+        service,
+        backend: if e.backend == 0 {
+            String::new()
+        } else {
+            at(e.backend, e.backend_port)
+        },
+        protocol: match e.proto {
+            t::IPPROTO_UDP => v1::Protocol::Udp as i32,
+            _ => v1::Protocol::Tcp as i32,
+        },
+        counted_as,
+        kind: kind.to_owned(),
+        vip: at(e.vip, e.vip_port),
+        observed_unix_ms,
+    }
 }
 
 /// The steady state: react to the source, device changes, timers and
@@ -974,6 +1095,7 @@ async fn follow(
     mut input: Input,
     mut wakeup: Wakeup,
     managed: &[(u32, String)],
+    mut scrapes: Option<mpsc::Receiver<metrics::Scrape>>,
 ) -> Result<(), AgentError> {
     let mut features_rx = spawn_feature_monitor();
     let mut logger = dp.logger.take().and_then(|logger| {
@@ -1070,16 +1192,45 @@ async fn follow(
                     None => std::future::pending().await,
                 }
             } => {
-                let events = read_flow_events(guard.get_inner_mut(), reconciler.installed_policy.as_ref());
+                let events = read_flow_events(guard.get_inner_mut(), reconciler.installed_policy.as_ref(), &reconciler.state);
                 guard.clear_ready();
+                reconciler.stats.flow_events_read += events.len() as u64;
                 match &mut input {
-                    Input::Control(link) => link.report_flows(events),
+                    Input::Control(link) => {
+                        reconciler.stats.flow_events_unsent += link.report_flows(events);
+                    }
                     Input::Manifest { .. } => {
+                        // Without a control service the log is the flow log;
+                        // refusals stand out at info level.
                         for e in events {
-                            info!(client = %e.client, service = %e.service, backend = %e.backend, reason = %e.reason, "flow refused");
+                            if e.verdict == "forwarded" {
+                                debug!(kind = %e.kind, client = %e.client, service = %e.service, backend = %e.backend, reason = %e.reason, "flow");
+                            } else {
+                                info!(kind = %e.kind, verdict = %e.verdict, client = %e.client, vip = %e.vip, service = %e.service, backend = %e.backend, reason = %e.reason, "flow not forwarded");
+                            }
                         }
                     }
                 }
+            }
+            Some(reply) = async {
+                match scrapes.as_mut() {
+                    Some(rx) => rx.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                if let Input::Control(link) = &input {
+                    reconciler.stats.applied_version = Some(link.applied.load(Ordering::Acquire));
+                }
+                let page = metrics::render(&metrics::Sources {
+                    maps: &dp.maps,
+                    state: &reconciler.state,
+                    interfaces: dp.pins().map(|p| status::interfaces(&dp.maps, p)).unwrap_or_default(),
+                    policy: reconciler.installed_policy.as_ref(),
+                    stats: &reconciler.stats,
+                    flow_events_lost: dp.flow_events_lost(),
+                    policy_counters: policy_counters(&dp, reconciler.installed_policy.as_ref()),
+                });
+                let _ = reply.send(page);
             }
             Ok(mut guard) = async {
                 match logger.as_mut() {

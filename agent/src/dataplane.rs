@@ -40,7 +40,7 @@ use aya::{
 };
 use sluice_common::{
     layout::{LAYOUT_VERSION, MAX_INTERFACES, map, program},
-    types::{AgentMeta, IfaceMeta, fixed_name, hook, name_str},
+    types::{AgentMeta, FlowLogConfig, IfaceMeta, fixed_name, hook, name_str},
 };
 use tracing::{info, warn};
 
@@ -324,6 +324,36 @@ impl Dataplane {
                 path: pins.map(map::AGENT_META),
                 source,
             })
+    }
+
+    /// Where its maps and links are pinned (`None` for unpinned test loads).
+    pub fn pins(&self) -> Option<&PinDir> {
+        self.pins.as_ref()
+    }
+
+    /// Which flows the data plane reports to the flow log: one in `every`
+    /// (0: none but policy refusals; 1: all).
+    pub fn set_flow_log_sample(&mut self, every: u32) -> Result<(), DataplaneError> {
+        let config = FlowLogConfig {
+            sample_every: every,
+            _pad: 0,
+        };
+        self.maps.flow_log.set(0, config, 0).map_err(|source| {
+            DataplaneError::Maps(MapsError::Op {
+                op: "setting the flow-log sample",
+                name: map::FLOW_LOG,
+                source,
+            })
+        })
+    }
+
+    /// Flow-log events the kernel could not queue (the agent fell behind).
+    pub fn flow_events_lost(&self) -> u64 {
+        self.maps
+            .flow_events_lost
+            .get(&0, 0)
+            .map(|per_cpu| per_cpu.iter().sum())
+            .unwrap_or(0)
     }
 
     pub fn xdp_program(&mut self) -> &mut Xdp {

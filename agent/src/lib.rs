@@ -25,6 +25,7 @@ pub mod health;
 /// The manifest format lives with the API contract, shared with the control service.
 pub use sluice_api::manifest;
 pub mod maps;
+pub mod metrics;
 pub mod netdev;
 pub mod objects;
 pub mod pins;

@@ -118,6 +118,15 @@ struct DataplaneArgs {
     /// interface are removed (younger ones may belong to an agent starting up).
     #[arg(long, default_value_t = 600, hide = true)]
     stale_pin_age: u64,
+    /// One flow in N goes to the flow log (`sluicectl flows`): its opening,
+    /// closing and drops, chosen by its 5-tuple. 1: every flow; 0: none
+    /// (refusals by network policy are always logged).
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    flow_log_sample: u32,
+    /// Address for the Prometheus metrics (`GET /metrics`, plain HTTP);
+    /// `off` serves none.
+    #[arg(long, default_value = "127.0.0.1:9464", value_name = "ADDR|off")]
+    metrics_listen: String,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -213,8 +222,16 @@ fn run_agent(source: Source, args: DataplaneArgs) -> Result<(), Box<dyn std::err
     if args.sweep_interval == 0 {
         return Err("--sweep-interval must be at least 1 second".into());
     }
+    let metrics_listen = match args.metrics_listen.as_str() {
+        "off" => None,
+        addr => Some(addr.parse().map_err(|e| {
+            format!("--metrics-listen {addr:?}: expected ADDRESS:PORT or off ({e})")
+        })?),
+    };
     let options = RunOptions {
         source,
+        flow_log_sample: args.flow_log_sample,
+        metrics_listen,
         interfaces: args.interfaces,
         mode: args.mode,
         bpffs_root: args.bpffs_root,

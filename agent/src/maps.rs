@@ -20,9 +20,9 @@ use sluice_common::{
     layout::{MAX_BACKENDS, map},
     reason,
     types::{
-        AffinityKeyV4, AffinityV4, AgentMeta, Backend, FlowKeyV4, FlowV4, Frontend, FrontendKeyV4,
-        FrontendMeta, IfaceMeta, NextHop, PolicyIdentity, PolicyRule, PolicyRuleKey, PolicyState,
-        PolicyStats, ReplyV4, TrafficStats,
+        AffinityKeyV4, AffinityV4, AgentMeta, Backend, FlowKeyV4, FlowLogConfig, FlowV4, Frontend,
+        FrontendKeyV4, FrontendMeta, IfaceMeta, NextHop, PolicyIdentity, PolicyRule, PolicyRuleKey,
+        PolicyState, PolicyStats, ReplyV4, TrafficStats,
     },
 };
 
@@ -89,6 +89,8 @@ pub struct Maps {
     pub policy_stats: PerCpuArray<MapData, PolicyStats>,
     /// Taken by the run loop, which reads it.
     pub flow_events: Option<RingBuf<MapData>>,
+    pub flow_log: Array<MapData, FlowLogConfig>,
+    pub flow_events_lost: PerCpuArray<MapData, u64>,
 }
 
 /// Where to get a map from.
@@ -162,6 +164,8 @@ impl Maps {
             policy_state: typed!(source, map::POLICY_STATE),
             policy_stats: typed!(source, map::POLICY_STATS),
             flow_events: Some(typed!(source, map::FLOW_EVENTS)),
+            flow_log: typed!(source, map::FLOW_LOG),
+            flow_events_lost: typed!(source, map::FLOW_EVENTS_LOST),
         })
     }
 

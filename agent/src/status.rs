@@ -164,6 +164,25 @@ pub fn report(pins: &PinDir) -> Result<Report, StatusError> {
     let state = apply::read_state(&maps)?;
     let meta = maps.agent_meta.get(&0, 0).unwrap_or_default();
 
+    let interfaces = interfaces(&maps, pins);
+    let services = services(&maps, &state)?;
+
+    Ok(Report {
+        pin_dir: pins.path().display().to_string(),
+        netns_cookie: meta.netns_cookie,
+        layout_version: meta.layout_version,
+        manifest_hash: format!("{:016x}", meta.manifest_hash),
+        applied_at: meta.applied_at,
+        interfaces,
+        services,
+        flows: maps.flows.keys().count(),
+        outcomes: maps.outcomes()?,
+    })
+}
+
+/// The interfaces the data plane serves, with their hook and whether its
+/// program is attached (a live link pin).
+pub fn interfaces(maps: &Maps, pins: &PinDir) -> Vec<InterfaceReport> {
     let mut interfaces = Vec::new();
     let links = pins.link_pins().unwrap_or_default();
     for slot in 0..MAX_INTERFACES {
@@ -186,19 +205,7 @@ pub fn report(pins: &PinDir) -> Result<Report, StatusError> {
         });
     }
 
-    let services = services(&maps, &state)?;
-
-    Ok(Report {
-        pin_dir: pins.path().display().to_string(),
-        netns_cookie: meta.netns_cookie,
-        layout_version: meta.layout_version,
-        manifest_hash: format!("{:016x}", meta.manifest_hash),
-        applied_at: meta.applied_at,
-        interfaces,
-        services,
-        flows: maps.flows.keys().count(),
-        outcomes: maps.outcomes()?,
-    })
+    interfaces
 }
 
 /// Services and backends with their counters, from open maps and the state

@@ -24,7 +24,7 @@ use sluice_agent::{
 };
 use sluice_common::{
     layout::map,
-    types::{AffinityKeyV4, AffinityV4, FlowKeyV4, FlowV4, TrafficStats},
+    types::{AffinityKeyV4, AffinityV4, FlowEvent, FlowKeyV4, FlowV4, TrafficStats},
 };
 
 pub const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 2);
@@ -276,6 +276,31 @@ impl Lab {
             .iter()
             .map(|e| e.expect("flow entry"))
             .collect()
+    }
+
+    /// One flow in `every` goes to the flow log (0: only policy refusals).
+    pub fn set_flow_log_sample(&mut self, every: u32) {
+        self.dataplane
+            .set_flow_log_sample(every)
+            .expect("setting the flow-log sample");
+    }
+
+    /// Drains the flow-log ring: the records written since the last call.
+    pub fn flow_events(&mut self) -> Vec<FlowEvent> {
+        let ring = self
+            .dataplane
+            .maps
+            .flow_events
+            .as_mut()
+            .expect("the flow-log ring");
+        let mut out = Vec::new();
+        while let Some(item) = ring.next() {
+            assert_eq!(item.len(), size_of::<FlowEvent>(), "record size");
+            // SAFETY: a whole `FlowEvent` (length checked); ring records carry
+            // no alignment promise, hence the unaligned read.
+            out.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) });
+        }
+        out
     }
 
     /// Client-IP affinity entries.

@@ -1381,3 +1381,173 @@ backends: [{ address: 198.19.3.2 }]
         });
     }
 }
+
+/// The flow log: what the programs write to `FLOW_EVENTS`, and which flows.
+mod flow_log {
+    use sluice_common::{
+        flowlog, reason,
+        types::{
+            CLOSE_FIN, CLOSE_RST, FLOW_EVENT_CLOSE, FLOW_EVENT_DROP, FLOW_EVENT_NEW, FlowEvent,
+            IPPROTO_TCP, NO_FRONTEND, POLICY_NONE,
+        },
+    };
+
+    use super::*;
+
+    fn be(addr: Ipv4Addr) -> u32 {
+        u32::from_ne_bytes(addr.octets())
+    }
+
+    fn kinds(events: &[FlowEvent]) -> Vec<(u8, u8)> {
+        events.iter().map(|e| (e.kind, e.reason)).collect()
+    }
+
+    #[test]
+    fn flows_are_logged_when_opened_closed_and_dropped() {
+        for hook in HOOKS {
+            with_lab(MANIFEST, |lab| {
+                lab.set_flow_log_sample(1);
+                assert_eq!(open(lab, hook, 40000), backend(1));
+                let opened = lab.flow_events();
+                assert_eq!(opened.len(), 1, "{hook:?}: {opened:?}");
+                let e = opened[0];
+                assert_eq!((e.kind, e.verdict), (FLOW_EVENT_NEW, POLICY_NONE));
+                assert_eq!((e.client, e.client_port), (be(CLIENT), 40000u16.to_be()));
+                assert_eq!((e.vip, e.vip_port), (be(VIP), 80u16.to_be()));
+                assert_eq!(
+                    (e.backend, e.backend_port),
+                    (be(backend(1)), 8080u16.to_be())
+                );
+                assert_eq!(e.proto, IPPROTO_TCP);
+                assert_ne!(e.frontend_id, NO_FRONTEND);
+                assert!(e.time_ns > 0 && e.time_ns <= coarse_now_ns() + 1_000_000_000);
+
+                // Data is not an event; the client's FIN closes the flow once.
+                run(lab, hook, "n0", &to_vip(40000, TCP_ACK | TCP_PSH));
+                run(lab, hook, "n0", &to_vip(40000, TCP_FIN | TCP_ACK));
+                let fin = Spec::tcp((backend(1), 8080), (CLIENT, 40000), TCP_FIN | TCP_ACK).build();
+                run(lab, hook, "nb1", &fin);
+                let closed = lab.flow_events();
+                assert_eq!(kinds(&closed), [(FLOW_EVENT_CLOSE, CLOSE_FIN)], "{hook:?}");
+                assert_eq!(closed[0].backend, be(backend(1)));
+                assert_eq!(closed[0].frontend_id, e.frontend_id);
+
+                // A backend's RST closes from the reply side, named as the
+                // client's flow (client → VIP).
+                assert_eq!(open(lab, hook, 40001), backend(2));
+                let rst = Spec::tcp((backend(2), 8080), (CLIENT, 40001), TCP_RST).build();
+                run(lab, hook, "nb2", &rst);
+                let events = lab.flow_events();
+                assert_eq!(
+                    kinds(&events),
+                    [(FLOW_EVENT_NEW, 0), (FLOW_EVENT_CLOSE, CLOSE_RST)],
+                    "{hook:?}"
+                );
+                assert_eq!(
+                    (events[1].vip, events[1].client_port),
+                    (be(VIP), 40001u16.to_be())
+                );
+
+                // Drops, each with its reason.
+                let wrong_port = Spec::tcp((CLIENT, 40002), (VIP, 81), TCP_SYN).build();
+                let no_backend = Spec::tcp((CLIENT, 40003), (VIP_NO_BACKENDS, 80), TCP_SYN).build();
+                let fragment = Spec {
+                    fragment: (true, 0),
+                    ..syn(40004)
+                };
+                for frame in [
+                    wrong_port,
+                    no_backend,
+                    fragment.build(),
+                    to_vip(40005, TCP_RST),
+                ] {
+                    assert_eq!(run(lab, hook, "n0", &frame).0, Action::Drop, "{hook:?}");
+                }
+                let drops = lab.flow_events();
+                let why = |r: u32| (FLOW_EVENT_DROP, r as u8);
+                assert_eq!(
+                    kinds(&drops),
+                    [
+                        why(reason::DROP_VIP_UNKNOWN_PORT),
+                        why(reason::DROP_NO_BACKEND),
+                        why(reason::DROP_VIP_FRAGMENT),
+                        why(reason::DROP_RST_NO_FLOW),
+                    ],
+                    "{hook:?}"
+                );
+                assert_eq!(drops[0].frontend_id, NO_FRONTEND, "no service port matched");
+                assert_ne!(drops[1].frontend_id, NO_FRONTEND, "the service matched");
+                assert!(
+                    drops.iter().all(|d| d.backend == 0),
+                    "{hook:?}: no backend chosen"
+                );
+                assert_eq!(
+                    (drops[2].client_port, drops[2].vip_port),
+                    (0, 0),
+                    "a fragment has no ports"
+                );
+
+                // Traffic that is not Sluice's is never logged.
+                let elsewhere = Spec::tcp((CLIENT, 40006), (backend(1), 8080), TCP_SYN).build();
+                assert_eq!(run(lab, hook, "n0", &elsewhere).0, Action::Pass);
+                assert!(lab.flow_events().is_empty());
+            });
+        }
+    }
+
+    #[test]
+    fn a_sample_takes_the_same_flows_at_opening_and_closing() {
+        for hook in HOOKS {
+            with_lab(MANIFEST, |lab| {
+                lab.set_flow_log_sample(4);
+                let sports = 41000..41200u16;
+                for sport in sports.clone() {
+                    open(lab, hook, sport);
+                }
+                let opened: Vec<u16> = lab
+                    .flow_events()
+                    .iter()
+                    .map(|e| u16::from_be(e.client_port))
+                    .collect();
+                let predicted: Vec<u16> = sports
+                    .clone()
+                    .filter(|&p| {
+                        flowlog::sampled(
+                            be(CLIENT),
+                            be(VIP),
+                            p.to_be(),
+                            80u16.to_be(),
+                            IPPROTO_TCP,
+                            4,
+                        )
+                    })
+                    .collect();
+                assert_eq!(
+                    opened, predicted,
+                    "{hook:?}: the kernel samples as user space predicts"
+                );
+                assert!(
+                    (25..=75).contains(&opened.len()),
+                    "{hook:?}: about 1 in 4 of 200: {}",
+                    opened.len()
+                );
+                for sport in sports.clone() {
+                    run(lab, hook, "n0", &to_vip(sport, TCP_FIN | TCP_ACK));
+                }
+                let closed: Vec<u16> = lab
+                    .flow_events()
+                    .iter()
+                    .map(|e| u16::from_be(e.client_port))
+                    .collect();
+                assert_eq!(closed, predicted, "{hook:?}: closes of the same flows");
+
+                lab.set_flow_log_sample(0);
+                open(lab, hook, 42000);
+                assert!(
+                    lab.flow_events().is_empty(),
+                    "{hook:?}: 0 turns the log off"
+                );
+            });
+        }
+    }
+}

@@ -31,6 +31,10 @@ struct Cli {
     /// Validity of admin certificates, in seconds.
     #[arg(long, default_value_t = 365 * 24 * 3600)]
     user_cert_ttl: u64,
+    /// Address for the Prometheus metrics (`GET /metrics`, plain HTTP);
+    /// `off` serves none.
+    #[arg(long, default_value = "127.0.0.1:9465", value_name = "ADDR|off")]
+    metrics_listen: String,
 }
 
 fn main() -> ExitCode {
@@ -73,6 +77,28 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         user_cert_ttl: Duration::from_secs(cli.user_cert_ttl),
     })
     .context("opening the control service's state")?;
+    if cli.metrics_listen != "off" {
+        let addr: SocketAddr = cli.metrics_listen.parse().with_context(|| {
+            format!(
+                "--metrics-listen {:?}: expected ADDRESS:PORT or off",
+                cli.metrics_listen
+            )
+        })?;
+        let metrics = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding the metrics address {addr} (--metrics-listen)"))?;
+        tracing::info!(listen = %addr, "serving Prometheus metrics at /metrics");
+        let control = control.clone();
+        tokio::spawn(async move {
+            let render = move || {
+                let control = control.clone();
+                async move { Some(control.render_metrics()) }
+            };
+            if let Err(e) = sluice_api::metrics::serve(metrics, render).await {
+                tracing::warn!("metrics server stopped: {e}");
+            }
+        });
+    }
     tracing::info!(url = %control.server_url(), "control service ready");
     let shutdown = async {
         let mut term =

@@ -86,17 +86,14 @@ pub enum Command {
         #[command(subcommand)]
         command: NodeCommand,
     },
-    /// Flows the nodes refused (network policy): the recent ones, then with
-    /// --follow each new one as it is reported. One line each; -o json gives
-    /// one JSON object per line.
-    Flows {
-        /// Which flows: only refused ones are recorded as events.
-        #[arg(long, value_enum, default_value_t = FlowVerdict::Denied)]
-        verdict: FlowVerdict,
-        /// Keep streaming new events until interrupted.
-        #[arg(short, long)]
-        follow: bool,
-    },
+    /// The flow log, cluster-wide: flows the nodes opened, closed and dropped
+    /// (a sample, as each agent's --flow-log-sample says; every refusal by
+    /// network policy). The recent ones, then with --follow each new one as
+    /// it is reported. One line each; -o json gives one JSON object per line.
+    Flows(FlowsArgs),
+    /// Live traffic rates per service and backend, summed over the nodes,
+    /// refreshed in place (the nodes report their counters every few seconds).
+    Top(TopArgs),
     /// Show who the control service takes you for.
     Whoami,
     /// Print a shell completion script to stdout.
@@ -310,15 +307,72 @@ impl From<ObjectKindArg> for ObjectKind {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum FlowVerdict {
+    /// Balanced and passed on (opened or closed).
+    Forwarded,
+    /// Refused by network policy.
     Denied,
+    /// Dropped for any other reason (no backend, unknown port, fragment...).
+    Dropped,
 }
 
 impl FlowVerdict {
     pub fn as_str(self) -> &'static str {
         match self {
+            Self::Forwarded => "forwarded",
             Self::Denied => "denied",
+            Self::Dropped => "dropped",
         }
     }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum FlowKind {
+    New,
+    Close,
+    Drop,
+}
+
+impl FlowKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::New => "new",
+            Self::Close => "close",
+            Self::Drop => "drop",
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct FlowsArgs {
+    /// Only this service's flows: NAME (in -n's namespace) or NAMESPACE/NAME.
+    #[arg(long, value_name = "SERVICE")]
+    pub service: Option<String>,
+    #[command(flatten)]
+    pub namespace: NamespaceArg,
+    /// Only flows with this verdict.
+    #[arg(long, value_enum)]
+    pub verdict: Option<FlowVerdict>,
+    /// Only events of this kind.
+    #[arg(long, value_enum)]
+    pub kind: Option<FlowKind>,
+    /// Keep streaming new events until interrupted.
+    #[arg(short, long)]
+    pub follow: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct TopArgs {
+    /// Seconds between refreshes.
+    #[arg(long, default_value_t = 2, value_name = "SECONDS",
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub interval: u64,
+    /// Stop after this many refreshes (default: until interrupted). With it,
+    /// each refresh is printed below the last instead of in place.
+    #[arg(long, value_name = "N")]
+    pub count: Option<u32>,
+    /// Only services of this namespace (default: every namespace).
+    #[arg(short = 'n', long, value_name = "NAMESPACE")]
+    pub namespace: Option<String>,
 }
 
 /// `describe` knows services only.

@@ -233,16 +233,11 @@ impl Client {
         Ok(())
     }
 
-    /// Refused flows: the recent ones, then (with `follow`) each new one.
+    /// The flow log: the recent events, then (with `follow`) each new one.
     pub async fn watch_flows(
         &self,
-        verdict: &str,
-        follow: bool,
+        request: v1::WatchFlowsRequest,
     ) -> Result<tonic::Streaming<v1::FlowEvent>, CliError> {
-        let request = v1::WatchFlowsRequest {
-            verdict: verdict.to_owned(),
-            follow,
-        };
         let response = self
             .cluster
             .clone()

@@ -7,7 +7,7 @@ use sluice_api::pki;
 use sluice_api::v1;
 
 use super::Context;
-use super::args::{FlowVerdict, Format};
+use super::args::Format;
 use super::error::CliError;
 use super::model::{Identity, JoinToken, NewUser};
 use super::output::{fields, json, print, yaml};
@@ -176,55 +176,6 @@ fn identity_text(identity: &Identity, server: &str) -> String {
         ("Groups", groups),
         ("Server", server.to_owned()),
     ])
-}
-
-/// `flows`: refused flows, one line each (JSON: one object per line), as they
-/// come.
-pub async fn flows(cx: &Context, verdict: FlowVerdict, follow: bool) -> Result<(), CliError> {
-    let client = cx.connect().await?;
-    let mut stream = client.watch_flows(verdict.as_str(), follow).await?;
-    if matches!(cx.format, Format::Table) {
-        print(&format!(
-            "{:<30} {:<10} {:<8} {:<21} {:<21} {:<21} {:<5} {}\n",
-            "TIME", "NODE", "VERDICT", "CLIENT", "SERVICE", "BACKEND", "PROTO", "COUNTED AS"
-        ))?;
-    }
-    while let Some(event) = client.next_flow(&mut stream).await? {
-        let protocol = v1::Protocol::try_from(event.protocol).map_or("?", |p| match p {
-            v1::Protocol::Tcp => "TCP",
-            v1::Protocol::Udp => "UDP",
-            v1::Protocol::Unspecified => "?",
-        });
-        let line = match cx.format {
-            Format::Table => format!(
-                "{:<30} {:<10} {:<8} {:<21} {:<21} {:<21} {:<5} {}\n",
-                event.time,
-                event.node,
-                event.verdict,
-                event.client,
-                event.service,
-                event.backend,
-                protocol,
-                event.counted_as
-            ),
-            Format::Yaml | Format::Json => {
-                let value = serde_json::json!({
-                    "time": event.time,
-                    "node": event.node,
-                    "verdict": event.verdict,
-                    "reason": event.reason,
-                    "client": event.client,
-                    "service": event.service,
-                    "backend": event.backend,
-                    "protocol": protocol,
-                    "countedAs": event.counted_as,
-                });
-                format!("{value}\n")
-            }
-        };
-        print(&line)?;
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -19,11 +19,13 @@ mod cluster;
 mod config;
 mod duration;
 mod error;
+mod flows;
 mod model;
 mod output;
 mod resources;
 mod rollout;
 mod tables;
+mod top;
 
 use std::path::PathBuf;
 
@@ -85,7 +87,8 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             command: NodeCommand::Remove { name },
         } => cluster::remove_node(&cx, &name).await,
         Command::Whoami => cluster::whoami(&cx).await,
-        Command::Flows { verdict, follow } => cluster::flows(&cx, verdict, follow).await,
+        Command::Flows(args) => flows::flows(&cx, args).await,
+        Command::Top(args) => top::top(&cx, args).await,
         Command::Completion { shell } => {
             let mut script = Vec::new();
             clap_complete::generate(shell, &mut Cli::command(), "sluicectl", &mut script);

@@ -1,6 +1,7 @@
-//! Flow events: the flows the nodes' data planes refused, as their agents
-//! report them, kept in memory (the most recent [`KEPT`]) and streamed to
-//! `sluicectl flows`.
+//! The flow log: the flows the nodes' data planes opened, closed and dropped
+//! (sampled by each agent; every policy refusal), as their agents report
+//! them, kept in memory (the most recent [`KEPT`]) and streamed to
+//! `sluicectl flows` and the dashboard.
 
 use std::{collections::VecDeque, sync::Arc};
 
@@ -40,10 +41,14 @@ impl Flows {
             return;
         }
         let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
-        let now = super::state::rfc3339(std::time::SystemTime::now());
+        let now = std::time::SystemTime::now();
         for mut event in events {
             event.node = node.to_owned();
-            event.time = now.clone();
+            let observed = match event.observed_unix_ms {
+                0 => now,
+                ms => std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms),
+            };
+            event.time = rfc3339_ms(observed);
             let event = Arc::new(event);
             if recent.len() == KEPT {
                 recent.pop_front();
@@ -55,46 +60,105 @@ impl Flows {
     }
 }
 
-fn wanted(verdict: &str, event: &v1::FlowEvent) -> bool {
-    verdict.is_empty() || event.verdict == verdict
+fn rfc3339_ms(t: std::time::SystemTime) -> String {
+    let t = time::OffsetDateTime::from(t);
+    let t = t
+        .replace_nanosecond(t.millisecond() as u32 * 1_000_000)
+        .unwrap_or(t);
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+/// What a flow-log request asks for; empty fields match everything.
+#[derive(Clone, Debug, Default)]
+pub struct FlowFilter {
+    pub verdict: String,
+    pub service: String,
+    pub kind: String,
+}
+
+impl FlowFilter {
+    pub fn matches(&self, event: &v1::FlowEvent) -> bool {
+        (self.verdict.is_empty() || event.verdict == self.verdict)
+            && (self.service.is_empty() || event.service == self.service)
+            && (self.kind.is_empty() || event.kind == self.kind)
+    }
+}
+
+impl Flows {
+    /// The recent events `filter` matches, oldest first, at most `limit`
+    /// (the newest ones).
+    pub fn recent(&self, filter: &FlowFilter, limit: usize) -> Vec<Arc<v1::FlowEvent>> {
+        let recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out: Vec<_> = recent
+            .iter()
+            .rev()
+            .filter(|e| filter.matches(e))
+            .take(limit)
+            .cloned()
+            .collect();
+        out.reverse();
+        out
+    }
+
+    /// Every event from now on (a slow reader skips what it lagged behind).
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Arc<v1::FlowEvent>> {
+        self.live.subscribe()
+    }
 }
 
 impl Control {
     /// The recent events matching the request, then (with `follow`) each new
-    /// one. Flows are cluster-wide: the caller needs `list nodes`.
+    /// one. The whole flow log is cluster-wide: the caller needs `list
+    /// nodes`; one service's flows need `get` on that service.
     pub fn watch_flows(
         &self,
         caller: &Caller,
         request: v1::WatchFlowsRequest,
     ) -> Result<ReceiverStream<Result<v1::FlowEvent, Status>>, ApiError> {
-        rbac::check(
-            caller,
-            Verb::List,
-            Resource::Nodes,
-            None,
-            &self.state().grants(),
-        )?;
-        let v1::WatchFlowsRequest { verdict, follow } = request;
-        if !matches!(verdict.as_str(), "" | "denied") {
-            return Err(ApiError::Invalid {
-                message: format!(
-                    "verdict: {verdict:?}: only denied flows are recorded as events (allowed flows \
-                     are counted: sluicectl describe service, sluice-agent status)"
-                ),
-            });
+        let v1::WatchFlowsRequest {
+            verdict,
+            follow,
+            service,
+            kind,
+        } = request;
+        let invalid = |message: String| ApiError::Invalid { message };
+        if !matches!(verdict.as_str(), "" | "forwarded" | "denied" | "dropped") {
+            return Err(invalid(format!(
+                "verdict: {verdict:?}: expected forwarded, denied or dropped"
+            )));
         }
+        if !matches!(kind.as_str(), "" | "new" | "close" | "drop") {
+            return Err(invalid(format!(
+                "kind: {kind:?}: expected new, close or drop"
+            )));
+        }
+        let grants = self.state().grants();
+        if service.is_empty() {
+            rbac::check(caller, Verb::List, Resource::Nodes, None, &grants)?;
+        } else {
+            let Some((namespace, _name)) = service.split_once('/') else {
+                return Err(invalid(format!(
+                    "service: {service:?}: expected NAMESPACE/NAME"
+                )));
+            };
+            rbac::check(
+                caller,
+                Verb::Get,
+                Resource::Services,
+                Some(namespace),
+                &grants,
+            )?;
+        }
+        let filter = FlowFilter {
+            verdict,
+            service,
+            kind,
+        };
         // Subscribe before reading the recent ones: an event in between may
         // come twice, never not at all.
-        let mut live = self.flows.live.subscribe();
-        let recent: Vec<Arc<v1::FlowEvent>> = self
-            .flows
-            .recent
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .filter(|e| wanted(&verdict, e))
-            .cloned()
-            .collect();
+        let mut live = self.flows.subscribe();
+        let recent = self.flows.recent(&filter, KEPT);
         let (tx, rx) = mpsc::channel(256);
         tokio::spawn(async move {
             for event in recent {
@@ -108,7 +172,7 @@ impl Control {
             loop {
                 tokio::select! {
                     event = live.recv() => match event {
-                        Ok(event) if wanted(&verdict, &event) => {
+                        Ok(event) if filter.matches(&event) => {
                             if tx.send(Ok((*event).clone())).await.is_err() {
                                 return;
                             }

@@ -14,6 +14,7 @@ pub mod auth;
 pub mod cluster;
 pub mod flows;
 pub mod health;
+pub mod metrics;
 pub mod nodes;
 pub mod resources;
 pub mod state;
@@ -106,6 +107,7 @@ pub struct Control {
     health: tokio::sync::watch::Sender<Arc<health::Unhealthy>>,
     started: std::time::Instant,
     flows: flows::Flows,
+    metrics: metrics::ControlMetrics,
 }
 
 impl Control {
@@ -144,6 +146,7 @@ impl Control {
             health: tokio::sync::watch::Sender::new(Arc::default()),
             started: std::time::Instant::now(),
             flows: flows::Flows::default(),
+            metrics: metrics::ControlMetrics::default(),
         });
         control.write_admin_config_once()?;
         Ok(control)
@@ -218,11 +221,13 @@ impl Control {
             return Ok(out);
         }
         let store = self.store.clone();
+        let committing = std::time::Instant::now();
         let committed = tokio::task::spawn_blocking(move || draft.commit(store.as_ref()))
             .await
             .map_err(|e| ApiError::Invalid {
                 message: format!("commit task failed: {e}"),
             })??;
+        self.metrics.record_commit(committing.elapsed());
         let Committed { state, update } = committed;
         let revision = state.revision;
         *self.state.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(state);
@@ -281,6 +286,7 @@ impl Control {
         info!(listen = %self.options.listen, names = ?dns, ips = ?ips, "serving the control API (TLS only)");
         tonic::transport::Server::builder()
             .tls_config(tls)?
+            .layer(metrics::ApiMetricsLayer(self.clone()))
             .add_service(health_service)
             .add_service(reflection)
             .add_service(

@@ -214,6 +214,7 @@ impl Control {
         let changed = entry.unhealthy != unhealthy;
         entry.unhealthy = unhealthy;
         drop(live);
+        self.metrics.record_flow_events(req.flows.len());
         self.flows.record(node, req.flows);
         if changed {
             self.judge_health();

@@ -3,8 +3,9 @@
 /// Bumped whenever a pinned map's key, value or type changes, or a map is added
 /// or removed. The agent refuses to reuse pinned maps of another layout instead
 /// of misreading them (5: affinity timeout in `Frontend`, `AFFINITY_V4`;
-/// 6: the policy maps, `FLOW_EVENTS`, `drop_policy` among the outcomes).
-pub const LAYOUT_VERSION: u32 = 6;
+/// 6: the policy maps, `FLOW_EVENTS`, `drop_policy` among the outcomes;
+/// 7: the flow log: 40-byte `FlowEvent`s, `FLOW_LOG`, `FLOW_EVENTS_LOST`).
+pub const LAYOUT_VERSION: u32 = 7;
 
 /// Service ports `(VIP, port, protocol)`; each has an id indexing per-frontend arrays.
 pub const MAX_FRONTENDS: u32 = 16_384;
@@ -39,10 +40,10 @@ pub const POLICY_IDENTITY_CAPACITY: u32 = 131_072;
 /// Network policy: (destination, source, port, protocol) → allow entries, per
 /// generation, two generations at a time.
 pub const POLICY_RULE_CAPACITY: u32 = 262_144;
-/// Bytes of the denied-flow event ring (32-byte events plus an 8-byte header
-/// each: about 5,000 events between two reads). A flood beyond that loses
-/// events, never packets; the counters stay exact.
-pub const FLOW_EVENTS_BYTES: u32 = 256 * 1024;
+/// Bytes of the flow-log ring (40-byte events plus an 8-byte header each:
+/// about 21,000 events between two reads). A flood beyond that loses events
+/// (counted in `FLOW_EVENTS_LOST`), never packets; the counters stay exact.
+pub const FLOW_EVENTS_BYTES: u32 = 1024 * 1024;
 /// Counter slots: one per policy (allowed flows) and one per enforced
 /// destination identity (denied flows).
 pub const POLICY_STATS_SLOTS: u32 = 16_384;
@@ -78,9 +79,11 @@ pub mod map {
     pub const POLICY_STATE: &str = "POLICY_STATE";
     pub const POLICY_STATS: &str = "POLICY_STATS";
     pub const FLOW_EVENTS: &str = "FLOW_EVENTS";
+    pub const FLOW_LOG: &str = "FLOW_LOG";
+    pub const FLOW_EVENTS_LOST: &str = "FLOW_EVENTS_LOST";
 
     /// Every map the agent pins, in the order it checks them.
-    pub const PINNED: [&str; 22] = [
+    pub const PINNED: [&str; 24] = [
         FRONTENDS_V4,
         VIPS_V4,
         FLOWS_V4,
@@ -103,6 +106,8 @@ pub mod map {
         POLICY_STATE,
         POLICY_STATS,
         FLOW_EVENTS,
+        FLOW_LOG,
+        FLOW_EVENTS_LOST,
     ];
 }
 

@@ -6,6 +6,7 @@
 //! * [`csum`]: Internet checksum arithmetic (RFC 1071, RFC 1624).
 //! * [`slots`] (feature `user`): the slot tables behind (weighted) round-robin.
 //! * [`maglev`]: the flow hash (kernel) and Maglev lookup tables (feature `user`).
+//! * [`flowlog`]: which flows the flow log samples.
 //!
 //! All integers that travel in packets (addresses, ports) are stored in network
 //! byte order exactly as they appear on the wire, so the kernel never swaps bytes.
@@ -15,6 +16,7 @@
 extern crate std;
 
 pub mod csum;
+pub mod flowlog;
 pub mod layout;
 pub mod maglev;
 pub mod reason;

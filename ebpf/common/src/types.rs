@@ -305,8 +305,34 @@ pub struct PolicyStats {
 }
 const _: () = assert!(size_of::<PolicyStats>() == 16);
 
-/// A flow the data plane refused, as `FLOW_EVENTS` (a ring buffer) carries it.
-/// Addresses and ports in network order.
+/// [`FlowEvent::kind`]: a flow opened (sampled).
+pub const FLOW_EVENT_NEW: u8 = 1;
+/// [`FlowEvent::kind`]: a TCP flow closed by FIN or RST (sampled like its opening).
+pub const FLOW_EVENT_CLOSE: u8 = 2;
+/// [`FlowEvent::kind`]: a packet to a VIP dropped, [`FlowEvent::reason`] says why
+/// (sampled, except network-policy refusals, which are all reported).
+pub const FLOW_EVENT_DROP: u8 = 3;
+
+/// [`FlowEvent::verdict`]: no network policy applied to the flow.
+pub const POLICY_NONE: u8 = 0;
+/// [`FlowEvent::verdict`]: a policy rule allowed it ([`FlowEvent::stats_slot`] counted it).
+pub const POLICY_ALLOWED: u8 = 1;
+/// [`FlowEvent::verdict`]: network policy refused it.
+pub const POLICY_DENIED: u8 = 2;
+
+/// [`FlowEvent::reason`] of a close: the TCP flag that ended the flow.
+pub const CLOSE_FIN: u8 = 1;
+pub const CLOSE_RST: u8 = 2;
+
+/// [`FlowEvent::frontend_id`] of a drop before any service port matched.
+pub const NO_FRONTEND: u32 = u32::MAX;
+
+/// One flow-log record, as `FLOW_EVENTS` (a ring buffer) carries it to the
+/// agent. Addresses and ports in network order.
+///
+/// Fields are ordered so that every 8-byte word of the record is 8-byte
+/// aligned: LLVM merges adjacent constant stores into one 64-bit store, and
+/// the verifier refuses a misaligned one on the stack.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowEvent {
@@ -314,17 +340,37 @@ pub struct FlowEvent {
     pub time_ns: u64,
     pub client: u32,
     pub vip: u32,
+    /// 0 when no backend was chosen (a drop before balancing).
     pub backend: u32,
+    /// The service port's id, or [`NO_FRONTEND`].
+    pub frontend_id: u32,
+    /// `POLICY_STATS` slot that counted the policy verdict, if any.
+    pub stats_slot: u32,
+    /// [`FLOW_EVENT_NEW`], [`FLOW_EVENT_CLOSE`] or [`FLOW_EVENT_DROP`].
+    pub kind: u8,
+    /// [`POLICY_NONE`], [`POLICY_ALLOWED`] or [`POLICY_DENIED`].
+    pub verdict: u8,
+    pub _pad: u16,
     pub client_port: u16,
     pub vip_port: u16,
     pub backend_port: u16,
     pub proto: u8,
-    /// One of [`crate::reason`] (a drop).
+    /// A drop: one of [`crate::reason`]; a close: [`CLOSE_FIN`] or [`CLOSE_RST`].
     pub reason: u8,
-    /// `POLICY_STATS` slot that counted it.
-    pub stats_slot: u32,
 }
-const _: () = assert!(size_of::<FlowEvent>() == 32);
+const _: () = assert!(size_of::<FlowEvent>() == 40);
+
+/// `FLOW_LOG[0]`: which flows the data plane reports.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowLogConfig {
+    /// 0: none (policy refusals are reported all the same); 1: every flow;
+    /// N: one flow in N, chosen by the hash of its 5-tuple, so that a flow's
+    /// opening and closing are reported together or not at all.
+    pub sample_every: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<FlowLogConfig>() == 8);
 
 /// Value of `REPLIES_V4`: how to make a backend's reply look like it came from the VIP.
 #[repr(C)]
@@ -453,6 +499,7 @@ pod!(
     PolicyState,
     PolicyStats,
     FlowEvent,
+    FlowLogConfig,
     NextHop,
     ReplyV4,
     TrafficStats,

@@ -16,17 +16,20 @@ use sluice_common::{
     layout::LC_SCAN_WINDOW,
     maglev, reason,
     types::{
-        AffinityKeyV4, AffinityV4, FAMILY_V4, FLOW_CLOSED, FLOW_OPEN, FlowEvent, FlowKeyV4, FlowV4,
-        Frontend, FrontendKeyV4, IDENTITY_ANY, IDENTITY_EGRESS_ENFORCED, IDENTITY_ENFORCED,
-        IDENTITY_WORLD, IPPROTO_TCP, IPPROTO_UDP, NextHop, PolicyRuleKey, RULE_EGRESS,
-        RULE_INGRESS, ReplyV4, TrafficStats, algorithm, policy_identity_key,
+        AffinityKeyV4, AffinityV4, CLOSE_FIN, CLOSE_RST, FAMILY_V4, FLOW_CLOSED, FLOW_EVENT_CLOSE,
+        FLOW_EVENT_DROP, FLOW_EVENT_NEW, FLOW_OPEN, FlowKeyV4, FlowV4, Frontend, FrontendKeyV4,
+        IDENTITY_ANY, IDENTITY_EGRESS_ENFORCED, IDENTITY_ENFORCED, IDENTITY_WORLD, IPPROTO_TCP,
+        IPPROTO_UDP, NO_FRONTEND, NextHop, POLICY_ALLOWED, POLICY_DENIED, POLICY_NONE,
+        PolicyRuleKey, RULE_EGRESS, RULE_INGRESS, ReplyV4, TrafficStats, algorithm,
+        policy_identity_key,
     },
 };
 
 use crate::{
     atomic,
+    flowlog::{self, Flow, What},
     maps::{
-        AFFINITY_V4, BACKEND_CONNS, BACKEND_STATS, BACKENDS, FLOW_EVENTS, FLOWS_V4, FRONTEND_STATS,
+        AFFINITY_V4, BACKEND_CONNS, BACKEND_STATS, BACKENDS, FLOWS_V4, FRONTEND_STATS,
         FRONTENDS_V4, NEXT_HOPS, POLICY_IDENTITIES_V4, POLICY_RULES, POLICY_STATE, POLICY_STATS,
         REPLIES_V4, RR_CURSORS, SLOTS, VIPS_V4,
     },
@@ -90,21 +93,21 @@ pub fn classify(start: usize, end: usize, pkt_len: usize, defer_partial: bool) -
     let to_vip = VIPS_V4.get_ptr(ip.dst).is_some();
     if ip.fragment {
         return if to_vip {
-            Verdict::Drop(reason::DROP_VIP_FRAGMENT)
+            dropped(&ip, 0, 0, NO_FRONTEND, reason::DROP_VIP_FRAGMENT)
         } else {
             Verdict::Pass(reason::PASS_FRAGMENT)
         };
     }
     if ip.proto != IPPROTO_TCP && ip.proto != IPPROTO_UDP {
         return if to_vip {
-            Verdict::Drop(reason::DROP_VIP_PROTOCOL)
+            dropped(&ip, 0, 0, NO_FRONTEND, reason::DROP_VIP_PROTOCOL)
         } else {
             Verdict::Pass(reason::PASS_OTHER_PROTOCOL)
         };
     }
     let Some(l4) = parse_l4(start, end, &ip) else {
         return if to_vip {
-            Verdict::Drop(reason::DROP_VIP_MALFORMED_L4)
+            dropped(&ip, 0, 0, NO_FRONTEND, reason::DROP_VIP_MALFORMED_L4)
         } else {
             Verdict::Pass(reason::PASS_MALFORMED_L4)
         };
@@ -142,7 +145,7 @@ fn to_service(ip: &Ipv4, l4: &L4, bytes: u64, defer_partial: bool) -> Verdict {
     let (backend_id, backend_addr, backend_port) = match existing {
         Some(flow) if !reopen => {
             if tcp && l4.flags & (TCP_FIN | TCP_RST) != 0 {
-                close(flow);
+                close(flow, &key, l4.flags, now);
             }
             // SAFETY: as above; plain stores to our own entry.
             let FlowV4 {
@@ -160,7 +163,13 @@ fn to_service(ip: &Ipv4, l4: &L4, bytes: u64, defer_partial: bool) -> Verdict {
         }
         _ => {
             if tcp && l4.flags & TCP_RST != 0 {
-                return Verdict::Drop(reason::DROP_RST_NO_FLOW);
+                return dropped(
+                    ip,
+                    l4.sport,
+                    l4.dport,
+                    NO_FRONTEND,
+                    reason::DROP_RST_NO_FLOW,
+                );
             }
             let frontend_key = FrontendKeyV4 {
                 vip: ip.dst,
@@ -169,13 +178,19 @@ fn to_service(ip: &Ipv4, l4: &L4, bytes: u64, defer_partial: bool) -> Verdict {
                 _pad: 0,
             };
             let Some(frontend) = FRONTENDS_V4.get_ptr(frontend_key) else {
-                return Verdict::Drop(reason::DROP_VIP_UNKNOWN_PORT);
+                return dropped(
+                    ip,
+                    l4.sport,
+                    l4.dport,
+                    NO_FRONTEND,
+                    reason::DROP_VIP_UNKNOWN_PORT,
+                );
             };
             // SAFETY: a NO_PREALLOC hash value stays valid for the program run (RCU).
             let frontend = unsafe { *frontend };
             let chosen = match open(&frontend, &key, l4.flags, tcp, now, reopen) {
                 Ok(chosen) => chosen,
-                Err(why) => return Verdict::Drop(why),
+                Err(why) => return dropped(ip, l4.sport, l4.dport, frontend.id, why),
             };
             account(frontend.id, chosen.0, false, bytes, true);
             chosen
@@ -227,7 +242,7 @@ fn from_backend(ip: &Ipv4, l4: &L4, bytes: u64, defer_partial: bool) -> Verdict 
             // The 5-tuple may have been rebalanced to another backend since.
             // SAFETY: LRU map values stay valid for the program run.
             if unsafe { (*flow).backend_id } == backend_id {
-                close(flow);
+                close(flow, &forward, l4.flags, now_ns());
             }
         }
     }
@@ -285,7 +300,7 @@ fn open(
     if backend.family != FAMILY_V4 {
         return Err(reason::DROP_INTERNAL);
     }
-    admit(key, backend.addr[0], backend.port, now)?;
+    let policy_slot = admit(key, backend.addr[0], backend.port, frontend.id, now)?;
     // A flow whose first packet already closes it never counts as open.
     let counted = !(tcp && flags & TCP_FIN != 0);
     let flow = FlowV4 {
@@ -327,6 +342,27 @@ fn open(
             }
             return Err(reason::DROP_FLOW_TABLE_FULL);
         }
+    }
+    if flowlog::sampled(key.src, key.dst, key.sport, key.dport, key.proto) {
+        let (verdict, stats_slot) = match policy_slot {
+            Some(slot) => (POLICY_ALLOWED, slot),
+            None => (POLICY_NONE, 0),
+        };
+        flowlog::emit(
+            Flow {
+                key,
+                backend: backend.addr[0],
+                backend_port: backend.port,
+                frontend_id: frontend.id,
+                now,
+            },
+            What {
+                kind: FLOW_EVENT_NEW,
+                verdict,
+                reason: 0,
+                stats_slot,
+            },
+        );
     }
     if affinity && affine.is_none() {
         // Best effort: a client that cannot be remembered (the LRU refused a
@@ -371,30 +407,34 @@ fn open(
 /// then the service's VIP, if a policy protects it, and the backend, if a
 /// policy selects it, must each admit the client (its identity, on that
 /// port). Counted per allowing policy, or per denied destination (or source,
-/// for egress); a denied flow is also reported on `FLOW_EVENTS`.
+/// for egress); a denied flow is also reported to the flow log (every one,
+/// not a sample). Returns the counter slot of the last policy that allowed,
+/// `None` if no policy applied.
 #[inline(always)]
-fn admit(key: &FlowKeyV4, dst: u32, port: u16, now: u64) -> Result<(), u32> {
+fn admit(
+    key: &FlowKeyV4,
+    dst: u32,
+    port: u16,
+    frontend_id: u32,
+    now: u64,
+) -> Result<Option<u32>, u32> {
     let Some(state) = POLICY_STATE.get(0) else {
-        return Ok(());
+        return Ok(None);
     };
     if state.enabled == 0 {
-        return Ok(());
+        return Ok(None);
     }
     let generation = state.generation;
     let source = POLICY_IDENTITIES_V4.get(Key::new(64, policy_identity_key(generation, key.src)));
     let src_identity = source.map_or(IDENTITY_WORLD, |i| i.identity);
-    let event = FlowEvent {
-        time_ns: now,
-        client: key.src,
-        vip: key.dst,
+    let event = Flow {
+        key,
         backend: dst,
-        client_port: key.sport,
-        vip_port: key.dport,
         backend_port: port,
-        proto: key.proto,
-        reason: reason::DROP_POLICY as u8,
-        stats_slot: 0,
+        frontend_id,
+        now,
     };
+    let mut allowed_by = None;
     if let Some(source) = source
         && source.flags & IDENTITY_EGRESS_ENFORCED != 0
     {
@@ -412,17 +452,18 @@ fn admit(key: &FlowKeyV4, dst: u32, port: u16, now: u64) -> Result<(), u32> {
         // This destination on this port, on every port, then every
         // destination on this port, then everything.
         let allowed = find_rule(rule, [target, target, IDENTITY_ANY, IDENTITY_ANY], true);
-        count_verdict(allowed, source.egress_slot, &event)?;
+        allowed_by = count_verdict(allowed, source.egress_slot, event)?;
     }
-    verdict(
+    let vip = verdict(
         generation,
         src_identity,
         key.dst,
         key.dport,
         key.proto,
-        &event,
+        event,
     )?;
-    verdict(generation, src_identity, dst, port, key.proto, &event)
+    let backend = verdict(generation, src_identity, dst, port, key.proto, event)?;
+    Ok(backend.or(vip).or(allowed_by))
 }
 
 /// The first rule of the four `rule` variants that exists: with the given
@@ -447,10 +488,14 @@ fn find_rule(mut rule: PolicyRuleKey, identities: [u32; 4], egress: bool) -> Opt
     None
 }
 
-/// Counts a verdict (`allowed`: the allowing rule's slot; `None`: denied,
-/// counted in `denied_slot` and reported).
+/// Counts a verdict (`allowed`: the allowing rule's slot, returned; `None`:
+/// denied, counted in `denied_slot` and reported).
 #[inline(always)]
-fn count_verdict(allowed: Option<u32>, denied_slot: u32, event: &FlowEvent) -> Result<(), u32> {
+fn count_verdict(
+    allowed: Option<u32>,
+    denied_slot: u32,
+    event: Flow<'_>,
+) -> Result<Option<u32>, u32> {
     let slot = allowed.unwrap_or(denied_slot);
     if let Some(stats) = POLICY_STATS.get_ptr_mut(slot) {
         // SAFETY: per-CPU value, only this program run touches it now.
@@ -463,15 +508,16 @@ fn count_verdict(allowed: Option<u32>, denied_slot: u32, event: &FlowEvent) -> R
         }
     }
     if allowed.is_some() {
-        return Ok(());
+        return Ok(allowed);
     }
-    // Best effort: a full ring loses the event, the counters keep count.
-    let _ = FLOW_EVENTS.output::<FlowEvent>(
-        FlowEvent {
+    flowlog::emit(
+        event,
+        What {
+            kind: FLOW_EVENT_DROP,
+            verdict: POLICY_DENIED,
+            reason: reason::DROP_POLICY as u8,
             stats_slot: slot,
-            ..*event
         },
-        0,
     );
     Err(reason::DROP_POLICY)
 }
@@ -485,14 +531,14 @@ fn verdict(
     dst: u32,
     port: u16,
     proto: u8,
-    event: &FlowEvent,
-) -> Result<(), u32> {
+    event: Flow<'_>,
+) -> Result<Option<u32>, u32> {
     let Some(target) = POLICY_IDENTITIES_V4.get(Key::new(64, policy_identity_key(generation, dst)))
     else {
-        return Ok(());
+        return Ok(None);
     };
     if target.flags & IDENTITY_ENFORCED == 0 {
-        return Ok(());
+        return Ok(None);
     }
     let rule = PolicyRuleKey {
         generation,
@@ -674,16 +720,65 @@ fn candidate(slot_base: u32, pos: u32, weighted: bool) -> Result<(u32, u64, u64)
     Ok((id, conns, weight))
 }
 
-/// Marks the flow closed and returns its connection count, exactly once even if
-/// both directions' FINs race on two CPUs or the agent expires it meanwhile.
+/// Marks the flow `key` (client → VIP) closed and returns its connection
+/// count, exactly once even if both directions' FINs race on two CPUs or the
+/// agent expires it meanwhile; the one that closes it reports the close.
 #[inline(always)]
-fn close(flow: *mut FlowV4) {
+fn close(flow: *mut FlowV4, key: &FlowKeyV4, flags: u8, now: u64) {
     // SAFETY: `flow` is a live LRU map value; `state` is 4-byte aligned.
     let previous = atomic::swap(unsafe { &raw mut (*flow).state }, FLOW_CLOSED);
-    if previous == FLOW_OPEN {
-        // SAFETY: as above.
-        add_conns(unsafe { (*flow).backend_id }, u64::MAX);
+    if previous != FLOW_OPEN {
+        return;
     }
+    // SAFETY: as above.
+    let flow = unsafe { *flow };
+    add_conns(flow.backend_id, u64::MAX);
+    if flowlog::sampled(key.src, key.dst, key.sport, key.dport, key.proto) {
+        flowlog::emit(
+            Flow {
+                key,
+                backend: flow.backend_addr,
+                backend_port: flow.backend_port,
+                frontend_id: flow.frontend_id,
+                now,
+            },
+            What {
+                kind: FLOW_EVENT_CLOSE,
+                verdict: POLICY_NONE,
+                reason: if flags & TCP_RST != 0 {
+                    CLOSE_RST
+                } else {
+                    CLOSE_FIN
+                },
+                stats_slot: 0,
+            },
+        );
+    }
+}
+
+/// A packet to a VIP that cannot be balanced: reported to the flow log if
+/// sampled (policy refusals were reported, all of them, when counted).
+#[inline(always)]
+fn dropped(ip: &Ipv4, sport: u16, dport: u16, frontend_id: u32, why: u32) -> Verdict {
+    if why != reason::DROP_POLICY && flowlog::sampled(ip.src, ip.dst, sport, dport, ip.proto) {
+        let key = FlowKeyV4::new(ip.src, ip.dst, sport, dport, ip.proto);
+        flowlog::emit(
+            Flow {
+                key: &key,
+                backend: 0,
+                backend_port: 0,
+                frontend_id,
+                now: now_ns(),
+            },
+            What {
+                kind: FLOW_EVENT_DROP,
+                verdict: POLICY_NONE,
+                reason: why as u8,
+                stats_slot: 0,
+            },
+        );
+    }
+    Verdict::Drop(why)
 }
 
 /// Adds `delta` (use `u64::MAX` for −1) to a backend's open-connection count.

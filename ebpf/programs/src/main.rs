@@ -13,6 +13,7 @@
 mod atomic;
 mod balance;
 mod fib;
+mod flowlog;
 mod maps;
 mod outcome;
 mod packet;

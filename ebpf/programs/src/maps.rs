@@ -14,9 +14,9 @@ use sluice_common::{
     },
     reason,
     types::{
-        AffinityKeyV4, AffinityV4, AgentMeta, Backend, FlowKeyV4, FlowV4, Frontend, FrontendKeyV4,
-        FrontendMeta, IfaceMeta, NextHop, PolicyIdentity, PolicyRule, PolicyRuleKey, PolicyState,
-        PolicyStats, ReplyV4, TrafficStats,
+        AffinityKeyV4, AffinityV4, AgentMeta, Backend, FlowKeyV4, FlowLogConfig, FlowV4, Frontend,
+        FrontendKeyV4, FrontendMeta, IfaceMeta, NextHop, PolicyIdentity, PolicyRule, PolicyRuleKey,
+        PolicyState, PolicyStats, ReplyV4, TrafficStats,
     },
 };
 
@@ -118,6 +118,14 @@ pub static POLICY_STATE: Array<PolicyState> = Array::with_max_entries(1, 0);
 pub static POLICY_STATS: PerCpuArray<PolicyStats> =
     PerCpuArray::with_max_entries(POLICY_STATS_SLOTS, 0);
 
-/// Denied flows, for `sluicectl flows` (through the agent).
+/// The flow log, for `sluicectl flows` (through the agent).
 #[map]
 pub static FLOW_EVENTS: RingBuf = RingBuf::with_byte_size(FLOW_EVENTS_BYTES, 0);
+
+/// Which flows go to the flow log (set by the agent).
+#[map]
+pub static FLOW_LOG: Array<FlowLogConfig> = Array::with_max_entries(1, 0);
+
+/// Flow-log events lost to a full ring.
+#[map]
+pub static FLOW_EVENTS_LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
