@@ -791,6 +791,7 @@ impl ControlLink {
             unhealthy: self.unhealthy.clone(),
             flows: Vec::new(),
             policy_counters: self.policy_counters.clone(),
+            flows_only: false,
         }));
     }
 
@@ -880,31 +881,47 @@ async fn report_status(
     let mut client: Option<ControlClient> = None;
     let mut last: Option<v1::ReportStatusRequest> = None;
     loop {
-        // A new status, or refused flows to pass on at once (with the last
-        // status, which the control service takes again harmlessly).
+        // A new status (with the flow-log events waiting), or flow-log
+        // events alone, passed on at once.
         let mut events = Vec::new();
-        tokio::select! {
+        let status_changed = tokio::select! {
             changed = reports.changed() => {
                 if changed.is_err() {
                     return;
                 }
                 last = reports.borrow_and_update().clone();
+                true
             }
             Some(event) = flows.recv() => {
                 events.push(event);
                 // A busy node's flow log goes in batches, not a report per flow.
                 tokio::time::sleep(FLOW_BATCH_DELAY).await;
+                false
             }
-        }
+        };
         while events.len() < FLOW_BATCH_MAX
             && let Ok(event) = flows.try_recv()
         {
             events.push(event);
         }
-        let Some(mut report) = last.clone() else {
-            continue;
+        let report = if status_changed {
+            let Some(mut report) = last.clone() else {
+                continue;
+            };
+            report.flows = events;
+            report
+        } else {
+            // Not the status again: its report time would read as a fresh
+            // reading of counters that are as old as before.
+            v1::ReportStatusRequest {
+                applied_version: 0,
+                counters: Vec::new(),
+                unhealthy: Vec::new(),
+                flows: events,
+                policy_counters: Vec::new(),
+                flows_only: true,
+            }
         };
-        report.flows = events;
         // A connection that failed (the control service restarted) is made
         // again at once, for one more try.
         for _attempt in 0..2 {

@@ -496,6 +496,7 @@ async fn nodes_join_once_and_watch_their_view() {
             unhealthy: Default::default(),
             flows: Default::default(),
             policy_counters: Default::default(),
+            flows_only: false,
         })
         .await
         .expect("report");

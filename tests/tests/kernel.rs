@@ -1156,6 +1156,50 @@ backends: [{ address: 198.19.3.2 }]
     }
 
     #[test]
+    fn verdicts_reach_the_flow_log_allowed_when_sampled_denied_always() {
+        use sluice_common::{
+            reason,
+            types::{FLOW_EVENT_DROP, FLOW_EVENT_NEW, POLICY_ALLOWED, POLICY_DENIED},
+        };
+        for hook in HOOKS {
+            with_lab(MANIFEST, |lab| {
+                install(lab, &web_ingress());
+                lab.set_flow_log_sample(1);
+                let (act, _) = run(lab, hook, "n0", &syn_from(CLIENT, 40000, VIPS[0]));
+                assert_eq!(act, Action::Redirect, "{hook:?}");
+                let events = lab.flow_events();
+                assert_eq!(events.len(), 1, "{hook:?}: {events:?}");
+                assert_eq!(
+                    (events[0].kind, events[0].verdict, events[0].stats_slot),
+                    (FLOW_EVENT_NEW, POLICY_ALLOWED, 7),
+                    "{hook:?}: allowed, counted by the web-ingress slot"
+                );
+                // Sampling off: allowed flows go unlogged, refusals do not.
+                lab.set_flow_log_sample(0);
+                let (act, _) = run(lab, hook, "n0", &syn_from(STRANGER, 40001, VIPS[0]));
+                assert_eq!(act, Action::Drop, "{hook:?}");
+                let (act, _) = run(lab, hook, "n0", &syn_from(CLIENT, 40002, VIPS[0]));
+                assert_eq!(act, Action::Redirect, "{hook:?}");
+                let events = lab.flow_events();
+                assert_eq!(events.len(), 1, "{hook:?}: {events:?}");
+                let e = events[0];
+                assert_eq!(
+                    (e.kind, e.verdict, e.reason, e.stats_slot),
+                    (
+                        FLOW_EVENT_DROP,
+                        POLICY_DENIED,
+                        reason::DROP_POLICY as u8,
+                        100
+                    ),
+                    "{hook:?}"
+                );
+                assert_eq!(e.client, u32::from_ne_bytes(STRANGER.octets()));
+                assert_eq!(e.backend, u32::from_ne_bytes(backend(1).octets()));
+            });
+        }
+    }
+
+    #[test]
     fn a_new_generation_switches_at_once_and_revokes_what_it_denies() {
         for hook in HOOKS {
             with_lab(MANIFEST, |lab| {

@@ -200,6 +200,11 @@ impl Control {
     }
 
     pub fn report(&self, node: &str, req: v1::ReportStatusRequest) {
+        self.metrics.record_flow_events(req.flows.len());
+        if req.flows_only {
+            self.flows.record(node, req.flows);
+            return;
+        }
         let mut live = self.live();
         let entry = live.entry(node.to_string()).or_default();
         entry.applied_version = req.applied_version;
@@ -214,7 +219,6 @@ impl Control {
         let changed = entry.unhealthy != unhealthy;
         entry.unhealthy = unhealthy;
         drop(live);
-        self.metrics.record_flow_events(req.flows.len());
         self.flows.record(node, req.flows);
         if changed {
             self.judge_health();

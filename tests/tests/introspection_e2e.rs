@@ -1,0 +1,354 @@
+//! Introspection end to end: the flow log (`sluicectl flows`), Prometheus
+//! metrics of the agents and of the control service, and `sluicectl top`,
+//! against a cluster in namespaces with real clients and servers (see
+//! `sluice_tests::cluster`).
+//!
+//! Requires root. Run with `cargo xtask test`, or after
+//! `cargo build --workspace --exclude sluice-ebpf --bins` with
+//! `cargo test -p sluice-tests --test introspection_e2e`.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{SocketAddrV4, TcpStream},
+    thread,
+    time::{Duration, Instant},
+};
+
+use sluice_tests::{
+    cluster::{Cluster, TIMEOUT, backend_addr},
+    http_get,
+    netns::Netns,
+};
+
+fn service_and_endpoints() -> String {
+    let mut docs = vec![
+        "kind: Service
+name: web
+ports: [{ port: 80, protocol: TCP, targetPort: 8080 }]
+selector: { app: web }
+"
+        .to_owned(),
+    ];
+    for i in 1..=3 {
+        docs.push(format!(
+            "kind: Endpoint\nname: web-{i}\nlabels: {{ app: web }}\naddress: {}\n",
+            backend_addr(i)
+        ));
+    }
+    docs.join("---\n")
+}
+
+/// `GET /metrics` from inside `ns` (the agents and the control service
+/// serve it on their namespace's loopback).
+fn scrape(ns: &Netns, port: u16) -> String {
+    ns.enter(|| {
+        let addr = SocketAddrV4::new([127, 0, 0, 1].into(), port);
+        let mut stream = TcpStream::connect_timeout(&addr.into(), TIMEOUT)
+            .unwrap_or_else(|e| panic!("connecting to {addr}: {e}"));
+        stream.set_read_timeout(Some(TIMEOUT)).expect("timeout");
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .expect("request");
+        let mut reply = String::new();
+        stream.read_to_string(&mut reply).expect("reply");
+        assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+        assert!(
+            reply.contains("content-type: text/plain; version=0.0.4"),
+            "{reply}"
+        );
+        reply
+    })
+}
+
+/// The value of the sample whose line starts with `name{` and holds every
+/// label in `labels` (`key="value"` each).
+fn value(page: &str, name: &str, labels: &[&str]) -> Option<f64> {
+    page.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
+        .find(|l| labels.iter().all(|label| l.contains(label)))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[test]
+fn the_flow_log_names_every_flow_cluster_wide_and_filters_it() {
+    let cluster = Cluster::start(2, 3, &[]);
+    cluster.apply(&service_and_endpoints());
+    cluster.wait_programmed();
+    let vip = cluster.web_vip();
+    cluster.spread(1, vip, 6);
+    cluster.spread(2, vip, 4);
+    // A port the VIP does not serve: dropped, and logged as such.
+    let unserved = cluster
+        .topology
+        .node(1)
+        .client
+        .enter(|| http_get(SocketAddrV4::new(vip, 81), Duration::from_millis(500)));
+    assert!(unserved.is_err(), "port 81 is not a service port");
+
+    // Agents pass events on within moments; wait for all 10 closings.
+    let deadline = Instant::now() + TIMEOUT;
+    let lines = loop {
+        let out = cluster
+            .control
+            .sluicectl_ok(&["flows", "--service", "web", "-o", "json"]);
+        let events: Vec<serde_json::Value> = out
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}")))
+            .collect();
+        let closes = events.iter().filter(|e| e["kind"] == "close").count();
+        if closes >= 10 || Instant::now() > deadline {
+            break events;
+        }
+        thread::sleep(Duration::from_millis(200));
+    };
+    let of = |kind: &str, node: &str| {
+        lines
+            .iter()
+            .filter(|e| e["kind"] == kind && e["node"] == node)
+            .count()
+    };
+    assert_eq!(
+        (of("new", "node-1"), of("close", "node-1")),
+        (6, 6),
+        "{lines:#?}"
+    );
+    assert_eq!(
+        (of("new", "node-2"), of("close", "node-2")),
+        (4, 4),
+        "{lines:#?}"
+    );
+    for e in &lines {
+        assert_eq!(e["service"], "default/web", "{e}");
+        assert_eq!(e["vip"], format!("{vip}:80"), "{e}");
+        assert_eq!(e["verdict"], "forwarded", "{e}");
+        assert_eq!(e["protocol"], "TCP", "{e}");
+        let backend = e["backend"].as_str().expect("backend");
+        assert!(
+            (1..=3).any(|i| backend == format!("{}:8080", backend_addr(i))),
+            "{e}"
+        );
+        // Timed by the node when its data plane saw it: RFC 3339, ms.
+        let time = e["time"].as_str().expect("time");
+        assert!(
+            time.starts_with("20") && time.contains('T') && time.ends_with('Z'),
+            "{time}"
+        );
+    }
+    let client = |e: &serde_json::Value| e["client"].as_str().map(str::to_owned);
+    let opened: std::collections::BTreeSet<_> = lines
+        .iter()
+        .filter(|e| e["kind"] == "new")
+        .filter_map(client)
+        .collect();
+    let closed: std::collections::BTreeSet<_> = lines
+        .iter()
+        .filter(|e| e["kind"] == "close")
+        .filter_map(client)
+        .collect();
+    assert_eq!(opened, closed, "every flow opened was closed");
+
+    // The drop is not the service's (no service port matched), but the
+    // whole log has it, with its reason.
+    let dropped = cluster
+        .control
+        .sluicectl_ok(&["flows", "--verdict", "dropped", "-o", "json"]);
+    assert!(
+        dropped.contains("\"reason\":\"drop_vip_unknown_port\"")
+            && dropped.contains(&format!("{vip}:81")),
+        "{dropped}"
+    );
+    // Filters: only closings; the table names its columns.
+    let closes = cluster
+        .control
+        .sluicectl_ok(&["flows", "--kind", "close", "-o", "json"]);
+    assert_eq!(closes.lines().count(), 10, "{closes}");
+    assert!(closes.lines().all(|l| l.contains("\"kind\":\"close\"")));
+    let table = cluster.control.sluicectl_ok(&["flows", "--service", "web"]);
+    assert!(
+        table.starts_with("TIME") && table.contains("default/web"),
+        "{table}"
+    );
+    // Bad filters are refused with the flag named.
+    let bad = cluster.control.sluicectl(&["flows", "--kind", "opened"]);
+    assert!(!bad.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("--kind"),
+        "{bad:?}"
+    );
+}
+
+#[test]
+fn agents_and_the_control_service_serve_prometheus_metrics() {
+    let cluster = Cluster::start(2, 3, &[]);
+    cluster.apply(&service_and_endpoints());
+    cluster.wait_programmed();
+    let vip = cluster.web_vip();
+    let node = cluster.topology.node(1);
+    let service = [
+        "service=\"default/web\"",
+        &format!("vip=\"{vip}\""),
+        "port=\"80\"",
+        "protocol=\"TCP\"",
+    ];
+    let before = scrape(&node.ns, 9464);
+    let new_flows = |page: &str| value(page, "sluice_service_new_flows_total", &service);
+    assert_eq!(new_flows(&before), Some(0.0), "{before}");
+    cluster.spread(1, vip, 30);
+    // One connection stays open, to be seen as active.
+    let held = cluster.hold(1, vip, 1);
+    let after = scrape(&node.ns, 9464);
+    assert_eq!(new_flows(&after), Some(31.0), "{after}");
+    let to_backend = [&service[..], &["direction=\"to_backend\""]].concat();
+    let packets = value(&after, "sluice_service_packets_total", &to_backend).expect("packets");
+    assert!(
+        packets >= 31.0 * 4.0,
+        "a request is several packets: {packets}"
+    );
+    assert_eq!(
+        value(&after, "sluice_service_active_connections", &service),
+        Some(1.0),
+        "{after}"
+    );
+    let backend_1 = format!("backend=\"{}:8080\"", backend_addr(1));
+    let backend_flows = value(
+        &after,
+        "sluice_backend_new_flows_total",
+        &[&service[..], &[backend_1.as_str()]].concat(),
+    )
+    .expect("backend flows");
+    assert!(
+        (10.0..=11.0).contains(&backend_flows),
+        "round-robin: {backend_flows}"
+    );
+    for (name, labels, expected) in [
+        ("sluice_program_attached", vec!["hook="], 1.0),
+        (
+            "sluice_dropped_packets_total",
+            vec!["reason=\"policy\""],
+            0.0,
+        ),
+        (
+            "sluice_flow_events_lost_total",
+            vec!["where=\"kernel\""],
+            0.0,
+        ),
+    ] {
+        assert_eq!(
+            value(&after, name, &labels),
+            Some(expected),
+            "{name}: {after}"
+        );
+    }
+    let applied = value(&after, "sluice_view_applied_version", &[]).expect("applied version");
+    assert_eq!(applied as u64, cluster.control.view_version(), "{after}");
+    assert!(
+        value(&after, "sluice_reconcile_duration_seconds_count", &[]).expect("reconciles") >= 1.0
+    );
+    // Conventions: one HELP and TYPE per family, counters end in _total.
+    for line in after.lines().filter(|l| l.starts_with("# TYPE ")) {
+        let parts: Vec<&str> = line.split(' ').collect();
+        if parts[3] == "counter" {
+            assert!(parts[2].ends_with("_total"), "{line}");
+        }
+    }
+    drop(held);
+
+    // The control service: calls by method and code, commits, node lag.
+    let bad = cluster
+        .control
+        .apply("bad.yaml", "kind: Service\nname: x\nports: []\n");
+    assert!(!bad.status.success());
+    let control = scrape(&cluster.topology.control, 9465);
+    let apply_ok = value(
+        &control,
+        "sluice_api_requests_total",
+        &["method=\"Apply\"", "code=\"OK\""],
+    )
+    .expect("apply calls");
+    assert!(apply_ok >= 1.0, "{control}");
+    assert!(
+        value(
+            &control,
+            "sluice_api_request_duration_seconds_count",
+            &["method=\"Apply\""]
+        )
+        .expect("apply latency")
+            >= apply_ok
+    );
+    assert!(
+        value(&control, "sluice_store_commit_duration_seconds_count", &[]).expect("commits") >= 1.0,
+        "{control}"
+    );
+    for node in ["node-1", "node-2"] {
+        let label = format!("node=\"{node}\"");
+        assert_eq!(
+            value(&control, "sluice_node_version_lag", &[&label]),
+            Some(0.0),
+            "{control}"
+        );
+        assert_eq!(
+            value(&control, "sluice_node_connected", &[&label]),
+            Some(1.0),
+            "{control}"
+        );
+    }
+    assert_eq!(
+        value(&control, "sluice_objects", &["kind=\"Endpoint\""]),
+        Some(3.0),
+        "{control}"
+    );
+}
+
+#[test]
+fn sluicectl_top_shows_live_rates_per_service_and_backend() {
+    let cluster = Cluster::start(1, 3, &[]);
+    cluster.apply(&service_and_endpoints());
+    cluster.wait_programmed();
+    let vip = cluster.web_vip();
+    // Steady traffic for longer than two report intervals (5 s), bounded.
+    let client = &cluster.topology.node(1).client;
+    let traffic = thread::scope(|scope| {
+        let load = scope.spawn(|| {
+            client.enter(|| {
+                let until = Instant::now() + Duration::from_secs(13);
+                let mut sent = 0;
+                while Instant::now() < until && sent < 2_000 {
+                    http_get(SocketAddrV4::new(vip, 80), TIMEOUT).expect("request");
+                    sent += 1;
+                    thread::sleep(Duration::from_millis(20));
+                }
+                sent
+            })
+        });
+        let top = cluster
+            .control
+            .sluicectl_ok(&["top", "--interval", "2", "--count", "7"]);
+        (load.join().expect("load"), top)
+    });
+    let (sent, top) = traffic;
+    assert!(sent > 100, "{sent}");
+    // The last tables show the service with a new-flow rate near what was
+    // sent (about 40/s here), and each backend with about a third of it.
+    let last = top.split("node(s);").last().expect("a table");
+    let row = |prefix: &str| {
+        last.lines()
+            .find(|l| l.trim_start().starts_with(prefix))
+            .unwrap_or_else(|| panic!("no {prefix} row in {last}"))
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    let service = row("default/web");
+    let new_flows: f64 = service[service.len() - 2].parse().expect("rate");
+    assert!(
+        (10.0..=60.0).contains(&new_flows),
+        "new flows/s {new_flows} in {top}"
+    );
+    let backend = row(&format!("{}:8080", backend_addr(1)));
+    let share: f64 = backend[backend.len() - 2].parse().expect("rate");
+    assert!(
+        (new_flows / 3.0 - 3.0..=new_flows / 3.0 + 3.0).contains(&share),
+        "a third of {new_flows}: {share} in {top}"
+    );
+}
