@@ -437,6 +437,61 @@ async fn rbac_denies_by_default_and_names_the_missing_permission() {
 }
 
 #[tokio::test]
+async fn a_namespace_viewer_may_follow_its_services_flows_not_the_clusters() {
+    let control = Running::start().await;
+    let viewer = control.user("bob", &["readers"]).await;
+    let mut admin = control.resources().await;
+    apply(
+        &mut admin,
+        "kind: Grant\nnamespace: shop\nname: readers\nsubject: { group: readers }\nrole: viewer\nscope: shop\n",
+    )
+    .await
+    .expect("grant");
+    let mut bob = ClusterClient::new(control.channel(&viewer).await);
+    let request = |service: &str| v1::WatchFlowsRequest {
+        verdict: String::new(),
+        follow: false,
+        service: service.to_owned(),
+        kind: String::new(),
+    };
+    let whole = bob
+        .watch_flows(request(""))
+        .await
+        .expect_err("the whole log is cluster-wide");
+    assert_eq!(whole.code(), Code::PermissionDenied);
+    assert!(
+        whole.message().contains("`list nodes`"),
+        "{}",
+        whole.message()
+    );
+    bob.watch_flows(request("shop/web"))
+        .await
+        .expect("its namespace's service");
+    let other = bob
+        .watch_flows(request("bank/ledger"))
+        .await
+        .expect_err("another namespace");
+    assert!(
+        other.message().contains("`get services`"),
+        "{}",
+        other.message()
+    );
+    let bad = bob
+        .watch_flows(v1::WatchFlowsRequest {
+            kind: "opened".to_owned(),
+            ..request("shop/web")
+        })
+        .await
+        .expect_err("an unknown kind");
+    assert_eq!(bad.code(), Code::InvalidArgument);
+    assert!(
+        bad.message().contains("kind: \"opened\""),
+        "{}",
+        bad.message()
+    );
+}
+
+#[tokio::test]
 async fn nodes_join_once_and_watch_their_view() {
     let control = Running::start().await;
     let mut admin = control.resources().await;

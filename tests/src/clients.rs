@@ -70,6 +70,27 @@ pub fn http_get(addr: SocketAddrV4, timeout: Duration) -> Result<String, ClientE
     Ok(body)
 }
 
+/// `GET /metrics` from a Prometheus endpoint at `addr` (loopback of the
+/// calling thread's namespace): the page, after checking the status line
+/// and the content type Prometheus expects.
+pub fn scrape_metrics(addr: SocketAddrV4, timeout: Duration) -> io::Result<String> {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::net::TcpStream::connect_timeout(&addr.into(), timeout)?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: metrics\r\nConnection: close\r\n\r\n")?;
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply)?;
+    let (head, body) = reply
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| io::Error::other(format!("no HTTP header end in {reply:?}")))?;
+    if !head.starts_with("HTTP/1.1 200")
+        || !head.contains("content-type: text/plain; version=0.0.4")
+    {
+        return Err(io::Error::other(format!("not a metrics page: {head}")));
+    }
+    Ok(body.to_owned())
+}
+
 /// Like [`http_get`], from local port `source_port`, so that the same flow
 /// (5-tuple) can be opened again: the connection ends with a reset (linger
 /// 0), which leaves no TIME_WAIT behind to block the port.

@@ -62,7 +62,9 @@ pub mod servers;
 pub mod topology;
 
 pub use agent::{Agent, StartFailure};
-pub use clients::{ClientError, HttpConn, http_get, http_get_from, tally, udp_exchange};
+pub use clients::{
+    ClientError, HttpConn, http_get, http_get_from, scrape_metrics, tally, udp_exchange,
+};
 pub use cluster::{ClusterNode, ClusterTopology};
 pub use command::CommandError;
 pub use control::ControlService;

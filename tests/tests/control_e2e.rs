@@ -284,11 +284,12 @@ selector: {{ app: web }}
 
     // A certificate from another CA (a second cluster's), presented to this
     // one with this cluster's CA trusted: refused in the TLS handshake.
+    // Beside the first in its namespace: metrics on another port.
     let mut foreign = ControlService::start(
         &cluster.topology.control,
         SocketAddrV4::new(*CONTROL_ADDR.ip(), 7444),
         VIP_CIDR,
-        &[],
+        &["--metrics-listen", "127.0.0.1:9466"],
     );
     let (foreign_token, foreign_hash) = foreign.join_token("10m");
     let node2 = cluster.topology.node(2);

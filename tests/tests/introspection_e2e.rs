@@ -8,8 +8,7 @@
 //! `cargo test -p sluice-tests --test introspection_e2e`.
 
 use std::{
-    io::{Read as _, Write as _},
-    net::{SocketAddrV4, TcpStream},
+    net::SocketAddrV4,
     thread,
     time::{Duration, Instant},
 };
@@ -18,6 +17,7 @@ use sluice_tests::{
     cluster::{Cluster, TIMEOUT, backend_addr},
     http_get,
     netns::Netns,
+    scrape_metrics,
 };
 
 fn service_and_endpoints() -> String {
@@ -41,23 +41,9 @@ selector: { app: web }
 /// `GET /metrics` from inside `ns` (the agents and the control service
 /// serve it on their namespace's loopback).
 fn scrape(ns: &Netns, port: u16) -> String {
-    ns.enter(|| {
-        let addr = SocketAddrV4::new([127, 0, 0, 1].into(), port);
-        let mut stream = TcpStream::connect_timeout(&addr.into(), TIMEOUT)
-            .unwrap_or_else(|e| panic!("connecting to {addr}: {e}"));
-        stream.set_read_timeout(Some(TIMEOUT)).expect("timeout");
-        stream
-            .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            .expect("request");
-        let mut reply = String::new();
-        stream.read_to_string(&mut reply).expect("reply");
-        assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
-        assert!(
-            reply.contains("content-type: text/plain; version=0.0.4"),
-            "{reply}"
-        );
-        reply
-    })
+    let addr = SocketAddrV4::new([127, 0, 0, 1].into(), port);
+    ns.enter(|| scrape_metrics(addr, TIMEOUT))
+        .unwrap_or_else(|e| panic!("scraping {addr} in {}: {e}", ns.name()))
 }
 
 /// The value of the sample whose line starts with `name{` and holds every

@@ -37,7 +37,7 @@ use sluice_tests::{
     Topology, TopologySpec, UdpServer,
     agent::{APPLIED_LINE, agent_bin},
     cluster::{CONTROL_ADDR, NODE_INTERFACES, VIP_CIDR},
-    http_get, tally,
+    http_get, scrape_metrics, tally,
     topology::{backend_addr, vip},
     udp_exchange,
 };
@@ -471,6 +471,12 @@ fn cluster() -> anyhow::Result<()> {
 
     step(
         "11",
+        "introspection: the flow log, sluicectl top, Prometheus metrics",
+    );
+    introspection(&control, &topology, vip)?;
+
+    step(
+        "12",
         "clean-up: agents down, servers stopped, control service stopped, namespaces deleted",
     );
     drop(agents);
@@ -479,6 +485,84 @@ fn cluster() -> anyhow::Result<()> {
     drop(control);
     drop(topology);
     println!("   done");
+    Ok(())
+}
+
+/// Step 11: what an operator sees while traffic flows.
+fn introspection(
+    control: &ControlService,
+    topology: &ClusterTopology,
+    vip: Ipv4Addr,
+) -> anyhow::Result<()> {
+    println!("   $ sluicectl flows --service web --kind close   # the last few");
+    let flows = ctl(control, &["flows", "--service", "web", "--kind", "close"])?;
+    let lines: Vec<&str> = flows.lines().collect();
+    let shown = lines.len().saturating_sub(4).max(1);
+    println!("     {}", lines.first().copied().unwrap_or_default());
+    for line in &lines[shown.min(lines.len())..] {
+        println!("     {line}");
+    }
+    // Bounded steady traffic through node-1 while `top` watches.
+    let to = SocketAddrV4::new(vip, 80);
+    let client = &topology.node(1).client;
+    let top = std::thread::scope(|scope| -> anyhow::Result<String> {
+        let load = scope.spawn(|| {
+            client.enter(|| {
+                let until = Instant::now() + Duration::from_secs(12);
+                let mut sent = 0u32;
+                while Instant::now() < until && sent < 2_000 {
+                    if http_get(to, Duration::from_secs(2)).is_ok() {
+                        sent += 1;
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                sent
+            })
+        });
+        let top = ctl(control, &["top", "--interval", "2", "--count", "6"]);
+        let sent = load
+            .join()
+            .map_err(|_| anyhow::anyhow!("the load thread panicked"))?;
+        println!("   {sent} requests through node-1 over 12 s (about 40/s)");
+        top
+    })?;
+    println!("   $ sluicectl top   # the last refresh");
+    let last = top.rsplit("node(s);").next().unwrap_or_default();
+    print!(
+        "{}",
+        indent_by(&format!("{} node(s);{last}", topology.nodes.len()), "     ")
+    );
+
+    let metrics_addr = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9464);
+    let page = topology
+        .node(1)
+        .ns
+        .enter(|| scrape_metrics(metrics_addr, Duration::from_secs(5)))
+        .context("scraping node-1's agent metrics")?;
+    println!("   $ curl http://127.0.0.1:9464/metrics   # on node-1, a few of its lines");
+    for line in page.lines().filter(|l| {
+        l.starts_with("sluice_service_new_flows_total")
+            || l.starts_with("sluice_dropped_packets_total{reason=\"policy\"}")
+            || l.starts_with("sluice_program_attached")
+            || l.starts_with("sluice_reconcile_duration_seconds_count")
+    }) {
+        println!("     {line}");
+    }
+    let control_metrics = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9465);
+    let page = topology
+        .control
+        .enter(|| scrape_metrics(control_metrics, Duration::from_secs(5)))
+        .context("scraping the control service's metrics")?;
+    println!("   $ curl http://127.0.0.1:9465/metrics   # the control service");
+    for line in page.lines().filter(|l| {
+        l.starts_with("sluice_node_version_lag")
+            || l.starts_with(
+                "sluice_api_requests_total{service=\"sluice.v1.Resources\",method=\"Apply\"",
+            )
+            || l.starts_with("sluice_store_commit_duration_seconds_count")
+    }) {
+        println!("     {line}");
+    }
     Ok(())
 }
 
