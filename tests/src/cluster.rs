@@ -390,6 +390,26 @@ impl Cluster {
     }
 }
 
+/// `default/web` on port 80 (target 8080) selecting `app: web`, and its
+/// endpoints `web-1..=count` at the fabric's backend addresses.
+pub fn web_by_selector(count: usize) -> String {
+    let mut docs = vec![
+        "kind: Service
+name: web
+ports: [{ port: 80, protocol: TCP, targetPort: 8080 }]
+selector: { app: web }
+"
+        .to_owned(),
+    ];
+    for i in 1..=count {
+        docs.push(format!(
+            "kind: Endpoint\nname: web-{i}\nlabels: {{ app: web }}\naddress: {}\n",
+            backend_addr(i)
+        ));
+    }
+    docs.join("---\n")
+}
+
 pub fn count(spread: &BTreeMap<String, usize>, backend: usize) -> usize {
     spread
         .get(&format!("backend-{backend}"))

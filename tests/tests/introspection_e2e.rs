@@ -14,29 +14,11 @@ use std::{
 };
 
 use sluice_tests::{
-    cluster::{Cluster, TIMEOUT, backend_addr},
+    cluster::{Cluster, TIMEOUT, backend_addr, web_by_selector},
     http_get,
     netns::Netns,
     scrape_metrics,
 };
-
-fn service_and_endpoints() -> String {
-    let mut docs = vec![
-        "kind: Service
-name: web
-ports: [{ port: 80, protocol: TCP, targetPort: 8080 }]
-selector: { app: web }
-"
-        .to_owned(),
-    ];
-    for i in 1..=3 {
-        docs.push(format!(
-            "kind: Endpoint\nname: web-{i}\nlabels: {{ app: web }}\naddress: {}\n",
-            backend_addr(i)
-        ));
-    }
-    docs.join("---\n")
-}
 
 /// `GET /metrics` from inside `ns` (the agents and the control service
 /// serve it on their namespace's loopback).
@@ -59,7 +41,7 @@ fn value(page: &str, name: &str, labels: &[&str]) -> Option<f64> {
 #[test]
 fn the_flow_log_names_every_flow_cluster_wide_and_filters_it() {
     let cluster = Cluster::start(2, 3, &[]);
-    cluster.apply(&service_and_endpoints());
+    cluster.apply(&web_by_selector(3));
     cluster.wait_programmed();
     let vip = cluster.web_vip();
     cluster.spread(1, vip, 6);
@@ -167,7 +149,7 @@ fn the_flow_log_names_every_flow_cluster_wide_and_filters_it() {
 #[test]
 fn agents_and_the_control_service_serve_prometheus_metrics() {
     let cluster = Cluster::start(2, 3, &[]);
-    cluster.apply(&service_and_endpoints());
+    cluster.apply(&web_by_selector(3));
     cluster.wait_programmed();
     let vip = cluster.web_vip();
     let node = cluster.topology.node(1);
@@ -289,7 +271,7 @@ fn agents_and_the_control_service_serve_prometheus_metrics() {
 #[test]
 fn sluicectl_top_shows_live_rates_per_service_and_backend() {
     let cluster = Cluster::start(1, 3, &[]);
-    cluster.apply(&service_and_endpoints());
+    cluster.apply(&web_by_selector(3));
     cluster.wait_programmed();
     let vip = cluster.web_vip();
     // Steady traffic for longer than two report intervals (5 s), bounded.

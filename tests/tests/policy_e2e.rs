@@ -16,7 +16,7 @@ use std::{
 };
 
 use sluice_tests::{
-    cluster::{Cluster, TIMEOUT, assert_near, backend_addr},
+    cluster::{Cluster, TIMEOUT, assert_near, backend_addr, web_by_selector},
     control::sluicectl_bin,
     http_get,
 };
@@ -25,24 +25,6 @@ use sluice_tests::{
 const DENIED_WAIT: Duration = Duration::from_millis(700);
 /// An address of node-1's client inside the policy's `except`.
 const EXCEPTED: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 200);
-
-fn service_and_endpoints() -> String {
-    let mut docs = vec![
-        "kind: Service
-name: web
-ports: [{ port: 80, protocol: TCP, targetPort: 8080 }]
-selector: { app: web }
-"
-        .to_owned(),
-    ];
-    for i in 1..=3 {
-        docs.push(format!(
-            "kind: Endpoint\nname: web-{i}\nlabels: {{ app: web }}\naddress: {}\n",
-            backend_addr(i)
-        ));
-    }
-    docs.join("---\n")
-}
 
 const POLICY: &str = "kind: NetworkPolicy
 name: web-ingress
@@ -85,7 +67,7 @@ fn denied(cluster: &Cluster, k: usize, to: SocketAddrV4) -> bool {
 #[test]
 fn allowed_sources_reach_the_service_denied_ones_are_dropped_and_counted() {
     let cluster = Cluster::start(2, 3, &[]);
-    cluster.apply(&service_and_endpoints());
+    cluster.apply(&web_by_selector(3));
     cluster.wait_programmed();
     let vip = cluster.web_vip();
     let to = SocketAddrV4::new(vip, 80);
@@ -230,7 +212,7 @@ fn allowed_sources_reach_the_service_denied_ones_are_dropped_and_counted() {
 #[test]
 fn sluicectl_flows_follow_streams_refusals_as_they_happen() {
     let cluster = Cluster::start(1, 3, &[]);
-    cluster.apply(&service_and_endpoints());
+    cluster.apply(&web_by_selector(3));
     cluster.apply("kind: NetworkPolicy\nname: deny-all\nselector: {}\n");
     cluster.wait_programmed();
     let vip = cluster.web_vip();
@@ -271,7 +253,7 @@ fn sluicectl_flows_follow_streams_refusals_as_they_happen() {
 #[test]
 fn a_namespace_wide_default_deny_blocks_everyone_and_revokes_open_connections() {
     let cluster = Cluster::start(1, 3, &[]);
-    cluster.apply(&service_and_endpoints());
+    cluster.apply(&web_by_selector(3));
     cluster.wait_programmed();
     let vip = cluster.web_vip();
     let to = SocketAddrV4::new(vip, 80);
@@ -300,7 +282,7 @@ fn a_namespace_wide_default_deny_blocks_everyone_and_revokes_open_connections() 
 #[test]
 fn a_policy_on_a_service_vip_admits_outside_clients_by_cidr() {
     let cluster = Cluster::start(2, 3, &[]);
-    cluster.apply(&service_and_endpoints());
+    cluster.apply(&web_by_selector(3));
     cluster.apply(
         "kind: NetworkPolicy
 name: web-vip
