@@ -31,6 +31,10 @@ struct Cli {
     /// Validity of admin certificates, in seconds.
     #[arg(long, default_value_t = 365 * 24 * 3600)]
     user_cert_ttl: u64,
+    /// Address to serve the web dashboard on (HTTPS only, with the API's
+    /// certificate; open it with `sluicectl dashboard`), or `off`.
+    #[arg(long, default_value = sluice_control::server::dashboard::DEFAULT_LISTEN, value_name = "ADDR|off")]
+    dashboard_listen: String,
 }
 
 fn main() -> ExitCode {
@@ -64,6 +68,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {}", cli.listen))?;
     let listen = listener.local_addr().context("reading the bound address")?;
+    let dashboard = match cli.dashboard_listen.as_str() {
+        "off" => None,
+        addr => {
+            let addr: SocketAddr = addr.parse().with_context(|| {
+                format!("--dashboard-listen {addr:?}: expected ADDR:PORT or off")
+            })?;
+            Some(
+                tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("binding the dashboard to {addr}"))?,
+            )
+        }
+    };
     let control = Control::open(Options {
         listen,
         data_dir: cli.data_dir,
@@ -86,6 +103,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         tracing::info!("shutting down");
     };
-    control.serve(listener, shutdown).await.context("serving")?;
+    control
+        .serve_with_dashboard(listener, dashboard, shutdown)
+        .await
+        .context("serving")?;
     Ok(())
 }
