@@ -118,6 +118,10 @@ struct DataplaneArgs {
     /// interface are removed (younger ones may belong to an agent starting up).
     #[arg(long, default_value_t = 600, hide = true)]
     stale_pin_age: u64,
+    /// Seconds between status reports to the control service (the counters
+    /// its dashboard and `sluicectl describe` show); joined agents only.
+    #[arg(long, default_value_t = 1)]
+    report_interval: u64,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -213,6 +217,9 @@ fn run_agent(source: Source, args: DataplaneArgs) -> Result<(), Box<dyn std::err
     if args.sweep_interval == 0 {
         return Err("--sweep-interval must be at least 1 second".into());
     }
+    if args.report_interval == 0 {
+        return Err("--report-interval must be at least 1 second".into());
+    }
     let options = RunOptions {
         source,
         interfaces: args.interfaces,
@@ -226,6 +233,7 @@ fn run_agent(source: Source, args: DataplaneArgs) -> Result<(), Box<dyn std::err
         },
         sweep_interval: Duration::from_secs(args.sweep_interval),
         stale_pin_age: Duration::from_secs(args.stale_pin_age),
+        report_interval: Duration::from_secs(args.report_interval),
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
