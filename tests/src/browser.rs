@@ -103,7 +103,7 @@ impl<'ns> Browser<'ns> {
             "--disable-sync".to_owned(),
             "--disable-extensions".to_owned(),
             "--disable-dev-shm-usage".to_owned(),
-            "--window-size=1400,1900".to_owned(),
+            "--window-size=1400,1300".to_owned(),
             format!("--user-data-dir={}", profile.display()),
             format!("--ignore-certificate-errors-spki-list={spki_pin}"),
         ];

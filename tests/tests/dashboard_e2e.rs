@@ -31,8 +31,10 @@ use sluice_tests::{
 const DASHBOARD_PORT: u16 = 7444;
 /// Bound on the page showing a change: agents report every few seconds.
 const LIVE: Duration = Duration::from_secs(40);
-/// Requests sent through node-1 while the page watches.
+/// New flows through node-1 the page must see while it watches.
 const REQUESTS: usize = 300;
+/// Bound on the requests node-1's client sends in the background.
+const MAX_BACKGROUND: usize = 5_000;
 
 fn manifests() -> String {
     let mut docs = vec![
@@ -206,13 +208,14 @@ fn the_dashboard_shows_the_cluster_live_to_the_holder_of_a_token_within_their_gr
     let flows_before = browser.eval(&metric_script(&format!("{web} .svc-stats"), "flows"));
     let flows_before = flows_before.as_f64().expect("a flow total");
 
-    // Traffic through node-1 while the page watches, spread over a few
-    // seconds so that a report interval sees it.
+    // Traffic through node-1 while the page watches, a request every 20 ms
+    // (so that every report interval sees some), until the screenshot is
+    // taken; bounded in count, and stopped at once if a check fails.
     let sending = AtomicBool::new(true);
-    let (max_rate, flows_after) = thread::scope(|scope| {
-        let client = scope.spawn(|| {
+    thread::scope(|scope| {
+        scope.spawn(|| {
             cluster.topology.node(1).client.enter(|| {
-                for _ in 0..REQUESTS {
+                for _ in 0..MAX_BACKGROUND {
                     if !sending.load(Ordering::SeqCst) {
                         break;
                     }
@@ -221,87 +224,12 @@ fn the_dashboard_shows_the_cluster_live_to_the_holder_of_a_token_within_their_gr
                 }
             })
         });
-        let deadline = Instant::now() + LIVE;
-        let mut max_rate: f64 = 0.0;
-        let mut flows = flows_before;
-        while Instant::now() < deadline {
-            let v = browser.eval(&format!(
-                "const m = (k) => {{ const e = document.querySelector('{web} .svc-stats [data-metric=\"' + k + '\"]'); \
-                 return e ? Number(e.dataset.value) : null; }}; \
-                 return [m('flows'), m('packets-rate'), window.sluiceTestMark];"
-            ));
-            assert_eq!(v[2], 42, "the page reloaded");
-            flows = v[0].as_f64().unwrap_or(flows);
-            max_rate = max_rate.max(v[1].as_f64().unwrap_or(0.0));
-            if flows >= flows_before + REQUESTS as f64 && max_rate > 0.0 {
-                break;
-            }
-            thread::sleep(Duration::from_millis(250));
-        }
-        sending.store(false, Ordering::SeqCst);
-        client.join().expect("the client thread");
-        (max_rate, flows)
+        let _stop = StopOnDrop(&sending);
+        watch_traffic(&browser, &cluster, to, flows_before);
+        let shot = screenshot_path();
+        browser.screenshot(&shot);
+        eprintln!("screenshot: {}", shot.display());
     });
-    assert!(
-        flows_after >= flows_before + REQUESTS as f64,
-        "the flow total went from {flows_before} to only {flows_after} in the same page"
-    );
-    assert!(
-        max_rate > 0.0,
-        "the packet rate never rose above 0 while traffic flowed"
-    );
-    // The two backends share the flows (round-robin: about half each).
-    let shares = browser.eval(&format!(
-        "return [...document.querySelectorAll('{web} [data-backend] [data-metric=\"share\"]')]\
-         .map(e => Number(e.dataset.value));"
-    ));
-    let shares: Vec<f64> = shares
-        .as_array()
-        .map(|a| a.iter().filter_map(Value::as_f64).collect())
-        .unwrap_or_default();
-    assert_eq!(shares.len(), 2, "{shares:?}");
-    assert!((shares[0] + shares[1] - 100.0).abs() < 1.0, "{shares:?}");
-    assert!(
-        shares.iter().all(|s| (30.0..=70.0).contains(s)),
-        "{shares:?}"
-    );
-
-    // Node-2's client is refused: the policy's denied count and the flow view
-    // show it.
-    cluster.topology.node(2).client.enter(|| {
-        for _ in 0..3 {
-            let refused = http_get(to, Duration::from_millis(700));
-            assert!(refused.is_err(), "node-2's client got through: {refused:?}");
-        }
-    });
-    let policy = "[data-policy=\"shop/web-ingress\"]";
-    browser.wait_for(
-        "the policy counts allowed and denied flows",
-        &format!(
-            "return [(() => {{ {} }})(), (() => {{ {} }})()];",
-            metric_script(policy, "allowed"),
-            metric_script(policy, "denied")
-        ),
-        LIVE,
-        |v| v[0].as_f64().unwrap_or(0.0) >= REQUESTS as f64 && v[1].as_f64().unwrap_or(0.0) >= 1.0,
-    );
-    let client2 = cluster.topology.node(2).client_addr().to_string();
-    browser.wait_for(
-        "the refused flow in the live flow view",
-        "return [...document.querySelectorAll('tr.flow')].map(r => r.textContent);",
-        LIVE,
-        |v| {
-            v.as_array().is_some_and(|rows| {
-                rows.iter().any(|r| {
-                    r.as_str()
-                        .is_some_and(|t| t.contains(&client2) && t.contains("denied"))
-                })
-            })
-        },
-    );
-    let shot = screenshot_path();
-    browser.screenshot(&shot);
-    eprintln!("screenshot: {}", shot.display());
 
     // No token, a wrong one: 401, with the reason.
     let status = browser.eval_async(
@@ -376,4 +304,95 @@ fn the_dashboard_shows_the_cluster_live_to_the_holder_of_a_token_within_their_gr
     );
     assert_eq!(v[0], "403", "{v}");
     assert!(v[1].as_str().is_some_and(|m| m.contains("bob")), "{v}");
+}
+
+/// Sets the flag to false when dropped (a panic included): stops the
+/// background traffic before the scope waits for it.
+struct StopOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::SeqCst);
+    }
+}
+
+/// While node-1's client sends: the numbers change in the same page, the
+/// backends share the flows, and node-2's refused client shows up in the
+/// policy's counts and the flow view.
+fn watch_traffic(browser: &Browser<'_>, cluster: &Cluster, to: SocketAddrV4, flows_before: f64) {
+    let web = "[data-service=\"shop/web\"]";
+    let deadline = Instant::now() + LIVE;
+    let mut max_rate: f64 = 0.0;
+    let mut flows = flows_before;
+    while Instant::now() < deadline {
+        let v = browser.eval(&format!(
+            "const m = (k) => {{ const e = document.querySelector('{web} .svc-stats [data-metric=\"' + k + '\"]'); \
+             return e ? Number(e.dataset.value) : null; }}; \
+             return [m('flows'), m('packets-rate'), window.sluiceTestMark];"
+        ));
+        assert_eq!(v[2], 42, "the page reloaded");
+        flows = v[0].as_f64().unwrap_or(flows);
+        max_rate = max_rate.max(v[1].as_f64().unwrap_or(0.0));
+        if flows >= flows_before + REQUESTS as f64 && max_rate > 0.0 {
+            break;
+        }
+        thread::sleep(Duration::from_millis(250));
+    }
+    assert!(
+        flows >= flows_before + REQUESTS as f64,
+        "the flow total went from {flows_before} to only {flows} in the same page"
+    );
+    assert!(
+        max_rate > 0.0,
+        "the packet rate never rose above 0 while traffic flowed"
+    );
+    // The two backends share the flows (round-robin: about half each).
+    let shares = browser.eval(&format!(
+        "return [...document.querySelectorAll('{web} [data-backend] [data-metric=\"share\"]')]\
+         .map(e => Number(e.dataset.value));"
+    ));
+    let shares: Vec<f64> = shares
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_f64).collect())
+        .unwrap_or_default();
+    assert_eq!(shares.len(), 2, "{shares:?}");
+    assert!((shares[0] + shares[1] - 100.0).abs() < 1.0, "{shares:?}");
+    assert!(
+        shares.iter().all(|s| (30.0..=70.0).contains(s)),
+        "{shares:?}"
+    );
+
+    // Node-2's client is refused: the policy's denied count and the flow view
+    // show it.
+    cluster.topology.node(2).client.enter(|| {
+        for _ in 0..3 {
+            let refused = http_get(to, Duration::from_millis(700));
+            assert!(refused.is_err(), "node-2's client got through: {refused:?}");
+        }
+    });
+    let policy = "[data-policy=\"shop/web-ingress\"]";
+    browser.wait_for(
+        "the policy counts allowed and denied flows",
+        &format!(
+            "return [(() => {{ {} }})(), (() => {{ {} }})()];",
+            metric_script(policy, "allowed"),
+            metric_script(policy, "denied")
+        ),
+        LIVE,
+        |v| v[0].as_f64().unwrap_or(0.0) >= REQUESTS as f64 && v[1].as_f64().unwrap_or(0.0) >= 1.0,
+    );
+    let client2 = cluster.topology.node(2).client_addr().to_string();
+    browser.wait_for(
+        "the refused flow in the live flow view",
+        "return [...document.querySelectorAll('tr.flow')].map(r => r.textContent);",
+        LIVE,
+        |v| {
+            v.as_array().is_some_and(|rows| {
+                rows.iter().any(|r| {
+                    r.as_str()
+                        .is_some_and(|t| t.contains(&client2) && t.contains("denied"))
+                })
+            })
+        },
+    );
 }

@@ -557,6 +557,113 @@ mod tests {
         assert_eq!((row.target.as_str(), row.denied), ("service shop/web", 9));
     }
 
+    fn caller(name: &str, groups: &[&str]) -> Caller {
+        Caller {
+            name: name.into(),
+            groups: groups.iter().map(|g| (*g).to_owned()).collect(),
+        }
+    }
+
+    const OBJECTS: &str = "kind: Service
+namespace: shop
+name: web
+ports: [{ port: 80, protocol: TCP }]
+backends: [{ address: 198.19.0.11 }]
+---
+kind: Service
+namespace: blog
+name: news
+ports: [{ port: 80, protocol: TCP }]
+backends: [{ address: 198.19.0.12 }]
+---
+kind: NetworkPolicy
+namespace: shop
+name: web-ingress
+service: web
+ingress: [{ from: [{ cidr: 198.18.1.0/24 }] }]
+---
+kind: Grant
+namespace: blog
+name: bob-views-blog
+subject: { user: bob }
+role: viewer
+scope: blog
+";
+
+    #[tokio::test]
+    async fn each_caller_sees_what_their_grants_allow_now() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let control = Control::open(crate::server::Options {
+            listen: "127.0.0.1:7443".parse().expect("addr"),
+            data_dir: dir.path().to_path_buf(),
+            vip_cidr: "198.18.100.0/28".into(),
+            advertise: vec![],
+            node_cert_ttl: std::time::Duration::from_secs(3600),
+            user_cert_ttl: std::time::Duration::from_secs(3600),
+        })
+        .expect("open");
+        let admin = caller("root", &[rbac::ADMIN_GROUP]);
+        let objects = sluice_api::manifest::parse_objects("t.yaml", OBJECTS)
+            .expect("manifest")
+            .iter()
+            .map(v1::Object::from)
+            .collect();
+        control.apply(&admin, objects, false).await.expect("apply");
+        let rates = std::sync::Mutex::default();
+
+        let all = control
+            .dashboard_snapshot(&admin, &rates, &[])
+            .expect("admin");
+        let names = |s: &Snapshot| -> Vec<String> {
+            s.services
+                .iter()
+                .map(|s| format!("{}/{}", s.namespace, s.name))
+                .collect()
+        };
+        assert_eq!(names(&all), ["blog/news", "shop/web"]);
+        assert_eq!(all.policies.len(), 1);
+        assert!(all.nodes.is_some() && all.flows.is_some());
+        assert_eq!(all.overview.backends, 2);
+
+        // A viewer of blog: blog's service only, no policy of shop, no
+        // nodes, no flows, and totals over what they see.
+        let bob = caller("bob", &[]);
+        let seen = control.dashboard_snapshot(&bob, &rates, &[]).expect("bob");
+        assert_eq!(names(&seen), ["blog/news"]);
+        assert!(seen.policies.is_empty());
+        assert!(seen.nodes.is_none() && seen.flows.is_none());
+        assert!(
+            seen.nodes_hidden
+                .as_deref()
+                .is_some_and(|m| m.contains("`list nodes`")),
+            "{:?}",
+            seen.nodes_hidden
+        );
+        assert_eq!((seen.overview.services, seen.overview.backends), (1, 1));
+
+        // Nobody else sees anything, and the refusal says what is missing.
+        let eve = caller("eve", &["dev"]);
+        let denied = control
+            .dashboard_snapshot(&eve, &rates, &[])
+            .expect_err("no grant");
+        assert!(denied.to_string().contains("`list services`"), "{denied}");
+
+        // Revoking bob's grant takes effect on the next snapshot.
+        control
+            .delete(
+                &admin,
+                v1::DeleteRequest {
+                    kind: v1::Kind::Grant as i32,
+                    namespace: "blog".into(),
+                    name: "bob-views-blog".into(),
+                    resource_version: 0,
+                },
+            )
+            .await
+            .expect("delete");
+        assert!(control.dashboard_snapshot(&bob, &rates, &[]).is_err());
+    }
+
     #[test]
     fn label_sets_parse_as_the_compiler_writes_them() {
         assert_eq!(

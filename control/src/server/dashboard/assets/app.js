@@ -50,6 +50,14 @@ function age(secs) {
   return Math.round(secs / 3600) + " h ago";
 }
 
+// "2026-11-30T17:35:00.0129Z" -> "2026-11-30 17:35:00" (UTC, as the
+// control service stamps it); the full value stays in the title.
+function when(rfc3339, timeOnly) {
+  const m = /^(\d{4}-\d{2}-\d{2})T(\d{2}:\d{2}:\d{2})/.exec(rfc3339 || "");
+  if (!m) return esc(rfc3339 || "—");
+  return `<span title="${esc(rfc3339)}">${timeOnly ? m[2] : m[1] + " " + m[2]}</span>`;
+}
+
 function badge(text) {
   return `<span class="badge b-${esc(String(text).replace(/\s+/g, ""))}">${esc(text)}</span>`;
 }
@@ -100,7 +108,7 @@ function renderNodes(s) {
     `<td class="num">${metric("lag", n.lag, n.lag)}</td>` +
     `<td>${esc(age(n.lastReportAgeSecs))}</td>` +
     `<td class="num">${rate(n.rate.packets)}</td>` +
-    `<td>${esc(n.joinedAt)}</td></tr>`);
+    `<td>${when(n.joinedAt)} UTC</td></tr>`);
   $("nodes").innerHTML = table(
     [["Node"], ["Zone"], ["Health"], ["Connected"], ["Applied / desired", "num"], ["Lag", "num"], ["Last report"], ["Packets", "num"], ["Joined"]],
     rows, "No node has joined yet: sluicectl token create.");
@@ -135,12 +143,12 @@ function renderServices(s) {
       `<div class="svc-head"><span class="svc-name">${esc(id)}</span>` +
       `<span class="svc-meta">${esc(svc.vip)} · ${esc(svc.ports.join(", "))} · ${esc(svc.algorithm)}</span>` +
       `<div class="svc-stats">` +
-      `<div><b>${metric("packets-rate", svc.rate.packets, rate(svc.rate.packets))}</b><span>packets</span></div>` +
-      `<div><b>${metric("bytes-rate", svc.rate.bytes, bytesRate(svc.rate.bytes))}</b><span>throughput</span></div>` +
-      `<div><b>${metric("flows-rate", svc.rate.newFlows, rate(svc.rate.newFlows))}</b><span>new flows</span></div>` +
-      `<div><b>${metric("active", svc.totals.activeConnections, count(svc.totals.activeConnections))}</b><span>active conns</span></div>` +
-      `<div><b>${metric("packets", svc.totals.packets, count(svc.totals.packets))}</b><span>packets total</span></div>` +
-      `<div><b>${metric("flows", svc.totals.newFlows, count(svc.totals.newFlows))}</b><span>flows total</span></div>` +
+      `<div><b>${metric("packets-rate", svc.rate.packets, rate(svc.rate.packets))}</b><span class="lbl">packets</span></div>` +
+      `<div><b>${metric("bytes-rate", svc.rate.bytes, bytesRate(svc.rate.bytes))}</b><span class="lbl">throughput</span></div>` +
+      `<div><b>${metric("flows-rate", svc.rate.newFlows, rate(svc.rate.newFlows))}</b><span class="lbl">new flows</span></div>` +
+      `<div><b>${metric("active", svc.totals.activeConnections, count(svc.totals.activeConnections))}</b><span class="lbl">active conns</span></div>` +
+      `<div><b>${metric("packets", svc.totals.packets, count(svc.totals.packets))}</b><span class="lbl">packets total</span></div>` +
+      `<div><b>${metric("flows", svc.totals.newFlows, count(svc.totals.newFlows))}</b><span class="lbl">flows total</span></div>` +
       `</div></div>` +
       table([["Backend"], ["State"], ["Weight", "num"], ["Share of new flows"], ["Packets", "num"], ["Throughput", "num"], ["New flows", "num"], ["Active", "num"], ["Flows total", "num"], ["Source"]],
         rows, "No backend: no endpoint matches the selector.") +
@@ -164,18 +172,19 @@ function renderFlows(s) {
     return;
   }
   const rows = s.flows.map((f) => `<tr class="flow">` +
-    `<td>${esc(f.time)}</td><td>${esc(f.node)}</td><td>${badge(f.verdict || "—")}</td>` +
+    `<td>${when(f.time, true)}</td><td>${esc(f.node)}</td><td>${badge(f.verdict || "—")}</td>` +
     `<td>${esc(f.reason)}</td><td>${esc(f.client)}</td><td>${esc(f.service)}</td>` +
     `<td>${esc(f.backend || "—")}</td><td>${esc(f.protocol)}</td><td>${esc(f.countedAs)}</td></tr>`);
   $("flows").innerHTML = table(
-    [["Time"], ["Node"], ["Verdict"], ["Reason"], ["Client"], ["Service"], ["Backend"], ["Protocol"], ["Counted as"]],
+    [["Time (UTC)"], ["Node"], ["Verdict"], ["Reason"], ["Client"], ["Service"], ["Backend"], ["Protocol"], ["Counted as"]],
     rows, "No flow event yet (refused flows appear here as the nodes report them).");
 }
 
 function render(s) {
   $("refused").hidden = true;
   $("main").hidden = false;
-  $("who").textContent = `${s.user}${s.groups.length ? " (" + s.groups.join(", ") + ")" : ""} · ${s.time}`;
+  const clock = (/T(\d{2}:\d{2}:\d{2})/.exec(s.time) || [])[1] || s.time;
+  $("who").textContent = `${s.user}${s.groups.length ? " (" + s.groups.join(", ") + ")" : ""} · updated ${clock} UTC`;
   renderOverview(s);
   renderNodes(s);
   renderServices(s);
