@@ -361,6 +361,20 @@ fn watch_traffic(browser: &Browser<'_>, cluster: &Cluster, to: SocketAddrV4, flo
         shares.iter().all(|s| (30.0..=70.0).contains(s)),
         "{shares:?}"
     );
+    // The bars are drawn to scale (their width is set despite the page's
+    // strict CSP).
+    let bars = browser.eval(&format!(
+        "return [...document.querySelectorAll('{web} .bar')]\
+         .map(b => b.firstElementChild.getBoundingClientRect().width / b.getBoundingClientRect().width);"
+    ));
+    let bars: Vec<f64> = bars
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_f64).collect())
+        .unwrap_or_default();
+    assert!(
+        bars.len() == 2 && bars.iter().all(|b| (0.25..=0.75).contains(b)),
+        "bar fill ratios {bars:?} for shares {shares:?}"
+    );
 
     // Node-2's client is refused: the policy's denied count and the flow view
     // show it.

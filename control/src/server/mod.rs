@@ -276,7 +276,16 @@ impl Control {
         dashboard: Option<tokio::net::TcpListener>,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> Result<(), StartError> {
-        let (dns, ips) = self.certificate_names();
+        let (dns, mut ips) = self.certificate_names();
+        // A dashboard on an address of its own is reached by that address too.
+        if let Some(ip) = dashboard
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
+            .map(|a| a.ip())
+            .filter(|ip| !ip.is_unspecified() && !ips.contains(ip))
+        {
+            ips.push(ip);
+        }
         let (cert_pem, key_pem) = self.ca.issue_server(&dns, &ips)?;
         let tls = pki::server_tls_config(&self.ca, &cert_pem, &key_pem)?;
         // Aborted when the API stops serving.

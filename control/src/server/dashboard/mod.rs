@@ -111,34 +111,38 @@ impl Control {
     }
 
     /// Serves the dashboard on `listener` with `tls` (the API's certificate,
-    /// without client authentication: browsers bring a token instead).
-    pub(super) async fn serve_dashboard(
+    /// without client authentication: browsers bring a token instead). The
+    /// port is recorded at once, before the returned future first runs, so
+    /// that tokens can be issued as soon as the API serves.
+    pub(super) fn serve_dashboard(
         self: Arc<Self>,
         listener: TcpListener,
         tls: Arc<rustls::ServerConfig>,
-    ) {
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
         let port = listener.local_addr().map_or(0, |a| a.port());
         let _ = self.dashboard.port.set(port);
         let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-        let router = router(self.clone());
-        info!(listen = ?listener.local_addr().ok(), "serving the dashboard (HTTPS only)");
-        loop {
-            let (stream, peer) = match listener.accept().await {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    // Out of descriptors, typically: wait rather than spin.
-                    debug!("dashboard accept: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            };
-            let acceptor = acceptor.clone();
-            let router = router.clone();
-            tokio::spawn(async move {
-                if let Err(e) = serve_connection(stream, acceptor, router, port).await {
-                    debug!(%peer, "dashboard connection: {e}");
-                }
-            });
+        let router = router(self);
+        async move {
+            info!(listen = ?listener.local_addr().ok(), "serving the dashboard (HTTPS only)");
+            loop {
+                let (stream, peer) = match listener.accept().await {
+                    Ok(accepted) => accepted,
+                    Err(e) => {
+                        // Out of descriptors, typically: wait rather than spin.
+                        debug!("dashboard accept: {e}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                let acceptor = acceptor.clone();
+                let router = router.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = serve_connection(stream, acceptor, router, port).await {
+                        debug!(%peer, "dashboard connection: {e}");
+                    }
+                });
+            }
         }
     }
 }
@@ -225,10 +229,6 @@ fn response(status: StatusCode, content_type: &str, body: Body) -> Response {
     h.insert(
         header::CONTENT_SECURITY_POLICY,
         HeaderValue::from_static(CSP),
-    );
-    h.insert(
-        header::STRICT_TRANSPORT_SECURITY,
-        HeaderValue::from_static("max-age=31536000"),
     );
     r
 }

@@ -119,7 +119,9 @@ function share(b) {
   const pct = now !== null ? now : b.shareTotal;
   if (pct === null) return `<span class="share">—</span>`;
   const label = pct.toFixed(1) + " %" + (now === null ? " (total)" : "");
-  return `<span class="share"><span class="bar"><i style="width:${pct.toFixed(1)}%"></i></span>` +
+  // The width is set from data-width after rendering: the page's CSP
+  // forbids style attributes in markup.
+  return `<span class="share"><span class="bar"><i data-width="${pct.toFixed(1)}"></i></span>` +
     `${metric("share", pct, label)}</span>`;
 }
 
@@ -154,6 +156,9 @@ function renderServices(s) {
         rows, "No backend: no endpoint matches the selector.") +
       `</div>`;
   }).join("");
+  for (const bar of $("services").querySelectorAll(".bar > i[data-width]")) {
+    bar.style.width = bar.dataset.width + "%";
+  }
 }
 
 function renderPolicies(s) {
