@@ -8,13 +8,22 @@
 //! rather than a huge negative rate, and a node that stopped reporting
 //! contributes nothing after [`STALE_AFTER`] report intervals.
 
-use std::{collections::BTreeMap, time::SystemTime};
+use std::{
+    collections::BTreeMap,
+    time::{Duration, SystemTime},
+};
 
 use sluice_api::v1;
 
 /// A node's rates are dropped once its last report is older than this many
-/// of its report intervals (it went away, or its agent is stuck).
+/// of its report intervals (it went away, or its agent is stuck), and not
+/// before [`STALE_FLOOR`].
 pub const STALE_AFTER: u32 = 3;
+pub const STALE_FLOOR: Duration = Duration::from_secs(5);
+/// Agents also report at once after each view update: a report this soon
+/// after the previous one replaces it instead of starting a new window, so
+/// that a rate is never taken over a few milliseconds.
+pub const MIN_WINDOW: Duration = Duration::from_millis(500);
 
 /// Per-second rates of one counter set.
 #[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize)]
@@ -87,6 +96,9 @@ impl Rates {
         };
         match self.nodes.get_mut(node) {
             Some((_, cur)) if cur.at == at => {}
+            Some((Some(_), cur)) if at.duration_since(cur.at).is_ok_and(|gap| gap < MIN_WINDOW) => {
+                *cur = sample;
+            }
             Some((prev, cur)) => *prev = Some(std::mem::replace(cur, sample)),
             None => {
                 self.nodes.insert(node.to_owned(), (None, sample));
@@ -110,7 +122,7 @@ impl Rates {
             return out;
         };
         let age = now.duration_since(cur.at).unwrap_or_default();
-        if interval.is_zero() || age > interval * STALE_AFTER {
+        if interval.is_zero() || age > (interval * STALE_AFTER).max(STALE_FLOOR) {
             return out;
         }
         let secs = interval.as_secs_f64();
@@ -147,8 +159,6 @@ impl Rates {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use super::*;
 
     fn traffic(packets: u64, bytes: u64, new_flows: u64) -> Option<v1::TrafficCounters> {
@@ -212,7 +222,13 @@ mod tests {
                 new_flows: 4.0
             }
         );
-        // Silent for more than three intervals: no rate.
+        // Silent for more than three intervals (and the floor): no rate.
+        assert!(
+            !rates
+                .node("node-1", t1 + Duration::from_secs(5))
+                .frontends
+                .is_empty()
+        );
         assert!(
             rates
                 .node("node-1", t1 + Duration::from_secs(7))
@@ -220,6 +236,24 @@ mod tests {
                 .is_empty()
         );
         assert!(rates.node("node-2", t1).frontends.is_empty());
+    }
+
+    #[test]
+    fn a_report_right_after_another_extends_the_window() {
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000);
+        let mut rates = Rates::default();
+        rates.observe("n", t0, &report((0, 0, 0), (0, 0, 0)));
+        let t1 = t0 + Duration::from_secs(1);
+        rates.observe("n", t1, &report((100, 1_000, 10), (100, 1_000, 10)));
+        // 50 ms later (a report after a view update): one window of 1.05 s.
+        let t2 = t1 + Duration::from_millis(50);
+        rates.observe("n", t2, &report((105, 1_050, 10), (105, 1_050, 10)));
+        let r = rates.node("n", t2).frontends[&key()];
+        assert!((r.packets - 100.0).abs() < 1e-9, "{r:?}");
+        // The next regular report starts a new window from t2.
+        let t3 = t2 + Duration::from_secs(1);
+        rates.observe("n", t3, &report((205, 2_050, 20), (205, 2_050, 20)));
+        assert_eq!(rates.node("n", t3).frontends[&key()].packets, 100.0);
     }
 
     #[test]
