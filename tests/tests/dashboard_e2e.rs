@@ -3,9 +3,10 @@
 //! prints opened in a browser that runs in the control service's namespace
 //! and trusts only the cluster CA's key, numbers that change while traffic
 //! flows (in the same page, no reload), a policy's verdict counts and a
-//! refused flow in the live flow view, 401 without a valid token, a viewer
-//! of another namespace who does not see the service and loses the page
-//! when the grant is deleted. Saves a screenshot to `target/dashboard.png`.
+//! refused flow in the live flow view, 401 without a valid token, 400 for
+//! plain HTTP, a viewer of another namespace who does not see the service
+//! and loses the page when the grant is deleted. Saves a screenshot to
+//! `target/dashboard.png`.
 //!
 //! Requires root and Debian's `chromium` and `chromium-driver` (`cargo xtask
 //! bootstrap` installs them). Run with `cargo xtask test`, or after `cargo
@@ -269,6 +270,22 @@ fn the_dashboard_shows_the_cluster_live_to_the_holder_of_a_token_within_their_gr
     let v = refused_page(&format!("{base}#token={}", "0".repeat(64)));
     assert_eq!(v[0], "401", "{v}");
     assert!(v[1].as_str().is_some_and(|m| m.contains("unknown")), "{v}");
+
+    // Plain HTTP is refused, with a pointer to https.
+    let plain = cluster.topology.control.exec(&[
+        "curl",
+        "-sS",
+        "--max-time",
+        "5",
+        "-w",
+        "\n%{http_code}",
+        &base.replace("https://", "http://"),
+    ]);
+    let plain = String::from_utf8_lossy(&plain.stdout).into_owned();
+    assert!(
+        plain.ends_with("\n400") && plain.contains("HTTPS only"),
+        "{plain}"
+    );
 
     // Bob views `blog` only: its service, not shop's, no nodes, no flows.
     browser.eval("sessionStorage.clear(); return null;");
