@@ -112,11 +112,11 @@ fn ca_spki_pin(cluster: &Cluster) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
-/// `sluicectl -o json dashboard` with `config`: the URL it prints.
-fn dashboard_url(cluster: &Cluster, config: &std::path::Path) -> String {
+/// `sluicectl -o json dashboard --ttl TTL` with `config`: the URL it prints.
+fn dashboard_url(cluster: &Cluster, config: &std::path::Path, ttl: &str) -> String {
     let out = cluster
         .control
-        .sluicectl_as(config, &["-o", "json", "dashboard", "--ttl", "10m"]);
+        .sluicectl_as(config, &["-o", "json", "dashboard", "--ttl", ttl]);
     assert!(out.status.success(), "sluicectl dashboard: {out:?}");
     let v: Value = serde_json::from_slice(&out.stdout).expect("JSON");
     let url = v["url"].as_str().expect("a url").to_owned();
@@ -168,7 +168,7 @@ fn the_dashboard_shows_the_cluster_live_to_the_holder_of_a_token_within_their_gr
         }
     });
 
-    let admin_url = dashboard_url(&cluster, &cluster.control.admin_conf());
+    let admin_url = dashboard_url(&cluster, &cluster.control.admin_conf(), "10m");
     let bob_conf = cluster.control.scratch().join("bob.conf");
     cluster.control.sluicectl_ok(&[
         "user",
@@ -177,7 +177,7 @@ fn the_dashboard_shows_the_cluster_live_to_the_holder_of_a_token_within_their_gr
         "--out",
         &bob_conf.display().to_string(),
     ]);
-    let bob_url = dashboard_url(&cluster, &bob_conf);
+    let bob_url = dashboard_url(&cluster, &bob_conf, "10m");
     let base = format!("https://{}:{DASHBOARD_PORT}/", CONTROL_ADDR.ip());
 
     let browser = Browser::start(&cluster.topology.control, &ca_spki_pin(&cluster));
@@ -321,6 +321,27 @@ fn the_dashboard_shows_the_cluster_live_to_the_holder_of_a_token_within_their_gr
     );
     assert_eq!(v[0], "403", "{v}");
     assert!(v[1].as_str().is_some_and(|m| m.contains("bob")), "{v}");
+
+    // A token that expires ends the live page with a 401 saying so.
+    let short = dashboard_url(&cluster, &cluster.control.admin_conf(), "6s");
+    browser.eval("sessionStorage.clear(); return null;");
+    browser.goto("about:blank");
+    browser.goto(&short);
+    browser.wait_for(
+        "the page is live before the token expires",
+        "return document.body.dataset.updated || null;",
+        Duration::from_secs(6),
+        |v| !v.is_null(),
+    );
+    let v = browser.wait_for(
+        "the page after the token expired",
+        "return [document.body.dataset.refused || null, \
+                 document.getElementById('refused-message').textContent];",
+        Duration::from_secs(15),
+        |v| v[0] != Value::Null,
+    );
+    assert_eq!(v[0], "401", "{v}");
+    assert!(v[1].as_str().is_some_and(|m| m.contains("expired")), "{v}");
 }
 
 /// Sets the flag to false when dropped (a panic included): stops the
