@@ -17,10 +17,13 @@ use std::{
 use serde::Serialize;
 use sluice_api::v1;
 
-use super::rates::{Rate, Rates};
+use super::rates::{NodeRates, Rate, Rates};
 use crate::{
     rbac::{self, Caller, Denied, Resource, Verb},
-    server::{Control, NodeLive, state::rfc3339},
+    server::{
+        Control, NodeLive,
+        state::{NodeRecord, rfc3339},
+    },
 };
 
 /// Flow events sent with each snapshot (the most recent).
@@ -264,6 +267,161 @@ pub fn policy_row(
     row
 }
 
+/// A service's row: its counters summed over the nodes' last reports, its
+/// rates over each node's last two, and each backend's share of new flows.
+fn service_row(
+    (ns, name): (&str, &str),
+    service: &v1::Service,
+    backends: Vec<v1::ResolvedBackend>,
+    live: &BTreeMap<String, NodeLive>,
+    node_rates: &BTreeMap<String, NodeRates>,
+) -> ServiceRow {
+    let full = format!("{ns}/{name}");
+    let mut totals = Totals::default();
+    let mut rate = Rate::default();
+    let mut backend_totals: BTreeMap<(String, u32), Totals> = BTreeMap::new();
+    let mut backend_rates: BTreeMap<(String, u32), Rate> = BTreeMap::new();
+    for l in live.values() {
+        for c in l.counters.iter().filter(|c| c.service == full) {
+            totals.add(c.counters.as_ref());
+            for b in &c.backends {
+                backend_totals
+                    .entry((b.address.clone(), b.port))
+                    .or_default()
+                    .add(b.counters.as_ref());
+            }
+        }
+    }
+    for r in node_rates.values() {
+        for (_, fr) in r.frontends.iter().filter(|(k, _)| k.0 == full) {
+            rate.add(fr);
+        }
+        for ((fk, b), br) in &r.backends {
+            if fk.0 == full {
+                backend_rates.entry(b.clone()).or_default().add(br);
+            }
+        }
+    }
+    let backends = backends
+        .into_iter()
+        .map(|b| {
+            let key = (b.address.clone(), b.port);
+            let t = backend_totals.get(&key).cloned().unwrap_or_default();
+            let r = backend_rates.get(&key).copied().unwrap_or_default();
+            BackendRow {
+                share_now: percent(r.new_flows, rate.new_flows),
+                share_total: percent(t.new_flows as f64, totals.new_flows as f64),
+                address: b.address,
+                port: b.port,
+                weight: b.weight,
+                state: b.state,
+                source: b.source,
+                totals: t,
+                rate: r,
+            }
+        })
+        .collect();
+    ServiceRow {
+        namespace: ns.to_owned(),
+        name: name.to_owned(),
+        vip: service.vip.clone(),
+        ports: service
+            .ports
+            .iter()
+            .map(|p| {
+                let target = if p.target_port == 0 {
+                    p.port
+                } else {
+                    p.target_port
+                };
+                format!("{}/{}→{target}", p.port, protocol_name(p.protocol))
+            })
+            .collect(),
+        algorithm: algorithm_name(service.algorithm),
+        totals,
+        rate,
+        backends,
+    }
+}
+
+/// A node's row: its record, what its agent last reported, and its health.
+fn node_row(
+    name: &str,
+    record: &NodeRecord,
+    live: Option<&NodeLive>,
+    desired_version: u64,
+    rates: Option<&NodeRates>,
+    now: SystemTime,
+) -> NodeRow {
+    let l = live.cloned().unwrap_or_default();
+    let connected = l.watchers > 0;
+    let age = l
+        .last_report
+        .map(|t| now.duration_since(t).unwrap_or_default().as_secs_f64());
+    let lag = desired_version.saturating_sub(l.applied_version);
+    let mut rate = Rate::default();
+    for r in rates.iter().flat_map(|r| r.frontends.values()) {
+        rate.add(r);
+    }
+    NodeRow {
+        name: name.to_owned(),
+        zone: record.zone.clone(),
+        joined_at: record.joined_at.clone(),
+        connected,
+        applied_version: l.applied_version,
+        desired_version,
+        lag,
+        last_report: l.last_report.map(rfc3339).unwrap_or_default(),
+        last_report_age_secs: age,
+        health: if !connected {
+            "disconnected"
+        } else if age.is_none_or(|a| a > SILENT_AFTER_SECS) {
+            "silent"
+        } else if lag > 0 {
+            "behind"
+        } else {
+            "ok"
+        },
+        rate,
+    }
+}
+
+/// The overview, over what the caller sees.
+fn overview(
+    nodes: Option<&[NodeRow]>,
+    services: &[ServiceRow],
+    policies: usize,
+    view_version: u64,
+) -> Overview {
+    let mut overview = Overview {
+        nodes: nodes.map(<[NodeRow]>::len),
+        nodes_connected: nodes.map(|n| n.iter().filter(|n| n.connected).count()),
+        services: services.len(),
+        backends: 0,
+        backends_serving: 0,
+        policies,
+        view_version,
+        rate: Rate::default(),
+        totals: Totals::default(),
+    };
+    let mut seen = BTreeSet::new();
+    for s in services {
+        overview.rate.add(&s.rate);
+        let t = &s.totals;
+        overview.totals.packets += t.packets;
+        overview.totals.bytes += t.bytes;
+        overview.totals.new_flows += t.new_flows;
+        overview.totals.active_connections += t.active_connections;
+        for b in &s.backends {
+            if seen.insert((&s.namespace, &s.name, &b.address)) {
+                overview.backends += 1;
+                overview.backends_serving += usize::from(b.state == "serving");
+            }
+        }
+    }
+    overview
+}
+
 fn visible(allowed: &Option<Vec<String>>, ns: &str) -> bool {
     allowed
         .as_ref()
@@ -327,74 +485,13 @@ impl Control {
             ) else {
                 continue;
             };
-            let full = format!("{ns}/{name}");
-            let mut totals = Totals::default();
-            let mut rate = Rate::default();
-            let mut backend_totals: BTreeMap<(String, u32), Totals> = BTreeMap::new();
-            let mut backend_rates: BTreeMap<(String, u32), Rate> = BTreeMap::new();
-            for l in live.values() {
-                for c in l.counters.iter().filter(|c| c.service == full) {
-                    totals.add(c.counters.as_ref());
-                    for b in &c.backends {
-                        backend_totals
-                            .entry((b.address.clone(), b.port))
-                            .or_default()
-                            .add(b.counters.as_ref());
-                    }
-                }
-            }
-            // Rates: per node, from its last two reports.
-            for r in node_rates.values() {
-                for (_, fr) in r.frontends.iter().filter(|(k, _)| k.0 == full) {
-                    rate.add(fr);
-                }
-                for ((fk, b), br) in &r.backends {
-                    if fk.0 == full {
-                        backend_rates.entry(b.clone()).or_default().add(br);
-                    }
-                }
-            }
-            let backends = described
-                .backends
-                .into_iter()
-                .map(|b| {
-                    let key = (b.address.clone(), b.port);
-                    let t = backend_totals.get(&key).cloned().unwrap_or_default();
-                    let r = backend_rates.get(&key).copied().unwrap_or_default();
-                    BackendRow {
-                        share_now: percent(r.new_flows, rate.new_flows),
-                        share_total: percent(t.new_flows as f64, totals.new_flows as f64),
-                        address: b.address,
-                        port: b.port,
-                        weight: b.weight,
-                        state: b.state,
-                        source: b.source,
-                        totals: t,
-                        rate: r,
-                    }
-                })
-                .collect();
-            services.push(ServiceRow {
-                namespace: ns.clone(),
-                name: name.clone(),
-                vip: service.vip.clone(),
-                ports: service
-                    .ports
-                    .iter()
-                    .map(|p| {
-                        let target = if p.target_port == 0 {
-                            p.port
-                        } else {
-                            p.target_port
-                        };
-                        format!("{}/{}→{target}", p.port, protocol_name(p.protocol))
-                    })
-                    .collect(),
-                algorithm: algorithm_name(service.algorithm),
-                totals,
-                rate,
-                backends,
-            });
+            services.push(service_row(
+                (ns, name),
+                service,
+                described.backends,
+                &live,
+                &node_rates,
+            ));
         }
 
         let counters: Vec<&v1::PolicyCounter> =
@@ -411,41 +508,14 @@ impl Control {
                 .nodes
                 .iter()
                 .map(|(name, (record, _))| {
-                    let l = live.get(name).cloned().unwrap_or_default();
-                    let connected = l.watchers > 0;
-                    let age = l
-                        .last_report
-                        .map(|t| now.duration_since(t).unwrap_or_default().as_secs_f64());
-                    let lag = state.view_version.saturating_sub(l.applied_version);
-                    let mut rate = Rate::default();
-                    for r in node_rates
-                        .get(name)
-                        .iter()
-                        .flat_map(|r| r.frontends.values())
-                    {
-                        rate.add(r);
-                    }
-                    NodeRow {
-                        name: name.clone(),
-                        zone: record.zone.clone(),
-                        joined_at: record.joined_at.clone(),
-                        connected,
-                        applied_version: l.applied_version,
-                        desired_version: state.view_version,
-                        lag,
-                        last_report: l.last_report.map(rfc3339).unwrap_or_default(),
-                        last_report_age_secs: age,
-                        health: if !connected {
-                            "disconnected"
-                        } else if age.is_none_or(|a| a > SILENT_AFTER_SECS) {
-                            "silent"
-                        } else if lag > 0 {
-                            "behind"
-                        } else {
-                            "ok"
-                        },
-                        rate,
-                    }
+                    node_row(
+                        name,
+                        record,
+                        live.get(name),
+                        state.view_version,
+                        node_rates.get(name),
+                        now,
+                    )
                 })
                 .collect::<Vec<_>>()
         });
@@ -458,34 +528,12 @@ impl Control {
                 .collect()
         });
 
-        let mut overview = Overview {
-            nodes: nodes.as_ref().map(Vec::len),
-            nodes_connected: nodes
-                .as_ref()
-                .map(|n| n.iter().filter(|n| n.connected).count()),
-            services: services.len(),
-            backends: 0,
-            backends_serving: 0,
-            policies: policies.len(),
-            view_version: state.view_version,
-            rate: Rate::default(),
-            totals: Totals::default(),
-        };
-        let mut seen = BTreeSet::new();
-        for s in &services {
-            overview.rate.add(&s.rate);
-            let t = &s.totals;
-            overview.totals.packets += t.packets;
-            overview.totals.bytes += t.bytes;
-            overview.totals.new_flows += t.new_flows;
-            overview.totals.active_connections += t.active_connections;
-            for b in &s.backends {
-                if seen.insert((&s.namespace, &s.name, &b.address)) {
-                    overview.backends += 1;
-                    overview.backends_serving += usize::from(b.state == "serving");
-                }
-            }
-        }
+        let overview = overview(
+            nodes.as_deref(),
+            &services,
+            policies.len(),
+            state.view_version,
+        );
         Ok(Snapshot {
             time: rfc3339(now),
             user: caller.name.clone(),
@@ -662,6 +710,110 @@ scope: blog
             .await
             .expect("delete");
         assert!(control.dashboard_snapshot(&bob, &rates, &[]).is_err());
+    }
+
+    fn traffic(packets: u64, new_flows: u64, active: u64) -> Option<v1::TrafficCounters> {
+        Some(v1::TrafficCounters {
+            packets,
+            bytes: packets * 100,
+            new_flows,
+            active_connections: active,
+        })
+    }
+
+    /// A node's report for shop/web: (total, backend .11, backend .12).
+    fn node_report(
+        at: SystemTime,
+        t: (u64, u64, u64),
+        b11: (u64, u64, u64),
+        b12: (u64, u64, u64),
+    ) -> NodeLive {
+        let backend = |address: &str, c: (u64, u64, u64)| v1::BackendCounters {
+            address: address.into(),
+            port: 8080,
+            counters: traffic(c.0, c.1, c.2),
+        };
+        NodeLive {
+            watchers: 1,
+            last_report: Some(at),
+            counters: vec![v1::FrontendCounters {
+                service: "shop/web".into(),
+                vip: "198.18.100.1".into(),
+                port: 80,
+                protocol: v1::Protocol::Tcp as i32,
+                counters: traffic(t.0, t.1, t.2),
+                backends: vec![backend("198.19.0.11", b11), backend("198.19.0.12", b12)],
+            }],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_service_sums_its_nodes_and_shares_are_of_its_new_flows() {
+        let t0 = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_000);
+        let t1 = t0 + std::time::Duration::from_secs(2);
+        let mut rates = Rates::default();
+        // node-1: 40 new flows in 2 s, 30 to .11 and 10 to .12; node-2: idle.
+        let first = node_report(t0, (0, 0, 0), (0, 0, 0), (0, 0, 0));
+        let then = node_report(t1, (400, 40, 3), (300, 30, 2), (100, 10, 1));
+        let idle = node_report(t1, (100, 20, 0), (50, 10, 0), (50, 10, 0));
+        rates.observe("node-1", t0, &first.counters);
+        rates.observe("node-1", t1, &then.counters);
+        rates.observe("node-2", t0, &idle.counters);
+        rates.observe("node-2", t1, &idle.counters);
+        let live = BTreeMap::from([("node-1".to_owned(), then), ("node-2".to_owned(), idle)]);
+        let node_rates = live
+            .keys()
+            .map(|n| (n.clone(), rates.node(n, t1)))
+            .collect();
+        let resolved = |address: &str| v1::ResolvedBackend {
+            address: address.into(),
+            port: 8080,
+            weight: 1,
+            source: "static".into(),
+            state: "serving".into(),
+            probers: Vec::new(),
+        };
+        let service = v1::Service {
+            vip: "198.18.100.1".into(),
+            ports: vec![v1::ServicePort {
+                port: 80,
+                protocol: v1::Protocol::Tcp as i32,
+                target_port: 8080,
+            }],
+            ..Default::default()
+        };
+        let row = service_row(
+            ("shop", "web"),
+            &service,
+            vec![resolved("198.19.0.11"), resolved("198.19.0.12")],
+            &live,
+            &node_rates,
+        );
+        assert_eq!(row.ports, ["80/TCP→8080"]);
+        // Totals over both nodes; rates from node-1's delta only.
+        assert_eq!(
+            row.totals,
+            Totals {
+                packets: 500,
+                bytes: 50_000,
+                new_flows: 60,
+                active_connections: 3
+            }
+        );
+        assert_eq!(row.rate.new_flows, 20.0);
+        assert_eq!(row.rate.packets, 200.0);
+        let b11 = &row.backends[0];
+        assert_eq!(b11.totals.new_flows, 40);
+        assert_eq!(b11.rate.new_flows, 15.0);
+        assert_eq!(b11.share_now, Some(75.0));
+        assert_eq!(b11.share_total.map(f64::round), Some(67.0));
+        assert_eq!(row.backends[1].share_now, Some(25.0));
+        // The overview adds services up and counts backends once.
+        let o = overview(None, &[row.clone(), row], 0, 7);
+        assert_eq!((o.services, o.backends, o.backends_serving), (2, 2, 2));
+        assert_eq!(o.totals.new_flows, 120);
+        assert_eq!(o.nodes, None);
     }
 
     #[test]
