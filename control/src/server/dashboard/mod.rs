@@ -27,7 +27,10 @@ pub mod tokens;
 use std::{
     collections::VecDeque,
     convert::Infallible,
-    sync::{Arc, Mutex, OnceLock},
+    sync::{
+        Arc, Mutex, OnceLock,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::Duration,
 };
 
@@ -56,6 +59,10 @@ use tokens::{IssueError, TokenRefused, Tokens};
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:7444";
 /// How often a live stream sends a snapshot.
 pub const TICK: Duration = Duration::from_secs(1);
+/// Live streams open at once, over all tokens: each costs a snapshot per
+/// second, so a token holder cannot make the control service spend without
+/// bound.
+pub const MAX_STREAMS: usize = 256;
 /// A client must finish its TLS handshake, and send its request head, in this.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -75,6 +82,28 @@ pub struct Dashboard {
     rates: Mutex<Rates>,
     /// Set once it serves; `None`: disabled.
     port: OnceLock<u16>,
+    /// Live streams open now.
+    streams: AtomicUsize,
+}
+
+/// Counts a live stream while it lives.
+struct StreamSlot(Arc<Control>);
+
+impl StreamSlot {
+    fn take(control: &Arc<Control>) -> Option<Self> {
+        let open = control.dashboard.streams.fetch_add(1, Ordering::SeqCst);
+        if open >= MAX_STREAMS {
+            control.dashboard.streams.fetch_sub(1, Ordering::SeqCst);
+            return None;
+        }
+        Some(Self(control.clone()))
+    }
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        self.0.dashboard.streams.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl Control {
@@ -376,8 +405,17 @@ async fn events(State(control): State<Arc<Control>>, headers: HeaderMap) -> Resp
     let Some(token) = bearer(&headers) else {
         return unauthenticated(&TokenRefused::Missing);
     };
+    let Some(slot) = StreamSlot::take(&control) else {
+        return refused(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &format!("too many live dashboards are open ({MAX_STREAMS}); close some and reload"),
+        );
+    };
     let (tx, rx) = mpsc::channel::<Result<String, Infallible>>(2);
-    tokio::spawn(stream_events(control, token, tx));
+    tokio::spawn(async move {
+        let _slot = slot;
+        stream_events(control, token, tx).await;
+    });
     let mut r = response(
         StatusCode::OK,
         "text/event-stream",
@@ -453,4 +491,44 @@ pub fn tls_config(
         .map_err(|source| PkiError::TlsConfig { source })?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(config))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn live_streams_are_capped_and_a_closed_one_frees_its_slot() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let control = Control::open(crate::server::Options {
+            listen: "127.0.0.1:7443".parse().expect("addr"),
+            data_dir: dir.path().to_path_buf(),
+            vip_cidr: "198.18.100.0/28".into(),
+            advertise: vec![],
+            node_cert_ttl: Duration::from_secs(3600),
+            user_cert_ttl: Duration::from_secs(3600),
+        })
+        .expect("open");
+        let mut slots: Vec<StreamSlot> = (0..MAX_STREAMS)
+            .map(|_| StreamSlot::take(&control).expect("a slot"))
+            .collect();
+        assert!(StreamSlot::take(&control).is_none());
+        slots.pop();
+        assert!(StreamSlot::take(&control).is_some());
+        drop(slots);
+        assert_eq!(control.dashboard.streams.load(Ordering::SeqCst), 0);
+    }
+
+    #[test]
+    fn the_token_comes_from_a_bearer_header_only() {
+        let mut headers = HeaderMap::new();
+        assert_eq!(bearer(&headers), None);
+        headers.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic abc"));
+        assert_eq!(bearer(&headers), None);
+        headers.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("bearer  abc "),
+        );
+        assert_eq!(bearer(&headers).as_deref(), Some("abc"));
+    }
 }
