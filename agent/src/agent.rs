@@ -59,10 +59,6 @@ use crate::{
 /// far longer than any packet takes through the programs.
 const SLOT_GRACE: Duration = Duration::from_secs(2);
 
-/// How often a joined agent reports its applied version and counters, besides
-/// right after each update.
-const REPORT_INTERVAL: Duration = Duration::from_secs(5);
-
 /// Where the desired state comes from.
 #[derive(Clone, Debug)]
 pub enum Source {
@@ -114,6 +110,10 @@ pub struct RunOptions {
     pub flow_log_sample: u32,
     /// Where `/metrics` is served; `None`: nowhere.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// How often a joined agent reports its applied version and counters,
+    /// besides right after each update (`--report-interval`, 1 s by default
+    /// so that the control service's dashboard shows live rates).
+    pub report_interval: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -1138,7 +1138,7 @@ async fn follow(
     let mut sweep = tokio::time::interval(options.sweep_interval);
     let mut poll = tokio::time::interval(Duration::from_secs(2));
     let mut housekeeping = tokio::time::interval(Duration::from_secs(1));
-    let mut report = tokio::time::interval(REPORT_INTERVAL);
+    let mut report = tokio::time::interval(options.report_interval);
     let signal = |kind| {
         tokio::signal::unix::signal(kind).map_err(|source| AgentError::Io {
             op: "installing a signal handler",

@@ -127,6 +127,10 @@ struct DataplaneArgs {
     /// `off` serves none.
     #[arg(long, default_value = "127.0.0.1:9464", value_name = "ADDR|off")]
     metrics_listen: String,
+    /// Seconds between status reports to the control service (the counters
+    /// its dashboard and `sluicectl describe` show); joined agents only.
+    #[arg(long, default_value_t = 1)]
+    report_interval: u64,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -228,6 +232,9 @@ fn run_agent(source: Source, args: DataplaneArgs) -> Result<(), Box<dyn std::err
             format!("--metrics-listen {addr:?}: expected ADDRESS:PORT or off ({e})")
         })?),
     };
+    if args.report_interval == 0 {
+        return Err("--report-interval must be at least 1 second".into());
+    }
     let options = RunOptions {
         source,
         flow_log_sample: args.flow_log_sample,
@@ -243,6 +250,7 @@ fn run_agent(source: Source, args: DataplaneArgs) -> Result<(), Box<dyn std::err
         },
         sweep_interval: Duration::from_secs(args.sweep_interval),
         stale_pin_age: Duration::from_secs(args.stale_pin_age),
+        report_interval: Duration::from_secs(args.report_interval),
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

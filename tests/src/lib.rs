@@ -49,6 +49,7 @@
 //!   thread. Threads spawned inside `enter` inherit its namespace.
 
 pub mod agent;
+pub mod browser;
 pub mod clients;
 pub mod cluster;
 pub mod command;

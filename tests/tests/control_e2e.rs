@@ -283,13 +283,19 @@ selector: {{ app: web }}
     assert!(wrong_pin.log.contains("pin"), "{}", wrong_pin.log);
 
     // A certificate from another CA (a second cluster's), presented to this
-    // one with this cluster's CA trusted: refused in the TLS handshake.
-    // Beside the first in its namespace: metrics on another port.
+    // one with this cluster's CA trusted: refused in the TLS handshake. (Its
+    // port is not 7444, where the first one serves its dashboard, and it
+    // serves none; its metrics go to another port than the first's.)
     let mut foreign = ControlService::start(
         &cluster.topology.control,
-        SocketAddrV4::new(*CONTROL_ADDR.ip(), 7444),
+        SocketAddrV4::new(*CONTROL_ADDR.ip(), 7445),
         VIP_CIDR,
-        &["--metrics-listen", "127.0.0.1:9466"],
+        &[
+            "--dashboard-listen",
+            "off",
+            "--metrics-listen",
+            "127.0.0.1:9466",
+        ],
     );
     let (foreign_token, foreign_hash) = foreign.join_token("10m");
     let node2 = cluster.topology.node(2);

@@ -21,9 +21,10 @@ use crate::cmd::{Shell, output, probe, run};
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 /// What the tests and the demo call: `ip`, `ethtool`, `curl`, `bpftool`,
-/// `sysctl` (procps), `nsenter` (util-linux), and the iptables / nftables
-/// baselines of `cargo xtask bench`.
-const PACKAGES: [&str; 8] = [
+/// `sysctl` (procps), `nsenter` (util-linux), the iptables / nftables
+/// baselines of `cargo xtask bench`, and the dashboard test's headless
+/// browser (`chromium`, `chromedriver`) and `openssl` (the CA's key pin).
+const PACKAGES: [&str; 11] = [
     "iproute2",
     "ethtool",
     "curl",
@@ -32,6 +33,9 @@ const PACKAGES: [&str; 8] = [
     "nftables",
     "procps",
     "util-linux",
+    "chromium",
+    "chromium-driver",
+    "openssl",
 ];
 
 /// Where the agent pins its maps and links.

@@ -35,6 +35,10 @@ struct Cli {
     /// `off` serves none.
     #[arg(long, default_value = "127.0.0.1:9465", value_name = "ADDR|off")]
     metrics_listen: String,
+    /// Address to serve the web dashboard on (HTTPS only, with the API's
+    /// certificate; open it with `sluicectl dashboard`), or `off`.
+    #[arg(long, default_value = sluice_control::server::dashboard::DEFAULT_LISTEN, value_name = "ADDR|off")]
+    dashboard_listen: String,
 }
 
 fn main() -> ExitCode {
@@ -68,6 +72,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {}", cli.listen))?;
     let listen = listener.local_addr().context("reading the bound address")?;
+    let dashboard = match cli.dashboard_listen.as_str() {
+        "off" => None,
+        addr => {
+            let addr: SocketAddr = addr.parse().with_context(|| {
+                format!("--dashboard-listen {addr:?}: expected ADDR:PORT or off")
+            })?;
+            Some(
+                tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("binding the dashboard to {addr}"))?,
+            )
+        }
+    };
     let control = Control::open(Options {
         listen,
         data_dir: cli.data_dir,
@@ -112,6 +129,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         tracing::info!("shutting down");
     };
-    control.serve(listener, shutdown).await.context("serving")?;
+    control
+        .serve_with_dashboard(listener, dashboard, shutdown)
+        .await
+        .context("serving")?;
     Ok(())
 }

@@ -96,6 +96,16 @@ pub enum Command {
     Top(TopArgs),
     /// Show who the control service takes you for.
     Whoami,
+    /// Print the URL of the web dashboard, with a short-lived token bound to you.
+    ///
+    /// The dashboard shows what your grants let you see (checked again on every
+    /// request, so a revoked grant takes effect at once), updated live. Anyone
+    /// holding the URL sees the same until the token expires: do not share it.
+    Dashboard {
+        /// How long the token is valid (at most 12h).
+        #[arg(long, value_parser = parse_duration, default_value = "15m")]
+        ttl: Duration,
+    },
     /// Print a shell completion script to stdout.
     Completion {
         /// The shell to complete for.

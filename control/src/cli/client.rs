@@ -208,6 +208,22 @@ impl Client {
         Ok(response.into_inner())
     }
 
+    pub async fn create_dashboard_token(
+        &self,
+        ttl: Duration,
+    ) -> Result<v1::CreateDashboardTokenResponse, CliError> {
+        let request = v1::CreateDashboardTokenRequest {
+            ttl_seconds: ttl.as_secs(),
+        };
+        let response = self
+            .cluster
+            .clone()
+            .create_dashboard_token(request)
+            .await
+            .map_err(self.fail())?;
+        Ok(response.into_inner())
+    }
+
     pub async fn create_user(
         &self,
         request: v1::CreateUserRequest,

@@ -9,6 +9,7 @@
 //! | `model` | responses converted once into domain objects and printable shapes |
 //! | `resources` | `apply`, `get`, `describe`, `delete` |
 //! | `cluster` | `token create`, `user create`, `node remove`, `whoami` |
+//! | `dashboard` | `dashboard`: the web dashboard's URL |
 //! | `tables`, `output` | tables, YAML, JSON, stdout |
 //! | `duration` | `30s`, `10m`, `2h`, `365d` |
 //! | `error` | [`CliError`] and exit statuses |
@@ -17,6 +18,7 @@ mod args;
 mod client;
 mod cluster;
 mod config;
+mod dashboard;
 mod duration;
 mod error;
 mod flows;
@@ -87,6 +89,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             command: NodeCommand::Remove { name },
         } => cluster::remove_node(&cx, &name).await,
         Command::Whoami => cluster::whoami(&cx).await,
+        Command::Dashboard { ttl } => dashboard::dashboard(&cx, ttl).await,
         Command::Flows(args) => flows::flows(&cx, args).await,
         Command::Top(args) => top::top(&cx, args).await,
         Command::Completion { shell } => {

@@ -199,6 +199,17 @@ impl v1::cluster_server::Cluster for ClusterApi {
         ))
     }
 
+    async fn create_dashboard_token(
+        &self,
+        request: Request<v1::CreateDashboardTokenRequest>,
+    ) -> Result<Response<v1::CreateDashboardTokenResponse>, Status> {
+        let caller = self.0.authenticate_user(&request)?;
+        Ok(Response::new(self.0.create_dashboard_token(
+            &caller,
+            request.get_ref().ttl_seconds,
+        )?))
+    }
+
     async fn who_am_i(
         &self,
         request: Request<v1::WhoAmIRequest>,

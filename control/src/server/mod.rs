@@ -12,6 +12,7 @@
 
 pub mod auth;
 pub mod cluster;
+pub mod dashboard;
 pub mod flows;
 pub mod health;
 pub mod metrics;
@@ -108,6 +109,8 @@ pub struct Control {
     started: std::time::Instant,
     flows: flows::Flows,
     metrics: metrics::ControlMetrics,
+    /// Dashboard tokens and rate samples (see [`dashboard`]).
+    dashboard: dashboard::Dashboard,
 }
 
 impl Control {
@@ -147,6 +150,7 @@ impl Control {
             started: std::time::Instant::now(),
             flows: flows::Flows::default(),
             metrics: metrics::ControlMetrics::default(),
+            dashboard: dashboard::Dashboard::default(),
         });
         control.write_admin_config_once()?;
         Ok(control)
@@ -266,9 +270,38 @@ impl Control {
         listener: tokio::net::TcpListener,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> Result<(), StartError> {
-        let (dns, ips) = self.certificate_names();
+        self.serve_with_dashboard(listener, None, shutdown).await
+    }
+
+    /// [`Self::serve`], and the web dashboard on `dashboard` (HTTPS, with
+    /// the same server certificate) if given.
+    pub async fn serve_with_dashboard(
+        self: Arc<Self>,
+        listener: tokio::net::TcpListener,
+        dashboard: Option<tokio::net::TcpListener>,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> Result<(), StartError> {
+        let (dns, mut ips) = self.certificate_names();
+        // A dashboard on an address of its own is reached by that address too.
+        if let Some(ip) = dashboard
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
+            .map(|a| a.ip())
+            .filter(|ip| !ip.is_unspecified() && !ips.contains(ip))
+        {
+            ips.push(ip);
+        }
         let (cert_pem, key_pem) = self.ca.issue_server(&dns, &ips)?;
         let tls = pki::server_tls_config(&self.ca, &cert_pem, &key_pem)?;
+        // Aborted when the API stops serving.
+        let _dashboard = match dashboard {
+            Some(l) => {
+                let config = dashboard::tls_config(&self.ca, &cert_pem, &key_pem)?;
+                let task = tokio::spawn(self.clone().serve_dashboard(l, config));
+                Some(AbortOnDrop(task))
+            }
+            None => None,
+        };
         let (health, health_service) = tonic_health::server::health_reporter();
         health
             .set_serving::<v1::resources_server::ResourcesServer<resources::ResourcesApi>>()
@@ -343,6 +376,15 @@ impl Control {
         ips.sort();
         ips.dedup();
         (dns, ips)
+    }
+}
+
+/// Aborts a task when dropped (a server's accept loop).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
