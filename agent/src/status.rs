@@ -192,9 +192,15 @@ pub fn interfaces(maps: &Maps, pins: &PinDir) -> Vec<InterfaceReport> {
         if m.ifindex == 0 {
             continue;
         }
+        // The hook's own link (an XDP interface also has its TC companion).
+        let kind = if m.hook == hook::XDP {
+            LinkKind::Xdp
+        } else {
+            LinkKind::Tc
+        };
         let attached = links
             .iter()
-            .filter(|p| p.ifindex == m.ifindex && p.kind == LinkKind::Tc)
+            .filter(|p| p.ifindex == m.ifindex && p.kind == kind)
             .any(|p| link_live(&p.path, m.ifindex));
         interfaces.push(InterfaceReport {
             name: name_str(&m.name).to_string(),

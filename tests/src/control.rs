@@ -102,6 +102,24 @@ impl ControlService {
         &self.scratch
     }
 
+    /// The cluster CA's certificate, from the admin's config (its `ca`, the
+    /// first certificate in it), written to a PEM file for tools to trust.
+    pub fn ca_pem_file(&self) -> PathBuf {
+        let conf = std::fs::read_to_string(self.admin_conf()).expect("admin.conf");
+        let begin = conf
+            .find("-----BEGIN CERTIFICATE-----")
+            .expect("a CA in admin.conf");
+        let end = conf[begin..]
+            .find("-----END CERTIFICATE-----")
+            .map(|e| begin + e + "-----END CERTIFICATE-----".len())
+            .expect("the end of the CA");
+        let pem: String = conf[begin..end]
+            .lines()
+            .map(|l| format!("{}\n", l.trim()))
+            .collect();
+        self.scratch.write("ca.pem", pem)
+    }
+
     pub fn log(&self) -> String {
         command::read_log(&self.log_path)
     }

@@ -86,19 +86,7 @@ scope: blog
 /// base64 SHA-256 of the cluster CA's public key (SPKI), from the first
 /// certificate of a sluicectl config (its `ca`): what Chromium trusts.
 fn ca_spki_pin(cluster: &Cluster) -> String {
-    let conf = std::fs::read_to_string(cluster.control.admin_conf()).expect("admin.conf");
-    let begin = conf
-        .find("-----BEGIN CERTIFICATE-----")
-        .expect("a CA in admin.conf");
-    let end = conf[begin..]
-        .find("-----END CERTIFICATE-----")
-        .map(|e| begin + e + "-----END CERTIFICATE-----".len())
-        .expect("the end of the CA");
-    let pem: String = conf[begin..end]
-        .lines()
-        .map(|l| format!("{}\n", l.trim()))
-        .collect();
-    let path = cluster.control.scratch().write("ca.pem", pem);
+    let path = cluster.control.ca_pem_file();
     let out = std::process::Command::new("sh")
         .arg("-c")
         .arg(format!(

@@ -471,7 +471,7 @@ fn cluster() -> anyhow::Result<()> {
 
     step(
         "11",
-        "introspection: the flow log, sluicectl top, Prometheus metrics",
+        "introspection: the flow log, sluicectl top, Prometheus metrics, the dashboard",
     );
     introspection(&control, &topology, vip)?;
 
@@ -563,6 +563,45 @@ fn introspection(
     }) {
         println!("     {line}");
     }
+
+    println!("   $ sluicectl dashboard --ttl 10m");
+    let url = ctl(control, &["dashboard", "--ttl", "10m"])?;
+    print!("{}", indent_by(&url, "     "));
+    // What the page's live stream carries, fetched as the page does (the
+    // token as a bearer header, the cluster CA trusted, nothing else).
+    let link = url
+        .split_whitespace()
+        .find(|w| w.starts_with("https://"))
+        .context("no URL in sluicectl dashboard's output")?;
+    let (origin, token) = link
+        .split_once("/#token=")
+        .context("no token in the dashboard URL")?;
+    let out = topology
+        .control
+        .command(&["curl", "-sS", "--max-time", "5", "--cacert"])
+        .arg(control.ca_pem_file())
+        .arg("-H")
+        .arg(format!("Authorization: Bearer {token}"))
+        .arg(format!("{origin}/api/snapshot"))
+        .output()
+        .context("running curl")?;
+    let snapshot: serde_json::Value = serde_json::from_slice(&out.stdout).with_context(|| {
+        format!(
+            "the dashboard's snapshot: {}",
+            checked("curl", &out).unwrap_or_default()
+        )
+    })?;
+    let o = &snapshot["overview"];
+    println!(
+        "   the dashboard (HTTPS, {origin}) sees {} of {} nodes connected, {} services, {}/{} backends serving, {} policies",
+        o["nodesConnected"],
+        o["nodes"],
+        o["services"],
+        o["backendsServing"],
+        o["backends"],
+        o["policies"]
+    );
+    println!("   (open the URL in a browser that trusts the cluster CA; it updates every second)");
     Ok(())
 }
 
