@@ -593,7 +593,7 @@ fn introspection(
     })?;
     let o = &snapshot["overview"];
     println!(
-        "   the dashboard (HTTPS, {origin}) sees {} of {} nodes connected, {} services, {}/{} backends serving, {} policies",
+        "   its live feed (HTTPS, {origin}): nodes connected {}/{}, services {}, backends serving {}/{}, policies {}",
         o["nodesConnected"],
         o["nodes"],
         o["services"],
