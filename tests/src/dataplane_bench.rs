@@ -27,7 +27,7 @@ use serde::Serialize;
 use sluice_agent::{
     manifest::MAX_BACKENDS_PER_SERVICE,
     policy::{CompiledPolicy, IdentityEntry, PolicyWriter, RuleEntry},
-    reconcile::{Desired, DesiredBackend},
+    reconcile::Step,
 };
 use sluice_common::{
     layout::{MAX_BACKENDS, MAX_FRONTENDS, SLOT_CAPACITY, map},
@@ -680,23 +680,25 @@ pub fn scaling(s: Settings) -> anyhow::Result<ScalingReport> {
             note: None,
         };
         if case.skipped.is_none() {
-            // Manifests cap a service's backends; the data plane's capacity
-            // is what this part measures, so larger sets are added to the
-            // desired state the manifest gives, before the agent's reconcile.
+            // Manifests cap a service's backends (and the agent's plan is
+            // quadratic in one service's backend count: minutes for
+            // 100,000); the kernel's capacity is what this part measures, so
+            // a larger set is written by widening the plan of a one-backend
+            // service to the same map entries the agent would write.
             let cap = u32::try_from(MAX_BACKENDS_PER_SERVICE).unwrap_or(u32::MAX);
-            let manifest = scale_manifest(services, per_service.min(cap));
-            if per_service > cap {
+            let wide = per_service > cap;
+            let manifest = scale_manifest(services, if wide { 1 } else { per_service });
+            if wide {
                 case.note = Some(format!(
-                    "manifests allow {cap} backends per service (MAX_BACKENDS_PER_SERVICE); \
-                     the {per_service} are programmed through the agent's reconcile directly"
+                    "manifests allow {cap} backends per service (MAX_BACKENDS_PER_SERVICE), \
+                     and the agent's plan is quadratic in one service's backends; the \
+                     {per_service} backends' map entries were written by widening the plan \
+                     of a one-backend service"
                 ));
             }
-            let edit = |desired: &mut Desired| {
-                for frontend in desired.values_mut() {
-                    let have = frontend.backends.len() as u32;
-                    frontend
-                        .backends
-                        .extend((have..per_service).map(|i| DesiredBackend::new(pool_addr(i), 1)));
+            let edit = |steps: &mut Vec<Step>| {
+                if wide {
+                    widen(steps, per_service);
                 }
             };
             let (harness_ns, rows) =
@@ -711,6 +713,37 @@ pub fn scaling(s: Settings) -> anyhow::Result<ScalingReport> {
         rounds: s.rounds,
         cases,
     })
+}
+
+/// Turns the plan of one service with one backend (`pool_addr(0)`) into
+/// that of `backends` backends (`pool_addr(0..backends)`): consecutive ids
+/// after the first one's, one slot each (round-robin), in the slot range
+/// after the first one's. Right for a fresh lab only, where nothing else
+/// holds those ids and slots.
+fn widen(steps: &mut Vec<Step>, backends: u32) {
+    let Some((at, first, template)) = steps.iter().enumerate().find_map(|(i, s)| match s {
+        Step::PutBackend { id, backend, .. } => Some((i, *id, *backend)),
+        _ => None,
+    }) else {
+        panic!("the plan of a one-backend service has a PutBackend step")
+    };
+    for step in steps.iter_mut() {
+        match step {
+            Step::PutSlots { ids, .. } => *ids = (first..first + backends).collect(),
+            Step::PutFrontend { frontend, .. } => frontend.slot_count = backends,
+            _ => {}
+        }
+    }
+    let more = (1..backends).map(|i| Step::PutBackend {
+        id: first + i,
+        backend: sluice_common::types::Backend {
+            addr: [u32::from_ne_bytes(pool_addr(i).octets()), 0, 0, 0],
+            ..template
+        },
+        fresh: true,
+    });
+    // Backends before the slot table that names them.
+    steps.splice(at + 1..at + 1, more);
 }
 
 fn measure_scale(lab: &mut Lab, services: u32, s: Settings) -> anyhow::Result<(f64, Vec<Row>)> {

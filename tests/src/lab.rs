@@ -60,13 +60,13 @@ pub fn with_lab<T: Send>(manifest: &str, f: impl FnOnce(&mut Lab) -> T + Send) -
     with_edited_lab(manifest, |_| {}, f)
 }
 
-/// Like [`with_lab`], with `edit` applied to the desired state `manifest`
-/// gives before it is programmed: sizes a manifest cannot express (more
-/// backends in one service than the manifest rules allow, say) still reach
-/// the data plane through the agent's own reconcile code.
+/// Like [`with_lab`], with `edit` applied to the map operations the agent's
+/// reconcile plans for `manifest` before they are applied: a benchmark can
+/// program sizes a manifest cannot express (more backends in one service
+/// than the manifest rules allow, say).
 pub fn with_edited_lab<T: Send>(
     manifest: &str,
-    edit: impl FnOnce(&mut reconcile::Desired) + Send,
+    edit: impl FnOnce(&mut Vec<reconcile::Step>) + Send,
     f: impl FnOnce(&mut Lab) -> T + Send,
 ) -> T {
     std::thread::scope(|scope| {
@@ -102,7 +102,7 @@ fn sh(args: &[&str]) {
 }
 
 impl Lab {
-    fn build(manifest_text: &str, edit: impl FnOnce(&mut reconcile::Desired)) -> Self {
+    fn build(manifest_text: &str, edit: impl FnOnce(&mut Vec<reconcile::Step>)) -> Self {
         sh(&["ip", "link", "set", "lo", "up"]);
         // /proc/sys/net belongs to the opening thread's network namespace.
         std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")
@@ -171,11 +171,11 @@ impl Lab {
         self.apply_edited(manifest_text, |_| {});
     }
 
-    fn apply_edited(&mut self, manifest_text: &str, edit: impl FnOnce(&mut reconcile::Desired)) {
+    fn apply_edited(&mut self, manifest_text: &str, edit: impl FnOnce(&mut Vec<reconcile::Step>)) {
         let manifest = manifest::parse("lab.yaml", manifest_text).expect("valid lab manifest");
-        let mut desired = reconcile::desired(&manifest);
-        edit(&mut desired);
-        let plan = reconcile::plan(&desired, &self.state, &self.alloc).expect("plan");
+        let mut plan = reconcile::plan(&reconcile::desired(&manifest), &self.state, &self.alloc)
+            .expect("plan");
+        edit(&mut plan.steps);
         apply::apply(&mut self.dataplane.maps, &plan.steps).expect("apply");
         self.state = plan.next;
         self.alloc = plan.alloc;

@@ -4,6 +4,9 @@
 //!
 //! - Sluice: the release `sluice-agent` in standalone manifest mode, XDP on
 //!   the node's interfaces (the client and backend ends are NIC-like);
+//! - Sluice with its TC programs only (`--mode tc`), the hook it falls back
+//!   to where XDP cannot forward: on veth, XDP redirects go through the
+//!   peer's NAPI, a cost a real NIC does not add in the same way;
 //! - iptables: DNAT rules in the form kube-proxy's iptables mode writes them
 //!   (`KUBE-SERVICES` → `KUBE-SVC-*` with `statistic --mode random` →
 //!   `KUBE-SEP-*` with `DNAT`; `KUBE-MARK-MASQ`, `KUBE-POSTROUTING`), loaded
@@ -25,6 +28,7 @@
 //! bounded by a deadline and a count (see [`crate::loadgen`]).
 
 use std::{
+    collections::BTreeMap,
     fmt::Write as _,
     io::Write as _,
     net::{Ipv4Addr, SocketAddrV4},
@@ -77,19 +81,22 @@ impl Default for Settings {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "snake_case")]
 pub enum Mode {
     Sluice,
+    /// The same agent with its TC programs only (`--mode tc`).
+    SluiceTc,
     Iptables,
     Nftables,
 }
 
 impl Mode {
-    pub const ALL: [Mode; 3] = [Mode::Sluice, Mode::Iptables, Mode::Nftables];
+    pub const ALL: [Mode; 4] = [Mode::Sluice, Mode::SluiceTc, Mode::Iptables, Mode::Nftables];
 
     pub fn name(self) -> &'static str {
         match self {
             Mode::Sluice => "Sluice (XDP)",
+            Mode::SluiceTc => "Sluice (TC only)",
             Mode::Iptables => "iptables (kube-proxy)",
             Mode::Nftables => "nftables (kube-proxy)",
         }
@@ -118,6 +125,8 @@ pub struct Measurement {
     pub udp: UdpSent,
     pub udp_received: u64,
     pub udp_received_pps: f64,
+    /// Sluice only: its data plane's non-zero outcome counters (`fwd_xdp`...).
+    pub outcomes: BTreeMap<String, u64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -386,7 +395,7 @@ fn exec_with_input(ns: &Netns, argv: &[&str], input: &str) -> anyhow::Result<()>
 enum Balancer {
     // The agent drops before the directory holding its manifest.
     Sluice {
-        _agent: Box<Agent>,
+        agent: Box<Agent>,
         _manifest: ScratchDir,
     },
     Rules,
@@ -394,18 +403,18 @@ enum Balancer {
 
 fn set_up(mode: Mode, topology: &Topology, services: &[Service]) -> anyhow::Result<Balancer> {
     match mode {
-        Mode::Sluice => {
+        Mode::Sluice | Mode::SluiceTc => {
             let scratch = ScratchDir::new();
             let manifest = scratch.write("services.yaml", &sluice_manifest(services));
             let agent = Agent::try_start(
                 &topology.node,
                 &manifest,
                 &topology.node_interfaces(),
-                &["--mode", "xdp"],
+                &["--mode", if mode == Mode::Sluice { "xdp" } else { "tc" }],
             )
             .map_err(|f| anyhow::anyhow!("{f}"))?;
             Ok(Balancer::Sluice {
-                _agent: Box::new(agent),
+                agent: Box::new(agent),
                 _manifest: scratch,
             })
         }
@@ -437,8 +446,8 @@ pub fn run(settings: &Settings) -> anyhow::Result<Report> {
             let row = measure(mode, size, settings)
                 .with_context(|| format!("throughput: {mode} with {size} services"))?;
             eprintln!(
-                "  {:.0} conn/s, p50 {} µs p99 {} µs, {:.0} UDP pkt/s received",
-                row.conns_per_s, row.rr_p50_us, row.rr_p99_us, row.udp_received_pps
+                "  {:.0} conn/s, p50 {} µs p99 {} µs, {:.0} UDP pkt/s received {:?}",
+                row.conns_per_s, row.rr_p50_us, row.rr_p99_us, row.udp_received_pps, row.outcomes
             );
             rows.push(row);
         }
@@ -501,6 +510,19 @@ fn measure(mode: Mode, size: usize, settings: &Settings) -> anyhow::Result<Measu
     thread::sleep(Duration::from_millis(200));
     let udp_received: u64 = udp.iter().map(UdpSink::received).sum();
     let served: u64 = tcp.iter().map(TcpBackend::served).sum();
+    // What Sluice's data plane did with the packets: the proof that XDP,
+    // not the kernel's stack, forwarded them.
+    let outcomes = match &balancer {
+        Balancer::Sluice { agent, .. } => agent.status_json()["outcomes"]
+            .as_object()
+            .map(|o| {
+                o.iter()
+                    .filter_map(|(k, v)| Some((k.clone(), v.as_u64().filter(|n| *n > 0)?)))
+                    .collect()
+            })
+            .unwrap_or_default(),
+        Balancer::Rules => BTreeMap::new(),
+    };
     if served < conns.ok + requests.ok {
         bail!(
             "the backends answered {served} requests, the client counted {}",
@@ -529,6 +551,7 @@ fn measure(mode: Mode, size: usize, settings: &Settings) -> anyhow::Result<Measu
         requests,
         udp: sent,
         udp_received,
+        outcomes,
     })
 }
 
