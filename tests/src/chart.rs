@@ -62,7 +62,7 @@ impl Panel {
             escape(&self.title),
             escape(&self.unit)
         );
-        let mut x = LABEL_W;
+        let mut x = 10.0;
         for (i, name) in self.series.iter().enumerate() {
             if self.series.len() < 2 {
                 break;
@@ -76,7 +76,7 @@ impl Panel {
                 y + 33.0,
                 escape(name)
             );
-            x += 30.0 + 6.5 * name.chars().count() as f64;
+            x += 28.0 + 6.2 * name.chars().count() as f64;
         }
         let mut cy = y + TITLE_H;
         for group in &self.groups {

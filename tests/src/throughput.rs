@@ -405,7 +405,7 @@ fn set_up(mode: Mode, topology: &Topology, services: &[Service]) -> anyhow::Resu
     match mode {
         Mode::Sluice | Mode::SluiceTc => {
             let scratch = ScratchDir::new();
-            let manifest = scratch.write("services.yaml", &sluice_manifest(services));
+            let manifest = scratch.write("services.yaml", sluice_manifest(services));
             let agent = Agent::try_start(
                 &topology.node,
                 &manifest,
