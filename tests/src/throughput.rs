@@ -125,6 +125,9 @@ pub struct Measurement {
     pub udp: UdpSent,
     pub udp_received: u64,
     pub udp_received_pps: f64,
+    /// Datagrams the backends' kernels dropped for want of room in a
+    /// socket's receive buffer (`RcvbufErrors`): loss after the balancer.
+    pub udp_rcvbuf_errors: u64,
     /// Sluice only: its data plane's non-zero outcome counters (`fwd_xdp`...).
     pub outcomes: BTreeMap<String, u64>,
 }
@@ -437,6 +440,23 @@ fn set_up(mode: Mode, topology: &Topology, services: &[Service]) -> anyhow::Resu
     }
 }
 
+/// `Udp: RcvbufErrors` of `ns` (/proc/net/snmp is the reading thread's
+/// namespace's); 0 if unreadable.
+fn udp_rcvbuf_errors(ns: &Netns) -> u64 {
+    let text = ns.enter(|| std::fs::read_to_string("/proc/net/snmp").unwrap_or_default());
+    snmp_field(&text, "Udp:", "RcvbufErrors").unwrap_or(0)
+}
+
+/// The value of `field` in the `prefix` lines of /proc/net/snmp (a header
+/// line of names, then a line of values).
+pub fn snmp_field(text: &str, prefix: &str, field: &str) -> Option<u64> {
+    let mut lines = text.lines().filter(|l| l.starts_with(prefix));
+    let names = lines.next()?;
+    let values = lines.next()?;
+    let at = names.split_whitespace().position(|n| n == field)?;
+    values.split_whitespace().nth(at)?.parse().ok()
+}
+
 /// Part 3: every mode at every size.
 pub fn run(settings: &Settings) -> anyhow::Result<Report> {
     let mut rows = Vec::new();
@@ -485,6 +505,11 @@ fn measure(mode: Mode, size: usize, settings: &Settings) -> anyhow::Result<Measu
     let tcp_target = SocketAddrV4::new(measured.vip, TCP_PORT);
     let udp_target = SocketAddrV4::new(measured.vip, UDP_PORT);
 
+    let rcvbuf_before: u64 = topology
+        .backends
+        .iter()
+        .map(|b| udp_rcvbuf_errors(&b.ns))
+        .sum();
     let started = Instant::now();
     let balancer = set_up(mode, &topology, &services)?;
     let setup_s = started.elapsed().as_secs_f64();
@@ -509,6 +534,12 @@ fn measure(mode: Mode, size: usize, settings: &Settings) -> anyhow::Result<Measu
     // Datagrams still queued arrive within moments.
     thread::sleep(Duration::from_millis(200));
     let udp_received: u64 = udp.iter().map(UdpSink::received).sum();
+    let udp_rcvbuf_errors = topology
+        .backends
+        .iter()
+        .map(|b| udp_rcvbuf_errors(&b.ns))
+        .sum::<u64>()
+        .saturating_sub(rcvbuf_before);
     let served: u64 = tcp.iter().map(TcpBackend::served).sum();
     // What Sluice's data plane did with the packets: the proof that XDP,
     // not the kernel's stack, forwarded them.
@@ -551,6 +582,7 @@ fn measure(mode: Mode, size: usize, settings: &Settings) -> anyhow::Result<Measu
         requests,
         udp: sent,
         udp_received,
+        udp_rcvbuf_errors,
         outcomes,
     })
 }
@@ -566,7 +598,7 @@ pub fn render(report: &Report) -> String {
     );
     let _ = writeln!(
         out,
-        "| {:>8} | {:<22} | {:>8} | {:>9} | {:>17} | {:>17} | {:>9} | {:>12} | {:>12} |",
+        "| {:>8} | {:<22} | {:>8} | {:>9} | {:>17} | {:>17} | {:>9} | {:>12} | {:>12} | {:>12} |",
         "services",
         "mode",
         "setup s",
@@ -575,17 +607,18 @@ pub fn render(report: &Report) -> String {
         "req p50/p90/p99",
         "req/s",
         "UDP sent/s",
-        "UDP recv/s"
+        "UDP recv/s",
+        "rcvbuf drops"
     );
     let _ = writeln!(
         out,
-        "|{:->10}|{:-<24}|{:->10}|{:->11}|{:->19}|{:->19}|{:->11}|{:->14}|{:->14}|",
-        "", "", "", "", "", "", "", "", ""
+        "|{:->10}|{:-<24}|{:->10}|{:->11}|{:->19}|{:->19}|{:->11}|{:->14}|{:->14}|{:->14}|",
+        "", "", "", "", "", "", "", "", "", ""
     );
     for r in &report.rows {
         let _ = writeln!(
             out,
-            "| {:>8} | {:<22} | {:>8.1} | {:>9.0} | {:>17} | {:>17} | {:>9.0} | {:>12.0} | {:>12.0} |",
+            "| {:>8} | {:<22} | {:>8.1} | {:>9.0} | {:>17} | {:>17} | {:>9.0} | {:>12.0} | {:>12.0} | {:>12} |",
             r.services,
             r.mode.name(),
             r.setup_s,
@@ -594,7 +627,8 @@ pub fn render(report: &Report) -> String {
             format!("{}/{}/{}", r.rr_p50_us, r.rr_p90_us, r.rr_p99_us),
             r.rr_per_s,
             r.udp.sent as f64 / r.udp.seconds.max(1e-9),
-            r.udp_received_pps
+            r.udp_received_pps,
+            r.udp_rcvbuf_errors
         );
     }
     out
@@ -682,6 +716,17 @@ mod tests {
             assert!(text.contains(&format!("chain {chain} {{")), "{chain}");
         }
         assert_eq!(text.matches('{').count(), text.matches('}').count());
+    }
+
+    #[test]
+    fn snmp_fields_are_found_by_name() {
+        let text = "Ip: Forwarding DefaultTTL\nIp: 1 64\n\
+                    Udp: InDatagrams NoPorts InErrors OutDatagrams RcvbufErrors\n\
+                    Udp: 10 0 3 9 3\nUdpLite: InDatagrams RcvbufErrors\nUdpLite: 0 7\n";
+        assert_eq!(snmp_field(text, "Udp:", "RcvbufErrors"), Some(3));
+        assert_eq!(snmp_field(text, "Udp:", "InDatagrams"), Some(10));
+        assert_eq!(snmp_field(text, "UdpLite:", "RcvbufErrors"), Some(7));
+        assert_eq!(snmp_field(text, "Tcp:", "RcvbufErrors"), None);
     }
 
     #[test]
