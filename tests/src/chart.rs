@@ -203,7 +203,11 @@ pub fn draw(results: &Results) -> String {
                     groups: sizes
                         .iter()
                         .map(|&n| Group {
-                            label: format!("{} services", thousands(n as f64)),
+                            label: format!(
+                                "{} service{}",
+                                thousands(n as f64),
+                                if n == 1 { "" } else { "s" }
+                            ),
                             bars: t
                                 .rows
                                 .iter()

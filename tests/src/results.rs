@@ -111,7 +111,10 @@ impl Results {
         }
         if let Some(t) = &self.throughput {
             for r in &t.rows {
-                let case = |what: &str| format!("{} services, {}: {what}", r.services, r.mode);
+                let case = |what: &str| {
+                    let plural = if r.services == 1 { "" } else { "s" };
+                    format!("{} service{plural}, {}: {what}", r.services, r.mode)
+                };
                 row(
                     "throughput",
                     &case("connections/s"),
