@@ -57,6 +57,18 @@ pub struct Lab {
 
 /// Runs `f` with a lab whose maps hold `manifest`.
 pub fn with_lab<T: Send>(manifest: &str, f: impl FnOnce(&mut Lab) -> T + Send) -> T {
+    with_edited_lab(manifest, |_| {}, f)
+}
+
+/// Like [`with_lab`], with `edit` applied to the map operations the agent's
+/// reconcile plans for `manifest` before they are applied: a benchmark can
+/// program sizes a manifest cannot express (more backends in one service
+/// than the manifest rules allow, say).
+pub fn with_edited_lab<T: Send>(
+    manifest: &str,
+    edit: impl FnOnce(&mut Vec<reconcile::Step>) + Send,
+    f: impl FnOnce(&mut Lab) -> T + Send,
+) -> T {
     std::thread::scope(|scope| {
         scope
             .spawn(|| {
@@ -69,7 +81,7 @@ pub fn with_lab<T: Send>(manifest: &str, f: impl FnOnce(&mut Lab) -> T + Send) -
                     "unshare(CLONE_NEWNET): {}",
                     std::io::Error::last_os_error()
                 );
-                let mut lab = Lab::build(manifest);
+                let mut lab = Lab::build(manifest, edit);
                 f(&mut lab)
             })
             .join()
@@ -90,7 +102,7 @@ fn sh(args: &[&str]) {
 }
 
 impl Lab {
-    fn build(manifest_text: &str) -> Self {
+    fn build(manifest_text: &str, edit: impl FnOnce(&mut Vec<reconcile::Step>)) -> Self {
         sh(&["ip", "link", "set", "lo", "up"]);
         // /proc/sys/net belongs to the opening thread's network namespace.
         std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")
@@ -150,15 +162,20 @@ impl Lab {
             dataplane,
             ifindex,
         };
-        lab.apply(manifest_text);
+        lab.apply_edited(manifest_text, edit);
         lab
     }
 
     /// Reconciles the maps to `manifest_text`, as the agent would.
     pub fn apply(&mut self, manifest_text: &str) {
+        self.apply_edited(manifest_text, |_| {});
+    }
+
+    fn apply_edited(&mut self, manifest_text: &str, edit: impl FnOnce(&mut Vec<reconcile::Step>)) {
         let manifest = manifest::parse("lab.yaml", manifest_text).expect("valid lab manifest");
-        let plan = reconcile::plan(&reconcile::desired(&manifest), &self.state, &self.alloc)
+        let mut plan = reconcile::plan(&reconcile::desired(&manifest), &self.state, &self.alloc)
             .expect("plan");
+        edit(&mut plan.steps);
         apply::apply(&mut self.dataplane.maps, &plan.steps).expect("apply");
         self.state = plan.next;
         self.alloc = plan.alloc;
@@ -167,6 +184,32 @@ impl Lab {
     /// Runs a command in the lab's namespace (e.g. `ip neigh replace ...`).
     pub fn command(&self, args: &[&str]) {
         sh(args);
+    }
+
+    /// The lab interface a packet from `addr` arrives on: `nb<i>` for
+    /// `backend(i)`, else `nb1`, the one neighbour routes of wider ranges go
+    /// through.
+    pub fn interface_towards(&self, addr: Ipv4Addr) -> String {
+        match addr.octets() {
+            [198, 19, i @ 1..=4, _] => format!("nb{i}"),
+            _ => "nb1".to_owned(),
+        }
+    }
+
+    /// The frontend id of service port `vip:port` (`proto` an IP protocol number).
+    pub fn frontend_id(&self, vip: Ipv4Addr, port: u16, proto: u8) -> u32 {
+        let key = sluice_common::types::FrontendKeyV4 {
+            vip: u32::from_ne_bytes(vip.octets()),
+            port: port.to_be(),
+            proto,
+            _pad: 0,
+        };
+        self.state
+            .frontends
+            .get(&key)
+            .unwrap_or_else(|| panic!("no frontend {vip}:{port}/{proto}"))
+            .frontend
+            .id
     }
 
     pub fn ifindex(&self, name: &str) -> u32 {

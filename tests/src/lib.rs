@@ -50,16 +50,21 @@
 
 pub mod agent;
 pub mod browser;
+pub mod chart;
 pub mod clients;
 pub mod cluster;
 pub mod command;
 pub mod control;
 pub mod control_bench;
+pub mod dataplane_bench;
 pub mod lab;
+pub mod loadgen;
 pub mod netns;
 pub mod packet;
+pub mod results;
 pub mod scratch;
 pub mod servers;
+pub mod throughput;
 pub mod topology;
 
 pub use agent::{Agent, StartFailure};
