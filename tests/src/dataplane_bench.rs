@@ -278,21 +278,66 @@ fn policy(backends: Vec<(Ipv4Addr, u8)>, clients: (Ipv4Addr, u8), rules: u32) ->
 
 /// Keeps this thread (and the test runs it starts) on CPU 0.
 fn pin_to_one_cpu() -> anyhow::Result<()> {
+    pin_to_cpu(0)
+}
+
+/// Keeps the calling thread on CPU `cpu`.
+fn pin_to_cpu(cpu: usize) -> anyhow::Result<()> {
     // SAFETY: a zeroed cpu_set_t is the empty set; CPU_SET and
     // sched_setaffinity only read and write the set we own, for thread 0
     // (the caller).
     let rc = unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(0, &mut set);
+        libc::CPU_SET(cpu, &mut set);
         libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
     };
     if rc != 0 {
         bail!(
-            "pinning the benchmark to CPU 0: {}",
+            "pinning a benchmark thread to CPU {cpu}: {}",
             std::io::Error::last_os_error()
         );
     }
     Ok(())
+}
+
+/// Reads the flow-log ring on CPU 1 while `run` runs on this one, as the
+/// agent does beside the data plane. Returns what `run` returned and the
+/// records read.
+fn with_flow_log_reader<T>(
+    lab: &mut Lab,
+    run: impl FnOnce(&mut Lab) -> anyhow::Result<T>,
+) -> anyhow::Result<(T, u64)> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let mut ring = lab
+        .dataplane
+        .maps
+        .flow_events
+        .take()
+        .context("the flow-log ring")?;
+    let done = AtomicBool::new(false);
+    let (out, read, ring) = std::thread::scope(|scope| {
+        let reader = scope.spawn(|| {
+            // Best effort: on one CPU the reader competes with the runs.
+            let _ = pin_to_cpu(1);
+            let mut read = 0u64;
+            loop {
+                let finished = done.load(Ordering::Acquire);
+                while ring.next().is_some() {
+                    read += 1;
+                }
+                if finished {
+                    return (read, ring);
+                }
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        });
+        let out = run(lab);
+        done.store(true, Ordering::Release);
+        let (read, ring) = reader.join().expect("the flow-log reader");
+        (out, read, ring)
+    });
+    lab.dataplane.maps.flow_events = Some(ring);
+    Ok((out?, read))
 }
 
 fn duration_ns(d: Duration) -> f64 {
@@ -333,6 +378,8 @@ struct Case {
     counter: &'static str,
     /// Network policy installed before the row.
     policy: Option<CompiledPolicy>,
+    /// Every flow logged, the ring read concurrently.
+    flow_log: bool,
 }
 
 impl Case {
@@ -345,6 +392,14 @@ impl Case {
             new_flows: false,
             counter: "",
             policy: None,
+            flow_log: false,
+        }
+    }
+
+    fn with_flow_log(self) -> Self {
+        Self {
+            flow_log: true,
+            ..self
         }
     }
 
@@ -460,6 +515,17 @@ fn measure_dataplane(lab: &mut Lab, s: Settings) -> anyhow::Result<(f64, Vec<Row
         )
         .proven_by("frontend_new_flows")
         .new_flow_each_run(),
+        // The agent's default: every flow logged. A reader drains the ring
+        // on the other CPU; every run must produce a record, read or lost.
+        Case::new(
+            "new flow every packet, flow log on (every flow)",
+            "bench_restore",
+            f.new_flow,
+            n0,
+        )
+        .proven_by("frontend_new_flows")
+        .new_flow_each_run()
+        .with_flow_log(),
         // One client, a new source port every packet: each new flow follows
         // (and refreshes) the client's affinity entry.
         Case::new(
@@ -528,15 +594,38 @@ fn run_cases(
         let mut deltas = Vec::new();
         for _ in 0..s.rounds {
             let before = counters(lab, frontends);
-            let ns = if case.program == "sluice_xdp" {
-                xdp_test_run(
-                    lab.dataplane.xdp_program(),
-                    &case.frame,
-                    case.ingress,
-                    s.repeat,
-                )?
+            let mut test_run = |lab: &mut Lab| -> anyhow::Result<f64> {
+                Ok(if case.program == "sluice_xdp" {
+                    xdp_test_run(
+                        lab.dataplane.xdp_program(),
+                        &case.frame,
+                        case.ingress,
+                        s.repeat,
+                    )?
+                } else {
+                    bench.run(case.program, &case.frame, case.ingress, s.repeat)?
+                })
+            };
+            let ns = if case.flow_log {
+                lab.set_flow_log_sample(1);
+                let lost_before = lab.dataplane.flow_events_lost();
+                let (ns, read) = with_flow_log_reader(lab, test_run)?;
+                lab.set_flow_log_sample(0);
+                let lost = lab.dataplane.flow_events_lost() - lost_before;
+                if read + lost != u64::from(s.repeat) {
+                    bail!(
+                        "{}: {read} flow-log records read and {lost} lost for {} runs",
+                        case.name,
+                        s.repeat
+                    );
+                }
+                eprintln!(
+                    "   {}: {read} flow-log records read, {lost} lost to a full ring",
+                    case.name
+                );
+                ns
             } else {
-                bench.run(case.program, &case.frame, case.ingress, s.repeat)?
+                test_run(lab)?
             };
             let after = counters(lab, frontends);
             rounds_ns.push(ns);
