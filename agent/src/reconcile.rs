@@ -602,6 +602,14 @@ pub fn plan(desired: &Desired, current: &State, alloc: &Allocator) -> Result<Pla
         };
 
         let target_port = want.target_port.to_be();
+        // This frontend's backends by (address, target port), the lowest id
+        // first as a scan in id order would find it: a lookup per wanted
+        // backend instead of a scan keeps the plan linear in its size.
+        let mut known_ids: HashMap<(u32, u16), u32> = HashMap::new();
+        for &bid in by_frontend.get(&id).into_iter().flatten() {
+            let b = &next.backends[&bid];
+            known_ids.entry((b.addr[0], b.port)).or_insert(bid);
+        }
         let mut ids = Vec::with_capacity(want.backends.len());
         let mut weights = Vec::with_capacity(want.backends.len());
         let mut identities = Vec::with_capacity(want.backends.len());
@@ -616,12 +624,9 @@ pub fn plan(desired: &Desired, current: &State, alloc: &Allocator) -> Result<Pla
                 0
             };
             let addr = u32::from_ne_bytes(address.octets());
-            let known = by_frontend
-                .get(&id)
-                .into_iter()
-                .flatten()
-                .map(|bid| (*bid, next.backends[bid]))
-                .find(|(_, b)| b.addr[0] == addr && b.port == target_port);
+            let known = known_ids
+                .get(&(addr, target_port))
+                .map(|&bid| (bid, next.backends[&bid]));
             let bid = match known {
                 Some((bid, backend)) => {
                     let wanted = Backend {
@@ -665,6 +670,7 @@ pub fn plan(desired: &Desired, current: &State, alloc: &Allocator) -> Result<Pla
                     next.backends.insert(bid, backend);
                     backend_ids_in_use.insert(bid);
                     by_frontend.entry(id).or_default().push(bid);
+                    known_ids.entry((addr, target_port)).or_insert(bid);
                     bid
                 }
             };
