@@ -302,7 +302,6 @@ impl Reconciler {
                 self.retiring
                     .extend(plan.retired_ranges.into_iter().map(|r| (r, due)));
                 self.last_applied = Some(input);
-                self.stats.manifest_applied = input;
                 let meta = AgentMeta {
                     manifest_hash: input,
                     applied_at: SystemTime::now()
@@ -1235,14 +1234,15 @@ async fn follow(
                     None => std::future::pending().await,
                 }
             } => {
-                if let Input::Control(link) = &input {
-                    reconciler.stats.applied_version = Some(link.applied.load(Ordering::Acquire));
-                }
+                let applied = match &input {
+                    Input::Control(link) => metrics::Applied::View(link.applied.load(Ordering::Acquire)),
+                    Input::Manifest { .. } => metrics::Applied::Manifest(reconciler.last_applied),
+                };
                 let page = metrics::render(&metrics::Sources {
                     maps: &dp.maps,
                     state: &reconciler.state,
                     interfaces: dp.pins().map(|p| status::interfaces(&dp.maps, p)).unwrap_or_default(),
-                    policy: reconciler.installed_policy.as_ref(),
+                    applied,
                     stats: &reconciler.stats,
                     flow_events_lost: dp.flow_events_lost(),
                     policy_counters: policy_counters(&dp, reconciler.installed_policy.as_ref()),

@@ -29,10 +29,6 @@ pub type Scrape = oneshot::Sender<String>;
 pub struct AgentStats {
     pub reconciles: Histogram,
     pub reconcile_errors: u64,
-    /// The view version applied (joined nodes).
-    pub applied_version: Option<u64>,
-    /// The content hash of the manifest applied (standalone agents).
-    pub manifest_applied: u64,
     pub flow_events_read: u64,
     /// Flow-log events dropped on the way to the control service.
     pub flow_events_unsent: u64,
@@ -60,12 +56,20 @@ pub async fn start(addr: SocketAddr) -> std::io::Result<mpsc::Receiver<Scrape>> 
     Ok(rx)
 }
 
+/// What the maps were last made to match.
+pub enum Applied {
+    /// A joined node: the control service's view version.
+    View(u64),
+    /// A standalone agent: the manifest's content hash (`None` before any).
+    Manifest(Option<u64>),
+}
+
 /// Everything the page is made of, borrowed from the run loop.
 pub struct Sources<'a> {
     pub maps: &'a Maps,
     pub state: &'a State,
     pub interfaces: Vec<InterfaceReport>,
-    pub policy: Option<&'a v1::PolicyView>,
+    pub applied: Applied,
     pub stats: &'a AgentStats,
     pub flow_events_lost: u64,
     pub policy_counters: Vec<v1::PolicyCounter>,
@@ -298,9 +302,12 @@ fn datapath(page: &mut Exposition, sources: &Sources<'_>) {
         "1 when a network policy is installed in the data plane.",
         Kind::Gauge,
     );
+    // The kernel's own switch, not a guess from the view.
     let enforcing = sources
-        .policy
-        .is_some_and(|p| !p.rules.is_empty() || !p.identities.is_empty());
+        .maps
+        .policy_state
+        .get(&0, 0)
+        .is_ok_and(|state| state.enabled != 0);
     page.sample(
         "sluice_policy_enforcing",
         &[],
@@ -363,21 +370,26 @@ fn agent(page: &mut Exposition, sources: &Sources<'_>) {
         &[],
         stats.reconcile_errors as f64,
     );
-    if let Some(version) = stats.applied_version {
-        page.family(
-            "sluice_view_applied_version",
-            "The control service's view version this node last programmed.",
-            Kind::Gauge,
-        );
-        page.sample("sluice_view_applied_version", &[], version as f64);
-    } else {
-        page.family(
-            "sluice_manifest_applied_info",
-            "The manifest content applied (hash label).",
-            Kind::Gauge,
-        );
-        let hash = format!("{:016x}", stats.manifest_applied);
-        page.sample("sluice_manifest_applied_info", &[("hash", &hash)], 1.0);
+    match sources.applied {
+        Applied::View(version) => {
+            page.family(
+                "sluice_view_applied_version",
+                "The control service's view version this node last programmed.",
+                Kind::Gauge,
+            );
+            page.sample("sluice_view_applied_version", &[], version as f64);
+        }
+        Applied::Manifest(hash) => {
+            page.family(
+                "sluice_manifest_applied_info",
+                "The manifest content applied (hash label).",
+                Kind::Gauge,
+            );
+            if let Some(hash) = hash {
+                let hash = format!("{hash:016x}");
+                page.sample("sluice_manifest_applied_info", &[("hash", &hash)], 1.0);
+            }
+        }
     }
     page.family(
         "sluice_flow_events_total",

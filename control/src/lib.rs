@@ -8,6 +8,7 @@
 //! | [`view`] | what each node must program, its diffs and history (pure) |
 //! | [`rbac`] | who may do what (pure) |
 //! | [`vip`] | VIP allocation (pure) |
+//! | [`rates`] | live rates from the counters nodes report (dashboard, `sluicectl top`) |
 //! | [`pki`] | the cluster CA, certificates, join tokens, server TLS |
 //! | [`client_config`] | the admin config file `sluicectl` reads |
 //! | [`error`] | API errors and their gRPC status codes |
@@ -17,6 +18,7 @@ pub mod client_config;
 pub mod error;
 pub mod pki;
 pub mod policy;
+pub mod rates;
 pub mod rbac;
 pub mod server;
 pub mod store;

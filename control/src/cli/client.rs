@@ -114,6 +114,16 @@ impl Client {
     }
 
     pub async fn list_nodes(&self) -> Result<Vec<NodeInfo>, CliError> {
+        Ok(self
+            .list_node_objects()
+            .await?
+            .into_iter()
+            .map(NodeInfo::from)
+            .collect())
+    }
+
+    /// The nodes as the API carries them (with their raw counters).
+    pub async fn list_node_objects(&self) -> Result<Vec<v1::Node>, CliError> {
         let request = v1::ListRequest {
             kind: v1::Kind::Node.into(),
             namespace: String::new(),
@@ -128,7 +138,10 @@ impl Client {
             .into_inner()
             .objects
             .into_iter()
-            .map(NodeInfo::try_from)
+            .map(|object| match object.kind {
+                Some(v1::object::Kind::Node(node)) => Ok(node),
+                _ => Err(CliError::IncompleteResponse { what: "node" }),
+            })
             .collect()
     }
 

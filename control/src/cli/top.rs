@@ -1,152 +1,101 @@
 //! `top`: live traffic rates per service and backend, summed over the nodes.
 //!
-//! Nodes report cumulative counters every few seconds. A rate is the change
-//! between two reports of one node over the time between them (the nodes'
-//! own report times, not when `top` happened to look), so a refresh that
-//! falls between two reports shows the last known rate instead of a zero.
+//! Nodes report cumulative counters every second or so; the rates are
+//! computed as the dashboard computes them ([`crate::rates`]): per node,
+//! between its last two reports, over the time between them (the node's own
+//! report times, not when `top` happened to look).
 
 use std::{
-    collections::{BTreeMap, HashMap},
-    time::Duration,
+    collections::BTreeMap,
+    time::{Duration, SystemTime},
 };
 
-use super::{
-    Context,
-    args::TopArgs,
-    error::CliError,
-    model::{NodeInfo, Traffic},
-    output::print,
-};
+use sluice_api::v1;
 
-/// What a rate is computed for: a service port, or one backend of it.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+use super::{Context, args::TopArgs, error::CliError, output::print};
+use crate::rates::{Rate, Rates};
+
+/// A row of the table: a service port, or one backend of it (`backend`
+/// empty for the port's own row).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 struct Row {
     service: String,
     vip: String,
-    /// Empty for the service port's own row.
     backend: String,
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
-struct Rate {
-    packets: f64,
-    bytes: f64,
-    new_flows: f64,
-    /// Not a rate: open connections at the last report.
-    active: u64,
-}
+/// Rates summed over the nodes, with the open connections of their last
+/// reports (a gauge, not a rate).
+type Totals = BTreeMap<Row, (Rate, u64)>;
 
-/// One node's last report and the rates it gave.
-#[derive(Default)]
-struct NodeSeries {
-    last_report: Option<time::OffsetDateTime>,
-    counters: HashMap<Row, Traffic>,
-    rates: HashMap<Row, Rate>,
-}
-
-/// Every node's series, fed one `get nodes` at a time.
-#[derive(Default)]
-struct Rates {
-    nodes: BTreeMap<String, NodeSeries>,
-}
-
-impl Rates {
-    fn observe(&mut self, nodes: &[NodeInfo]) {
-        self.nodes
-            .retain(|name, _| nodes.iter().any(|n| &n.name == name));
-        for node in nodes {
-            let reported = node.last_report.as_deref().and_then(|r| {
-                time::OffsetDateTime::parse(r, &time::format_description::well_known::Rfc3339).ok()
+/// Feeds `nodes` (one `get nodes`) to `rates` and sums what they give.
+fn observe(rates: &mut Rates, nodes: &[v1::Node], now: SystemTime) -> Totals {
+    let name = |n: &v1::Node| n.meta.as_ref().map(|m| m.name.clone()).unwrap_or_default();
+    rates.retain(|kept| nodes.iter().any(|n| name(n) == kept));
+    let mut totals = Totals::new();
+    for node in nodes {
+        let Some(status) = &node.status else { continue };
+        let reported = time::OffsetDateTime::parse(
+            &status.last_report,
+            &time::format_description::well_known::Rfc3339,
+        );
+        let Ok(reported) = reported else { continue };
+        let node_name = name(node);
+        rates.observe(&node_name, reported.into(), &status.counters);
+        let node_rates = rates.node(&node_name, now);
+        for c in &status.counters {
+            let key = (c.service.clone(), c.vip.clone(), c.port, c.protocol);
+            let protocol = v1::Protocol::try_from(c.protocol).map_or("?", |p| match p {
+                v1::Protocol::Udp => "UDP",
+                _ => "TCP",
             });
-            let series = self.nodes.entry(node.name.clone()).or_default();
-            if reported.is_none() || reported == series.last_report {
-                continue;
-            }
-            let counters = counters_of(node);
-            let elapsed = match (series.last_report, reported) {
-                (Some(before), Some(now)) => (now - before).as_seconds_f64(),
-                _ => 0.0,
-            };
-            let mut rates = HashMap::new();
-            for (row, now) in &counters {
-                let rate = match series.counters.get(row) {
-                    // Counters restart from zero when an agent recreates its
-                    // data plane: no rate until the next report.
-                    Some(before) if elapsed > 0.0 && now.packets >= before.packets => Rate {
-                        packets: (now.packets - before.packets) as f64 / elapsed,
-                        bytes: now.bytes.saturating_sub(before.bytes) as f64 / elapsed,
-                        new_flows: now.new_flows.saturating_sub(before.new_flows) as f64 / elapsed,
-                        active: now.active_connections,
-                    },
-                    _ => Rate {
-                        active: now.active_connections,
-                        ..Rate::default()
-                    },
+            let vip = format!("{}:{}/{protocol}", c.vip, c.port);
+            let open =
+                |t: &Option<v1::TrafficCounters>| t.as_ref().map_or(0, |t| t.active_connections);
+            let mut add = |backend: String, rate: Option<&Rate>, active: u64| {
+                let row = Row {
+                    service: c.service.clone(),
+                    vip: vip.clone(),
+                    backend,
                 };
-                rates.insert(row.clone(), rate);
-            }
-            *series = NodeSeries {
-                last_report: reported,
-                counters,
-                rates,
+                let total = totals.entry(row).or_default();
+                if let Some(rate) = rate {
+                    total.0.add(rate);
+                }
+                total.1 += active;
             };
-        }
-    }
-
-    /// The rates summed over the nodes, in row order.
-    fn totals(&self) -> BTreeMap<Row, Rate> {
-        let mut totals: BTreeMap<Row, Rate> = BTreeMap::new();
-        for series in self.nodes.values() {
-            for (row, rate) in &series.rates {
-                let total = totals.entry(row.clone()).or_default();
-                total.packets += rate.packets;
-                total.bytes += rate.bytes;
-                total.new_flows += rate.new_flows;
-                total.active += rate.active;
+            add(
+                String::new(),
+                node_rates.frontends.get(&key),
+                open(&c.counters),
+            );
+            for b in &c.backends {
+                let rate = node_rates
+                    .backends
+                    .get(&(key.clone(), (b.address.clone(), b.port)));
+                add(format!("{}:{}", b.address, b.port), rate, open(&b.counters));
             }
         }
-        totals
     }
+    totals
 }
 
-fn counters_of(node: &NodeInfo) -> HashMap<Row, Traffic> {
-    let mut rows = HashMap::new();
-    for frontend in &node.traffic {
-        let vip = format!("{}:{}/{}", frontend.vip, frontend.port, frontend.protocol);
-        for backend in &frontend.backends {
-            let row = Row {
-                service: frontend.service.clone(),
-                vip: vip.clone(),
-                backend: format!("{}:{}", backend.address, backend.port),
-            };
-            rows.insert(row, backend.traffic);
-        }
-        let row = Row {
-            service: frontend.service.clone(),
-            vip,
-            backend: String::new(),
-        };
-        rows.insert(row, frontend.traffic);
-    }
-    rows
-}
-
-fn render(totals: &BTreeMap<Row, Rate>, namespace: Option<&str>, nodes: usize) -> String {
+fn render(totals: &Totals, namespace: Option<&str>, nodes: usize) -> String {
     let mut out = format!(
-        "{nodes} node(s); rates over each node's last report interval\n\
+        "{nodes} node(s); rates between each node's last two reports\n\
          {:<32} {:<26} {:>10} {:>12} {:>11} {:>8}\n",
         "SERVICE / BACKEND", "VIP:PORT", "PACKETS/S", "BYTES/S", "NEW FLOWS/S", "ACTIVE"
     );
     let wanted = |row: &Row| namespace.is_none_or(|ns| row.service.split('/').next() == Some(ns));
-    for (row, rate) in totals.iter().filter(|(row, _)| wanted(row)) {
+    for (row, (rate, active)) in totals.iter().filter(|(row, _)| wanted(row)) {
         let (name, vip) = if row.backend.is_empty() {
             (row.service.clone(), row.vip.as_str())
         } else {
             (format!("  {}", row.backend), "")
         };
         out.push_str(&format!(
-            "{name:<32} {vip:<26} {:>10.1} {:>12.0} {:>11.1} {:>8}\n",
-            rate.packets, rate.bytes, rate.new_flows, rate.active
+            "{name:<32} {vip:<26} {:>10.1} {:>12.0} {:>11.1} {active:>8}\n",
+            rate.packets, rate.bytes, rate.new_flows
         ));
     }
     out
@@ -157,9 +106,9 @@ pub async fn top(cx: &Context, args: TopArgs) -> Result<(), CliError> {
     let mut rates = Rates::default();
     let mut refreshes = 0u32;
     loop {
-        let nodes = client.list_nodes().await?;
-        rates.observe(&nodes);
-        let table = render(&rates.totals(), args.namespace.as_deref(), nodes.len());
+        let nodes = client.list_node_objects().await?;
+        let totals = observe(&mut rates, &nodes, SystemTime::now());
+        let table = render(&totals, args.namespace.as_deref(), nodes.len());
         match args.count {
             // Bounded: one table after the other, for logs and scripts.
             Some(_) => print(&format!("{table}\n"))?,
@@ -177,39 +126,39 @@ pub async fn top(cx: &Context, args: TopArgs) -> Result<(), CliError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cli::model::{BackendTraffic, FrontendTraffic};
 
-    fn node(name: &str, report: &str, packets: u64, backend_packets: u64) -> NodeInfo {
-        let traffic = |packets| Traffic {
+    fn traffic(packets: u64, active: u64) -> Option<v1::TrafficCounters> {
+        Some(v1::TrafficCounters {
             packets,
             bytes: packets * 100,
             new_flows: packets / 10,
-            active_connections: 3,
-        };
-        NodeInfo {
-            name: name.to_owned(),
-            zone: String::new(),
-            connected: true,
-            applied_version: 1,
-            desired_version: 1,
-            last_report: Some(report.to_owned()),
-            joined_at: String::new(),
-            certificate_serial: String::new(),
-            certificate_expires: String::new(),
-            resource_version: 1,
-            traffic: vec![FrontendTraffic {
-                service: "shop/web".to_owned(),
-                vip: "198.18.0.10".to_owned(),
-                port: 80,
-                protocol: "TCP".to_owned(),
-                traffic: traffic(packets),
-                backends: vec![BackendTraffic {
-                    address: "198.19.0.2".to_owned(),
-                    port: 8080,
-                    traffic: traffic(backend_packets),
+            active_connections: active,
+        })
+    }
+
+    fn node(name: &str, report: &str, packets: u64, backend_packets: u64) -> v1::Node {
+        v1::Node {
+            meta: Some(v1::ObjectMeta {
+                name: name.to_owned(),
+                ..Default::default()
+            }),
+            status: Some(v1::NodeStatus {
+                last_report: report.to_owned(),
+                counters: vec![v1::FrontendCounters {
+                    service: "shop/web".to_owned(),
+                    vip: "198.18.0.10".to_owned(),
+                    port: 80,
+                    protocol: v1::Protocol::Tcp as i32,
+                    counters: traffic(packets, 3),
+                    backends: vec![v1::BackendCounters {
+                        address: "198.19.0.2".to_owned(),
+                        port: 8080,
+                        counters: traffic(backend_packets, 3),
+                    }],
                 }],
-            }],
-            policy: Vec::new(),
+                ..Default::default()
+            }),
+            ..Default::default()
         }
     }
 
@@ -221,46 +170,63 @@ mod tests {
         }
     }
 
+    fn at(rfc3339: &str) -> SystemTime {
+        time::OffsetDateTime::parse(rfc3339, &time::format_description::well_known::Rfc3339)
+            .expect("time")
+            .into()
+    }
+
     #[test]
     fn rates_come_from_each_nodes_own_report_times_and_sum_over_nodes() {
         let mut rates = Rates::default();
-        rates.observe(&[
-            node("a", "2026-11-30T12:00:00Z", 1_000, 500),
-            node("b", "2026-11-30T12:00:01Z", 0, 0),
-        ]);
-        assert_eq!(
-            rates.totals()[&service_row()].packets,
-            0.0,
-            "one report: no rate"
+        let now = at("2026-11-30T12:00:01Z");
+        let totals = observe(
+            &mut rates,
+            &[
+                node("a", "2026-11-30T12:00:00Z", 1_000, 500),
+                node("b", "2026-11-30T12:00:01Z", 0, 0),
+            ],
+            now,
         );
+        assert_eq!(totals[&service_row()].0.packets, 0.0, "one report: no rate");
+        assert_eq!(totals[&service_row()].1, 6, "open connections at once");
         // a reports 5 s later (+5,000 packets: 1,000/s), b 2 s later (+400: 200/s).
-        rates.observe(&[
+        let nodes = [
             node("a", "2026-11-30T12:00:05Z", 6_000, 3_000),
             node("b", "2026-11-30T12:00:03Z", 400, 0),
-        ]);
-        let total = rates.totals()[&service_row()];
-        assert!((total.packets - 1_200.0).abs() < 1e-6, "{total:?}");
-        assert!((total.bytes - 120_000.0).abs() < 1e-6, "{total:?}");
-        assert!((total.new_flows - 120.0).abs() < 1e-6, "{total:?}");
-        assert_eq!(total.active, 6);
+        ];
+        let now = at("2026-11-30T12:00:05Z");
+        let totals = observe(&mut rates, &nodes, now);
+        let (rate, active) = totals[&service_row()];
+        assert!((rate.packets - 1_200.0).abs() < 1e-6, "{rate:?}");
+        assert!((rate.bytes - 120_000.0).abs() < 1e-6, "{rate:?}");
+        assert!((rate.new_flows - 120.0).abs() < 1e-6, "{rate:?}");
+        assert_eq!(active, 6);
         // Looked at again before anyone reported: the same rates, not zero.
-        rates.observe(&[
-            node("a", "2026-11-30T12:00:05Z", 6_000, 3_000),
-            node("b", "2026-11-30T12:00:03Z", 400, 0),
-        ]);
-        assert_eq!(rates.totals()[&service_row()], total);
-        let table = render(&rates.totals(), None, 2);
+        assert_eq!(
+            observe(&mut rates, &nodes, now)[&service_row()],
+            (rate, active)
+        );
+        let table = render(&totals, None, 2);
         assert!(table.contains("shop/web"), "{table}");
         assert!(table.contains("  198.19.0.2:8080"), "{table}");
         assert!(table.contains("1200.0"), "{table}");
-        assert!(!render(&rates.totals(), Some("other"), 2).contains("shop/web"));
+        assert!(!render(&totals, Some("other"), 2).contains("shop/web"));
     }
 
     #[test]
     fn a_counter_reset_gives_no_rate_rather_than_a_huge_one() {
         let mut rates = Rates::default();
-        rates.observe(&[node("a", "2026-11-30T12:00:00Z", 1_000, 1_000)]);
-        rates.observe(&[node("a", "2026-11-30T12:00:05Z", 10, 10)]);
-        assert_eq!(rates.totals()[&service_row()].packets, 0.0);
+        observe(
+            &mut rates,
+            &[node("a", "2026-11-30T12:00:00Z", 1_000, 1_000)],
+            at("2026-11-30T12:00:00Z"),
+        );
+        let totals = observe(
+            &mut rates,
+            &[node("a", "2026-11-30T12:00:05Z", 10, 10)],
+            at("2026-11-30T12:00:05Z"),
+        );
+        assert_eq!(totals[&service_row()].0.packets, 0.0);
     }
 }

@@ -156,6 +156,20 @@ impl Control {
         Ok(control)
     }
 
+    /// A control service with its state in `dir`, for unit tests.
+    #[cfg(test)]
+    pub(crate) fn open_for_tests(dir: &std::path::Path) -> Arc<Self> {
+        Self::open(Options {
+            listen: "127.0.0.1:7443".parse().expect("addr"),
+            data_dir: dir.to_path_buf(),
+            vip_cidr: "198.18.100.0/28".into(),
+            advertise: vec![],
+            node_cert_ttl: Duration::from_secs(3600),
+            user_cert_ttl: Duration::from_secs(3600),
+        })
+        .expect("opening a control service")
+    }
+
     pub fn options(&self) -> &Options {
         &self.options
     }

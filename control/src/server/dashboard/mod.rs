@@ -20,7 +20,6 @@
 //! which cannot send an `Authorization` header (the token would have to go
 //! into the URL or a cookie).
 
-pub mod rates;
 pub mod snapshot;
 pub mod tokens;
 
@@ -51,8 +50,8 @@ use tokio::{
 use tracing::{debug, info};
 
 use super::Control;
+use crate::rates::Rates;
 use crate::{error::ApiError, pki::PkiError, rbac::Caller};
-use rates::Rates;
 use tokens::{IssueError, TokenRefused, Tokens};
 
 /// Where the dashboard listens unless told otherwise (`--dashboard-listen`).
@@ -502,15 +501,7 @@ mod tests {
     #[test]
     fn live_streams_are_capped_and_a_closed_one_frees_its_slot() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let control = Control::open(crate::server::Options {
-            listen: "127.0.0.1:7443".parse().expect("addr"),
-            data_dir: dir.path().to_path_buf(),
-            vip_cidr: "198.18.100.0/28".into(),
-            advertise: vec![],
-            node_cert_ttl: Duration::from_secs(3600),
-            user_cert_ttl: Duration::from_secs(3600),
-        })
-        .expect("open");
+        let control = Control::open_for_tests(dir.path());
         let mut slots: Vec<StreamSlot> = (0..MAX_STREAMS)
             .map(|_| StreamSlot::take(&control).expect("a slot"))
             .collect();

@@ -17,7 +17,7 @@ use std::{
 use serde::Serialize;
 use sluice_api::v1;
 
-use super::rates::{NodeRates, Rate, Rates};
+use crate::rates::{NodeRates, Rate, Rates};
 use crate::{
     rbac::{self, Caller, Denied, Resource, Verb},
     server::{
@@ -646,15 +646,7 @@ scope: blog
     #[tokio::test]
     async fn each_caller_sees_what_their_grants_allow_now() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let control = Control::open(crate::server::Options {
-            listen: "127.0.0.1:7443".parse().expect("addr"),
-            data_dir: dir.path().to_path_buf(),
-            vip_cidr: "198.18.100.0/28".into(),
-            advertise: vec![],
-            node_cert_ttl: std::time::Duration::from_secs(3600),
-            user_cert_ttl: std::time::Duration::from_secs(3600),
-        })
-        .expect("open");
+        let control = Control::open_for_tests(dir.path());
         let admin = caller("root", &[rbac::ADMIN_GROUP]);
         let objects = sluice_api::manifest::parse_objects("t.yaml", OBJECTS)
             .expect("manifest")

@@ -1,4 +1,5 @@
-//! Live rates from the counters agents report.
+//! Live rates from the counters agents report, for the dashboard (server
+//! side) and `sluicectl top` (from `get nodes`).
 //!
 //! Agents report cumulative counters (packets, bytes, new flows per frontend
 //! and backend, summed over CPUs) with each status report. A rate is the
@@ -138,14 +139,15 @@ impl Rates {
                 key.clone(),
                 Rate::between(old_total, c.counters.as_ref().unwrap_or(&zero), secs),
             );
+            let old_backends: BTreeMap<(&str, u32), &v1::TrafficCounters> = old
+                .into_iter()
+                .flat_map(|o| &o.backends)
+                .filter_map(|ob| Some(((ob.address.as_str(), ob.port), ob.counters.as_ref()?)))
+                .collect();
             for b in &c.backends {
-                let old_b = old
-                    .and_then(|o| {
-                        o.backends
-                            .iter()
-                            .find(|ob| ob.address == b.address && ob.port == b.port)
-                    })
-                    .and_then(|ob| ob.counters.as_ref())
+                let old_b = old_backends
+                    .get(&(b.address.as_str(), b.port))
+                    .copied()
                     .unwrap_or(&zero);
                 out.backends.insert(
                     (key.clone(), (b.address.clone(), b.port)),
