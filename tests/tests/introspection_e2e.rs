@@ -274,7 +274,7 @@ fn sluicectl_top_shows_live_rates_per_service_and_backend() {
     cluster.apply(&web_by_selector(3));
     cluster.wait_programmed();
     let vip = cluster.web_vip();
-    // Steady traffic for longer than two report intervals (5 s), bounded.
+    // Steady traffic over many report intervals (1 s), bounded.
     let client = &cluster.topology.node(1).client;
     let traffic = thread::scope(|scope| {
         let load = scope.spawn(|| {
