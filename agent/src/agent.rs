@@ -26,8 +26,9 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use sluice_api::{error_chain, v1};
+use sluice_api::v1;
 use sluice_common::types::{AgentMeta, FlowEvent, FrontendKeyV4};
+use sluice_model::error_chain;
 use tokio::{
     io::unix::AsyncFd,
     signal::unix::SignalKind,

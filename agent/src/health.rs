@@ -33,7 +33,7 @@ use std::{
     time::Duration,
 };
 
-use sluice_api::manifest::{HealthCheck, Probe};
+use sluice_model::manifest::{HealthCheck, Probe};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,

@@ -152,7 +152,7 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!(
                 "sluice-agent: error: {}",
-                sluice_api::error_chain(e.as_ref())
+                sluice_model::error_chain(e.as_ref())
             );
             ExitCode::FAILURE
         }

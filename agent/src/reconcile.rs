@@ -20,7 +20,7 @@ use std::{
     time::Duration,
 };
 
-use sluice_api::manifest::{
+use sluice_model::manifest::{
     HealthCheck,
     traffic::{self, rollout_weights},
 };
@@ -185,7 +185,9 @@ pub fn desired_from_view<'a>(
     zone: &str,
     node: &str,
 ) -> (Desired, Vec<String>) {
-    use sluice_api::convert::{algorithm_from_proto, health_check_from_proto, protocol_from_proto};
+    use sluice_model::convert::{
+        algorithm_from_proto, health_check_from_proto, protocol_from_proto,
+    };
     let mut out = Desired::new();
     let mut skipped = Vec::new();
     for f in frontends {

@@ -21,7 +21,8 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use sluice_api::{manifest::policy, v1};
+use sluice_api::v1;
+use sluice_model::manifest::policy;
 
 use crate::server::state::Named;
 

@@ -18,10 +18,8 @@ use std::{
     sync::Arc,
 };
 
-use sluice_api::{
-    manifest::{Rollout, VERSION_LABEL, traffic::rollout_weights},
-    v1,
-};
+use sluice_api::v1;
+use sluice_model::manifest::{Rollout, VERSION_LABEL, traffic::rollout_weights};
 
 /// Identifies a service port: (VIP, port, protocol as the proto enum value).
 pub type Key = (Ipv4Addr, u32, i32);
@@ -88,7 +86,7 @@ pub fn compute<'a>(
 
 /// The check with the port it probes spelled out: one port for every port
 /// of the service, since health is a backend's, not a port's (see
-/// `sluice_api::manifest::traffic::probe_port`).
+/// `sluice_model::manifest::traffic::probe_port`).
 fn with_probe_port(check: &v1::HealthCheck, ports: &[v1::ServicePort]) -> v1::HealthCheck {
     use v1::health_check::Probe;
     let first_tcp = ports

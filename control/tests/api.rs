@@ -5,7 +5,6 @@
 use std::time::Duration;
 
 use sluice_api::{
-    manifest,
     pki::{mtls_channel, new_key_and_csr, pinned_join_channel},
     v1::{
         self, cluster_client::ClusterClient, node_agent_client::NodeAgentClient,
@@ -17,6 +16,7 @@ use sluice_control::{
     pki::ClusterCa,
     server::{Control, Options},
 };
+use sluice_model::manifest;
 use tonic::{Code, transport::Channel};
 
 const T: Duration = Duration::from_secs(10);

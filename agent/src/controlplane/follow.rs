@@ -280,7 +280,7 @@ pub async fn keep_certificate_fresh(state: NodeState) {
             Err(e) => {
                 let delay = backoff_delay(failures.saturating_add(3), random_jitter());
                 failures = failures.saturating_add(1);
-                warn!(error = %sluice_api::error_chain(&e), "cannot renew the node certificate; trying again in {delay:.1?}");
+                warn!(error = %sluice_model::error_chain(&e), "cannot renew the node certificate; trying again in {delay:.1?}");
                 delay
             }
         };

@@ -139,7 +139,7 @@ impl ControlError {
     /// This error for the operator: a rejected certificate says what it
     /// means and what to do.
     pub fn explain(&self) -> String {
-        let text = sluice_api::error_chain(self);
+        let text = sluice_model::error_chain(self);
         let Some(alert) = self.certificate_rejected() else {
             return text;
         };

@@ -21,7 +21,7 @@ fn main() -> ExitCode {
     match runtime.block_on(cli::run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("sluicectl: error: {}", sluice_api::error_chain(&e));
+            eprintln!("sluicectl: error: {}", sluice_model::error_chain(&e));
             ExitCode::from(e.exit_code())
         }
     }

@@ -5,8 +5,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use sluice_api::MAX_MESSAGE_BYTES;
-use sluice_api::manifest::ObjectKind;
 use sluice_api::v1::{self, cluster_client::ClusterClient, resources_client::ResourcesClient};
+use sluice_model::manifest::ObjectKind;
 use tonic::transport::Channel;
 
 use super::error::CliError;

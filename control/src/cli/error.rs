@@ -3,9 +3,9 @@
 use std::io;
 use std::path::PathBuf;
 
-use sluice_api::convert::ObjectError;
-use sluice_api::manifest::ManifestError;
 use sluice_api::pki::PkiError;
+use sluice_model::convert::ObjectError;
+use sluice_model::manifest::ManifestError;
 use tonic::Code;
 
 use crate::client_config::ConfigError;
@@ -156,7 +156,7 @@ mod tests {
         ];
         for (code, message, exit_code) in cases {
             let error = CliError::api("https://c:7443", tonic::Status::new(code, message));
-            assert_eq!(sluice_api::error_chain(&error), message);
+            assert_eq!(sluice_model::error_chain(&error), message);
             assert_eq!(error.exit_code(), exit_code, "{code:?}");
         }
         let down = CliError::api(
@@ -164,7 +164,7 @@ mod tests {
             tonic::Status::unavailable("connection reset"),
         );
         assert_eq!(
-            sluice_api::error_chain(&down),
+            sluice_model::error_chain(&down),
             "the control service at https://c:7443 is unavailable: connection reset"
         );
         assert_eq!(down.exit_code(), exit::UNREACHABLE);

@@ -1,12 +1,12 @@
 //! What the control service answers, converted once at the boundary into the
-//! domain objects of [`sluice_api::manifest`] (services, endpoints, grants) or into
+//! domain objects of [`sluice_model::manifest`] (services, endpoints, grants) or into
 //! the shapes `sluicectl` prints (nodes, describe). Nothing past this module sees a
 //! protobuf message.
 
 use serde::Serialize;
-use sluice_api::convert::protocol_from_proto;
-use sluice_api::manifest::{Object, ObjectKind, ServiceObject};
 use sluice_api::v1;
+use sluice_model::convert::protocol_from_proto;
+use sluice_model::manifest::{Object, ObjectKind, ServiceObject};
 
 use super::error::CliError;
 

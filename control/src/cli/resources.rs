@@ -5,8 +5,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::time::SystemTime;
 
-use sluice_api::manifest::{self, Object, ObjectKind};
 use sluice_api::v1;
+use sluice_model::manifest::{self, Object, ObjectKind};
 use tonic::Code;
 
 use super::Context;
@@ -239,7 +239,10 @@ pub async fn delete(cx: &Context, args: DeleteArgs) -> Result<(), CliError> {
                 print(&format!("{path} not found, skipped\n"))?;
             }
             Err(e) => {
-                eprintln!("sluicectl: error: {path}: {}", sluice_api::error_chain(&e));
+                eprintln!(
+                    "sluicectl: error: {path}: {}",
+                    sluice_model::error_chain(&e)
+                );
                 failed += 1;
             }
         }
@@ -255,7 +258,7 @@ pub async fn delete(cx: &Context, args: DeleteArgs) -> Result<(), CliError> {
 
 #[cfg(test)]
 mod tests {
-    use sluice_api::manifest::parse_objects;
+    use sluice_model::manifest::parse_objects;
 
     use super::*;
     use crate::cli::model::NodeInfo;

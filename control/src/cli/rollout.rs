@@ -9,8 +9,8 @@
 
 use std::collections::BTreeSet;
 
-use sluice_api::manifest::{Object, ObjectKind, Rollout, ServiceObject, VERSION_LABEL};
 use sluice_api::v1;
+use sluice_model::manifest::{Object, ObjectKind, Rollout, ServiceObject, VERSION_LABEL};
 
 use super::Context;
 use super::args::{Format, RolloutArgs};
@@ -54,7 +54,7 @@ pub async fn rollout(cx: &Context, args: RolloutArgs) -> Result<(), CliError> {
                 "give --to VERSION and --percent N, or --undo".to_owned(),
             ));
         };
-        sluice_api::manifest::traffic::validate_version(&to)
+        sluice_model::manifest::traffic::validate_version(&to)
             .map_err(|problem| fail(format!("--to: {problem}")))?;
         let versions = versions(&client, &service).await?;
         if percent > 0 && !versions.contains(to.as_str()) {

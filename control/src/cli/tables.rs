@@ -2,7 +2,7 @@
 
 use std::time::{Duration, SystemTime};
 
-use sluice_api::manifest::{
+use sluice_model::manifest::{
     BackendSpec, Endpoint, Grant, HealthCheck, Labels, NetworkPolicy, Object, ObjectKind, Peer,
     PolicyPort, Probe, Rollout, ServiceObject, ServicePort, Subject,
 };
@@ -496,7 +496,7 @@ pub fn rfc3339(time: SystemTime) -> String {
 
 #[cfg(test)]
 mod tests {
-    use sluice_api::manifest::parse_objects;
+    use sluice_model::manifest::parse_objects;
 
     use super::*;
     use crate::cli::model::{Programming, ResolvedBackend};

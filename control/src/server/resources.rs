@@ -13,7 +13,8 @@ use std::{
     sync::Arc,
 };
 
-use sluice_api::{manifest, v1};
+use sluice_api::v1;
+use sluice_model::manifest;
 use tonic::{Request, Response, Status};
 
 use super::{Control, state::Draft};

@@ -648,7 +648,7 @@ scope: blog
         let dir = tempfile::tempdir().expect("tempdir");
         let control = Control::open_for_tests(dir.path());
         let admin = caller("root", &[rbac::ADMIN_GROUP]);
-        let objects = sluice_api::manifest::parse_objects("t.yaml", OBJECTS)
+        let objects = sluice_model::manifest::parse_objects("t.yaml", OBJECTS)
             .expect("manifest")
             .iter()
             .map(v1::Object::from)

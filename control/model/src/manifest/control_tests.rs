@@ -248,7 +248,7 @@ fn grant_roles_scopes_and_subjects() {
 
 #[test]
 fn a_standalone_manifest_is_also_a_control_manifest() {
-    let text = include_str!("../../../agent/manifests/web.yaml");
+    let text = include_str!("../../../../agent/manifests/web.yaml");
     let objects = ok(text);
     let standalone = match parse("web.yaml", text) {
         Ok(manifest) => manifest,
@@ -1018,7 +1018,7 @@ fn traffic_policies_round_trip_through_yaml_and_the_api() {
     let original = ok(&text);
     let yaml = serde_saphyr::to_string(&original[0]).expect("serializes");
     assert_eq!(ok(&yaml), original, "{yaml}");
-    let message = crate::v1::Object::from(&original[0]);
+    let message = sluice_api::v1::Object::from(&original[0]);
     assert_eq!(Object::try_from(message).expect("valid"), original[0]);
 }
 
@@ -1049,7 +1049,7 @@ fn network_policies_parse_and_round_trip() {
     assert!(policy.ingress[1].from.is_empty() && policy.ingress[1].ports.is_empty());
     let yaml = serde_saphyr::to_string(&objects[0]).expect("serializes");
     assert_eq!(ok(&yaml), objects, "{yaml}");
-    let message = crate::v1::Object::from(&objects[0]);
+    let message = sluice_api::v1::Object::from(&objects[0]);
     assert_eq!(Object::try_from(message).expect("valid"), objects[0]);
     // Egress: where the selected endpoints may go; types follow Kubernetes.
     let egress = ok(&format!(
@@ -1062,7 +1062,7 @@ fn network_policies_parse_and_round_trip() {
     let yaml = serde_saphyr::to_string(&egress[0]).expect("serializes");
     assert_eq!(ok(&yaml), egress, "{yaml}");
     assert_eq!(
-        Object::try_from(crate::v1::Object::from(&egress[0])).expect("valid"),
+        Object::try_from(sluice_api::v1::Object::from(&egress[0])).expect("valid"),
         egress[0]
     );
     // A namespace-wide default deny.
@@ -1080,7 +1080,7 @@ fn network_policies_parse_and_round_trip() {
     let yaml = serde_saphyr::to_string(&vip[0]).expect("serializes");
     assert_eq!(ok(&yaml), vip, "{yaml}");
     assert_eq!(
-        Object::try_from(crate::v1::Object::from(&vip[0])).expect("valid"),
+        Object::try_from(sluice_api::v1::Object::from(&vip[0])).expect("valid"),
         vip[0]
     );
 }

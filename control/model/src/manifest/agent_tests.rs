@@ -1114,7 +1114,7 @@ fn labels_are_accepted_and_checked() {
 /// The example the README and the demo use must stay valid.
 #[test]
 fn the_shipped_example_parses() {
-    let text = include_str!("../../../agent/manifests/web.yaml");
+    let text = include_str!("../../../../agent/manifests/web.yaml");
     let manifest = match parse("agent/manifests/web.yaml", text) {
         Ok(manifest) => manifest,
         Err(e) => panic!("example manifest: {e}"),

@@ -1,5 +1,5 @@
 //! Conversions between the domain objects of [`crate::manifest`] and the API messages of
-//! [`crate::v1`], done once at the boundary so the rest of the code sees one or the other.
+//! [`sluice_api::v1`], done once at the boundary so the rest of the code sees one or the other.
 //!
 //! * Domain to message ([`From`]) cannot fail: a domain object is valid by construction.
 //!   Defaults are written out explicitly (target port, weight, algorithm), so a message
@@ -30,7 +30,7 @@ use crate::manifest::{
     PolicyPort, PolicyTypes, Probe, Protocol, Rollout, ServiceObject, ServicePort, SessionAffinity,
     Subject, Traffic, VERSION_LABEL, policy, traffic,
 };
-use crate::v1;
+use sluice_api::v1;
 
 /// Why an API message is not a valid object.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
