@@ -29,6 +29,7 @@ use std::{
 use sluice_api::v1;
 use sluice_common::types::{AgentMeta, FlowEvent, FrontendKeyV4};
 use sluice_model::error_chain;
+use sluice_model::manifest::{self, ManifestError};
 use tokio::{
     io::unix::AsyncFd,
     signal::unix::SignalKind,
@@ -46,7 +47,6 @@ use crate::{
     dataplane::{self, Dataplane, DataplaneError, HookChoice, LoadOptions, Mode},
     drain::Drains,
     health::{self, Health},
-    manifest::{self, ManifestError},
     metrics,
     netdev::{self, NetdevError},
     pins::{self, PinDir},

@@ -81,10 +81,8 @@ mod tests {
     use sluice_common::types::{Backend, FrontendKeyV4, IPPROTO_TCP};
 
     use super::*;
-    use crate::{
-        manifest::Algorithm,
-        reconcile::{DesiredFrontend, FrontendState},
-    };
+    use crate::reconcile::{DesiredFrontend, FrontendState};
+    use sluice_model::Algorithm;
 
     fn setup(timeout: Option<Duration>, flags: [u8; 3]) -> (State, Desired) {
         let key = FrontendKeyV4 {

@@ -33,7 +33,7 @@ use std::{
     time::Duration,
 };
 
-use sluice_model::manifest::{HealthCheck, Probe};
+use sluice_model::traffic::{HealthCheck, Probe};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
@@ -356,10 +356,8 @@ mod tests {
     use sluice_common::types::{FrontendKeyV4, IPPROTO_TCP};
 
     use super::*;
-    use crate::{
-        manifest::Algorithm,
-        reconcile::{DesiredBackend, DesiredFrontend},
-    };
+    use crate::reconcile::{DesiredBackend, DesiredFrontend};
+    use sluice_model::Algorithm;
 
     fn check(fail_open: bool) -> HealthCheck {
         HealthCheck {

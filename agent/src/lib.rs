@@ -22,8 +22,6 @@ pub mod controlplane;
 pub mod dataplane;
 pub mod drain;
 pub mod health;
-/// The manifest format lives with the API contract, shared with the control service.
-pub use sluice_model::manifest;
 pub mod maps;
 pub mod metrics;
 pub mod netdev;

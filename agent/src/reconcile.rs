@@ -20,10 +20,7 @@ use std::{
     time::Duration,
 };
 
-use sluice_model::manifest::{
-    HealthCheck,
-    traffic::{self, rollout_weights},
-};
+use sluice_model::traffic::{self, HealthCheck, rollout_weights};
 
 use sluice_common::{
     layout::{
@@ -36,11 +33,10 @@ use sluice_common::{
         FrontendMeta, IPPROTO_UDP, algorithm, fixed_name,
     },
 };
+use sluice_model::Algorithm;
+use sluice_model::manifest::Manifest;
 
-use crate::{
-    alloc::{Ids, SlotRange, SlotSpace},
-    manifest::{Algorithm, Manifest},
-};
+use crate::alloc::{Ids, SlotRange, SlotSpace};
 
 /// One service port as the kernel will see it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -185,9 +181,7 @@ pub fn desired_from_view<'a>(
     zone: &str,
     node: &str,
 ) -> (Desired, Vec<String>) {
-    use sluice_model::convert::{
-        algorithm_from_proto, health_check_from_proto, protocol_from_proto,
-    };
+    use sluice_model::wire::{algorithm_from_proto, health_check_from_proto, protocol_from_proto};
     let mut out = Desired::new();
     let mut skipped = Vec::new();
     for f in frontends {
@@ -1253,7 +1247,7 @@ mod tests {
 
     #[test]
     fn a_manifest_rollout_becomes_exact_weights_and_a_weighted_algorithm() {
-        let manifest = crate::manifest::parse(
+        let manifest = sluice_model::manifest::parse(
             "test.yaml",
             "kind: Service\nname: web\nvip: 198.18.0.10\nports: [{ port: 80, protocol: TCP }]\n\
              rollout: { to: v2, percent: 1 }\ndrainTimeoutSeconds: 30\nbackends:\n\
@@ -1282,7 +1276,7 @@ mod tests {
 
     #[test]
     fn desired_from_manifest_splits_ports() {
-        let manifest = crate::manifest::parse(
+        let manifest = sluice_model::manifest::parse(
             "test.yaml",
             "kind: Service\nname: web\nvip: 198.18.0.10\nports:\n  - { port: 80, protocol: TCP, targetPort: 8080 }\n  - { port: 53, protocol: UDP, targetPort: 5353 }\nbackends:\n  - { address: 198.19.1.2, weight: 2 }\n",
         )

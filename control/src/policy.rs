@@ -22,7 +22,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use sluice_api::v1;
-use sluice_model::manifest::policy;
+use sluice_model::policy;
 
 use crate::server::state::Named;
 
@@ -207,7 +207,9 @@ pub fn compile(
                 out.extend(
                     cidr_ids
                         .iter()
-                        .filter(|(c, _)| cidr.covers(c) && !except.iter().any(|e| e.covers(c)))
+                        .filter(|(c, _)| {
+                            cidr.contains(*c) && !except.iter().any(|e| e.contains(*c))
+                        })
                         .map(|(_, &id)| id),
                 );
             }

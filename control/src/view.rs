@@ -19,7 +19,8 @@ use std::{
 };
 
 use sluice_api::v1;
-use sluice_model::manifest::{Rollout, VERSION_LABEL, traffic::rollout_weights};
+use sluice_model::VERSION_LABEL;
+use sluice_model::traffic::{Rollout, rollout_weights};
 
 /// Identifies a service port: (VIP, port, protocol as the proto enum value).
 pub type Key = (Ipv4Addr, u32, i32);

@@ -362,7 +362,7 @@ mod tests {
         let text = manifest(3, 2, 1);
         assert_eq!(text.matches("kind: Service").count(), 3);
         assert_eq!(text.matches("kind: Endpoint").count(), 6);
-        let objects = sluice_agent::manifest::parse_objects("m.yaml", &text).expect("valid");
+        let objects = sluice_model::manifest::parse_objects("m.yaml", &text).expect("valid");
         assert_eq!(objects.len(), 9);
     }
 }

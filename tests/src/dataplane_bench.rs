@@ -25,7 +25,6 @@ use aya::{
 };
 use serde::Serialize;
 use sluice_agent::{
-    manifest::MAX_BACKENDS_PER_SERVICE,
     policy::{CompiledPolicy, IdentityEntry, PolicyWriter, RuleEntry},
     reconcile::Step,
 };
@@ -33,6 +32,7 @@ use sluice_common::{
     layout::{MAX_BACKENDS, MAX_FRONTENDS, SLOT_CAPACITY, map},
     types::IPPROTO_TCP,
 };
+use sluice_model::service::MAX_BACKENDS_PER_SERVICE;
 
 use crate::{
     lab::{CLIENT, Lab, backend, with_edited_lab, with_lab},
@@ -1024,7 +1024,7 @@ mod tests {
     #[test]
     fn the_manifest_parses_with_the_last_vip() {
         let text = scale_manifest(3, 2);
-        let m = sluice_agent::manifest::parse("t.yaml", &text).expect("parses");
+        let m = sluice_model::manifest::parse("t.yaml", &text).expect("parses");
         assert!(text.contains(&format!("vip: {}", scale_vip(2))));
         assert!(text.contains(&format!("address: {}", pool_addr(5))));
         drop(m);

@@ -20,12 +20,13 @@ use aya::programs::{TestRun as _, TestRunOptions};
 use sluice_agent::{
     apply,
     dataplane::{Dataplane, LoadOptions},
-    manifest, reconcile,
+    reconcile,
 };
 use sluice_common::{
     layout::map,
     types::{AffinityKeyV4, AffinityV4, FlowEvent, FlowKeyV4, FlowV4, TrafficStats},
 };
+use sluice_model::manifest;
 
 pub const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 2);
 pub const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];

@@ -751,7 +751,7 @@ mod tests {
     #[test]
     fn the_manifest_parses() {
         let text = sluice_manifest(&two());
-        let objects = sluice_agent::manifest::parse_objects("m.yaml", &text).expect("valid");
+        let objects = sluice_model::manifest::parse_objects("m.yaml", &text).expect("valid");
         assert_eq!(objects.len(), 2);
         assert!(text.contains("protocol: UDP, targetPort: 9090"));
     }

@@ -1,13 +1,31 @@
-//! Sluice's domain model.
+//! Sluice's domain model: the validated objects admins declare, how they are
+//! read from YAML manifests, and the pure computations over them that both
+//! the control service and a standalone agent run. See docs/architecture.md.
 //!
-//! * [`manifest`]: the YAML manifests admins write and the validated objects they
-//!   become.
-//! * [`convert`]: the conversions to and from the API's messages ([`sluice_api::v1`]),
-//!   used only at the edges (gRPC handlers, the store codec, the watch stream,
-//!   `sluicectl`'s client).
+//! | module | what |
+//! |---|---|
+//! | [`kind`] | the kinds of object, registered once; [`Object`], [`ObjectRef`], [`Versioned`] |
+//! | [`service`], [`endpoint`], [`grant`], [`policy`] | the objects, validated, defaults applied |
+//! | [`traffic`] | a service's health check, draining, rollout, affinity; `rollout_weights` |
+//! | [`rules`] | the value rules, one implementation each, shared by manifests and API messages |
+//! | [`manifest`] | YAML manifests: standalone (a list of services) and control (any object) |
+//! | [`wire`] | conversions to and from the API's messages, used only at the edges |
 
-pub mod convert;
+pub mod endpoint;
+pub mod grant;
+pub mod kind;
 pub mod manifest;
+pub mod policy;
+pub mod rules;
+pub mod service;
+pub mod traffic;
+pub mod wire;
+
+pub use endpoint::{Endpoint, VERSION_LABEL};
+pub use grant::{Grant, Permission, Resource, Role, Scope, Subject, Verb};
+pub use kind::{DEFAULT_NAMESPACE, Kind, Labels, Meta, Object, ObjectKind, ObjectRef, Versioned};
+pub use policy::NetworkPolicy;
+pub use service::{Algorithm, BackendSpec, Protocol, Service, ServicePort, ServiceSpec};
 
 /// An error and its causes on one line (`error: cause: cause`), as the
 /// programs print and log them. A cause whose text the message already

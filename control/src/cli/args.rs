@@ -6,7 +6,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use clap_complete::Shell;
 use sluice_api::v1;
-use sluice_model::manifest::ObjectKind;
+use sluice_model::ObjectKind;
 
 use super::duration::parse_duration;
 
@@ -209,7 +209,7 @@ impl NamespaceArg {
     pub fn or_default(&self) -> &str {
         self.namespace
             .as_deref()
-            .unwrap_or(sluice_model::manifest::DEFAULT_NAMESPACE)
+            .unwrap_or(sluice_model::DEFAULT_NAMESPACE)
     }
 }
 

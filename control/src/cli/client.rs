@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use sluice_api::MAX_MESSAGE_BYTES;
 use sluice_api::v1::{self, cluster_client::ClusterClient, resources_client::ResourcesClient};
-use sluice_model::manifest::ObjectKind;
+use sluice_model::ObjectKind;
 use tonic::transport::Channel;
 
 use super::error::CliError;

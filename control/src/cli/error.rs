@@ -4,8 +4,8 @@ use std::io;
 use std::path::PathBuf;
 
 use sluice_api::pki::PkiError;
-use sluice_model::convert::ObjectError;
 use sluice_model::manifest::ManifestError;
+use sluice_model::wire::ObjectError;
 use tonic::Code;
 
 use crate::client_config::ConfigError;

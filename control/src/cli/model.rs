@@ -5,8 +5,8 @@
 
 use serde::Serialize;
 use sluice_api::v1;
-use sluice_model::convert::protocol_from_proto;
-use sluice_model::manifest::{Object, ObjectKind, ServiceObject};
+use sluice_model::wire::protocol_from_proto;
+use sluice_model::{Object, ObjectKind, ServiceSpec};
 
 use super::error::CliError;
 
@@ -293,7 +293,7 @@ impl TryFrom<v1::Object> for NodeInfo {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Described {
-    pub service: ServiceObject,
+    pub service: ServiceSpec,
     pub resource_version: u64,
     pub backends: Vec<ResolvedBackend>,
     pub nodes: Vec<Programming>,
@@ -336,7 +336,7 @@ impl TryFrom<v1::DescribeResponse> for Described {
         } = response;
         let service = service.ok_or(CliError::IncompleteResponse { what: "service" })?;
         let resource_version = service.meta.as_ref().map_or(0, |m| m.resource_version);
-        let service = ServiceObject::try_from(service).map_err(|source| CliError::BadResponse {
+        let service = ServiceSpec::try_from(service).map_err(|source| CliError::BadResponse {
             what: "service",
             source: Box::new(source),
         })?;

@@ -6,7 +6,8 @@ use std::path::PathBuf;
 use std::time::SystemTime;
 
 use sluice_api::v1;
-use sluice_model::manifest::{self, Object, ObjectKind};
+use sluice_model::manifest;
+use sluice_model::{Object, ObjectKind};
 use tonic::Code;
 
 use super::Context;

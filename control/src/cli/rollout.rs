@@ -10,7 +10,8 @@
 use std::collections::BTreeSet;
 
 use sluice_api::v1;
-use sluice_model::manifest::{Object, ObjectKind, Rollout, ServiceObject, VERSION_LABEL};
+use sluice_model::traffic::Rollout;
+use sluice_model::{Object, ObjectKind, ServiceSpec, VERSION_LABEL};
 
 use super::Context;
 use super::args::{Format, RolloutArgs};
@@ -54,7 +55,7 @@ pub async fn rollout(cx: &Context, args: RolloutArgs) -> Result<(), CliError> {
                 "give --to VERSION and --percent N, or --undo".to_owned(),
             ));
         };
-        sluice_model::manifest::traffic::validate_version(&to)
+        sluice_model::traffic::validate_version(&to)
             .map_err(|problem| fail(format!("--to: {problem}")))?;
         let versions = versions(&client, &service).await?;
         if percent > 0 && !versions.contains(to.as_str()) {
@@ -97,7 +98,7 @@ pub async fn rollout(cx: &Context, args: RolloutArgs) -> Result<(), CliError> {
 }
 
 /// The versions among the service's serving backends.
-async fn versions(client: &Client, service: &ServiceObject) -> Result<BTreeSet<String>, CliError> {
+async fn versions(client: &Client, service: &ServiceSpec) -> Result<BTreeSet<String>, CliError> {
     if service.selector.is_empty() {
         return Ok(service
             .backends

@@ -2,9 +2,11 @@
 
 use std::time::{Duration, SystemTime};
 
-use sluice_model::manifest::{
-    BackendSpec, Endpoint, Grant, HealthCheck, Labels, NetworkPolicy, Object, ObjectKind, Peer,
-    PolicyPort, Probe, Rollout, ServiceObject, ServicePort, Subject,
+use sluice_model::policy::{Peer, PolicyPort};
+use sluice_model::traffic::{HealthCheck, Probe, Rollout};
+use sluice_model::{
+    BackendSpec, Endpoint, Grant, Labels, NetworkPolicy, Object, ObjectKind, ServicePort,
+    ServiceSpec, Subject,
 };
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
@@ -124,7 +126,7 @@ fn rule_text(peers: &[Peer], ports: &[PolicyPort]) -> String {
     format!("{from} on {ports}")
 }
 
-fn services<'a>(items: impl Iterator<Item = (&'a ServiceObject, u64)>) -> Table {
+fn services<'a>(items: impl Iterator<Item = (&'a ServiceSpec, u64)>) -> Table {
     let mut table = Table::new(&[
         "NAMESPACE",
         "NAME",
@@ -135,7 +137,7 @@ fn services<'a>(items: impl Iterator<Item = (&'a ServiceObject, u64)>) -> Table 
         "VERSION",
     ]);
     for (service, version) in items {
-        let ServiceObject {
+        let ServiceSpec {
             namespace,
             name,
             vip,
@@ -311,7 +313,7 @@ pub fn describe(described: &Described) -> String {
         backends,
         nodes,
     } = described;
-    let ServiceObject {
+    let ServiceSpec {
         namespace,
         name,
         labels: service_labels,

@@ -14,7 +14,6 @@ use std::{
 };
 
 use sluice_api::v1;
-use sluice_model::manifest;
 use tonic::{Request, Response, Status};
 
 use super::{Control, state::Draft};
@@ -98,7 +97,7 @@ impl Control {
                     });
                 }
             };
-            let domain = manifest::Object::try_from(object).map_err(|e| ApiError::Invalid {
+            let domain = sluice_model::Object::try_from(object).map_err(|e| ApiError::Invalid {
                 message: e.to_string(),
             })?;
             if !seen.insert(domain.object_ref()) {
@@ -503,7 +502,7 @@ fn apply_one(
     grants: &[v1::Grant],
     pool: &crate::vip::VipPool,
     vips: &mut Vips,
-    object: manifest::Object,
+    object: sluice_model::Object,
     sent_version: u64,
 ) -> Result<v1::ApplyResult, ApiError> {
     let object_ref = object.object_ref();
@@ -523,7 +522,7 @@ fn apply_one(
         Ok(current.map_or(Expect::Absent, Expect::Version))
     };
     let (kind, outcome, stored) = match &object {
-        manifest::Object::Service(s) => {
+        sluice_model::Object::Service(s) => {
             let existing = draft.state.services.get(&key).cloned();
             let current = existing.as_ref().map(|e| version_of(e.meta.as_ref()));
             let verb = if existing.is_some() {
@@ -559,7 +558,7 @@ fn apply_one(
             }
             (v1::Kind::Service, outcome, v1::object::Kind::Service(proto))
         }
-        manifest::Object::Endpoint(e) => {
+        sluice_model::Object::Endpoint(e) => {
             let existing = draft.state.endpoints.get(&key).cloned();
             let current = existing.as_ref().map(|e| version_of(e.meta.as_ref()));
             let verb = if existing.is_some() {
@@ -585,7 +584,7 @@ fn apply_one(
                 v1::object::Kind::Endpoint(proto),
             )
         }
-        manifest::Object::Grant(g) => {
+        sluice_model::Object::Grant(g) => {
             let existing = draft.state.grants.get(&key).cloned();
             let current = existing.as_ref().map(|g| version_of(g.meta.as_ref()));
             let verb = if existing.is_some() {
@@ -607,7 +606,7 @@ fn apply_one(
             }
             (v1::Kind::Grant, outcome, v1::object::Kind::Grant(proto))
         }
-        manifest::Object::NetworkPolicy(p) => {
+        sluice_model::Object::NetworkPolicy(p) => {
             let existing = draft.state.policies.get(&key).cloned();
             let current = existing.as_ref().map(|p| version_of(p.meta.as_ref()));
             let verb = if existing.is_some() {

@@ -2,6 +2,8 @@
 //! backends. Control-mode manifests are tested in `control_tests`.
 
 use super::*;
+#[allow(unused_imports, reason = "the tests share one prelude")]
+use crate::{endpoint::*, grant::*, kind::*, policy::*, rules::*, service::*, traffic::*, wire::*};
 
 /// A valid document; the line numbers tests rely on: kind 1, name 2, vip 3, ports 4,
 /// ports[0] 5.
@@ -104,6 +106,7 @@ backends:
                     version: None,
                 },
             ],
+            selector: Labels::new(),
             maglev_table_size: None,
             traffic: Default::default(),
         }],

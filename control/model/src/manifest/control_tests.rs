@@ -3,6 +3,8 @@
 
 use super::agent_tests::assert_mentions;
 use super::*;
+#[allow(unused_imports, reason = "the tests share one prelude")]
+use crate::{endpoint::*, grant::*, kind::*, policy::*, rules::*, service::*, traffic::*, wire::*};
 
 /// Bases for rejection tests; each test appends or replaces lines, so the line numbers
 /// below are the ones messages must name.
@@ -108,7 +110,7 @@ algorithm: weighted-round-robin
 backends: [{ address: 198.19.2.2, weight: 5 }]
 ";
     let expected = vec![
-        Object::Service(ServiceObject {
+        Object::Service(ServiceSpec {
             namespace: "shop".to_owned(),
             name: "web".to_owned(),
             labels: labels(&[("tier", "frontend")]),
@@ -153,7 +155,7 @@ backends: [{ address: 198.19.2.2, weight: 5 }]
                 },
             ],
         }),
-        Object::Service(ServiceObject {
+        Object::Service(ServiceSpec {
             namespace: DEFAULT_NAMESPACE.to_owned(),
             name: "dns".to_owned(),
             labels: Labels::new(),
@@ -549,7 +551,7 @@ fn label_values_must_be_strings() {
 
 #[test]
 fn too_many_labels() {
-    let many: Vec<String> = (0..=rules::MAX_LABELS)
+    let many: Vec<String> = (0..=crate::rules::MAX_LABELS)
         .map(|i| format!("k{i}: v"))
         .collect();
     let e = err(&format!("{GRANT}labels: {{ {} }}\n", many.join(", ")));
@@ -879,7 +881,7 @@ fn load_objects_reads_the_file_and_names_it_in_errors() {
 
 // ---- traffic policies ----------------------------------------------------------
 
-fn service_of(objects: Vec<Object>) -> ServiceObject {
+fn service_of(objects: Vec<Object>) -> ServiceSpec {
     match objects.into_iter().next() {
         Some(Object::Service(s)) => s,
         other => panic!("expected a service, got {other:?}"),

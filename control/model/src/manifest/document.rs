@@ -4,15 +4,16 @@
 use std::net::Ipv4Addr;
 
 use super::error::{ControlOnly, ManifestError, Mode};
-use super::objects::{
-    DEFAULT_NAMESPACE, Endpoint, Grant, Labels, Object, ObjectKind, ObjectRef, Permission,
-    ServiceObject, Subject,
-};
-use super::rules::{self, Problem, UniqueBackends, UniquePermissions, UniquePorts};
+use super::traffic;
 use super::yaml::{
     Cx, Fields, Node, Value, boolean, integer, mapping, sequence, string, wrong_type,
 };
-use super::{Algorithm, BackendSpec, ServicePort, traffic};
+use crate::endpoint::{Endpoint, VERSION_LABEL};
+use crate::grant::{Grant, Permission, Subject};
+use crate::kind::{DEFAULT_NAMESPACE, Labels, Object, ObjectKind, ObjectRef};
+use crate::rules::{self, Problem, UniqueBackends, UniquePermissions, UniquePorts};
+use crate::service::{Algorithm, BackendSpec, ServicePort, ServiceSpec};
+use crate::traffic::validate_version;
 
 const AGENT_SERVICE_FIELDS: &[&str] = &[
     "kind",
@@ -175,7 +176,7 @@ fn parse_service<'n>(
     fields: &Fields<'n>,
     mode: Mode,
     id: &ObjectRef,
-) -> Result<(ServiceObject, Vec<&'n Node>), ManifestError> {
+) -> Result<(ServiceSpec, Vec<&'n Node>), ManifestError> {
     let allowed = match mode {
         Mode::Agent => {
             // Before the unknown-field check, which would call it a typo.
@@ -240,7 +241,7 @@ fn parse_service<'n>(
     }
     let traffic = traffic::parse(cx, fields, &ports)?;
 
-    let service = ServiceObject {
+    let service = ServiceSpec {
         namespace: id.namespace.clone(),
         name: id.name.clone(),
         labels,
@@ -314,7 +315,7 @@ fn parse_backends(
             Some(node) => {
                 let field = fields.path("version");
                 let version = string(cx, &field, node)?;
-                traffic::validate_version(version).map_err(cx.fail(node, &field))?;
+                validate_version(version).map_err(cx.fail(node, &field))?;
                 Some(version.to_owned())
             }
             None => None,
@@ -358,10 +359,10 @@ fn parse_endpoint(
         Some(node) => boolean(cx, "draining", node)?,
         None => false,
     };
-    if let Some(version) = labels.get(super::VERSION_LABEL) {
-        let field = format!("labels.{}", super::VERSION_LABEL);
+    if let Some(version) = labels.get(VERSION_LABEL) {
+        let field = format!("labels.{}", VERSION_LABEL);
         let node = fields.get("labels").unwrap_or(fields.node);
-        traffic::validate_version(version).map_err(cx.fail(node, &field))?;
+        validate_version(version).map_err(cx.fail(node, &field))?;
     }
     Ok(Endpoint {
         namespace: id.namespace.clone(),

@@ -6,8 +6,9 @@ use std::path::PathBuf;
 
 use serde_saphyr::MessageFormatter as _;
 
-use super::rules::{AddressProblem, NameProblem, Problem};
-use super::{MAX_WEIGHT, ObjectKind, ObjectRef, Protocol, algorithm_names};
+use crate::kind::{ObjectKind, ObjectRef};
+use crate::rules::{AddressProblem, NameProblem, Problem};
+use crate::service::{MAX_WEIGHT, Protocol, algorithm_names};
 
 /// Which program reads the manifest; it decides the kinds and fields accepted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

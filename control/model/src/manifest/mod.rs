@@ -65,7 +65,7 @@
 //!    deriving `Deserialize` for the manifest types because serde's derived errors carry
 //!    neither the field path nor, for values we validate ourselves, a position.
 //! 2. Each document is validated into an [`Object`] (`document::parse_document`); the
-//!    value rules live in [`rules`], shared with API messages ([`crate::convert`]) so the
+//!    value rules live in [`crate::rules`], shared with API messages ([`crate::wire`]) so the
 //!    control service rejects exactly what a manifest would.
 //! 3. Rules that span documents are checked here: an object (kind, namespace, name) is
 //!    defined once; two services never share an explicit (VIP, port, protocol), in any
@@ -85,207 +85,26 @@
 
 mod document;
 mod error;
-mod objects;
-pub mod policy;
-pub mod rules;
-pub mod traffic;
+mod policy;
+mod traffic;
 mod yaml;
 
+use std::collections::HashMap;
 use std::collections::hash_map::Entry;
-use std::collections::{BTreeMap, HashMap};
-use std::fmt;
 use std::net::Ipv4Addr;
 use std::path::Path;
-use std::str::FromStr;
-
-use serde::Serialize;
-use sluice_common::types::{IPPROTO_TCP, IPPROTO_UDP};
 
 pub use error::{ControlOnly, ManifestError, Mode, Position};
-pub use objects::{
-    DEFAULT_NAMESPACE, Endpoint, Grant, Labels, Object, ObjectKind, ObjectRef, Permission,
-    Resource, Role, Scope, ServiceObject, Subject, VERSION_LABEL, Verb,
-};
-pub use policy::{Cidr, EgressRule, IngressRule, NetworkPolicy, Peer, PolicyPort, PolicyTypes};
-pub use rules::{AddressProblem, LabelProblem, NameProblem, Problem};
-pub use traffic::{HealthCheck, Probe, Rollout, SessionAffinity, Traffic};
 
+use crate::kind::{Object, ObjectKind, ObjectRef};
+use crate::service::{Protocol, Service, ServiceSpec};
 use document::{Parsed, parse_document};
 use yaml::{Cx, read_documents};
 
-/// Larger backend sets are rejected, never truncated.
-pub const MAX_BACKENDS_PER_SERVICE: usize = 4096;
-/// Weights are relative within a service: 1 against 9,999 is a 0.01% canary.
-pub const MAX_WEIGHT: u32 = 10_000;
-pub const MAX_PORTS_PER_SERVICE: usize = 64;
-
-// ---------------------------------------------------------------------------------------
-// Domain types
-// ---------------------------------------------------------------------------------------
-
 /// Every service of a standalone agent's manifest, in document order.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Manifest {
     pub services: Vec<Service>,
-}
-
-/// A service as a standalone agent runs it: VIP given, backends static. See
-/// [`ServiceObject`] for the control service's.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Service {
-    /// [`DEFAULT_NAMESPACE`] when the manifest gives none; names are unique per namespace.
-    pub namespace: String,
-    pub name: String,
-    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
-    pub labels: Labels,
-    pub vip: Ipv4Addr,
-    pub ports: Vec<ServicePort>,
-    pub algorithm: Algorithm,
-    /// Empty is valid: the data plane then drops the service's traffic and counts it.
-    pub backends: Vec<BackendSpec>,
-    /// With `algorithm: maglev`: the lookup table's size, a prime.
-    #[serde(rename = "maglevTableSize", skip_serializing_if = "Option::is_none")]
-    pub maglev_table_size: Option<u32>,
-    #[serde(flatten)]
-    pub traffic: Traffic,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ServicePort {
-    pub port: u16,
-    pub protocol: Protocol,
-    pub target_port: u16,
-}
-
-/// Transport protocol of a service port. Parsing accepts exactly `TCP` and `UDP`
-/// (upper case, as Kubernetes spells them); `tcp` is rejected rather than guessed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
-pub enum Protocol {
-    #[serde(rename = "TCP")]
-    Tcp,
-    #[serde(rename = "UDP")]
-    Udp,
-}
-
-impl Protocol {
-    /// The IP protocol number, as the data-plane keys carry it.
-    pub const fn ip_proto(self) -> u8 {
-        match self {
-            Self::Tcp => IPPROTO_TCP,
-            Self::Udp => IPPROTO_UDP,
-        }
-    }
-
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            Self::Tcp => "TCP",
-            Self::Udp => "UDP",
-        }
-    }
-}
-
-impl fmt::Display for Protocol {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for Protocol {
-    type Err = ParseProtocolError;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "TCP" => Ok(Self::Tcp),
-            "UDP" => Ok(Self::Udp),
-            _ => Err(ParseProtocolError {
-                value: s.to_owned(),
-            }),
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown protocol {value:?}, expected \"TCP\" or \"UDP\"")]
-pub struct ParseProtocolError {
-    pub value: String,
-}
-
-/// How a service picks a backend for a new flow.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Algorithm {
-    #[default]
-    RoundRobin,
-    WeightedRoundRobin,
-    LeastConnections,
-    WeightedLeastConnections,
-    /// Consistent hashing (Maglev): a flow's backend follows from its hash,
-    /// the same on every node; weights set the shares.
-    Maglev,
-}
-
-impl Algorithm {
-    pub const ALL: [Self; 5] = [
-        Self::RoundRobin,
-        Self::WeightedRoundRobin,
-        Self::LeastConnections,
-        Self::WeightedLeastConnections,
-        Self::Maglev,
-    ];
-
-    /// The manifest spelling.
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            Self::RoundRobin => "round-robin",
-            Self::WeightedRoundRobin => "weighted-round-robin",
-            Self::LeastConnections => "least-connections",
-            Self::WeightedLeastConnections => "weighted-least-connections",
-            Self::Maglev => "maglev",
-        }
-    }
-}
-
-impl fmt::Display for Algorithm {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for Algorithm {
-    type Err = ParseAlgorithmError;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Self::ALL
-            .into_iter()
-            .find(|a| a.as_str() == s)
-            .ok_or_else(|| ParseAlgorithmError {
-                value: s.to_owned(),
-            })
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown algorithm {value:?}, expected one of: {}", algorithm_names())]
-pub struct ParseAlgorithmError {
-    pub value: String,
-}
-
-fn algorithm_names() -> String {
-    Algorithm::ALL.map(Algorithm::as_str).join(", ")
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
-pub struct BackendSpec {
-    pub address: Ipv4Addr,
-    pub weight: u32,
-    /// What a rollout moves traffic between.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub version: Option<String>,
-    /// No new flows; established ones run until they close or the service's
-    /// drain timeout ends them.
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
-    pub draining: bool,
 }
 
 // ---------------------------------------------------------------------------------------
@@ -381,7 +200,7 @@ fn validate_documents<'n>(
         }
         // A service without a VIP gets a fresh one from the control service, so it
         // cannot clash here.
-        if let Object::Service(ServiceObject {
+        if let Object::Service(ServiceSpec {
             vip: Some(vip),
             ports,
             ..
@@ -419,52 +238,27 @@ fn standalone(source: &str, document: usize, parsed: Parsed<'_>) -> Result<Servi
         document,
         object: Some(&id),
     };
-    let service = match parsed.object {
-        Object::Service(service) => service,
-        Object::Endpoint(_) | Object::Grant(_) | Object::NetworkPolicy(_) => {
-            return Err(ManifestError::NeedsControlService {
-                at: cx.at(parsed.kind_node),
-                field: "kind".to_owned(),
-                feature: ControlOnly::Kind { kind: id.kind },
-            });
-        }
+    let Object::Service(service) = parsed.object else {
+        return Err(ManifestError::NeedsControlService {
+            at: cx.at(parsed.kind_node),
+            field: "kind".to_owned(),
+            feature: ControlOnly::Kind { kind: id.kind },
+        });
     };
-    let ServiceObject {
-        namespace,
-        name,
-        labels,
-        vip,
-        ports,
-        algorithm,
-        backends,
-        selector,
-        maglev_table_size,
-        traffic,
-    } = service;
-    if !selector.is_empty() {
+    if !service.selector.is_empty() {
         return Err(ManifestError::NeedsControlService {
             at: cx.at(parsed.root),
             field: "selector".to_owned(),
             feature: ControlOnly::Selector,
         });
     }
-    let Some(vip) = vip else {
+    let Some(vip) = service.vip else {
         return Err(ManifestError::MissingField {
             at: cx.at(parsed.root),
             field: "vip".to_owned(),
         });
     };
-    Ok(Service {
-        namespace,
-        name,
-        labels,
-        vip,
-        ports,
-        algorithm,
-        backends,
-        maglev_table_size,
-        traffic,
-    })
+    Ok(service.with_vip(vip))
 }
 
 #[cfg(test)]

@@ -8,8 +8,8 @@ use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_saphyr::Spanned;
 
 use super::error::{ManifestError, Position};
-use super::objects::ObjectRef;
-use super::rules::Problem;
+use crate::kind::ObjectRef;
+use crate::rules::Problem;
 
 // ---------------------------------------------------------------------------------------
 // Reading and numbering documents

@@ -28,9 +28,10 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 
 use sluice_common::{layout::MAGLEV_MAX_TABLE_SIZE, maglev};
 
-use super::{
-    Algorithm, MAX_BACKENDS_PER_SERVICE, MAX_PORTS_PER_SERVICE, MAX_WEIGHT, Permission, Protocol,
-    Resource, Role, Scope, Verb, algorithm_names,
+use crate::grant::{Permission, Resource, Role, Scope, Verb};
+use crate::service::{
+    Algorithm, MAX_BACKENDS_PER_SERVICE, MAX_PORTS_PER_SERVICE, MAX_WEIGHT, Protocol,
+    algorithm_names,
 };
 
 /// More labels than this on one object (or selector) are rejected: labels are for

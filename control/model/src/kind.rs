@@ -1,0 +1,278 @@
+//! The kinds of object admins declare, registered once.
+//!
+//! Every kind is a module of its own (its type, its manifest parser, its
+//! conversions to and from the API's message) plus one line in [`kinds!`]
+//! below, which makes it an [`ObjectKind`], a variant of [`Object`] (what a
+//! manifest or an `Apply` carries) and of the API's `Object` message, and
+//! lets generic code (the control service's apply, get, list and delete;
+//! `sluicectl`) reach its type through [`ObjectKind::visit`] and
+//! [`Object::visit`]. What else a kind is — its store table, the RBAC
+//! resource that guards it — is said once, in its [`Kind`] impl.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::Serialize;
+use sluice_api::v1;
+
+use crate::endpoint::Endpoint;
+use crate::grant::{Grant, Resource};
+use crate::policy::NetworkPolicy;
+use crate::service::Service;
+use crate::wire::ObjectError;
+
+/// Where objects go when a manifest or a request names no namespace, as in Kubernetes.
+pub const DEFAULT_NAMESPACE: &str = "default";
+
+/// Labels and selectors: sorted, so output and comparisons are stable.
+pub type Labels = BTreeMap<String, String>;
+
+/// What every object has: a namespace, a name unique in it per kind, labels.
+pub trait Meta {
+    fn namespace(&self) -> &str;
+    fn name(&self) -> &str;
+    fn labels(&self) -> &Labels;
+}
+
+macro_rules! impl_meta {
+    ($($ty:ty),+) => {$(
+        impl Meta for $ty {
+            fn namespace(&self) -> &str {
+                &self.namespace
+            }
+            fn name(&self) -> &str {
+                &self.name
+            }
+            fn labels(&self) -> &Labels {
+                &self.labels
+            }
+        }
+    )+};
+}
+impl_meta!(Endpoint, Grant, NetworkPolicy);
+
+impl<Vip> Meta for Service<Vip> {
+    fn namespace(&self) -> &str {
+        &self.namespace
+    }
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn labels(&self) -> &Labels {
+        &self.labels
+    }
+}
+
+/// A kind of object, as stored and served by the control service.
+pub trait Kind: Meta + Clone + PartialEq + fmt::Debug + Send + Sync + 'static {
+    const KIND: ObjectKind;
+    /// The control service's store table for it.
+    const TABLE: &'static str;
+    /// What RBAC grants on it.
+    const RESOURCE: Resource;
+    /// What an apply carries: the object itself, except that a Service may
+    /// leave its VIP to the control service.
+    type Spec: Meta + Clone + PartialEq + fmt::Debug + Serialize + Send + 'static;
+    /// What the API calls it.
+    type Wire: prost::Message + Default;
+
+    /// The object as an apply would carry it again.
+    fn to_spec(&self) -> Self::Spec;
+    fn to_wire(&self) -> Self::Wire;
+    /// A stored or served message back into the object (the store holds
+    /// only what was validated on the way in; a message that is not valid
+    /// now is corrupt, or from a newer version).
+    fn from_wire(wire: Self::Wire) -> Result<Self, ObjectError>;
+    /// The API's `Object` around the message.
+    fn wrap(wire: Self::Wire) -> v1::Object;
+}
+
+/// Generic code over every kind: see [`ObjectKind::visit`].
+pub trait KindVisitor {
+    type Output;
+    fn visit<K: Kind>(self) -> Self::Output;
+}
+
+/// Generic code over an object of any kind: see [`Object::visit`].
+pub trait SpecVisitor {
+    type Output;
+    fn visit<K: Kind>(self, spec: K::Spec) -> Self::Output;
+}
+
+/// Registers the kinds: `Name: Type` makes `ObjectKind::Name`,
+/// `Object::Name(<Type as Kind>::Spec)` and the API's
+/// `v1::object::Kind::Name` / `v1::Kind::Name` correspond.
+macro_rules! kinds {
+    ($($name:ident: $ty:ty),+ $(,)?) => {
+        /// The kinds of object a manifest can hold.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+        pub enum ObjectKind {
+            $($name),+
+        }
+
+        impl ObjectKind {
+            pub const ALL: &'static [Self] = &[$(Self::$name),+];
+
+            /// The manifest spelling (`kind: Service`); case-sensitive, as in Kubernetes.
+            pub const fn as_str(self) -> &'static str {
+                match self {
+                    $(Self::$name => stringify!($name)),+
+                }
+            }
+
+            /// Runs `visitor` with this kind's type.
+            pub fn visit<V: KindVisitor>(self, visitor: V) -> V::Output {
+                match self {
+                    $(Self::$name => visitor.visit::<$ty>()),+
+                }
+            }
+        }
+
+        /// One document of a control-mode manifest, or one object of an API call.
+        #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+        #[serde(tag = "kind")]
+        pub enum Object {
+            $($name(<$ty as Kind>::Spec)),+
+        }
+
+        impl Object {
+            pub fn kind(&self) -> ObjectKind {
+                match self {
+                    $(Self::$name(_) => ObjectKind::$name),+
+                }
+            }
+
+            fn meta(&self) -> &dyn Meta {
+                match self {
+                    $(Self::$name(spec) => spec),+
+                }
+            }
+
+            /// Runs `visitor` with the object, typed.
+            pub fn visit<V: SpecVisitor>(self, visitor: V) -> V::Output {
+                match self {
+                    $(Self::$name(spec) => visitor.visit::<$ty>(spec)),+
+                }
+            }
+        }
+
+        impl From<ObjectKind> for v1::Kind {
+            fn from(kind: ObjectKind) -> Self {
+                match kind {
+                    $(ObjectKind::$name => Self::$name),+
+                }
+            }
+        }
+
+        /// `None` for the kinds that are not objects one applies (Node) and for Unspecified.
+        pub fn kind_from_proto(kind: v1::Kind) -> Option<ObjectKind> {
+            match kind {
+                $(v1::Kind::$name => Some(ObjectKind::$name),)+
+                _ => None,
+            }
+        }
+
+        impl From<&Object> for v1::Object {
+            fn from(object: &Object) -> Self {
+                let kind = match object {
+                    $(Object::$name(spec) => v1::object::Kind::$name(spec.into())),+
+                };
+                Self { kind: Some(kind) }
+            }
+        }
+
+        /// Validates as a manifest would (see [`crate::wire`]).
+        impl TryFrom<v1::Object> for Object {
+            type Error = ObjectError;
+
+            fn try_from(object: v1::Object) -> Result<Self, ObjectError> {
+                match object.kind {
+                    $(Some(v1::object::Kind::$name(message)) => Ok(Self::$name(message.try_into()?)),)+
+                    Some(v1::object::Kind::Node(node)) => Err(ObjectError::NodeNotApplicable {
+                        name: node.meta.map(|m| m.name).unwrap_or_default(),
+                    }),
+                    None => Err(ObjectError::NoKind),
+                }
+            }
+        }
+    };
+}
+
+kinds! {
+    Service: Service,
+    Endpoint: Endpoint,
+    Grant: Grant,
+    NetworkPolicy: NetworkPolicy,
+}
+
+impl ObjectKind {
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.iter().copied().find(|kind| kind.as_str() == name)
+    }
+}
+
+impl fmt::Display for ObjectKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Object {
+    pub fn namespace(&self) -> &str {
+        self.meta().namespace()
+    }
+
+    pub fn name(&self) -> &str {
+        self.meta().name()
+    }
+
+    pub fn labels(&self) -> &Labels {
+        self.meta().labels()
+    }
+
+    pub fn object_ref(&self) -> ObjectRef {
+        ObjectRef {
+            kind: self.kind(),
+            namespace: self.namespace().to_owned(),
+            name: self.name().to_owned(),
+        }
+    }
+}
+
+/// Names one object; displays as `Service "shop/web"`, as every error message does.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ObjectRef {
+    pub kind: ObjectKind,
+    pub namespace: String,
+    pub name: String,
+}
+
+impl ObjectRef {
+    pub fn of<K: Kind>(object: &K) -> Self {
+        Self {
+            kind: K::KIND,
+            namespace: object.namespace().to_owned(),
+            name: object.name().to_owned(),
+        }
+    }
+}
+
+impl fmt::Display for ObjectRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let Self {
+            kind,
+            namespace,
+            name,
+        } = self;
+        // Debug-quoted: an object rejected for its name may hold any characters.
+        write!(f, "{kind} {:?}", format!("{namespace}/{name}"))
+    }
+}
+
+/// An object with the store revision that last changed it (its resource
+/// version), as the control service keeps and serves it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Versioned<T> {
+    pub object: T,
+    pub version: u64,
+}
