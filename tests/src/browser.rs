@@ -185,8 +185,12 @@ impl<'ns> Browser<'ns> {
         fut: impl Future<Output = T> + Send,
     ) -> Option<T> {
         let runtime = &self.runtime;
-        self.ns
-            .enter(|| runtime.block_on(tokio::time::timeout(timeout, fut)).ok())
+        // The timer is made inside `block_on`: it needs the runtime's context.
+        self.ns.enter(|| {
+            runtime
+                .block_on(async { tokio::time::timeout(timeout, fut).await })
+                .ok()
+        })
     }
 
     fn client(&self) -> &Client {
