@@ -1,14 +1,19 @@
 //! A real headless Chromium inside a test's namespace, driven through
-//! chromedriver's W3C WebDriver HTTP API with a tiny client on std's
-//! `TcpStream` (a few endpoints: session, url, execute, screenshot).
+//! chromedriver's W3C WebDriver API with the `fantoccini` client.
 //!
 //! chromedriver runs in the namespace (`ip netns exec`) and starts Chromium
-//! there, so the browser reaches only that namespace's addresses; the test
-//! talks to chromedriver on the namespace's loopback through sockets made
-//! inside it. Chromium gets a fresh profile directory and the flags that keep
-//! an offline machine quiet (no QUIC, sync, component updates or background
-//! networking). Certificates: one public key is trusted by its SPKI hash
+//! there, so the browser reaches only that namespace's addresses. The test
+//! talks to chromedriver on the namespace's loopback: the WebDriver client
+//! runs on a single-threaded tokio runtime that is only ever driven from a
+//! thread inside the namespace ([`Netns::enter`]), so every socket it opens
+//! (and every blocking-pool thread it starts) belongs to the namespace.
+//! Chromium gets a fresh profile directory and the flags that keep an offline
+//! machine quiet (no QUIC, sync, component updates or background networking).
+//! Certificates: one public key is trusted by its SPKI hash
 //! (`--ignore-certificate-errors-spki-list`), not every certificate.
+//!
+//! The test is synchronous; each call blocks on the runtime, bounded by
+//! [`CALL_TIMEOUT`].
 //!
 //! Requires Debian's `chromium` and `chromium-driver` (`cargo xtask
 //! bootstrap` installs them). Dropping the [`Browser`] ends the session,
@@ -16,7 +21,7 @@
 //! profile.
 
 use std::{
-    io::{Read, Write},
+    future::Future,
     net::{Ipv4Addr, SocketAddr, TcpStream},
     os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
@@ -25,6 +30,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use fantoccini::{Client, ClientBuilder, error::CmdError, wd::Capabilities};
+use hyper_util::client::legacy::connect::HttpConnector;
 use serde_json::{Value, json};
 
 use crate::{command, netns::Netns, scratch::ScratchDir};
@@ -39,6 +46,8 @@ const DRIVER_PORT: u16 = 9515;
 const DRIVER_READY: Duration = Duration::from_secs(20);
 /// Bound on one WebDriver call (starting Chromium is the slowest).
 const CALL_TIMEOUT: Duration = Duration::from_secs(60);
+/// Bound on ending the session when the browser is dropped.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
 
 fn binary(env: &str, default: &str) -> PathBuf {
     std::env::var_os(env).map_or_else(|| PathBuf::from(default), PathBuf::from)
@@ -54,16 +63,10 @@ pub fn available() -> bool {
 #[derive(Debug)]
 pub struct Browser<'ns> {
     ns: &'ns Netns,
+    runtime: tokio::runtime::Runtime,
+    client: Option<Client>,
     driver: Option<Child>,
-    session: Option<String>,
     scratch: ScratchDir,
-}
-
-/// What a WebDriver call answered: the HTTP status and the `value`.
-#[derive(Debug)]
-pub struct Answer {
-    pub status: u16,
-    pub value: Value,
 }
 
 impl<'ns> Browser<'ns> {
@@ -83,10 +86,17 @@ impl<'ns> Browser<'ns> {
         // Chromium process it started, by that group's id.
         cmd.process_group(0).stdin(Stdio::null());
         let driver = command::spawn_logged(&mut cmd, &scratch.join("chromedriver.out"));
+        // Current-thread: its tasks run only on the thread that blocks on it,
+        // which is always one inside the namespace (see `run`).
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap_or_else(|e| panic!("building the WebDriver client's runtime: {e}"));
         let mut browser = Browser {
             ns,
+            runtime,
+            client: None,
             driver: Some(driver),
-            session: None,
             scratch,
         };
         browser.wait_driver();
@@ -107,40 +117,47 @@ impl<'ns> Browser<'ns> {
             format!("--user-data-dir={}", profile.display()),
             format!("--ignore-certificate-errors-spki-list={spki_pin}"),
         ];
-        let answer = browser.call(
-            "POST",
-            "/session",
-            Some(json!({
-                "capabilities": { "alwaysMatch": {
-                    "browserName": "chrome",
-                    "acceptInsecureCerts": false,
-                    "goog:chromeOptions": {
-                        "binary": binary(CHROMIUM_ENV, "/usr/bin/chromium"),
-                        "args": args,
-                    },
-                }}
-            })),
+        let mut capabilities = Capabilities::new();
+        capabilities.insert("browserName".into(), json!("chrome"));
+        capabilities.insert("acceptInsecureCerts".into(), json!(false));
+        capabilities.insert(
+            "goog:chromeOptions".into(),
+            json!({
+                "binary": binary(CHROMIUM_ENV, "/usr/bin/chromium"),
+                "args": args,
+            }),
         );
-        let id = answer.value["sessionId"]
-            .as_str()
-            .unwrap_or_else(|| {
-                panic!(
-                    "chromedriver did not start a session ({}): {}\n{}",
-                    answer.status,
-                    answer.value,
-                    command::read_log(&log)
-                )
-            })
-            .to_owned();
-        browser.session = Some(id);
+        let url = format!("http://{}", driver_addr());
+        let connected = browser.block_on(CALL_TIMEOUT, async {
+            ClientBuilder::new(HttpConnector::new())
+                .capabilities(capabilities)
+                .connect(&url)
+                .await
+        });
+        match connected {
+            Some(Ok(client)) => browser.client = Some(client),
+            Some(Err(e)) => panic!(
+                "chromedriver did not start a session: {e}\n{}",
+                command::read_log(&log)
+            ),
+            None => panic!(
+                "chromedriver did not start a session within {CALL_TIMEOUT:?}\n{}",
+                command::read_log(&log)
+            ),
+        }
         browser
     }
 
+    /// Waits until chromedriver accepts connections on the namespace's
+    /// loopback (it listens once it is ready).
     fn wait_driver(&mut self) {
         let deadline = Instant::now() + DRIVER_READY;
         loop {
-            if let Ok(a) = self.try_call("GET", "/status", None, Duration::from_secs(2))
-                && a.value["ready"] == json!(true)
+            let addr = driver_addr();
+            if self
+                .ns
+                .enter(|| TcpStream::connect_timeout(&addr, Duration::from_secs(2)))
+                .is_ok()
             {
                 return;
             }
@@ -160,78 +177,65 @@ impl<'ns> Browser<'ns> {
         }
     }
 
-    fn session_path(&self, rest: &str) -> String {
-        let id = self.session.as_deref().unwrap_or("none");
-        format!("/session/{id}{rest}")
-    }
-
-    /// One WebDriver call; panics if chromedriver cannot be reached.
-    pub fn call(&self, method: &str, path: &str, body: Option<Value>) -> Answer {
-        self.try_call(method, path, body, CALL_TIMEOUT)
-            .unwrap_or_else(|e| panic!("WebDriver {method} {path}: {e}"))
-    }
-
-    fn try_call(
+    /// Drives `fut` to its end on the runtime, from a thread inside the
+    /// namespace, for at most `timeout`; `None` when it took longer.
+    fn block_on<T: Send>(
         &self,
-        method: &str,
-        path: &str,
-        body: Option<Value>,
         timeout: Duration,
-    ) -> std::io::Result<Answer> {
-        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, DRIVER_PORT));
-        // Made inside the namespace: the socket stays there.
-        let mut stream = self
-            .ns
-            .enter(|| TcpStream::connect_timeout(&addr, Duration::from_secs(2)))?;
-        stream.set_read_timeout(Some(timeout))?;
-        stream.set_write_timeout(Some(timeout))?;
-        let body = body.map(|b| b.to_string()).unwrap_or_default();
-        let request = format!(
-            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{DRIVER_PORT}\r\n\
-             Content-Type: application/json; charset=utf-8\r\nContent-Length: {}\r\n\
-             Connection: close\r\n\r\n{body}",
-            body.len()
-        );
-        stream.write_all(request.as_bytes())?;
-        let (status, payload) = read_answer(&mut stream)?;
-        let parsed: Value = serde_json::from_str(&payload).unwrap_or(Value::Null);
-        Ok(Answer {
-            status,
-            value: parsed.get("value").cloned().unwrap_or(parsed),
+        fut: impl Future<Output = T> + Send,
+    ) -> Option<T> {
+        let runtime = &self.runtime;
+        // The timer is made inside `block_on`: it needs the runtime's context.
+        self.ns.enter(|| {
+            runtime
+                .block_on(async { tokio::time::timeout(timeout, fut).await })
+                .ok()
         })
+    }
+
+    fn client(&self) -> &Client {
+        self.client
+            .as_ref()
+            .unwrap_or_else(|| panic!("the browser session is not open"))
+    }
+
+    /// One WebDriver call; panics, saying `what` it was, if it fails or
+    /// takes longer than [`CALL_TIMEOUT`].
+    fn run<T: Send>(
+        &self,
+        what: &dyn std::fmt::Display,
+        call: impl Future<Output = Result<T, CmdError>> + Send,
+    ) -> T {
+        match self.block_on(CALL_TIMEOUT, call) {
+            Some(Ok(v)) => v,
+            Some(Err(e)) => panic!("{what}: {e}"),
+            None => panic!("{what}: no answer within {CALL_TIMEOUT:?}"),
+        }
     }
 
     /// Opens `url` (waits for the page's load event).
     pub fn goto(&self, url: &str) {
-        let a = self.call(
-            "POST",
-            &self.session_path("/url"),
-            Some(json!({ "url": url })),
+        self.run(
+            &format_args!("navigating to {url}"),
+            self.client().goto(url),
         );
-        assert_eq!(a.status, 200, "navigating to {url}: {}", a.value);
     }
 
     /// Runs `script` (a function body; `return` gives the result) in the page.
     pub fn eval(&self, script: &str) -> Value {
-        let a = self.call(
-            "POST",
-            &self.session_path("/execute/sync"),
-            Some(json!({ "script": script, "args": [] })),
-        );
-        assert_eq!(a.status, 200, "script {script:?}: {}", a.value);
-        a.value
+        self.run(
+            &format_args!("script {script:?}"),
+            self.client().execute(script, Vec::new()),
+        )
     }
 
     /// Runs `script` with a callback as its last argument
     /// (`arguments[arguments.length - 1]`), and returns what it was called with.
     pub fn eval_async(&self, script: &str) -> Value {
-        let a = self.call(
-            "POST",
-            &self.session_path("/execute/async"),
-            Some(json!({ "script": script, "args": [] })),
-        );
-        assert_eq!(a.status, 200, "async script {script:?}: {}", a.value);
-        a.value
+        self.run(
+            &format_args!("async script {script:?}"),
+            self.client().execute_async(script, Vec::new()),
+        )
     }
 
     /// Evaluates `script` until `done` accepts its value, at most `timeout`;
@@ -259,12 +263,7 @@ impl<'ns> Browser<'ns> {
 
     /// Saves a PNG screenshot of the window to `path`.
     pub fn screenshot(&self, path: &Path) {
-        let a = self.call("GET", &self.session_path("/screenshot"), None);
-        let encoded = a
-            .value
-            .as_str()
-            .unwrap_or_else(|| panic!("screenshot: {}", a.value));
-        let png = base64_decode(encoded).unwrap_or_else(|| panic!("screenshot: not base64"));
+        let png = self.run(&"screenshot", self.client().screenshot());
         if let Some(dir) = path.parent() {
             let _ = std::fs::create_dir_all(dir);
         }
@@ -272,12 +271,17 @@ impl<'ns> Browser<'ns> {
     }
 }
 
+fn driver_addr() -> SocketAddr {
+    SocketAddr::from((Ipv4Addr::LOCALHOST, DRIVER_PORT))
+}
+
 impl Drop for Browser<'_> {
     fn drop(&mut self) {
-        if self.session.is_some() {
-            let path = self.session_path("");
-            if let Err(e) = self.try_call("DELETE", &path, None, Duration::from_secs(10)) {
-                eprintln!("ending the browser session: {e}");
+        if let Some(client) = self.client.take() {
+            match self.block_on(CLOSE_TIMEOUT, client.close()) {
+                Some(Ok(())) => {}
+                Some(Err(e)) => eprintln!("ending the browser session: {e}"),
+                None => eprintln!("ending the browser session: no answer within {CLOSE_TIMEOUT:?}"),
             }
         }
         if let Some(mut child) = self.driver.take() {
@@ -290,110 +294,5 @@ impl Drop for Browser<'_> {
             let _ = child.kill();
             let _ = child.wait();
         }
-    }
-}
-
-/// Reads one HTTP/1.1 answer: status and body. chromedriver keeps the
-/// connection open despite `Connection: close`, so the body is read by its
-/// length (or its chunks), never to the end of the stream.
-fn read_answer(stream: &mut TcpStream) -> std::io::Result<(u16, String)> {
-    let mut raw = Vec::new();
-    let mut buf = [0u8; 16 * 1024];
-    let complete = |raw: &[u8]| -> Option<(u16, String)> {
-        let text = String::from_utf8_lossy(raw);
-        let (head, body) = text.split_once("\r\n\r\n")?;
-        let status = head.split_whitespace().nth(1)?.parse().ok()?;
-        let lower = head.to_ascii_lowercase();
-        let length = lower.lines().find_map(|l| {
-            l.strip_prefix("content-length:")
-                .and_then(|v| v.trim().parse::<usize>().ok())
-        });
-        match length {
-            Some(n) if body.len() >= n => Some((status, body[..n].to_owned())),
-            Some(_) => None,
-            None if lower.contains("transfer-encoding: chunked") => body
-                .contains("\r\n0\r\n\r\n")
-                .then(|| (status, dechunk(body))),
-            None => None,
-        }
-    };
-    loop {
-        let n = stream.read(&mut buf)?;
-        if n == 0 {
-            // Closed: whatever came is the answer.
-            let text = String::from_utf8_lossy(&raw).into_owned();
-            let (head, body) = text
-                .split_once("\r\n\r\n")
-                .ok_or_else(|| std::io::Error::other(format!("no HTTP answer: {text}")))?;
-            let status = head
-                .split_whitespace()
-                .nth(1)
-                .and_then(|s| s.parse().ok())
-                .ok_or_else(|| std::io::Error::other(format!("bad status line: {head}")))?;
-            return Ok((status, body.to_owned()));
-        }
-        raw.extend_from_slice(&buf[..n]);
-        if let Some(answer) = complete(&raw) {
-            return Ok(answer);
-        }
-    }
-}
-
-/// An HTTP/1.1 chunked body, decoded.
-fn dechunk(body: &str) -> String {
-    let mut out = String::new();
-    let mut rest = body;
-    while let Some((size, after)) = rest.split_once("\r\n") {
-        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
-            break;
-        };
-        if n == 0 || after.len() < n {
-            break;
-        }
-        out.push_str(&after[..n]);
-        rest = after[n..].trim_start_matches("\r\n");
-    }
-    out
-}
-
-/// Standard base64 (screenshots), without a dependency for it.
-fn base64_decode(text: &str) -> Option<Vec<u8>> {
-    let value = |c: u8| -> Option<u32> {
-        Some(match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'+' => 62,
-            b'/' => 63,
-            _ => return None,
-        } as u32)
-    };
-    let clean: Vec<u8> = text
-        .bytes()
-        .filter(|c| !c.is_ascii_whitespace() && *c != b'=')
-        .collect();
-    let mut out = Vec::with_capacity(clean.len() * 3 / 4);
-    for chunk in clean.chunks(4) {
-        let mut acc = 0u32;
-        for (i, &c) in chunk.iter().enumerate() {
-            acc |= value(c)? << (18 - 6 * i);
-        }
-        let bytes = acc.to_be_bytes();
-        out.extend_from_slice(&bytes[1..chunk.len().max(1)]);
-    }
-    Some(out)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn base64_and_chunks_decode() {
-        assert_eq!(base64_decode("aGVsbG8="), Some(b"hello".to_vec()));
-        assert_eq!(base64_decode("aGVsbG8h"), Some(b"hello!".to_vec()));
-        assert_eq!(base64_decode("aGk="), Some(b"hi".to_vec()));
-        assert_eq!(base64_decode("a$"), None);
-        assert_eq!(dechunk("5\r\nhello\r\n1\r\n!\r\n0\r\n\r\n"), "hello!");
     }
 }

@@ -1,5 +1,13 @@
 //! Durations as admins type them (`30s`, `10m`, `2h`, `365d`, `1h30m`) and as
 //! tables show them (`95s`, `45m`, `23h`, `364d`).
+//!
+//! Hand-written rather than `humantime::parse_duration` (2.4.0, tried): it
+//! parses the same compact forms, but also accepts what the CLI refuses and
+//! its tests assert as malformed — `1.5h` (5400 s), `10 m` (600 s), and more
+//! units than ours (`500ms`, `1w`, `1M` as 30.44 days, `2y`), so a typo like
+//! `1M` for a minute would silently mean a month; `0s` is `Ok(0)` and its
+//! messages differ (`time unit needed, for example 10sec or 10ms`). Fencing
+//! all of that in front of it would take more code than this parser.
 
 use std::time::Duration;
 

@@ -38,7 +38,10 @@ use axum::{
     body::Body,
     extract::State,
     http::{HeaderMap, HeaderValue, StatusCode, header},
-    response::Response,
+    response::{
+        IntoResponse as _, Response,
+        sse::{Event, KeepAlive, Sse},
+    },
     routing::get,
 };
 use sluice_api::v1;
@@ -240,10 +243,16 @@ fn router(control: Arc<Control>) -> Router {
 fn response(status: StatusCode, content_type: &str, body: Body) -> Response {
     let mut r = Response::new(body);
     *r.status_mut() = status;
-    let h = r.headers_mut();
     if let Ok(v) = HeaderValue::from_str(content_type) {
-        h.insert(header::CONTENT_TYPE, v);
+        r.headers_mut().insert(header::CONTENT_TYPE, v);
     }
+    with_headers(r)
+}
+
+/// Adds the headers of [`response`] to `r` (replacing axum's own
+/// `Cache-Control` on a stream).
+fn with_headers(mut r: Response) -> Response {
+    let h = r.headers_mut();
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     h.insert(
         header::X_CONTENT_TYPE_OPTIONS,
@@ -390,9 +399,10 @@ async fn snapshot(State(control): State<Arc<Control>>, headers: HeaderMap) -> Re
     }
 }
 
-/// A server-sent event.
-fn sse(event: &str, data: &str) -> String {
-    format!("event: {event}\ndata: {data}\n\n")
+/// A server-sent event: `event: NAME` and one `data:` line (JSON has no
+/// line breaks), the shape the page parses.
+fn sse(event: &str, data: &str) -> Event {
+    Event::default().event(event).data(data)
 }
 
 async fn events(State(control): State<Arc<Control>>, headers: HeaderMap) -> Response {
@@ -412,16 +422,16 @@ async fn events(State(control): State<Arc<Control>>, headers: HeaderMap) -> Resp
             &format!("too many live dashboards are open ({MAX_STREAMS}); close some and reload"),
         );
     };
-    let (tx, rx) = mpsc::channel::<Result<String, Infallible>>(2);
+    let (tx, rx) = mpsc::channel::<Result<Event, Infallible>>(2);
     tokio::spawn(async move {
         let _slot = slot;
         stream_events(control, token, tx).await;
     });
-    let mut r = response(
-        StatusCode::OK,
-        "text/event-stream",
-        Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx)),
-    );
+    // The keep-alive comment (`:`) only goes out if no event did for 15 s,
+    // which a healthy stream never lets happen; the page skips it.
+    let sse =
+        Sse::new(tokio_stream::wrappers::ReceiverStream::new(rx)).keep_alive(KeepAlive::default());
+    let mut r = with_headers(sse.into_response());
     // Proxies must not hold the stream back.
     r.headers_mut()
         .insert("x-accel-buffering", HeaderValue::from_static("no"));
@@ -434,7 +444,7 @@ async fn events(State(control): State<Arc<Control>>, headers: HeaderMap) -> Resp
 async fn stream_events(
     control: Arc<Control>,
     token: String,
-    tx: mpsc::Sender<Result<String, Infallible>>,
+    tx: mpsc::Sender<Result<Event, Infallible>>,
 ) {
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -523,5 +533,74 @@ mod tests {
             HeaderValue::from_static("bearer  abc "),
         );
         assert_eq!(bearer(&headers).as_deref(), Some("abc"));
+    }
+
+    #[tokio::test]
+    async fn an_event_is_written_in_the_shape_the_page_parses() {
+        let events = tokio_stream::iter([Ok::<_, Infallible>(sse("snapshot", "{\"a\":1}"))]);
+        let body = Sse::new(events).into_response().into_body();
+        let bytes = axum::body::to_bytes(body, 1 << 16).await.expect("body");
+        assert_eq!(&bytes[..], b"event: snapshot\ndata: {\"a\":1}\n\n");
+    }
+
+    #[tokio::test]
+    async fn a_live_stream_has_the_pages_headers_and_ends_when_its_token_expires() {
+        use tokio_stream::StreamExt as _;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let control = Control::open_for_tests(dir.path());
+        let admin = Caller {
+            name: "root".into(),
+            groups: vec![crate::rbac::ADMIN_GROUP.into()],
+        };
+        let issued = control
+            .dashboard
+            .tokens
+            .issue(admin, Duration::from_secs(2))
+            .expect("issue");
+        let mut headers = HeaderMap::new();
+        let bearer = HeaderValue::from_str(&format!("Bearer {}", issued.token)).expect("header");
+        headers.insert(header::AUTHORIZATION, bearer);
+        let r = events(State(control.clone()), headers).await;
+        assert_eq!(r.status(), StatusCode::OK);
+        let h = r.headers();
+        assert_eq!(h[header::CONTENT_TYPE], "text/event-stream");
+        assert_eq!(h[header::CACHE_CONTROL], "no-store");
+        assert_eq!(h[header::CONTENT_SECURITY_POLICY], CSP);
+        assert_eq!(h[header::X_CONTENT_TYPE_OPTIONS], "nosniff");
+        assert_eq!(h[header::REFERRER_POLICY], "no-referrer");
+        assert_eq!(h[header::X_FRAME_OPTIONS], "DENY");
+        assert_eq!(h["x-accel-buffering"], "no");
+        assert_eq!(control.dashboard.streams.load(Ordering::SeqCst), 1);
+
+        let mut body = r.into_body().into_data_stream();
+        let mut blocks = Vec::new();
+        let read = async {
+            while let Some(chunk) = body.next().await {
+                blocks.push(String::from_utf8(chunk.expect("chunk").to_vec()).expect("UTF-8"));
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), read)
+            .await
+            .expect("the stream ends once the token expired");
+        let (last, snapshots) = blocks.split_last().expect("some events");
+        assert!(snapshots.len() >= 2, "a snapshot a second: {blocks:?}");
+        for block in snapshots {
+            assert!(block.starts_with("event: snapshot\ndata: {"), "{block}");
+            assert!(block.ends_with("}\n\n") && block.matches('\n').count() == 3);
+        }
+        let refused = last
+            .strip_prefix("event: refused\ndata: ")
+            .and_then(|b| b.strip_suffix("\n\n"))
+            .unwrap_or_else(|| panic!("{last:?}"));
+        let refused: serde_json::Value = serde_json::from_str(refused).expect("JSON");
+        assert_eq!(refused["status"], 401);
+        assert!(
+            refused["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("expired"))
+        );
+        // The stream's task ended and gave its slot back.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(control.dashboard.streams.load(Ordering::SeqCst), 0);
     }
 }
