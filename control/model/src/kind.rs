@@ -64,7 +64,7 @@ impl<Vip> Meta for Service<Vip> {
 }
 
 /// A kind of object, as stored and served by the control service.
-pub trait Kind: Meta + Clone + PartialEq + fmt::Debug + Send + Sync + 'static {
+pub trait Kind: Meta + TableOf + Clone + PartialEq + fmt::Debug + Send + Sync + 'static {
     const KIND: ObjectKind;
     /// The control service's store table for it.
     const TABLE: &'static str;
@@ -99,11 +99,44 @@ pub trait SpecVisitor {
     fn visit<K: Kind>(self, spec: K::Spec) -> Self::Output;
 }
 
-/// Registers the kinds: `Name: Type` makes `ObjectKind::Name`,
-/// `Object::Name(<Type as Kind>::Spec)` and the API's
-/// `v1::object::Kind::Name` / `v1::Kind::Name` correspond.
+/// Objects of one kind, by (namespace, name).
+pub type Table<K> = BTreeMap<(String, String), Versioned<K>>;
+
+/// Where a kind's table is in [`Objects`] (implemented by [`kinds!`]).
+pub trait TableOf: Sized {
+    fn table(objects: &Objects) -> &Table<Self>;
+    fn table_mut(objects: &mut Objects) -> &mut Table<Self>;
+}
+
+/// Registers the kinds: `Name(field): Type` makes `ObjectKind::Name`,
+/// `Object::Name(<Type as Kind>::Spec)`, the table `field` of [`Objects`],
+/// and the API's `v1::object::Kind::Name` / `v1::Kind::Name` correspond.
 macro_rules! kinds {
-    ($($name:ident: $ty:ty),+ $(,)?) => {
+    ($($name:ident($field:ident): $ty:ty),+ $(,)?) => {
+        /// Every object of every kind, as the control service holds them.
+        #[derive(Clone, Debug, Default, PartialEq)]
+        pub struct Objects {
+            $($field: Table<$ty>),+
+        }
+
+        impl Objects {
+            /// How many objects of `kind` there are.
+            pub fn count(&self, kind: ObjectKind) -> usize {
+                match kind {
+                    $(ObjectKind::$name => self.$field.len()),+
+                }
+            }
+        }
+
+        $(impl TableOf for $ty {
+            fn table(objects: &Objects) -> &Table<Self> {
+                &objects.$field
+            }
+            fn table_mut(objects: &mut Objects) -> &mut Table<Self> {
+                &mut objects.$field
+            }
+        })+
+
         /// The kinds of object a manifest can hold.
         #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
         pub enum ObjectKind {
@@ -199,10 +232,42 @@ macro_rules! kinds {
 }
 
 kinds! {
-    Service: Service,
-    Endpoint: Endpoint,
-    Grant: Grant,
-    NetworkPolicy: NetworkPolicy,
+    Service(services): Service,
+    Endpoint(endpoints): Endpoint,
+    Grant(grants): Grant,
+    NetworkPolicy(policies): NetworkPolicy,
+}
+
+impl Objects {
+    pub fn table<K: Kind>(&self) -> &Table<K> {
+        K::table(self)
+    }
+
+    pub fn table_mut<K: Kind>(&mut self) -> &mut Table<K> {
+        K::table_mut(self)
+    }
+
+    pub fn get<K: Kind>(&self, namespace: &str, name: &str) -> Option<&Versioned<K>> {
+        self.table::<K>()
+            .get(&(namespace.to_owned(), name.to_owned()))
+    }
+
+    /// Every object of kind `K`, in (namespace, name) order.
+    pub fn all<K: Kind>(&self) -> impl Iterator<Item = &K> {
+        self.table::<K>().values().map(|v| &v.object)
+    }
+
+    /// Stores `object` at `version`, replacing any of the same name.
+    pub fn insert<K: Kind>(&mut self, object: K, version: u64) {
+        let key = (object.namespace().to_owned(), object.name().to_owned());
+        self.table_mut::<K>()
+            .insert(key, Versioned { object, version });
+    }
+
+    pub fn remove<K: Kind>(&mut self, namespace: &str, name: &str) -> Option<Versioned<K>> {
+        self.table_mut::<K>()
+            .remove(&(namespace.to_owned(), name.to_owned()))
+    }
 }
 
 impl ObjectKind {

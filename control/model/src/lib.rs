@@ -5,9 +5,12 @@
 //! | module | what |
 //! |---|---|
 //! | [`kind`] | the kinds of object, registered once; [`Object`], [`ObjectRef`], [`Versioned`] |
-//! | [`service`], [`endpoint`], [`grant`], [`policy`] | the objects, validated, defaults applied |
+//! | [`service`], [`endpoint`], [`grant`], [`policy`], [`node`] | the objects, validated, defaults applied |
 //! | [`traffic`] | a service's health check, draining, rollout, affinity; `rollout_weights` |
 //! | [`rules`] | the value rules, one implementation each, shared by manifests and API messages |
+//! | [`view`] | what a node programs: frontends computed from services and endpoints, diffs, updates |
+//! | [`policy::compile`] | network policies compiled into identities, rules and counter slots |
+//! | [`observe`] | what nodes report: flow log, counters, policy verdict counts, probe verdicts |
 //! | [`manifest`] | YAML manifests: standalone (a list of services) and control (any object) |
 //! | [`wire`] | conversions to and from the API's messages, used only at the edges |
 
@@ -15,15 +18,21 @@ pub mod endpoint;
 pub mod grant;
 pub mod kind;
 pub mod manifest;
+pub mod node;
+pub mod observe;
 pub mod policy;
 pub mod rules;
 pub mod service;
 pub mod traffic;
+pub mod view;
 pub mod wire;
 
 pub use endpoint::{Endpoint, VERSION_LABEL};
 pub use grant::{Grant, Permission, Resource, Role, Scope, Subject, Verb};
-pub use kind::{DEFAULT_NAMESPACE, Kind, Labels, Meta, Object, ObjectKind, ObjectRef, Versioned};
+pub use kind::{
+    DEFAULT_NAMESPACE, Kind, Labels, Meta, Object, ObjectKind, ObjectRef, Objects, Versioned,
+};
+pub use node::Node;
 pub use policy::NetworkPolicy;
 pub use service::{Algorithm, BackendSpec, Protocol, Service, ServicePort, ServiceSpec};
 

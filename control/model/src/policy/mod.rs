@@ -22,8 +22,8 @@
 //! #                                 # when the policy has an egress field
 //! ```
 
-// pub mod compile;
-// pub mod compiled;
+pub mod compile;
+pub mod compiled;
 
 use ipnet::Ipv4Net;
 use serde::{Serialize, Serializer};

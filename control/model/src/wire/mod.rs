@@ -22,8 +22,10 @@
 //! the domain objects and is dropped here.
 
 mod grant;
+pub mod observe;
 mod policy;
 mod service;
+pub mod view;
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -34,7 +36,9 @@ use crate::kind::{DEFAULT_NAMESPACE, Labels, ObjectKind, ObjectRef};
 use crate::rules::{self, Problem};
 use crate::service::{Algorithm, Protocol};
 
+pub use observe::ReportError;
 pub use service::health_check_from_proto;
+pub use view::{ViewError, read_update};
 
 /// Why an API message is not a valid object.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
