@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use sluice_api::convert::ObjectError;
 use sluice_api::manifest::ManifestError;
-use sluice_api::pki::PkiError;
+use sluice_pki::PkiError;
 use tonic::Code;
 
 use crate::client_config::ConfigError;
