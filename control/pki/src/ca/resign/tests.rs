@@ -22,6 +22,20 @@ fn der_lengths_round_trip() {
             .collect();
         assert_eq!(orgs, vec![value.as_str()], "{len}");
     }
+    // The exact bytes: one RDN per attribute, values as UTF8String.
+    assert_eq!(
+        encode_subject("x", &["o"]),
+        [
+            &[0x30, 0x18][..],
+            &[
+                0x31, 0x0a, 0x30, 0x08, 0x06, 0x03, 0x55, 0x04, 0x03, 0x0c, 0x01, b'x'
+            ],
+            &[
+                0x31, 0x0a, 0x30, 0x08, 0x06, 0x03, 0x55, 0x04, 0x0a, 0x0c, 0x01, b'o'
+            ],
+        ]
+        .concat()
+    );
     // Truncated or indefinite input is refused, not misread.
     let key = KeyPair::generate().unwrap();
     for bad in [
