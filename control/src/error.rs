@@ -3,7 +3,9 @@
 
 use tonic::{Code, Status};
 
-use crate::{pki::PkiError, rbac::Denied, store::StoreError, vip::VipError};
+use sluice_pki::PkiError;
+
+use crate::{rbac::Denied, store::StoreError, vip::VipError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {

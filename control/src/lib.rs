@@ -9,14 +9,15 @@
 //! | [`rbac`] | who may do what (pure) |
 //! | [`vip`] | VIP allocation (pure) |
 //! | [`rates`] | live rates from the counters nodes report (dashboard, `sluicectl top`) |
-//! | [`pki`] | the cluster CA, certificates, join tokens, server TLS |
 //! | [`client_config`] | the admin config file `sluicectl` reads |
 //! | [`error`] | API errors and their gRPC status codes |
+//!
+//! The cluster CA, certificates, join tokens and the server TLS are the
+//! `sluice-pki` crate's (its `ca` feature).
 
 pub mod cli;
 pub mod client_config;
 pub mod error;
-pub mod pki;
 pub mod policy;
 pub mod rates;
 pub mod rbac;

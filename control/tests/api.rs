@@ -5,7 +5,6 @@
 use std::time::Duration;
 
 use sluice_api::{
-    pki::{mtls_channel, new_key_and_csr, pinned_join_channel},
     v1::{
         self, cluster_client::ClusterClient, node_agent_client::NodeAgentClient,
         resources_client::ResourcesClient,
@@ -13,10 +12,10 @@ use sluice_api::{
 };
 use sluice_control::{
     client_config::ClientConfig,
-    pki::ClusterCa,
     server::{Control, Options},
 };
 use sluice_model::manifest;
+use sluice_pki::{ClusterCa, mtls_channel, new_key_and_csr, pinned_join_channel};
 use tonic::{Code, transport::Channel};
 
 const T: Duration = Duration::from_secs(10);

@@ -10,7 +10,6 @@
 pub const MAX_MESSAGE_BYTES: usize = 256 * 1024 * 1024;
 
 pub mod metrics;
-pub mod pki;
 
 /// Generated from proto/sluice/v1.
 #[allow(clippy::all, missing_docs, reason = "generated code")]

@@ -5,9 +5,9 @@ use std::{future::Future, time::Duration};
 
 use sluice_api::{
     MAX_MESSAGE_BYTES,
-    pki::{self, Identity, KeyAndCsr},
     v1::{self, node_agent_client::NodeAgentClient},
 };
+use sluice_pki::{self as pki, Identity, KeyAndCsr};
 use tonic::{Response, Status, Streaming, transport::Channel};
 use tracing::info;
 

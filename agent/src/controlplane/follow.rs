@@ -11,7 +11,8 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use sluice_api::{pki, v1};
+use sluice_api::v1;
+use sluice_pki as pki;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 

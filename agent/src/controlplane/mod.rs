@@ -47,7 +47,7 @@ mod view;
 
 use std::path::PathBuf;
 
-use sluice_api::pki::{self, PkiError};
+use sluice_pki::{self as pki, PkiError};
 
 pub use client::{ControlClient, join};
 pub use follow::{
@@ -159,7 +159,7 @@ impl ControlError {
         )
     }
 
-    /// A connection failure from `sluice_api::pki` becomes [`ControlError::Transport`];
+    /// A connection failure from `sluice_pki` becomes [`ControlError::Transport`];
     /// any other PKI error stays what it is.
     fn connecting(op: &'static str) -> impl FnOnce(PkiError) -> ControlError {
         move |error| match error {

@@ -28,10 +28,8 @@ use std::{
 };
 
 use serde::{Deserialize, Serialize};
-use sluice_api::{
-    pki::{self, Identity},
-    v1,
-};
+use sluice_api::v1;
+use sluice_pki::{self as pki, Identity};
 
 use super::ControlError;
 

@@ -17,15 +17,12 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use sluice_api::{
-    pki::{self, Identity, PkiError},
-    v1::{self, cluster_client::ClusterClient, resources_client::ResourcesClient},
-};
+use sluice_api::v1::{self, cluster_client::ClusterClient, resources_client::ResourcesClient};
 use sluice_control::{
     client_config::ClientConfig,
-    pki::ClusterCa,
     server::{Control, Options},
 };
+use sluice_pki::{self as pki, ClusterCa, Identity, PkiError};
 use tokio::{runtime::Runtime, sync::mpsc};
 use tonic::{Code, transport::Channel};
 
@@ -789,7 +786,7 @@ async fn an_unknown_node_is_refused_at_the_watch() {
 /// The TLS alert that refuses the certificate is what tells the agent that
 /// retrying cannot help. TLS 1.3 sends it after the client has finished its
 /// side of the handshake; the connector waits for the server's verdict
-/// before the first request (`sluice_api::pki`), so that a request racing
+/// before the first request (`sluice_pki`), so that a request racing
 /// the alert ("broken pipe") cannot hide it.
 #[tokio::test]
 async fn a_certificate_from_another_ca_is_refused_with_an_explanation() {

@@ -7,7 +7,7 @@ use sluice_control::cli::{self, Cli};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    sluice_api::pki::install_crypto_provider();
+    sluice_pki::install_crypto_provider();
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -28,7 +28,7 @@ impl Client {
             certificate,
             key,
         } = config;
-        let channel = sluice_api::pki::mtls_channel(server, ca, certificate, key)
+        let channel = sluice_pki::mtls_channel(server, ca, certificate, key)
             .await
             .map_err(|source| CliError::Connect {
                 config: path.to_owned(),

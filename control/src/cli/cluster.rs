@@ -3,8 +3,8 @@
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
-use sluice_api::pki;
 use sluice_api::v1;
+use sluice_pki as pki;
 
 use super::Context;
 use super::args::Format;

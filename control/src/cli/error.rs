@@ -3,9 +3,9 @@
 use std::io;
 use std::path::PathBuf;
 
-use sluice_api::pki::PkiError;
 use sluice_model::manifest::ManifestError;
 use sluice_model::wire::ObjectError;
+use sluice_pki::PkiError;
 use tonic::Code;
 
 use crate::client_config::ConfigError;

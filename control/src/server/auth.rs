@@ -11,7 +11,7 @@ use tonic::Request;
 
 use super::Control;
 use crate::{error::ApiError, rbac::Caller};
-use sluice_api::pki::Identity;
+use sluice_pki::Identity;
 
 impl Control {
     fn identity<T>(&self, request: &Request<T>) -> Result<(Identity, String), ApiError> {

@@ -6,6 +6,7 @@ use std::{
 };
 
 use sluice_api::v1;
+use sluice_pki as pki;
 use tonic::{Request, Response, Status};
 
 use super::{
@@ -14,7 +15,6 @@ use super::{
 };
 use crate::{
     error::ApiError,
-    pki,
     rbac::{self, Caller, Resource, Verb},
     store::{Expect, kind},
 };
@@ -111,9 +111,9 @@ impl Control {
             None,
             &self.state().grants(),
         )?;
-        sluice_api::pki::validate_name("user", &req.name)?;
+        sluice_pki::validate_name("user", &req.name)?;
         for group in &req.groups {
-            sluice_api::pki::validate_group(group)?;
+            sluice_pki::validate_group(group)?;
         }
         let ttl = if req.ttl_seconds == 0 {
             self.options.user_cert_ttl
@@ -216,8 +216,8 @@ impl v1::cluster_server::Cluster for ClusterApi {
     ) -> Result<Response<v1::WhoAmIResponse>, Status> {
         let identity = self.0.authenticate_any(&request)?;
         let groups = match &identity {
-            sluice_api::pki::Identity::User { groups, .. } => groups.clone(),
-            sluice_api::pki::Identity::Node { .. } => Vec::new(),
+            sluice_pki::Identity::User { groups, .. } => groups.clone(),
+            sluice_pki::Identity::Node { .. } => Vec::new(),
         };
         Ok(Response::new(v1::WhoAmIResponse {
             kind: identity.kind().to_string(),

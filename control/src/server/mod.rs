@@ -29,13 +29,13 @@ use std::{
 };
 
 use sluice_api::{MAX_MESSAGE_BYTES, v1};
+use sluice_pki::{self as pki, ClusterCa};
 use tokio::sync::broadcast;
 use tracing::info;
 
 use crate::{
     client_config::ClientConfig,
     error::ApiError,
-    pki::{self, ClusterCa},
     rbac::ADMIN_GROUP,
     store::{Expect, Key, RedbStore, Store, StoreExt as _, kind},
     vip::VipPool,
@@ -117,7 +117,7 @@ impl Control {
     /// Opens (or creates) the data directory: the store, the CA, and on first
     /// start the first admin's credentials (`admin.conf`).
     pub fn open(options: Options) -> Result<Arc<Self>, StartError> {
-        sluice_api::pki::install_crypto_provider();
+        sluice_pki::install_crypto_provider();
         std::fs::create_dir_all(&options.data_dir).map_err(|source| StartError::DataDir {
             path: options.data_dir.clone(),
             source,
@@ -199,7 +199,7 @@ impl Control {
         if path.exists() {
             return Ok(());
         }
-        let key = sluice_api::pki::new_key_and_csr("admin")?;
+        let key = sluice_pki::new_key_and_csr("admin")?;
         let issued = self.ca.sign_user(
             &key.csr_pem,
             "admin",

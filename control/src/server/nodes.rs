@@ -7,6 +7,7 @@ use std::{
 };
 
 use sluice_api::v1;
+use sluice_pki as pki;
 use tokio::sync::{broadcast::error::RecvError, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
@@ -17,7 +18,6 @@ use super::{
 };
 use crate::{
     error::ApiError,
-    pki,
     store::{Expect, Key, kind},
     view,
 };
@@ -35,7 +35,7 @@ impl Control {
         let (id, _) = pki::parse_token(&req.token).map_err(|_| {
             token_error("malformed (expected <id>.<secret>, as `sluicectl token create` prints it)")
         })?;
-        sluice_api::pki::validate_name("node", &req.node_name)?;
+        sluice_pki::validate_name("node", &req.node_name)?;
         let (version, bytes) = self
             .read_raw(&Key::cluster(kind::TOKEN, &id))?
             .ok_or_else(|| token_error("unknown token"))?;

@@ -45,6 +45,7 @@ use axum::{
     routing::get,
 };
 use sluice_api::v1;
+use sluice_pki::PkiError;
 use tokio::{
     io::AsyncWriteExt as _,
     net::TcpListener,
@@ -54,7 +55,7 @@ use tracing::{debug, info};
 
 use super::Control;
 use crate::rates::Rates;
-use crate::{error::ApiError, pki::PkiError, rbac::Caller};
+use crate::{error::ApiError, rbac::Caller};
 use tokens::{IssueError, TokenRefused, Tokens};
 
 /// Where the dashboard listens unless told otherwise (`--dashboard-listen`).
@@ -484,11 +485,11 @@ async fn stream_events(
 /// The dashboard's TLS configuration: the API's certificate chain and key,
 /// HTTP/1.1, no client certificates.
 pub fn tls_config(
-    ca: &crate::pki::ClusterCa,
+    ca: &sluice_pki::ClusterCa,
     cert_pem: &str,
     key_pem: &str,
 ) -> Result<Arc<rustls::ServerConfig>, PkiError> {
-    use sluice_api::pki::{certs_from_pem, key_from_pem, ring_provider};
+    use sluice_pki::{certs_from_pem, key_from_pem, ring_provider};
     let mut chain = certs_from_pem(cert_pem)?;
     let ca_der = certs_from_pem(&ca.cert_pem())?;
     if chain.last() != ca_der.first() {

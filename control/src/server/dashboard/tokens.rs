@@ -94,7 +94,7 @@ impl Tokens {
         let mut secret = [0u8; 32];
         getrandom::fill(&mut secret).map_err(|e| {
             // getrandom's error is no std::error::Error without its "std"
-            // feature: carry the OS error (as crate::pki does).
+            // feature: carry the OS error (as sluice_pki does).
             IssueError::Random(e.raw_os_error().map_or_else(
                 || std::io::Error::other(e.to_string()),
                 std::io::Error::from_raw_os_error,
