@@ -5,7 +5,6 @@
 //! |---|---|
 //! | [`server`] | the gRPC services, the in-memory state, commits, watch streams |
 //! | [`store`] | durable storage (redb) behind the `Store` trait |
-//! | [`view`] | what each node must program, its diffs and history (pure) |
 //! | [`rbac`] | who may do what (pure) |
 //! | [`vip`] | VIP allocation (pure) |
 //! | [`rates`] | live rates from the counters nodes report (dashboard, `sluicectl top`) |
@@ -18,10 +17,8 @@
 pub mod cli;
 pub mod client_config;
 pub mod error;
-pub mod policy;
 pub mod rates;
 pub mod rbac;
 pub mod server;
 pub mod store;
-pub mod view;
 pub mod vip;

@@ -16,67 +16,11 @@
 
 use std::fmt;
 
-use sluice_api::v1;
+use sluice_model::grant::{Grant, Permission, Role, Scope, Subject};
+pub use sluice_model::grant::{Resource, Verb};
 
 /// Members of this group are admins of the whole cluster.
 pub const ADMIN_GROUP: &str = "system:admins";
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Verb {
-    Get,
-    List,
-    Watch,
-    Create,
-    Update,
-    Delete,
-}
-
-impl Verb {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Get => "get",
-            Self::List => "list",
-            Self::Watch => "watch",
-            Self::Create => "create",
-            Self::Update => "update",
-            Self::Delete => "delete",
-        }
-    }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Resource {
-    Services,
-    Endpoints,
-    Grants,
-    NetworkPolicies,
-    Nodes,
-    Tokens,
-    Users,
-}
-
-impl Resource {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Services => "services",
-            Self::Endpoints => "endpoints",
-            Self::Grants => "grants",
-            Self::NetworkPolicies => "networkpolicies",
-            Self::Nodes => "nodes",
-            Self::Tokens => "tokens",
-            Self::Users => "users",
-        }
-    }
-
-    /// Namespaced resources can be granted per namespace; the others only
-    /// with scope `"*"`.
-    pub fn namespaced(self) -> bool {
-        matches!(
-            self,
-            Self::Services | Self::Endpoints | Self::Grants | Self::NetworkPolicies
-        )
-    }
-}
 
 /// An authenticated admin, from their certificate.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -119,9 +63,9 @@ impl fmt::Display for Denied {
 const READ: [Verb; 3] = [Verb::Get, Verb::List, Verb::Watch];
 const WRITE: [Verb; 3] = [Verb::Create, Verb::Update, Verb::Delete];
 
-fn role_allows(role: &str, verb: Verb, resource: Resource) -> bool {
+fn role_allows(role: Role, verb: Verb, resource: Resource) -> bool {
     match role {
-        "viewer" => {
+        Role::Viewer => {
             READ.contains(&verb)
                 && matches!(
                     resource,
@@ -132,34 +76,48 @@ fn role_allows(role: &str, verb: Verb, resource: Resource) -> bool {
                         | Resource::Nodes
                 )
         }
-        "editor" => {
-            role_allows("viewer", verb, resource)
+        Role::Editor => {
+            role_allows(Role::Viewer, verb, resource)
                 || (WRITE.contains(&verb)
                     && matches!(
                         resource,
                         Resource::Services | Resource::Endpoints | Resource::NetworkPolicies
                     ))
         }
-        "admin" => true,
-        _ => false,
+        Role::Admin => true,
+        // A custom role is its permissions (see `grant_allows`).
+        Role::Custom => false,
     }
 }
 
-fn permission_allows(p: &v1::Permission, verb: Verb, resource: Resource) -> bool {
-    (p.verb == "*" || p.verb == verb.as_str())
-        && (p.resource == "*" || p.resource == resource.as_str())
+fn permission_allows(p: &Permission, verb: Verb, resource: Resource) -> bool {
+    (p.verb == Verb::All || p.verb == verb) && (p.resource == Resource::All || p.resource == resource)
 }
 
-fn subject_matches(subject: Option<&v1::Subject>, caller: &Caller) -> bool {
-    match subject.and_then(|s| s.kind.as_ref()) {
-        Some(v1::subject::Kind::User(user)) => *user == caller.name,
-        Some(v1::subject::Kind::Group(group)) => caller.groups.iter().any(|g| g == group),
-        None => false,
+fn subject_matches(subject: &Subject, caller: &Caller) -> bool {
+    match subject {
+        Subject::User(user) => *user == caller.name,
+        Subject::Group(group) => caller.groups.iter().any(|g| g == group),
     }
 }
 
-fn scope_covers(scope: &str, resource: Resource, namespace: Option<&str>) -> bool {
-    scope == "*" || (resource.namespaced() && namespace == Some(scope))
+fn scope_covers(scope: &Scope, resource: Resource, namespace: Option<&str>) -> bool {
+    match scope {
+        Scope::All => true,
+        Scope::Namespace(scope) => resource.namespaced() && namespace == Some(scope.as_str()),
+    }
+}
+
+fn grant_allows(g: &Grant, caller: &Caller, verb: Verb, resource: Resource, namespace: Option<&str>) -> bool {
+    subject_matches(&g.subject, caller)
+        && scope_covers(&g.scope, resource, namespace)
+        && match g.role {
+            Role::Custom => g
+                .permissions
+                .iter()
+                .any(|p| permission_allows(p, verb, resource)),
+            role => role_allows(role, verb, resource),
+        }
 }
 
 /// Whether `caller` may `verb` `resource` (in `namespace`, for namespaced
@@ -170,22 +128,14 @@ pub fn check(
     verb: Verb,
     resource: Resource,
     namespace: Option<&str>,
-    grants: &[v1::Grant],
+    grants: &[&Grant],
 ) -> Result<(), Denied> {
     if caller.groups.iter().any(|g| g == ADMIN_GROUP) {
         return Ok(());
     }
-    let allowed = grants.iter().any(|g| {
-        subject_matches(g.subject.as_ref(), caller)
-            && scope_covers(&g.scope_namespace, resource, namespace)
-            && if g.role == "custom" {
-                g.permissions
-                    .iter()
-                    .any(|p| permission_allows(p, verb, resource))
-            } else {
-                role_allows(&g.role, verb, resource)
-            }
-    });
+    let allowed = grants
+        .iter()
+        .any(|g| grant_allows(g, caller, verb, resource, namespace));
     if allowed {
         Ok(())
     } else {
@@ -204,16 +154,19 @@ pub fn namespaces_allowed(
     caller: &Caller,
     verb: Verb,
     resource: Resource,
-    grants: &[v1::Grant],
+    grants: &[&Grant],
 ) -> Option<Vec<String>> {
     if check(caller, verb, resource, None, grants).is_ok() {
         return None;
     }
     let mut namespaces: Vec<String> = grants
         .iter()
-        .filter(|g| g.scope_namespace != "*")
-        .filter(|g| check(caller, verb, resource, Some(&g.scope_namespace), grants).is_ok())
-        .map(|g| g.scope_namespace.clone())
+        .filter_map(|g| match &g.scope {
+            Scope::Namespace(namespace) => Some(namespace),
+            Scope::All => None,
+        })
+        .filter(|namespace| check(caller, verb, resource, Some(namespace), grants).is_ok())
+        .cloned()
         .collect();
     namespaces.sort();
     namespaces.dedup();
@@ -224,14 +177,17 @@ pub fn namespaces_allowed(
 mod tests {
     use super::*;
 
-    fn grant(subject: v1::subject::Kind, role: &str, scope: &str) -> v1::Grant {
-        v1::Grant {
-            meta: None,
-            subject: Some(v1::Subject {
-                kind: Some(subject),
-            }),
-            role: role.into(),
-            scope_namespace: scope.into(),
+    fn grant(subject: Subject, role: Role, scope: &str) -> Grant {
+        Grant {
+            namespace: "default".into(),
+            name: "g".into(),
+            labels: Default::default(),
+            subject,
+            role,
+            scope: match scope {
+                "*" => Scope::All,
+                namespace => Scope::Namespace(namespace.into()),
+            },
             permissions: Vec::new(),
         }
     }
@@ -262,30 +218,30 @@ mod tests {
     #[test]
     fn viewer_reads_but_cannot_write() {
         let grants = [grant(
-            v1::subject::Kind::User("bob".into()),
-            "viewer",
+            Subject::User("bob".into()),
+            Role::Viewer,
             "shop",
         )];
         let bob = user("bob", &[]);
-        assert!(check(&bob, Verb::Get, Resource::Services, Some("shop"), &grants).is_ok());
+        assert!(check(&bob, Verb::Get, Resource::Services, Some("shop"), &grants.iter().collect::<Vec<_>>()).is_ok());
         assert!(
             check(
                 &bob,
                 Verb::Create,
                 Resource::Services,
                 Some("shop"),
-                &grants
+                &grants.iter().collect::<Vec<_>>()
             )
             .is_err()
         );
-        assert!(check(&bob, Verb::Get, Resource::Services, Some("other"), &grants).is_err());
+        assert!(check(&bob, Verb::Get, Resource::Services, Some("other"), &grants.iter().collect::<Vec<_>>()).is_err());
         // A namespace scope never covers cluster-scoped kinds.
-        assert!(check(&bob, Verb::Get, Resource::Nodes, None, &grants).is_err());
+        assert!(check(&bob, Verb::Get, Resource::Nodes, None, &grants.iter().collect::<Vec<_>>()).is_err());
     }
 
     #[test]
     fn editor_writes_services_via_a_group_but_not_grants() {
-        let grants = [grant(v1::subject::Kind::Group("dev".into()), "editor", "*")];
+        let grants = [grant(Subject::Group("dev".into()), Role::Editor, "*")];
         let carol = user("carol", &["dev"]);
         assert!(
             check(
@@ -293,24 +249,24 @@ mod tests {
                 Verb::Update,
                 Resource::Endpoints,
                 Some("x"),
-                &grants
+                &grants.iter().collect::<Vec<_>>()
             )
             .is_ok()
         );
-        assert!(check(&carol, Verb::Create, Resource::Grants, Some("x"), &grants).is_err());
-        assert!(check(&carol, Verb::Create, Resource::Tokens, None, &grants).is_err());
+        assert!(check(&carol, Verb::Create, Resource::Grants, Some("x"), &grants.iter().collect::<Vec<_>>()).is_err());
+        assert!(check(&carol, Verb::Create, Resource::Tokens, None, &grants.iter().collect::<Vec<_>>()).is_err());
     }
 
     #[test]
     fn custom_roles_list_their_permissions() {
-        let mut g = grant(v1::subject::Kind::User("ops".into()), "custom", "*");
-        g.permissions = vec![v1::Permission {
-            verb: "create".into(),
-            resource: "tokens".into(),
+        let mut g = grant(Subject::User("ops".into()), Role::Custom, "*");
+        g.permissions = vec![Permission {
+            verb: Verb::Create,
+            resource: Resource::Tokens,
         }];
         let ops = user("ops", &[]);
-        assert!(check(&ops, Verb::Create, Resource::Tokens, None, &[g.clone()]).is_ok());
-        assert!(check(&ops, Verb::Delete, Resource::Nodes, None, &[g]).is_err());
+        assert!(check(&ops, Verb::Create, Resource::Tokens, None, &[&g]).is_ok());
+        assert!(check(&ops, Verb::Delete, Resource::Nodes, None, &[&g]).is_err());
     }
 
     #[test]
@@ -322,12 +278,12 @@ mod tests {
     #[test]
     fn listable_namespaces_follow_the_grants() {
         let grants = [
-            grant(v1::subject::Kind::User("bob".into()), "viewer", "shop"),
-            grant(v1::subject::Kind::User("bob".into()), "viewer", "blog"),
+            grant(Subject::User("bob".into()), Role::Viewer, "shop"),
+            grant(Subject::User("bob".into()), Role::Viewer, "blog"),
         ];
         let bob = user("bob", &[]);
         assert_eq!(
-            namespaces_allowed(&bob, Verb::List, Resource::Services, &grants),
+            namespaces_allowed(&bob, Verb::List, Resource::Services, &grants.iter().collect::<Vec<_>>()),
             Some(vec!["blog".to_string(), "shop".to_string()])
         );
         let root = user("root", &[ADMIN_GROUP]);

@@ -6,7 +6,7 @@ use std::net::Ipv4Addr;
 use serde::Serialize;
 
 use crate::grant::Resource;
-use crate::kind::{Kind, Labels, ObjectKind};
+use crate::kind::{Kind, Labels, ObjectKind, Resolve};
 use crate::wire::ObjectError;
 
 /// A backend registered with the control service; services select endpoints by label.
@@ -52,6 +52,10 @@ impl Kind for Endpoint {
 
     fn from_wire(wire: Self::Wire) -> Result<Self, ObjectError> {
         wire.try_into()
+    }
+
+    fn from_spec<R: Resolve>(spec: Self, _: &mut R) -> Result<Self, R::Error> {
+        Ok(spec)
     }
 
     fn wrap(wire: Self::Wire) -> sluice_api::v1::Object {

@@ -5,7 +5,7 @@ use std::fmt;
 
 use serde::{Serialize, Serializer};
 
-use crate::kind::{Kind, Labels, ObjectKind};
+use crate::kind::{Kind, Labels, ObjectKind, Resolve};
 use crate::wire::ObjectError;
 
 /// RBAC: binds a subject to a role on a scope. Deny by default.
@@ -211,6 +211,15 @@ impl Resource {
             .into_iter()
             .find(|resource| resource.as_str() == name)
     }
+
+    /// Namespaced resources can be granted per namespace; the others only
+    /// with scope `"*"`.
+    pub fn namespaced(self) -> bool {
+        matches!(
+            self,
+            Self::Services | Self::Endpoints | Self::Grants | Self::NetworkPolicies
+        )
+    }
 }
 
 impl fmt::Display for Resource {
@@ -236,6 +245,10 @@ impl Kind for Grant {
 
     fn from_wire(wire: Self::Wire) -> Result<Self, ObjectError> {
         wire.try_into()
+    }
+
+    fn from_spec<R: Resolve>(spec: Self, _: &mut R) -> Result<Self, R::Error> {
+        Ok(spec)
     }
 
     fn wrap(wire: Self::Wire) -> sluice_api::v1::Object {

@@ -11,6 +11,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::net::Ipv4Addr;
 
 use serde::Serialize;
 use sluice_api::v1;
@@ -18,7 +19,7 @@ use sluice_api::v1;
 use crate::endpoint::Endpoint;
 use crate::grant::{Grant, Resource};
 use crate::policy::NetworkPolicy;
-use crate::service::Service;
+use crate::service::{Service, ServiceSpec};
 use crate::wire::ObjectError;
 
 /// Where objects go when a manifest or a request names no namespace, as in Kubernetes.
@@ -85,6 +86,17 @@ pub trait Kind: Meta + TableOf + Clone + PartialEq + fmt::Debug + Send + Sync + 
     fn from_wire(wire: Self::Wire) -> Result<Self, ObjectError>;
     /// The API's `Object` around the message.
     fn wrap(wire: Self::Wire) -> v1::Object;
+    /// What an apply carries, made what is stored: for a Service, with the
+    /// VIP `resolve` allocates or checks.
+    fn from_spec<R: Resolve>(spec: Self::Spec, resolve: &mut R) -> Result<Self, R::Error>;
+}
+
+/// What the control service adds when it admits an applied object.
+pub trait Resolve {
+    type Error;
+    /// The VIP `service` gets: the one it asks for, once checked, or one
+    /// allocated for it.
+    fn vip(&mut self, service: &ServiceSpec) -> Result<Ipv4Addr, Self::Error>;
 }
 
 /// Generic code over every kind: see [`ObjectKind::visit`].
@@ -202,6 +214,21 @@ macro_rules! kinds {
             match kind {
                 $(v1::Kind::$name => Some(ObjectKind::$name),)+
                 _ => None,
+            }
+        }
+
+        /// The metadata of an API object of any kind.
+        pub fn wire_meta(object: &v1::Object) -> Option<&v1::ObjectMeta> {
+            match object.kind.as_ref()? {
+                $(v1::object::Kind::$name(message) => message.meta.as_ref(),)+
+                v1::object::Kind::Node(node) => node.meta.as_ref(),
+            }
+        }
+
+        fn wire_meta_mut(object: &mut v1::Object) -> Option<&mut v1::ObjectMeta> {
+            match object.kind.as_mut()? {
+                $(v1::object::Kind::$name(message) => message.meta.as_mut(),)+
+                v1::object::Kind::Node(node) => node.meta.as_mut(),
             }
         }
 
@@ -340,4 +367,26 @@ impl fmt::Display for ObjectRef {
 pub struct Versioned<T> {
     pub object: T,
     pub version: u64,
+}
+
+impl<K: Kind> Versioned<K> {
+    /// The API's object, its metadata carrying the resource version.
+    pub fn to_wire(&self) -> v1::Object {
+        let mut object = K::wrap(self.object.to_wire());
+        if let Some(meta) = wire_meta_mut(&mut object) {
+            meta.resource_version = self.version;
+        }
+        object
+    }
+}
+
+impl Versioned<Object> {
+    /// An API object as a served one: the object, validated, and its version.
+    pub fn from_wire(object: v1::Object) -> Result<Self, ObjectError> {
+        let version = wire_meta(&object).map_or(0, |m| m.resource_version);
+        Ok(Self {
+            object: Object::try_from(object)?,
+            version,
+        })
+    }
 }

@@ -19,7 +19,7 @@ use sluice_common::layout::MAGLEV_DEFAULT_TABLE_SIZE;
 use sluice_common::types::{IPPROTO_TCP, IPPROTO_UDP};
 
 use crate::grant::Resource;
-use crate::kind::{Kind, Labels, ObjectKind};
+use crate::kind::{Kind, Labels, ObjectKind, Resolve};
 use crate::traffic::Traffic;
 use crate::wire::ObjectError;
 
@@ -152,6 +152,11 @@ impl Kind for Service {
                 crate::rules::Problem::Missing,
             ));
         };
+        Ok(spec.with_vip(vip))
+    }
+
+    fn from_spec<R: Resolve>(spec: ServiceSpec, resolve: &mut R) -> Result<Self, R::Error> {
+        let vip = resolve.vip(&spec)?;
         Ok(spec.with_vip(vip))
     }
 

@@ -29,7 +29,7 @@ use ipnet::Ipv4Net;
 use serde::{Serialize, Serializer};
 
 use crate::grant::Resource;
-use crate::kind::{Kind, Labels, ObjectKind};
+use crate::kind::{Kind, Labels, ObjectKind, Resolve};
 use crate::rules::Problem;
 use crate::service::Protocol;
 use crate::wire::ObjectError;
@@ -172,6 +172,10 @@ impl Kind for NetworkPolicy {
 
     fn from_wire(wire: Self::Wire) -> Result<Self, ObjectError> {
         wire.try_into()
+    }
+
+    fn from_spec<R: Resolve>(spec: Self, _: &mut R) -> Result<Self, R::Error> {
+        Ok(spec)
     }
 
     fn wrap(wire: Self::Wire) -> sluice_api::v1::Object {

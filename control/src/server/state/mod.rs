@@ -1,0 +1,182 @@
+//! The control service's in-memory copy of the desired state, in domain
+//! types, how it is loaded from the store, and how a change is drafted before
+//! it is committed ([`Draft`]).
+//!
+//! The state holds the objects of every kind ([`Objects`]), the joined
+//! nodes, and the view computed from them with its recent history. Only
+//! [`codec`] knows how any of it is written in the store.
+
+mod codec;
+mod draft;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use sluice_model::policy::compile::compile;
+use sluice_model::view::{self, View};
+use sluice_model::{
+    Endpoint, Grant, Kind, NetworkPolicy, Node, ObjectKind, Objects, Service, Versioned,
+    kind::KindVisitor,
+};
+
+pub use draft::{Committed, Draft};
+
+use super::history::History;
+use crate::store::{Key, Store, StoreError, StoreExt as _};
+
+/// Updates kept for agents that reconnect (in memory and in the store).
+pub const HISTORY: usize = 256;
+
+/// The store tables that belong to no object kind.
+pub mod tables {
+    pub const NODE: &str = "node";
+    pub const TOKEN: &str = "token";
+    pub const PKI: &str = "pki";
+    pub const VIEW: &str = "view";
+    pub const VIEW_LOG: &str = "viewlog";
+}
+
+/// A join token as stored: the secret only as a hash.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenRecord {
+    pub secret_hash: String,
+    /// Unix seconds.
+    pub expires: u64,
+    /// The node that used it; a token joins one node, once.
+    pub used_by: Option<String>,
+}
+
+/// The cluster CA as stored.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CaRecord {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+#[derive(Clone, Debug)]
+pub struct State {
+    /// Store revision the state reflects.
+    pub revision: u64,
+    pub objects: Objects,
+    pub nodes: BTreeMap<String, Versioned<Node>>,
+    /// Every node's view (one for all nodes) at its version.
+    pub view: View,
+    pub history: Arc<History>,
+}
+
+impl State {
+    pub fn load(store: &dyn Store) -> Result<Self, StoreError> {
+        let mut tables: Vec<&str> = ObjectKind::ALL.iter().map(|k| k.visit(TableName)).collect();
+        tables.extend([tables::NODE, tables::VIEW, tables::VIEW_LOG]);
+        let (entries, revision) = store.load(&tables)?;
+        let mut state = State {
+            revision,
+            objects: Objects::default(),
+            nodes: BTreeMap::new(),
+            view: View::default(),
+            history: Arc::new(History::new(HISTORY)),
+        };
+        let mut log = Vec::new();
+        for (key, v) in entries {
+            match key.kind.as_str() {
+                tables::NODE => {
+                    let node = codec::decode_node(&key, &v.value)?;
+                    state.nodes.insert(
+                        node.name.clone(),
+                        Versioned {
+                            object: node,
+                            version: v.version,
+                        },
+                    );
+                }
+                tables::VIEW => state.view.version = codec::decode_view_meta(&key, &v.value)?,
+                tables::VIEW_LOG => log.push((key, v.value)),
+                table => {
+                    let kind = ObjectKind::ALL
+                        .iter()
+                        .find(|k| k.visit(TableName) == table);
+                    if let Some(kind) = kind {
+                        kind.visit(Decode {
+                            objects: &mut state.objects,
+                            key: &key,
+                            value: &v.value,
+                            version: v.version,
+                        })?;
+                    }
+                }
+            }
+        }
+        let version = state.view.version;
+        state.view = View {
+            version,
+            ..state.compute_view()
+        };
+        let mut history = History::new(HISTORY);
+        log.sort_by(|a, b| a.0.name.cmp(&b.0.name));
+        for (key, bytes) in log {
+            let (from, update) = codec::decode_log(&key, &bytes)?;
+            history.push(from, update);
+        }
+        state.history = Arc::new(history);
+        Ok(state)
+    }
+
+    /// The view the objects make now (its version is the caller's to set).
+    pub fn compute_view(&self) -> View {
+        let nodes: Vec<&str> = self.nodes.keys().map(String::as_str).collect();
+        let objects = &self.objects;
+        View {
+            version: 0,
+            frontends: view::frontends(
+                &nodes,
+                objects.all::<Service>(),
+                objects.all::<Endpoint>(),
+            ),
+            policy: compile(
+                objects.all::<NetworkPolicy>(),
+                objects.all::<Service>(),
+                objects.all::<Endpoint>(),
+            ),
+        }
+    }
+
+    /// Every grant, for RBAC.
+    pub fn grants(&self) -> Vec<&Grant> {
+        self.objects.all::<Grant>().collect()
+    }
+}
+
+/// A kind's store table.
+struct TableName;
+
+impl KindVisitor for TableName {
+    type Output = &'static str;
+    fn visit<K: Kind>(self) -> &'static str {
+        K::TABLE
+    }
+}
+
+/// Decodes one stored object into its table.
+struct Decode<'a> {
+    objects: &'a mut Objects,
+    key: &'a Key,
+    value: &'a [u8],
+    version: u64,
+}
+
+impl KindVisitor for Decode<'_> {
+    type Output = Result<(), StoreError>;
+    fn visit<K: Kind>(self) -> Result<(), StoreError> {
+        let object: K = codec::decode_object(self.key, self.value)?;
+        self.objects.insert(object, self.version);
+        Ok(())
+    }
+}
+
+/// RFC 3339 for a time.
+pub fn rfc3339(t: std::time::SystemTime) -> String {
+    time::OffsetDateTime::from(t)
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
