@@ -30,7 +30,6 @@ pub fn error_chain(error: &dyn std::error::Error) -> String {
 
 pub mod convert;
 pub mod manifest;
-pub mod metrics;
 pub mod pki;
 
 /// Generated from proto/sluice/v1.
