@@ -9,8 +9,6 @@
 /// snapshot; tonic's default of 4 MB would refuse the first.
 pub const MAX_MESSAGE_BYTES: usize = 256 * 1024 * 1024;
 
-pub mod metrics;
-
 /// Generated from proto/sluice/v1.
 #[allow(clippy::all, missing_docs, reason = "generated code")]
 pub mod v1 {

@@ -8,13 +8,15 @@
 //! `cargo test -p sluice-tests --test introspection_e2e`.
 
 use std::{
+    collections::{BTreeMap, BTreeSet},
     net::SocketAddrV4,
     thread,
     time::{Duration, Instant},
 };
 
 use sluice_tests::{
-    cluster::{Cluster, TIMEOUT, backend_addr, web_by_selector},
+    Agent, ScratchDir,
+    cluster::{Cluster, NODE_INTERFACES, TIMEOUT, backend_addr, web_by_selector},
     http_get,
     netns::Netns,
     scrape_metrics,
@@ -319,4 +321,215 @@ fn sluicectl_top_shows_live_rates_per_service_and_backend() {
         (new_flows / 3.0 - 3.0..=new_flows / 3.0 + 3.0).contains(&share),
         "a third of {new_flows}: {share} in {top}"
     );
+}
+
+/// The checked-in list of every metric family the agent and the control
+/// service can expose: `name type label,label` (`-`: no labels).
+const METRICS_NAMES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/metrics_names.txt");
+
+/// A family's type and the label names its samples carry (with `le` for a
+/// histogram's buckets), from a text-format page; how many samples it had.
+type Families = BTreeMap<String, (String, BTreeSet<String>, usize)>;
+
+/// The label names of a sample's `{...}` (values may hold escaped quotes,
+/// commas and braces), and the sample's name.
+fn sample_labels(line: &str) -> (&str, Vec<String>) {
+    let Some((name, mut rest)) = line.split_once('{') else {
+        return (line.split(' ').next().unwrap_or(line), Vec::new());
+    };
+    let mut names = Vec::new();
+    while let Some((key, after)) = rest.split_once("=\"") {
+        names.push(key.trim_start_matches(',').to_owned());
+        let mut chars = after.char_indices();
+        let end = loop {
+            match chars.next() {
+                Some((_, '\\')) => {
+                    chars.next();
+                }
+                Some((i, '"')) => break i,
+                Some(_) => {}
+                None => panic!("unterminated label value in {line}"),
+            }
+        };
+        rest = &after[end + 1..];
+        if rest.starts_with('}') {
+            break;
+        }
+    }
+    (name, names)
+}
+
+fn families(page: &str, into: &mut Families) {
+    let mut current: Option<String> = None;
+    for line in page.lines().filter(|l| !l.is_empty()) {
+        if let Some(declared) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = declared.split_once(' ').expect("# TYPE name type");
+            let previous = into.insert(name.to_owned(), (kind.to_owned(), BTreeSet::new(), 0));
+            assert!(previous.is_none(), "family {name} declared twice");
+            current = Some(name.to_owned());
+            continue;
+        }
+        if line.starts_with('#') {
+            continue;
+        }
+        let (sample, labels) = sample_labels(line);
+        let family = current
+            .as_deref()
+            .unwrap_or_else(|| panic!("sample before any # TYPE: {line}"));
+        let (kind, names, samples) = into.get_mut(family).expect("declared");
+        let belongs = sample == family
+            || (kind == "histogram"
+                && ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .any(|suffix| sample.strip_suffix(suffix) == Some(family)));
+        assert!(belongs, "sample {sample} under family {family}: {line}");
+        names.extend(labels);
+        *samples += 1;
+    }
+}
+
+fn family_lines(families: &Families) -> BTreeSet<String> {
+    families
+        .iter()
+        .map(|(name, (kind, labels, _))| {
+            let labels = if labels.is_empty() {
+                "-".to_owned()
+            } else {
+                labels.iter().cloned().collect::<Vec<_>>().join(",")
+            };
+            format!("{name} {kind} {labels}")
+        })
+        .collect()
+}
+
+/// Every family either side can emit, with traffic that makes each one have
+/// samples: a policy (verdict counters), a standalone agent (the manifest
+/// it applied), API calls that fail (status codes), flows (the flow log).
+/// The list pins names, types and label names; `SLUICE_BLESS_METRICS=1`
+/// rewrites it from what the binaries serve.
+#[test]
+fn metric_families_types_and_label_names_match_the_checked_in_list() {
+    let cluster = Cluster::start_joined(2, 1, 3, &[]);
+    cluster.apply(&web_by_selector(3));
+    cluster.apply(
+        "kind: NetworkPolicy
+name: web-from-clients
+selector: { app: web }
+ingress:
+  - from:
+      - cidr: 198.18.0.0/16
+    ports: [{ port: 8080, protocol: TCP }]
+",
+    );
+    cluster.wait_programmed();
+    let vip = cluster.web_vip();
+    cluster.spread(1, vip, 6);
+    let held = cluster.hold(1, vip, 1);
+    let bad = cluster
+        .control
+        .apply("bad.yaml", "kind: Service\nname: x\nports: []\n");
+    assert!(!bad.status.success());
+    // Node 2 runs a standalone agent, from a manifest.
+    let scratch = ScratchDir::new();
+    let manifest = scratch.write(
+        "services.yaml",
+        format!(
+            "kind: Service\nname: solo\nvip: 198.18.200.10\nports: [{{ port: 80, protocol: TCP, targetPort: 8080 }}]\nbackends: [{{ address: {} }}]\n",
+            backend_addr(1)
+        ),
+    );
+    let interfaces: Vec<String> = NODE_INTERFACES.iter().map(|&i| i.to_owned()).collect();
+    let standalone = Agent::start(&cluster.topology.node(2).ns, &manifest, &interfaces, &[]);
+
+    // The flow log reaches the control service within moments.
+    let deadline = Instant::now() + TIMEOUT;
+    let mut found = Families::new();
+    loop {
+        found.clear();
+        let control = scrape(&cluster.topology.control, 9465);
+        families(&control, &mut found);
+        let received = value(&control, "sluice_flow_events_received_total", &[]);
+        if received.is_some_and(|n| n > 0.0) || Instant::now() > deadline {
+            break;
+        }
+        thread::sleep(Duration::from_millis(200));
+    }
+    families(&scrape(&cluster.topology.node(1).ns, 9464), &mut found);
+    let mut solo = Families::new();
+    families(&scrape(&cluster.topology.node(2).ns, 9464), &mut solo);
+    // Its families without samples (no policy here) have no labels to compare.
+    for (name, family) in solo {
+        match found.get(&name) {
+            Some((kind, labels, _)) => {
+                assert_eq!(
+                    kind, &family.0,
+                    "{name}: standalone and joined types differ"
+                );
+                if family.2 > 0 {
+                    assert_eq!(
+                        labels, &family.1,
+                        "{name}: standalone and joined labels differ"
+                    );
+                }
+            }
+            None => {
+                found.insert(name, family);
+            }
+        }
+    }
+    drop(held);
+    drop(standalone);
+
+    let empty: Vec<&String> = found
+        .iter()
+        .filter(|(_, (_, _, samples))| *samples == 0)
+        .map(|(name, _)| name)
+        .collect();
+    assert!(
+        empty.is_empty(),
+        "families without samples (the traffic should make every one have some): {empty:?}"
+    );
+    let served = family_lines(&found);
+    if std::env::var_os("SLUICE_BLESS_METRICS").is_some() {
+        let mut text = "# Every metric family the agent and the control service expose: name, type,\n\
+                        # label names (-: none). Checked by introspection_e2e; regenerate with\n\
+                        # SLUICE_BLESS_METRICS=1 cargo test -p sluice-tests --test introspection_e2e metric_families\n"
+            .to_owned();
+        for line in &served {
+            text.push_str(line);
+            text.push('\n');
+        }
+        std::fs::write(METRICS_NAMES, text).expect("writing the metrics list");
+        return;
+    }
+    let listed: BTreeSet<String> = std::fs::read_to_string(METRICS_NAMES)
+        .unwrap_or_else(|e| panic!("{METRICS_NAMES}: {e}"))
+        .lines()
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(str::to_owned)
+        .collect();
+    let missing: Vec<_> = listed.difference(&served).collect();
+    let unlisted: Vec<_> = served.difference(&listed).collect();
+    assert!(
+        missing.is_empty() && unlisted.is_empty(),
+        "the metrics served differ from {METRICS_NAMES}:\n  listed, not served:\n    {}\n  served, not listed:\n    {}",
+        missing
+            .iter()
+            .map(|s| s.as_str())
+            .collect::<Vec<_>>()
+            .join("\n    "),
+        unlisted
+            .iter()
+            .map(|s| s.as_str())
+            .collect::<Vec<_>>()
+            .join("\n    "),
+    );
+}
+
+#[test]
+fn label_names_are_read_past_escaped_values() {
+    let (name, labels) = sample_labels(r#"x_total{a="q\"},b=\\",b="",c="}"} 1"#);
+    assert_eq!(name, "x_total");
+    assert_eq!(labels, ["a", "b", "c"]);
+    assert_eq!(sample_labels("y 2"), ("y", Vec::new()));
 }

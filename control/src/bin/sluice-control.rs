@@ -107,11 +107,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         tracing::info!(listen = %addr, "serving Prometheus metrics at /metrics");
         let control = control.clone();
         tokio::spawn(async move {
-            let render = move || {
-                let control = control.clone();
-                async move { Some(control.render_metrics()) }
-            };
-            if let Err(e) = sluice_api::metrics::serve(metrics, render).await {
+            if let Err(e) = sluice_control::server::metrics::serve(metrics, control).await {
                 tracing::warn!("metrics server stopped: {e}");
             }
         });
