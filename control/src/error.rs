@@ -5,7 +5,10 @@ use tonic::{Code, Status};
 
 use sluice_pki::PkiError;
 
-use crate::{rbac::Denied, store::StoreError, vip::VipError};
+use sluice_model::kind::KindVisitor;
+use sluice_model::{Kind, ObjectKind};
+
+use crate::{rbac::Denied, server::state::tables, store::StoreError, vip::VipError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -70,14 +73,22 @@ impl From<StoreError> for ApiError {
     }
 }
 
-fn kind_name(kind: &str) -> &'static str {
-    match kind {
-        "service" => "Service",
-        "endpoint" => "Endpoint",
-        "grant" => "Grant",
-        "node" => "Node",
-        "token" => "join token",
-        _ => "object",
+/// What a store table holds, as errors name it.
+fn kind_name(table: &str) -> &'static str {
+    struct Named<'a>(&'a str);
+    impl KindVisitor for Named<'_> {
+        type Output = Option<&'static str>;
+        fn visit<K: Kind>(self) -> Option<&'static str> {
+            (K::TABLE == self.0).then_some(K::KIND.as_str())
+        }
+    }
+    match table {
+        tables::NODE => "Node",
+        tables::TOKEN => "join token",
+        table => ObjectKind::ALL
+            .iter()
+            .find_map(|kind| kind.visit(Named(table)))
+            .unwrap_or("object"),
     }
 }
 

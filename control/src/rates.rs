@@ -14,7 +14,10 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use sluice_api::v1;
+use std::net::IpAddr;
+
+use sluice_model::observe::{FrontendCounters, TrafficCounts};
+use sluice_model::view::{FrontendKey as Port, ServiceRef};
 
 /// A node's rates are dropped once its last report is older than this many
 /// of its report intervals (it went away, or its agent is stuck), and not
@@ -36,7 +39,7 @@ pub struct Rate {
 }
 
 impl Rate {
-    pub fn between(prev: &v1::TrafficCounters, cur: &v1::TrafficCounters, secs: f64) -> Self {
+    pub fn between(prev: &TrafficCounts, cur: &TrafficCounts, secs: f64) -> Self {
         let per_sec = |a: u64, b: u64| {
             if secs > 0.0 {
                 b.saturating_sub(a) as f64 / secs
@@ -62,13 +65,13 @@ impl Rate {
 #[derive(Clone, Debug)]
 struct Sample {
     at: SystemTime,
-    counters: Vec<v1::FrontendCounters>,
+    counters: Vec<FrontendCounters>,
 }
 
-/// A frontend: (service `namespace/name`, VIP, port, protocol).
-pub type FrontendKey = (String, String, u32, i32);
+/// A frontend: its service and its port.
+pub type FrontendKey = (ServiceRef, Port);
 /// A backend of a frontend: (address, port).
-pub type BackendKey = (String, u32);
+pub type BackendKey = (IpAddr, u16);
 
 /// The rates of one node, by frontend and backend.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -77,8 +80,8 @@ pub struct NodeRates {
     pub backends: BTreeMap<(FrontendKey, BackendKey), Rate>,
 }
 
-fn frontend_key(c: &v1::FrontendCounters) -> FrontendKey {
-    (c.service.clone(), c.vip.clone(), c.port, c.protocol)
+fn frontend_key(c: &FrontendCounters) -> FrontendKey {
+    (c.service.clone(), c.key)
 }
 
 /// The last two reports of every node.
@@ -90,7 +93,7 @@ pub struct Rates {
 impl Rates {
     /// Takes in `node`'s report made at `at` (once per report: the same
     /// report seen again changes nothing).
-    pub fn observe(&mut self, node: &str, at: SystemTime, counters: &[v1::FrontendCounters]) {
+    pub fn observe(&mut self, node: &str, at: SystemTime, counters: &[FrontendCounters]) {
         let sample = Sample {
             at,
             counters: counters.to_vec(),
@@ -127,31 +130,29 @@ impl Rates {
             return out;
         }
         let secs = interval.as_secs_f64();
-        let before: BTreeMap<FrontendKey, &v1::FrontendCounters> =
+        let before: BTreeMap<FrontendKey, &FrontendCounters> =
             prev.counters.iter().map(|c| (frontend_key(c), c)).collect();
+        let zero = TrafficCounts::default();
         for c in &cur.counters {
             let key = frontend_key(c);
             // A frontend new since the last report starts from zero.
             let old = before.get(&key);
-            let zero = v1::TrafficCounters::default();
-            let old_total = old.and_then(|o| o.counters.as_ref()).unwrap_or(&zero);
-            out.frontends.insert(
-                key.clone(),
-                Rate::between(old_total, c.counters.as_ref().unwrap_or(&zero), secs),
-            );
-            let old_backends: BTreeMap<(&str, u32), &v1::TrafficCounters> = old
+            let old_total = old.map_or(&zero, |o| &o.counts);
+            out.frontends
+                .insert(key.clone(), Rate::between(old_total, &c.counts, secs));
+            let old_backends: BTreeMap<BackendKey, &TrafficCounts> = old
                 .into_iter()
                 .flat_map(|o| &o.backends)
-                .filter_map(|ob| Some(((ob.address.as_str(), ob.port), ob.counters.as_ref()?)))
+                .map(|ob| ((ob.address, ob.port), &ob.counts))
                 .collect();
             for b in &c.backends {
                 let old_b = old_backends
-                    .get(&(b.address.as_str(), b.port))
+                    .get(&(b.address, b.port))
                     .copied()
                     .unwrap_or(&zero);
                 out.backends.insert(
-                    (key.clone(), (b.address.clone(), b.port)),
-                    Rate::between(old_b, b.counters.as_ref().unwrap_or(&zero), secs),
+                    (key.clone(), (b.address, b.port)),
+                    Rate::between(old_b, &b.counts, secs),
                 );
             }
         }
@@ -163,36 +164,47 @@ impl Rates {
 mod tests {
     use super::*;
 
-    fn traffic(packets: u64, bytes: u64, new_flows: u64) -> Option<v1::TrafficCounters> {
-        Some(v1::TrafficCounters {
+    use sluice_model::Protocol;
+    use sluice_model::observe::BackendCounters;
+
+    fn traffic(packets: u64, bytes: u64, new_flows: u64) -> TrafficCounts {
+        TrafficCounts {
             packets,
             bytes,
             new_flows,
             active_connections: 0,
-        })
+        }
     }
 
-    fn report(total: (u64, u64, u64), backend: (u64, u64, u64)) -> Vec<v1::FrontendCounters> {
-        vec![v1::FrontendCounters {
-            service: "shop/web".into(),
-            vip: "198.18.100.1".into(),
-            port: 80,
-            protocol: v1::Protocol::Tcp as i32,
-            counters: traffic(total.0, total.1, total.2),
-            backends: vec![v1::BackendCounters {
-                address: "198.19.0.11".into(),
+    fn report(total: (u64, u64, u64), backend: (u64, u64, u64)) -> Vec<FrontendCounters> {
+        let (service, key) = key();
+        vec![FrontendCounters {
+            service,
+            key,
+            counts: traffic(total.0, total.1, total.2),
+            backends: vec![BackendCounters {
+                address: backend_address(),
                 port: 8080,
-                counters: traffic(backend.0, backend.1, backend.2),
+                counts: traffic(backend.0, backend.1, backend.2),
             }],
         }]
     }
 
+    fn backend_address() -> IpAddr {
+        "198.19.0.11".parse().expect("ip")
+    }
+
     fn key() -> FrontendKey {
         (
-            "shop/web".into(),
-            "198.18.100.1".into(),
-            80,
-            v1::Protocol::Tcp as i32,
+            ServiceRef {
+                namespace: "shop".into(),
+                name: "web".into(),
+            },
+            Port {
+                vip: "198.18.100.1".parse().expect("ip"),
+                port: 80,
+                protocol: Protocol::Tcp,
+            },
         )
     }
 
@@ -217,7 +229,7 @@ mod tests {
             }
         );
         assert_eq!(
-            r.backends[&(key(), ("198.19.0.11".into(), 8080))],
+            r.backends[&(key(), (backend_address(), 8080))],
             Rate {
                 packets: 50.0,
                 bytes: 2_000.0,

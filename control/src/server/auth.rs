@@ -37,7 +37,7 @@ impl Control {
             (Identity::Node { name }, serial) => {
                 let state = self.state();
                 match state.nodes.get(&name) {
-                    Some((record, _)) if record.serials.contains(&serial) => Ok(name),
+                    Some(node) if node.object.serials.contains(&serial) => Ok(name),
                     Some(_) => Err(ApiError::Unauthenticated {
                         reason: format!(
                             "node \"{name}\": certificate {serial} has been replaced; use the current one"

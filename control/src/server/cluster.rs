@@ -16,8 +16,12 @@ use super::{
 use crate::{
     error::ApiError,
     rbac::{self, Caller, Resource, Verb},
-    store::{Expect, kind},
+    store::Expect,
 };
+
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
 
 /// Join tokens live this long unless asked otherwise.
 const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(600);
@@ -29,26 +33,31 @@ pub struct ClusterApi(pub Arc<Control>);
 impl Control {
     /// The API's view of a node: its record plus what its agent reports.
     pub fn node_object(&self, state: &State, name: &str) -> Option<v1::Node> {
-        let (record, version) = state.nodes.get(name)?;
+        let stored = state.nodes.get(name)?;
+        let node = &stored.object;
         let live = self.live().get(name).cloned().unwrap_or_default();
         Some(v1::Node {
             meta: Some(v1::ObjectMeta {
                 namespace: String::new(),
                 name: name.to_string(),
-                resource_version: *version,
+                resource_version: stored.version,
                 labels: Default::default(),
             }),
-            zone: record.zone.clone(),
-            certificate_serial: record.serials.first().cloned().unwrap_or_default(),
-            certificate_expires: record.certificate_expires.clone(),
-            joined_at: record.joined_at.clone(),
+            zone: node.zone.clone().unwrap_or_default(),
+            certificate_serial: node.serials.first().cloned().unwrap_or_default(),
+            certificate_expires_unix_ms: unix_ms(node.certificate_expires),
+            joined_unix_ms: unix_ms(node.joined_at),
             status: Some(v1::NodeStatus {
                 applied_version: live.applied_version,
-                desired_version: state.view_version,
-                last_report: live.last_report.map(rfc3339).unwrap_or_default(),
+                desired_version: state.view.version,
+                last_report_unix_ms: live.last_report.map_or(0, unix_ms),
                 connected: live.watchers > 0,
-                counters: live.counters,
-                policy_counters: live.policy_counters,
+                counters: live.counters.iter().map(v1::FrontendCounters::from).collect(),
+                policy_counters: live
+                    .policy_counters
+                    .iter()
+                    .map(v1::PolicyCounter::from)
+                    .collect(),
             }),
         })
     }
@@ -140,10 +149,10 @@ impl Control {
         )?;
         let removed = name.clone();
         self.mutate(false, move |draft| {
-            let Some((_, version)) = draft.state.nodes.remove(&name) else {
+            let Some(version) = draft.state.nodes.get(&name).map(|n| n.version) else {
                 return Err(ApiError::NotFound { kind: "Node", name });
             };
-            draft.delete(kind::NODE, "", &name, Expect::Version(version));
+            draft.delete_node(&name, Expect::Version(version));
             Ok(())
         })
         .await?;

@@ -6,6 +6,7 @@
 use std::{collections::VecDeque, sync::Arc};
 
 use sluice_api::v1;
+use sluice_model::observe::{FlowEvent, FlowFilter};
 use tokio::sync::{broadcast::error::RecvError, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
@@ -21,8 +22,8 @@ pub const KEPT: usize = 10_000;
 
 /// The recent events and the live feed.
 pub struct Flows {
-    recent: std::sync::Mutex<VecDeque<Arc<v1::FlowEvent>>>,
-    live: tokio::sync::broadcast::Sender<Arc<v1::FlowEvent>>,
+    recent: std::sync::Mutex<VecDeque<Arc<FlowEvent>>>,
+    live: tokio::sync::broadcast::Sender<Arc<FlowEvent>>,
 }
 
 impl Default for Flows {
@@ -35,20 +36,21 @@ impl Default for Flows {
 }
 
 impl Flows {
-    /// Records what `node` reported.
-    pub fn record(&self, node: &str, events: Vec<v1::FlowEvent>) {
+    /// Records what `node` reported: each event named after the node and,
+    /// from an agent that does not say when it saw it, timed now.
+    pub fn record(&self, node: &str, events: Vec<FlowEvent>) {
         if events.is_empty() {
             return;
         }
         let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
-        let now = std::time::SystemTime::now();
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
         for mut event in events {
             event.node = node.to_owned();
-            let observed = match event.observed_unix_ms {
-                0 => now,
-                ms => std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms),
-            };
-            event.time = rfc3339_ms(observed);
+            if event.observed_unix_ms == 0 {
+                event.observed_unix_ms = now_ms;
+            }
             let event = Arc::new(event);
             if recent.len() == KEPT {
                 recent.pop_front();
@@ -60,35 +62,10 @@ impl Flows {
     }
 }
 
-fn rfc3339_ms(t: std::time::SystemTime) -> String {
-    let t = time::OffsetDateTime::from(t);
-    let t = t
-        .replace_nanosecond(t.millisecond() as u32 * 1_000_000)
-        .unwrap_or(t);
-    t.format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default()
-}
-
-/// What a flow-log request asks for; empty fields match everything.
-#[derive(Clone, Debug, Default)]
-pub struct FlowFilter {
-    pub verdict: String,
-    pub service: String,
-    pub kind: String,
-}
-
-impl FlowFilter {
-    pub fn matches(&self, event: &v1::FlowEvent) -> bool {
-        (self.verdict.is_empty() || event.verdict == self.verdict)
-            && (self.service.is_empty() || event.service == self.service)
-            && (self.kind.is_empty() || event.kind == self.kind)
-    }
-}
-
 impl Flows {
     /// The recent events `filter` matches, oldest first, at most `limit`
     /// (the newest ones).
-    pub fn recent(&self, filter: &FlowFilter, limit: usize) -> Vec<Arc<v1::FlowEvent>> {
+    pub fn recent(&self, filter: &FlowFilter, limit: usize) -> Vec<Arc<FlowEvent>> {
         let recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
         let mut out: Vec<_> = recent
             .iter()
@@ -102,7 +79,7 @@ impl Flows {
     }
 
     /// Every event from now on (a slow reader skips what it lagged behind).
-    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Arc<v1::FlowEvent>> {
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Arc<FlowEvent>> {
         self.live.subscribe()
     }
 }
@@ -116,45 +93,22 @@ impl Control {
         caller: &Caller,
         request: v1::WatchFlowsRequest,
     ) -> Result<ReceiverStream<Result<v1::FlowEvent, Status>>, ApiError> {
-        let v1::WatchFlowsRequest {
-            verdict,
-            follow,
-            service,
-            kind,
-        } = request;
-        let invalid = |message: String| ApiError::Invalid { message };
-        if !matches!(verdict.as_str(), "" | "forwarded" | "denied" | "dropped") {
-            return Err(invalid(format!(
-                "verdict: {verdict:?}: expected forwarded, denied or dropped"
-            )));
-        }
-        if !matches!(kind.as_str(), "" | "new" | "close" | "drop") {
-            return Err(invalid(format!(
-                "kind: {kind:?}: expected new, close or drop"
-            )));
-        }
-        let grants = self.state().grants();
-        if service.is_empty() {
-            rbac::check(caller, Verb::List, Resource::Nodes, None, &grants)?;
-        } else {
-            let Some((namespace, _name)) = service.split_once('/') else {
-                return Err(invalid(format!(
-                    "service: {service:?}: expected NAMESPACE/NAME"
-                )));
-            };
-            rbac::check(
+        let filter = FlowFilter::of_request(&request).map_err(|e| ApiError::Invalid {
+            message: e.to_string(),
+        })?;
+        let state = self.state();
+        let grants = state.grants();
+        match &filter.service {
+            None => rbac::check(caller, Verb::List, Resource::Nodes, None, &grants)?,
+            Some(service) => rbac::check(
                 caller,
                 Verb::Get,
                 Resource::Services,
-                Some(namespace),
+                Some(&service.namespace),
                 &grants,
-            )?;
+            )?,
         }
-        let filter = FlowFilter {
-            verdict,
-            service,
-            kind,
-        };
+        let follow = request.follow;
         // Subscribe before reading the recent ones: an event in between may
         // come twice, never not at all.
         let mut live = self.flows.subscribe();
@@ -162,7 +116,7 @@ impl Control {
         let (tx, rx) = mpsc::channel(256);
         tokio::spawn(async move {
             for event in recent {
-                if tx.send(Ok((*event).clone())).await.is_err() {
+                if tx.send(Ok(v1::FlowEvent::from(&*event))).await.is_err() {
                     return;
                 }
             }
@@ -173,7 +127,7 @@ impl Control {
                 tokio::select! {
                     event = live.recv() => match event {
                         Ok(event) if filter.matches(&event) => {
-                            if tx.send(Ok((*event).clone())).await.is_err() {
+                            if tx.send(Ok(v1::FlowEvent::from(&*event))).await.is_err() {
                                 return;
                             }
                         }

@@ -20,17 +20,16 @@ use std::{
 };
 
 use sluice_api::v1;
+use sluice_model::observe::BackendRef;
+use sluice_model::view::Frontends;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 use tracing::{info, warn};
 
 use super::{Control, NodeLive};
-use crate::view::Frontends;
 
-/// (service `namespace/name`, backend address).
-pub type BackendKey = (String, String);
-pub type Unhealthy = BTreeSet<BackendKey>;
+pub type Unhealthy = BTreeSet<BackendRef>;
 
 /// How long after start the service collects reports before it publishes
 /// verdicts; agents report at once when they reconnect.
@@ -42,10 +41,13 @@ pub fn verdicts(view: &Frontends, live: &BTreeMap<String, NodeLive>) -> Unhealth
     let mut seen = BTreeSet::new();
     for frontend in view.values() {
         for backend in &frontend.backends {
-            if backend.probers.is_empty() || !seen.insert((&frontend.service, &backend.address)) {
+            if backend.probers.is_empty() || !seen.insert((&frontend.service, backend.address)) {
                 continue;
             }
-            let key = (frontend.service.clone(), backend.address.clone());
+            let key = BackendRef {
+                service: frontend.service.clone(),
+                address: backend.address.into(),
+            };
             let voters: Vec<&NodeLive> = backend
                 .probers
                 .iter()
@@ -65,15 +67,15 @@ impl Control {
     /// Recomputes the verdicts and publishes them if they changed.
     pub(super) fn judge_health(&self) {
         let state = self.state();
-        let now = verdicts(&state.view, &self.live());
+        let now = verdicts(&state.view.frontends, &self.live());
         self.health.send_if_modified(|current| {
             if **current == now {
                 return false;
             }
-            for (service, address) in now.difference(current) {
+            for BackendRef { service, address } in now.difference(current) {
                 warn!(%service, %address, "backend unhealthy by its probers");
             }
-            for (service, address) in current.difference(&now) {
+            for BackendRef { service, address } in current.difference(&now) {
                 info!(%service, %address, "backend healthy again by its probers");
             }
             *current = Arc::new(now);
@@ -100,13 +102,7 @@ impl Control {
             loop {
                 let current = changes.borrow_and_update().clone();
                 let update = v1::HealthUpdate {
-                    unhealthy: current
-                        .iter()
-                        .map(|(service, address)| v1::BackendRef {
-                            service: service.clone(),
-                            address: address.clone(),
-                        })
-                        .collect(),
+                    unhealthy: current.iter().map(v1::BackendRef::from).collect(),
                 };
                 if tx.send(Ok(update)).await.is_err() {
                     return;
@@ -123,24 +119,49 @@ impl Control {
 
 #[cfg(test)]
 mod tests {
+    use sluice_model::view::{Frontend, FrontendKey, ServiceRef, ViewBackend};
+    use sluice_model::{Algorithm, Protocol};
+
     use super::*;
 
+    fn web() -> ServiceRef {
+        ServiceRef {
+            namespace: "shop".into(),
+            name: "web".into(),
+        }
+    }
+
     fn view(probers: &[&str]) -> Frontends {
-        let frontend = v1::FrontendView {
-            service: "shop/web".into(),
-            backends: vec![v1::ViewBackend {
-                address: "198.19.0.11".into(),
-                weight: 1,
-                probers: probers.iter().map(|p| p.to_string()).collect(),
-                ..Default::default()
-            }],
-            ..Default::default()
+        let key = FrontendKey {
+            vip: "198.18.0.1".parse().expect("ip"),
+            port: 80,
+            protocol: Protocol::Tcp,
         };
-        Frontends::from([(("198.18.0.1".parse().expect("ip"), 80, 1), frontend)])
+        let frontend = Frontend {
+            key,
+            service: web(),
+            target_port: 80,
+            algorithm: Algorithm::RoundRobin,
+            maglev_table_size: 0,
+            health_check: None,
+            drain_timeout_seconds: None,
+            session_affinity_seconds: None,
+            zones: Vec::new(),
+            backends: vec![ViewBackend {
+                address: "198.19.0.11".parse().expect("ip"),
+                weight: 1,
+                draining: false,
+                probers: probers.iter().map(|p| p.to_string()).collect(),
+            }],
+        };
+        Frontends::from([(key, frontend)])
     }
 
     fn live(nodes: &[(&str, bool, bool)]) -> BTreeMap<String, NodeLive> {
-        let key = ("shop/web".to_owned(), "198.19.0.11".to_owned());
+        let key = BackendRef {
+            service: web(),
+            address: "198.19.0.11".parse().expect("ip"),
+        };
         nodes
             .iter()
             .map(|&(name, connected, says_down)| {

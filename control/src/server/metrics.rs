@@ -291,7 +291,7 @@ impl Control {
                     NodeProgress {
                         name: name.clone(),
                         applied_version,
-                        lag: state.view_version.saturating_sub(applied_version),
+                        lag: state.view.version.saturating_sub(applied_version),
                         connected: l.is_some_and(|l| l.watchers > 0),
                         report_age: l
                             .and_then(|l| l.last_report)
@@ -309,12 +309,12 @@ impl Control {
             store_commits: metrics.store_commits.clone(),
             flow_events: metrics.flow_events.load(Ordering::Relaxed),
             objects: [
-                ("Service", state.services.len()),
-                ("Endpoint", state.endpoints.len()),
-                ("NetworkPolicy", state.policies.len()),
+                ("Service", state.objects.count(sluice_model::ObjectKind::Service)),
+                ("Endpoint", state.objects.count(sluice_model::ObjectKind::Endpoint)),
+                ("NetworkPolicy", state.objects.count(sluice_model::ObjectKind::NetworkPolicy)),
                 ("Node", state.nodes.len()),
             ],
-            view_version: state.view_version,
+            view_version: state.view.version,
             nodes,
         };
         encode(snapshot)

@@ -13,8 +13,10 @@
 pub mod auth;
 pub mod cluster;
 pub mod dashboard;
+pub mod describe;
 pub mod flows;
 pub mod health;
+pub mod history;
 pub mod metrics;
 pub mod nodes;
 pub mod resources;
@@ -37,7 +39,7 @@ use crate::{
     client_config::ClientConfig,
     error::ApiError,
     rbac::ADMIN_GROUP,
-    store::{Expect, Key, RedbStore, Store, StoreExt as _, kind},
+    store::{Expect, Key, RedbStore, Store, StoreExt as _},
     vip::VipPool,
 };
 use state::{CaRecord, Committed, Draft, State};
@@ -61,10 +63,10 @@ pub struct NodeLive {
     pub applied_version: u64,
     pub last_report: Option<std::time::SystemTime>,
     pub watchers: u32,
-    pub counters: Vec<v1::FrontendCounters>,
+    pub counters: Vec<sluice_model::observe::FrontendCounters>,
     /// The backends this node probes and finds unhealthy, as last reported.
     pub unhealthy: health::Unhealthy,
-    pub policy_counters: Vec<v1::PolicyCounter>,
+    pub policy_counters: Vec<sluice_model::observe::PolicyCounter>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -128,10 +130,10 @@ impl Control {
         let state = State::load(store.as_ref())?;
         info!(
             revision = state.revision,
-            services = state.services.len(),
-            endpoints = state.endpoints.len(),
+            services = state.objects.count(sluice_model::ObjectKind::Service),
+            endpoints = state.objects.count(sluice_model::ObjectKind::Endpoint),
             nodes = state.nodes.len(),
-            view_version = state.view_version,
+            view_version = state.view.version,
             "state loaded"
         );
         let (updates, _) = broadcast::channel(1024);
@@ -257,8 +259,9 @@ impl Control {
                 removes = update.remove.len(),
                 "view changed"
             );
-            // No receivers is fine: no agent is watching.
-            let _ = self.updates.send(Arc::new(update));
+            // Encoded once for every watching agent. No receivers is fine:
+            // no agent is watching.
+            let _ = self.updates.send(Arc::new(v1::ViewUpdate::from(&update)));
             // Probers may have moved, or backends gone.
             self.judge_health();
         }
@@ -403,7 +406,7 @@ impl Drop for AbortOnDrop {
 }
 
 fn load_or_create_ca(store: &dyn Store) -> Result<ClusterCa, StartError> {
-    let key = Key::cluster(kind::PKI, "ca");
+    let key = Key::cluster(state::tables::PKI, "ca");
     let (existing, _) = store.read(|tx| -> Result<_, ApiError> { Ok(tx.get(&key)?) })?;
     if let Some(v) = existing {
         let record: CaRecord =

@@ -12,14 +12,16 @@ use tokio::sync::{broadcast::error::RecvError, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+use sluice_model::Node;
+use sluice_model::observe::{BackendRef, FlowEvent, FrontendCounters, PolicyCounter};
+
 use super::{
     Control, NodeLive,
-    state::{NodeRecord, TokenRecord, rfc3339},
+    state::{TokenRecord, tables},
 };
 use crate::{
     error::ApiError,
-    store::{Expect, Key, kind},
-    view,
+    store::{Expect, Key},
 };
 
 pub struct NodeAgentApi(pub Arc<Control>);
@@ -37,7 +39,7 @@ impl Control {
         })?;
         sluice_pki::validate_name("node", &req.node_name)?;
         let (version, bytes) = self
-            .read_raw(&Key::cluster(kind::TOKEN, &id))?
+            .read_raw(&Key::cluster(tables::TOKEN, &id))?
             .ok_or_else(|| token_error("unknown token"))?;
         let record: TokenRecord = serde_json::from_slice(&bytes)
             .map_err(|_| token_error("the stored token is unreadable"))?;
@@ -64,11 +66,12 @@ impl Control {
             .ca
             .sign_node(&req.csr_pem, &req.node_name, self.options.node_cert_ttl)?;
         let node = req.node_name.clone();
-        let node_record = NodeRecord {
-            zone: req.zone.clone(),
+        let node_record = Node {
+            name: node.clone(),
+            zone: (!req.zone.is_empty()).then(|| req.zone.clone()),
             serials: vec![issued.serial.clone()],
-            certificate_expires: rfc3339(issued.not_after),
-            joined_at: rfc3339(now),
+            certificate_expires: issued.not_after,
+            joined_at: now,
         };
         let used = TokenRecord {
             used_by: Some(node.clone()),
@@ -76,7 +79,8 @@ impl Control {
         };
         self.mutate(false, move |draft| {
             draft.put_token(&id, &used, Expect::Version(version))?;
-            draft.put_node(&node, node_record, Expect::Absent)
+            draft.put_node(node_record, Expect::Absent);
+            Ok(())
         })
         .await
         .map_err(|e| match e {
@@ -107,20 +111,21 @@ impl Control {
             .ca
             .sign_node(csr_pem, &node, self.options.node_cert_ttl)?;
         let serial = issued.serial.clone();
-        let expires = rfc3339(issued.not_after);
+        let expires = issued.not_after;
         let name = node.clone();
         self.mutate(false, move |draft| {
-            let Some((record, version)) = draft.state.nodes.get(&name).cloned() else {
+            let Some(stored) = draft.state.nodes.get(&name).cloned() else {
                 return Err(ApiError::NotFound { kind: "Node", name });
             };
             let mut serials = vec![serial];
-            serials.extend(record.serials.first().cloned());
-            let renewed = NodeRecord {
+            serials.extend(stored.object.serials.first().cloned());
+            let renewed = Node {
                 serials,
                 certificate_expires: expires,
-                ..record
+                ..stored.object
             };
-            draft.put_node(&name, renewed, Expect::Version(version))
+            draft.put_node(renewed, Expect::Version(stored.version));
+            Ok(())
         })
         .await?;
         tracing::info!(%node, serial = %issued.serial, "renewed a node certificate");
@@ -140,16 +145,12 @@ impl Control {
         let mut updates = self.updates.subscribe();
         let mut removed = self.removed_nodes.subscribe();
         let state = self.state();
-        let catch_up = state
-            .history
-            .since(since, state.view_version)
-            .unwrap_or_else(|| {
-                vec![view::snapshot(
-                    &state.view,
-                    &state.policy,
-                    state.view_version,
-                )]
-            });
+        // The watch encoder: the history is domain updates; each goes on
+        // the wire once per stream (live ones arrive encoded once for all).
+        let catch_up: Vec<v1::ViewUpdate> = match state.history.since(since, state.view.version) {
+            Some(missed) => missed.iter().map(|u| v1::ViewUpdate::from(&**u)).collect(),
+            None => vec![v1::ViewUpdate::from(&state.view)],
+        };
         self.live().entry(node.clone()).or_default().watchers += 1;
         let control = self.clone();
         tokio::spawn(async move {
@@ -177,8 +178,8 @@ impl Control {
                         // Fell behind: start over from the whole view.
                         Err(RecvError::Lagged(_)) => {
                             let state = control.state();
-                            last = state.view_version;
-                            if tx.send(Ok(view::snapshot(&state.view, &state.policy, last))).await.is_err() {
+                            last = state.view.version;
+                            if tx.send(Ok(v1::ViewUpdate::from(&state.view))).await.is_err() {
                                 return;
                             }
                         }
@@ -199,31 +200,57 @@ impl Control {
         ReceiverStream::new(rx)
     }
 
+    /// Takes in a node's report. What does not read (from an agent of
+    /// another version) is left out and logged; the rest still counts.
     pub fn report(&self, node: &str, req: v1::ReportStatusRequest) {
-        self.metrics.record_flow_events(req.flows.len());
-        if req.flows_only {
-            self.flows.record(node, req.flows);
+        let v1::ReportStatusRequest {
+            applied_version,
+            counters,
+            unhealthy,
+            flows,
+            policy_counters,
+            flows_only,
+        } = req;
+        self.metrics.record_flow_events(flows.len());
+        let flows: Vec<FlowEvent> = readable(node, "flow event", flows);
+        if flows_only {
+            self.flows.record(node, flows);
             return;
         }
+        let counters: Vec<FrontendCounters> = readable(node, "counters", counters);
+        let unhealthy: super::health::Unhealthy =
+            readable::<_, BackendRef>(node, "probe verdict", unhealthy)
+                .into_iter()
+                .collect();
         let mut live = self.live();
         let entry = live.entry(node.to_string()).or_default();
-        entry.applied_version = req.applied_version;
-        entry.counters = req.counters;
-        entry.policy_counters = req.policy_counters;
+        entry.applied_version = applied_version;
+        entry.counters = counters;
+        entry.policy_counters = policy_counters.into_iter().map(PolicyCounter::from).collect();
         entry.last_report = Some(SystemTime::now());
-        let unhealthy: super::health::Unhealthy = req
-            .unhealthy
-            .into_iter()
-            .map(|b| (b.service, b.address))
-            .collect();
         let changed = entry.unhealthy != unhealthy;
         entry.unhealthy = unhealthy;
         drop(live);
-        self.flows.record(node, req.flows);
+        self.flows.record(node, flows);
         if changed {
             self.judge_health();
         }
     }
+}
+
+/// The entries of a report that read as domain values.
+fn readable<W, D>(node: &str, what: &str, entries: Vec<W>) -> Vec<D>
+where
+    D: TryFrom<W, Error = sluice_model::wire::ReportError>,
+{
+    entries
+        .into_iter()
+        .filter_map(|entry| {
+            D::try_from(entry)
+                .inspect_err(|e| tracing::warn!(%node, "ignoring a {what} the node reported: {e}"))
+                .ok()
+        })
+        .collect()
 }
 
 /// Marks a node connected while one of its watch streams is open.

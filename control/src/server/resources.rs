@@ -338,7 +338,9 @@ impl Resolve for Vips {
                     Some(owner) if *owner != key => BTreeSet::from([requested]),
                     _ => BTreeSet::new(),
                 };
-                self.pool.check_requested(requested, &others)
+                self.pool
+                    .check_requested(requested, &others)
+                    .map(|()| requested)
             }
             None => match had {
                 Some(kept) => Ok(kept),

@@ -84,17 +84,6 @@ use std::path::PathBuf;
 
 pub use embedded::RedbStore;
 
-/// Well-known kinds. The store does not interpret kinds; these keep the spelling in one place.
-pub mod kind {
-    pub const SERVICE: &str = "service";
-    pub const ENDPOINT: &str = "endpoint";
-    pub const GRANT: &str = "grant";
-    pub const NETWORK_POLICY: &str = "networkpolicy";
-    pub const NODE: &str = "node";
-    pub const TOKEN: &str = "token";
-    pub const PKI: &str = "pki";
-}
-
 /// Where a value lives. Listing is by `kind`, or by `(kind, namespace)`, in
 /// `(namespace, name)` order.
 ///

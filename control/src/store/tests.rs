@@ -9,6 +9,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::*;
 
+// The store does not interpret table names; these stand for any.
+const SERVICE: &str = "service";
+const ENDPOINT: &str = "endpoint";
+const TOKEN: &str = "token";
+const NODE: &str = "node";
+
 fn temp_store() -> (tempfile::TempDir, Arc<dyn Store>) {
     let dir = tempfile::tempdir().expect("temp dir");
     let store = RedbStore::open(dir.path().join("state.redb")).expect("open store");
@@ -16,7 +22,7 @@ fn temp_store() -> (tempfile::TempDir, Arc<dyn Store>) {
 }
 
 fn svc(ns: &str, name: &str) -> Key {
-    Key::new(kind::SERVICE, ns, name)
+    Key::new(SERVICE, ns, name)
 }
 
 /// One write transaction that puts one value; returns the new revision.
@@ -46,7 +52,7 @@ fn store_is_object_safe_send_and_sync() {
 fn new_store_is_at_revision_1_and_empty() {
     let (_dir, store) = temp_store();
     assert_eq!(store.revision().expect("revision"), 1);
-    let (all, rev) = store.load(&[kind::SERVICE, kind::NODE]).expect("load");
+    let (all, rev) = store.load(&[SERVICE, NODE]).expect("load");
     assert!(all.is_empty());
     assert_eq!(rev, 1);
 }
@@ -127,14 +133,14 @@ fn several_writes_in_one_transaction_share_one_revision() {
                 tx.put(&svc("ns", name), name.as_bytes(), Expect::Absent)?;
             }
             // The transaction sees its own writes.
-            assert_eq!(tx.list(kind::SERVICE, Some("ns"))?.len(), 3);
+            assert_eq!(tx.list(SERVICE, Some("ns"))?.len(), 3);
             tx.delete(&svc("ns", "c"), Expect::Version(2))?;
             assert_eq!(tx.get(&svc("ns", "c"))?, None);
             Ok::<_, StoreError>(())
         })
         .expect("write");
     assert_eq!(rev, 2);
-    let (all, rev) = store.read(|tx| tx.list(kind::SERVICE, None)).expect("list");
+    let (all, rev) = store.read(|tx| tx.list(SERVICE, None)).expect("list");
     assert_eq!(rev, 2);
     assert_eq!(names(&all), ["service/ns/a", "service/ns/b"]);
     assert!(all.iter().all(|(_, v)| v.version == 2));
@@ -253,13 +259,13 @@ impl From<StoreError> for DomainError {
 #[test]
 fn a_closure_error_aborts_and_passes_through() {
     let (_dir, store) = temp_store();
-    let token = Key::cluster(kind::TOKEN, "t1");
-    let node = Key::cluster(kind::NODE, "n1");
+    let token = Key::cluster(TOKEN, "t1");
+    let node = Key::cluster(NODE, "n1");
     put(&*store, &token, b"single-use", Expect::Absent).expect("create token");
 
     let join = |node_name: &str| {
         store.write(|tx| -> Result<(), DomainError> {
-            let node = Key::cluster(kind::NODE, node_name);
+            let node = Key::cluster(NODE, node_name);
             tx.put(&node, b"node", Expect::Absent)?;
             let Some(t) = tx.get(&token)? else {
                 return Err(DomainError::TokenAlreadyUsed);
@@ -275,7 +281,7 @@ fn a_closure_error_aborts_and_passes_through() {
 
     // The second join fails with the domain error, and its node put is rolled back.
     assert!(matches!(join("n2"), Err(DomainError::TokenAlreadyUsed)));
-    assert_eq!(get(&*store, &Key::cluster(kind::NODE, "n2")), None);
+    assert_eq!(get(&*store, &Key::cluster(NODE, "n2")), None);
     // A store error converts into the domain error.
     assert!(matches!(
         join("n1"),
@@ -295,7 +301,7 @@ fn list_by_kind_and_namespace_is_exact_and_sorted() {
         svc("", "cluster-wide"),
         Key::new("services", "a", "x"),
         Key::new("servic", "a", "x"),
-        Key::new(kind::ENDPOINT, "a", "x"),
+        Key::new(ENDPOINT, "a", "x"),
     ];
     store
         .write(|tx| {
@@ -314,7 +320,7 @@ fn list_by_kind_and_namespace_is_exact_and_sorted() {
         names(&entries)
     };
     assert_eq!(
-        read(kind::SERVICE, None),
+        read(SERVICE, None),
         [
             "service/cluster-wide",
             "service/a/x",
@@ -324,15 +330,15 @@ fn list_by_kind_and_namespace_is_exact_and_sorted() {
         ]
     );
     assert_eq!(
-        read(kind::SERVICE, Some("a")),
+        read(SERVICE, Some("a")),
         ["service/a/x", "service/a/y"]
     );
-    assert_eq!(read(kind::SERVICE, Some("")), ["service/cluster-wide"]);
-    assert_eq!(read(kind::SERVICE, Some("c")), Vec::<String>::new());
+    assert_eq!(read(SERVICE, Some("")), ["service/cluster-wide"]);
+    assert_eq!(read(SERVICE, Some("c")), Vec::<String>::new());
     assert_eq!(read("services", None), ["services/a/x"]);
     assert_eq!(read("servic", None), ["servic/a/x"]);
-    assert_eq!(read(kind::NODE, None), Vec::<String>::new());
-    let (all, rev) = store.load(&[kind::ENDPOINT, "services"]).expect("load");
+    assert_eq!(read(NODE, None), Vec::<String>::new());
+    let (all, rev) = store.load(&[ENDPOINT, "services"]).expect("load");
     assert_eq!(names(&all), ["endpoint/a/x", "services/a/x"]);
     assert_eq!(rev, 2);
 }
@@ -385,7 +391,7 @@ fn a_read_transaction_is_a_snapshot() {
         snapshot.get(&web).expect("get").expect("present").value,
         b"v1"
     );
-    assert_eq!(snapshot.list(kind::SERVICE, None).expect("list").len(), 1);
+    assert_eq!(snapshot.list(SERVICE, None).expect("list").len(), 1);
     drop(snapshot);
     assert_eq!(store.revision().expect("revision"), 4);
 }
@@ -403,12 +409,12 @@ fn everything_survives_reopening() {
         store
             .write(|tx| tx.delete(&svc("ns0", "svc00"), Expect::Any))
             .expect("delete");
-        let (all, rev) = store.load(&[kind::SERVICE]).expect("load");
+        let (all, rev) = store.load(&[SERVICE]).expect("load");
         assert_eq!(rev, 52);
         (all, rev)
     };
     let store = RedbStore::open(&path).expect("reopen");
-    assert_eq!(store.load(&[kind::SERVICE]).expect("load"), expected);
+    assert_eq!(store.load(&[SERVICE]).expect("load"), expected);
     assert_eq!(store.revision().expect("revision"), 52);
     // And it keeps counting from there.
     assert_eq!(
@@ -479,7 +485,7 @@ fn a_corrupt_record_is_reported_not_trusted() {
         Err(StoreError::Corrupt { key, .. }) if key == svc("ns", "bad")
     ));
     assert!(matches!(
-        store.read(|tx| tx.list(kind::SERVICE, None)),
+        store.read(|tx| tx.list(SERVICE, None)),
         Err(StoreError::CorruptKey { .. })
     ));
     // A corrupt record cannot be compared against, so conditional writes over it fail too...

@@ -25,6 +25,8 @@ pub enum ReportError {
     Port { field: &'static str, value: u32 },
     #[error("{field}: missing")]
     Missing { field: &'static str },
+    #[error("{field}: unknown value {value}")]
+    UnknownValue { field: &'static str, value: i32 },
     #[error("{field}: {problem}")]
     Invalid {
         field: &'static str,
@@ -259,13 +261,21 @@ impl FlowFilter {
         }
     }
 
-    /// The filter a request asks for (unspecified values filter nothing).
-    pub fn of_request(request: &v1::WatchFlowsRequest) -> Self {
-        Self {
-            verdict: verdict_from_proto(request.verdict),
-            kind: kind_from_proto(request.kind),
-            service: request.service.clone().map(ServiceRef::from),
+    /// The filter a request asks for (unspecified values filter nothing;
+    /// values this build does not know are refused).
+    pub fn of_request(request: &v1::WatchFlowsRequest) -> Result<Self, ReportError> {
+        fn known<T>(field: &'static str, value: i32, parsed: Option<T>) -> Result<Option<T>, ReportError> {
+            match (value, parsed) {
+                (0, _) => Ok(None),
+                (_, Some(parsed)) => Ok(Some(parsed)),
+                (value, None) => Err(ReportError::UnknownValue { field, value }),
+            }
         }
+        Ok(Self {
+            verdict: known("verdict", request.verdict, verdict_from_proto(request.verdict))?,
+            kind: known("kind", request.kind, kind_from_proto(request.kind))?,
+            service: request.service.clone().map(ServiceRef::from),
+        })
     }
 }
 
@@ -481,10 +491,18 @@ mod tests {
                 name: "web".into(),
             }),
         };
-        assert_eq!(FlowFilter::of_request(&filter.to_request(true)), filter);
+        assert_eq!(FlowFilter::of_request(&filter.to_request(true)), Ok(filter));
         assert_eq!(
             FlowFilter::of_request(&FlowFilter::default().to_request(false)),
-            FlowFilter::default()
+            Ok(FlowFilter::default())
+        );
+        let unknown = v1::WatchFlowsRequest {
+            verdict: 42,
+            ..Default::default()
+        };
+        assert_eq!(
+            FlowFilter::of_request(&unknown).map_err(|e| e.to_string()),
+            Err("verdict: unknown value 42".to_owned())
         );
     }
 }
