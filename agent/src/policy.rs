@@ -10,7 +10,7 @@
 //! ingress. *Rules* allow (destination identity,
 //! source identity or any, target port or any, protocol) and name the policy
 //! counted for it. The kernel checks every new flow to an enforced backend
-//! (`balance.rs`, `admit`); established flows are not looked up again, so a
+//! (`policy::admit` in ebpf/programs); established flows are not looked up again, so a
 //! policy change that denies them must end them: [`revoke`].
 //!
 //! Atomic updates: every entry carries a generation. [`PolicyWriter::install`]

@@ -221,7 +221,7 @@ fn xdp_test_run(prog: &Xdp, frame: &[u8], ingress: u32, repeat: u32) -> anyhow::
 
 /// The benchmark's admitted clients: [`CLIENT`] and the new-flow rows'
 /// sources, not [`DENIED_CLIENT`], whose identity is then "world" (see
-/// `admit` in `ebpf/programs/src/balance.rs`).
+/// `admit` in `ebpf/programs/src/policy.rs`).
 const CLIENTS: (Ipv4Addr, u8) = (Ipv4Addr::new(198, 18, 0, 0), 22);
 
 /// Every backend enforced (one identity), the benchmark's clients admitted by

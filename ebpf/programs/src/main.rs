@@ -4,19 +4,24 @@
 //! * `sluice_tc`: TCX ingress, the complete path (interfaces in TC mode);
 //! * `sluice_tc_companion`: TCX ingress beside XDP, for packets XDP deferred.
 //!
-//! The decisions live in [`balance`]; [`xdp`] and [`tc`] apply them.
+//! The decisions live in [`balance`], which consults [`conntrack`], [`lb`],
+//! [`affinity`] and [`policy`]; [`xdp`] and [`tc`] apply them.
 #![no_std]
 #![no_main]
 #![feature(core_intrinsics)]
 #![allow(internal_features, reason = "atomic intrinsics: see atomic.rs")]
 
+mod affinity;
 mod atomic;
 mod balance;
+mod conntrack;
 mod fib;
 mod flowlog;
+mod lb;
 mod maps;
 mod outcome;
 mod packet;
+mod policy;
 mod tc;
 mod xdp;
 
