@@ -267,6 +267,37 @@ pub struct PolicyCounter {
     pub denied: u64,
 }
 
+/// What a service's backend does with new flows now, as `describe` and the
+/// dashboard show it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum BackendState {
+    /// Takes new flows.
+    Serving,
+    /// Marked draining: no new flows, established ones finish.
+    Draining,
+    /// Its probers find it unhealthy.
+    Unhealthy,
+    /// The far side of a rollout: weight zero.
+    NoShare,
+}
+
+impl BackendState {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Serving => "serving",
+            Self::Draining => "draining",
+            Self::Unhealthy => "unhealthy",
+            Self::NoShare => "no share",
+        }
+    }
+}
+
+impl fmt::Display for BackendState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// A backend of a service, as probe verdicts name it.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct BackendRef {

@@ -86,8 +86,7 @@ impl Flows {
 
 impl Control {
     /// The recent events matching the request, then (with `follow`) each new
-    /// one. The whole flow log is cluster-wide: the caller needs `list
-    /// nodes`; one service's flows need `get` on that service.
+    /// one, on the wire.
     pub fn watch_flows(
         &self,
         caller: &Caller,
@@ -96,6 +95,27 @@ impl Control {
         let filter = FlowFilter::of_request(&request).map_err(|e| ApiError::Invalid {
             message: e.to_string(),
         })?;
+        let mut events = self.follow_flows(caller, filter, request.follow)?;
+        let (tx, rx) = mpsc::channel(256);
+        tokio::spawn(async move {
+            while let Some(event) = events.recv().await {
+                if tx.send(Ok(v1::FlowEvent::from(&*event))).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(ReceiverStream::new(rx))
+    }
+
+    /// The recent events `filter` matches, then (with `follow`) each new
+    /// one. The whole flow log is cluster-wide: the caller needs `list
+    /// nodes`; one service's flows need `get` on that service.
+    pub fn follow_flows(
+        &self,
+        caller: &Caller,
+        filter: FlowFilter,
+        follow: bool,
+    ) -> Result<mpsc::Receiver<Arc<FlowEvent>>, ApiError> {
         let state = self.state();
         let grants = state.grants();
         match &filter.service {
@@ -108,7 +128,6 @@ impl Control {
                 &grants,
             )?,
         }
-        let follow = request.follow;
         // Subscribe before reading the recent ones: an event in between may
         // come twice, never not at all.
         let mut live = self.flows.subscribe();
@@ -116,7 +135,7 @@ impl Control {
         let (tx, rx) = mpsc::channel(256);
         tokio::spawn(async move {
             for event in recent {
-                if tx.send(Ok(v1::FlowEvent::from(&*event))).await.is_err() {
+                if tx.send(event).await.is_err() {
                     return;
                 }
             }
@@ -127,7 +146,7 @@ impl Control {
                 tokio::select! {
                     event = live.recv() => match event {
                         Ok(event) if filter.matches(&event) => {
-                            if tx.send(Ok(v1::FlowEvent::from(&*event))).await.is_err() {
+                            if tx.send(event).await.is_err() {
                                 return;
                             }
                         }
@@ -138,6 +157,6 @@ impl Control {
                 }
             }
         });
-        Ok(ReceiverStream::new(rx))
+        Ok(rx)
     }
 }

@@ -7,7 +7,7 @@ use sluice_api::v1;
 
 use super::protocol_from_proto;
 use crate::observe::{
-    BackendCounters, BackendRef, DropReason, FlowEvent, FlowFilter, FlowKind, FlowReason,
+    BackendCounters, BackendRef, BackendState, DropReason, FlowEvent, FlowFilter, FlowKind, FlowReason,
     FlowVerdict, FrontendCounters, PolicyCounter, TrafficCounts,
 };
 use crate::policy::compiled::Slot;
@@ -396,6 +396,28 @@ impl From<v1::PolicyCounter> for PolicyCounter {
             allowed: c.allowed,
             denied: c.denied,
         }
+    }
+}
+
+impl From<BackendState> for v1::BackendState {
+    fn from(state: BackendState) -> Self {
+        match state {
+            BackendState::Serving => Self::Serving,
+            BackendState::Draining => Self::Draining,
+            BackendState::Unhealthy => Self::Unhealthy,
+            BackendState::NoShare => Self::NoShare,
+        }
+    }
+}
+
+/// `None`: unspecified, or a state this build does not know.
+pub fn backend_state_from_proto(value: i32) -> Option<BackendState> {
+    match v1::BackendState::try_from(value).ok()? {
+        v1::BackendState::Serving => Some(BackendState::Serving),
+        v1::BackendState::Draining => Some(BackendState::Draining),
+        v1::BackendState::Unhealthy => Some(BackendState::Unhealthy),
+        v1::BackendState::NoShare => Some(BackendState::NoShare),
+        v1::BackendState::Unspecified => None,
     }
 }
 

@@ -45,6 +45,7 @@ use axum::{
     routing::get,
 };
 use sluice_api::v1;
+use sluice_model::observe::{FlowEvent, FlowFilter};
 use sluice_pki::PkiError;
 use tokio::{
     io::AsyncWriteExt as _,
@@ -319,8 +320,8 @@ fn unauthenticated(e: &TokenRefused) -> Response {
 /// the caller may see flows.
 #[derive(Default)]
 struct FlowFeed {
-    recent: VecDeque<Arc<v1::FlowEvent>>,
-    feed: Option<mpsc::Receiver<Result<v1::FlowEvent, tonic::Status>>>,
+    recent: VecDeque<Arc<FlowEvent>>,
+    feed: Option<mpsc::Receiver<Arc<FlowEvent>>>,
 }
 
 /// Events taken from the feed per tick at most: a backlog of the store's
@@ -332,16 +333,8 @@ impl FlowFeed {
     /// (`sluicectl flows`'s permission), forgets everything if not.
     async fn update(&mut self, control: &Control, caller: &Caller, follow: bool) {
         if self.feed.is_none() {
-            match control.watch_flows(
-                caller,
-                v1::WatchFlowsRequest {
-                    verdict: String::new(),
-                    follow,
-                    service: String::new(),
-                    kind: String::new(),
-                },
-            ) {
-                Ok(stream) => self.feed = Some(stream.into_inner()),
+            match control.follow_flows(caller, FlowFilter::default(), follow) {
+                Ok(feed) => self.feed = Some(feed),
                 Err(_) => {
                     self.recent.clear();
                     return;
@@ -365,13 +358,13 @@ impl FlowFeed {
                 Err(TryRecvError::Disconnected) => None,
             };
             match next {
-                Some(Ok(event)) => {
+                Some(event) => {
                     if self.recent.len() == snapshot::FLOWS_SHOWN {
                         self.recent.pop_front();
                     }
-                    self.recent.push_back(Arc::new(event));
+                    self.recent.push_back(event);
                 }
-                Some(Err(_)) | None => {
+                None => {
                     self.feed = None;
                     break;
                 }
@@ -379,7 +372,7 @@ impl FlowFeed {
         }
     }
 
-    fn events(&self) -> Vec<Arc<v1::FlowEvent>> {
+    fn events(&self) -> Vec<Arc<FlowEvent>> {
         self.recent.iter().cloned().collect()
     }
 }

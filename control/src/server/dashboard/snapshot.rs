@@ -15,15 +15,15 @@ use std::{
 };
 
 use serde::Serialize;
-use sluice_api::v1;
+use sluice_model::observe::{BackendState, FlowEvent, PolicyCounter, TrafficCounts};
+use sluice_model::policy::compiled::{LabelSet, Slot};
+use sluice_model::view::ServiceRef;
+use sluice_model::{NetworkPolicy, Node, Service};
 
 use crate::rates::{NodeRates, Rate, Rates};
 use crate::{
     rbac::{self, Caller, Denied, Resource, Verb},
-    server::{
-        Control, NodeLive,
-        state::{NodeRecord, rfc3339},
-    },
+    server::{Control, NodeLive, describe::ResolvedBackend, state::rfc3339},
 };
 
 /// Flow events sent with each snapshot (the most recent).
@@ -42,13 +42,11 @@ pub struct Totals {
 }
 
 impl Totals {
-    fn add(&mut self, c: Option<&v1::TrafficCounters>) {
-        if let Some(c) = c {
-            self.packets += c.packets;
-            self.bytes += c.bytes;
-            self.new_flows += c.new_flows;
-            self.active_connections += c.active_connections;
-        }
+    fn add(&mut self, c: &TrafficCounts) {
+        self.packets += c.packets;
+        self.bytes += c.bytes;
+        self.new_flows += c.new_flows;
+        self.active_connections += c.active_connections;
     }
 }
 
@@ -162,20 +160,14 @@ pub struct FlowRow {
     pub counted_as: String,
 }
 
-fn protocol_name(p: i32) -> &'static str {
-    match v1::Protocol::try_from(p) {
-        Ok(v1::Protocol::Udp) => "UDP",
-        _ => "TCP",
-    }
-}
-
-fn algorithm_name(a: i32) -> &'static str {
-    match v1::Algorithm::try_from(a) {
-        Ok(v1::Algorithm::WeightedRoundRobin) => "weighted round-robin",
-        Ok(v1::Algorithm::LeastConnections) => "least connections",
-        Ok(v1::Algorithm::WeightedLeastConnections) => "weighted least connections",
-        Ok(v1::Algorithm::Maglev) => "maglev",
-        _ => "round-robin",
+fn algorithm_name(a: sluice_model::Algorithm) -> &'static str {
+    use sluice_model::Algorithm as A;
+    match a {
+        A::RoundRobin => "round-robin",
+        A::WeightedRoundRobin => "weighted round-robin",
+        A::LeastConnections => "least connections",
+        A::WeightedLeastConnections => "weighted least connections",
+        A::Maglev => "maglev",
     }
 }
 
@@ -183,90 +175,74 @@ fn percent(part: f64, whole: f64) -> Option<f64> {
     (whole > 0.0).then(|| (part / whole * 100.0).clamp(0.0, 100.0))
 }
 
-fn flow_row(e: &v1::FlowEvent) -> FlowRow {
+/// RFC 3339 to the millisecond.
+fn rfc3339_ms(unix_ms: u64) -> String {
+    let t = time::OffsetDateTime::from(
+        std::time::UNIX_EPOCH + std::time::Duration::from_millis(unix_ms),
+    );
+    let t = t
+        .replace_nanosecond(u32::from(t.millisecond()) * 1_000_000)
+        .unwrap_or(t);
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+fn flow_row(e: &FlowEvent) -> FlowRow {
     FlowRow {
-        time: e.time.clone(),
+        time: rfc3339_ms(e.observed_unix_ms),
         node: e.node.clone(),
-        kind: e.kind.clone(),
-        verdict: e.verdict.clone(),
-        reason: e.reason.clone(),
-        client: e.client.clone(),
-        vip: e.vip.clone(),
-        service: e.service.clone(),
-        backend: e.backend.clone(),
-        protocol: protocol_name(e.protocol),
-        counted_as: e.counted_as.clone(),
+        kind: e.kind.to_string(),
+        verdict: e.verdict.to_string(),
+        reason: e.reason.to_string(),
+        client: e.client.to_string(),
+        vip: e.vip.to_string(),
+        service: e.service.as_ref().map(ToString::to_string).unwrap_or_default(),
+        backend: e.backend.map(|b| b.to_string()).unwrap_or_default(),
+        protocol: e.protocol.as_str(),
+        counted_as: e.counted_as.to_string(),
     }
 }
 
-/// Whether a policy restricts ingress / egress (as Kubernetes: no types
-/// means ingress, plus egress if it has egress rules).
-fn restricts(p: &v1::NetworkPolicy, ty: v1::PolicyType) -> bool {
-    if p.policy_types.is_empty() {
-        ty == v1::PolicyType::Ingress || !p.egress.is_empty()
-    } else {
-        p.policy_types.contains(&(ty as i32))
-    }
-}
-
-/// The label set of a deny counter's name ("<ns>:{k=v,…}", as the policy
-/// compiler writes it).
-fn label_set(described: &str) -> Option<(&str, BTreeMap<&str, &str>)> {
-    let (ns, rest) = described.split_once(":{")?;
-    let labels = rest.strip_suffix('}')?;
-    let map = labels
-        .split(',')
-        .filter(|l| !l.is_empty())
-        .filter_map(|l| l.split_once('='))
-        .collect();
-    Some((ns, map))
+/// Whether `p` selects the endpoints of `set` (a policy on a service's VIP
+/// selects none).
+fn selects(p: &NetworkPolicy, set: &LabelSet) -> bool {
+    p.selector.as_ref().is_some_and(|selector| {
+        set.namespace == p.namespace
+            && selector.iter().all(|(k, v)| set.labels.get(k) == Some(v))
+    })
 }
 
 /// A policy's row: what it admitted and what was refused to what it selects.
-pub fn policy_row(
-    (ns, name): &(String, String),
-    p: &v1::NetworkPolicy,
-    counters: &[&v1::PolicyCounter],
-) -> PolicyRow {
-    let allowed_as = format!("allowed by {ns}/{name}");
-    let protected_as = format!("denied to service {ns}/{}", p.service);
-    let selects = |described: &str| {
-        p.service.is_empty()
-            && label_set(described).is_some_and(|(set_ns, labels)| {
-                set_ns == ns
-                    && p.selector
-                        .iter()
-                        .all(|(k, v)| labels.get(k.as_str()) == Some(&v.as_str()))
-            })
-    };
+pub fn policy_row(p: &NetworkPolicy, counters: &[&PolicyCounter]) -> PolicyRow {
     let mut row = PolicyRow {
-        namespace: ns.clone(),
-        name: name.clone(),
-        target: if p.service.is_empty() {
-            let mut labels: Vec<String> =
-                p.selector.iter().map(|(k, v)| format!("{k}={v}")).collect();
-            labels.sort();
-            format!("{ns}:{{{}}}", labels.join(","))
-        } else {
-            format!("service {ns}/{}", p.service)
+        namespace: p.namespace.clone(),
+        name: p.name.clone(),
+        target: match (&p.service, &p.selector) {
+            (Some(service), _) => format!("service {}/{service}", p.namespace),
+            (None, selector) => LabelSet {
+                namespace: p.namespace.clone(),
+                labels: selector.clone().unwrap_or_default(),
+            }
+            .to_string(),
         },
         allowed: 0,
         denied: 0,
     };
     for c in counters {
-        if c.counts == allowed_as {
-            row.allowed += c.allowed;
-        } else if !p.service.is_empty() && c.counts == protected_as {
-            row.denied += c.denied;
-        } else if let Some(set) = c.counts.strip_prefix("denied to ") {
-            if restricts(p, v1::PolicyType::Ingress) && selects(set) {
+        match &c.counts {
+            Slot::AllowedBy(policy) if policy.namespace == p.namespace && policy.name == p.name => {
+                row.allowed += c.allowed;
+            }
+            Slot::DeniedToService(ServiceRef { namespace, name })
+                if *namespace == p.namespace && p.service.as_ref() == Some(name) =>
+            {
                 row.denied += c.denied;
             }
-        } else if let Some(set) = c.counts.strip_prefix("egress denied from ")
-            && restricts(p, v1::PolicyType::Egress)
-            && selects(set)
-        {
-            row.denied += c.denied;
+            Slot::DeniedTo(set) if p.types.ingress && selects(p, set) => row.denied += c.denied,
+            Slot::EgressDeniedFrom(set) if p.types.egress && selects(p, set) => {
+                row.denied += c.denied;
+            }
+            _ => {}
         }
     }
     row
@@ -275,72 +251,69 @@ pub fn policy_row(
 /// A service's row: its counters summed over the nodes' last reports, its
 /// rates over each node's last two, and each backend's share of new flows.
 fn service_row(
-    (ns, name): (&str, &str),
-    service: &v1::Service,
-    backends: Vec<v1::ResolvedBackend>,
+    service: &Service,
+    backends: Vec<ResolvedBackend>,
     live: &BTreeMap<String, NodeLive>,
     node_rates: &BTreeMap<String, NodeRates>,
 ) -> ServiceRow {
-    let full = format!("{ns}/{name}");
+    let name = ServiceRef {
+        namespace: service.namespace.clone(),
+        name: service.name.clone(),
+    };
     let mut totals = Totals::default();
     let mut rate = Rate::default();
-    let mut backend_totals: BTreeMap<(String, u32), Totals> = BTreeMap::new();
-    let mut backend_rates: BTreeMap<(String, u32), Rate> = BTreeMap::new();
+    let mut backend_totals: BTreeMap<(std::net::IpAddr, u16), Totals> = BTreeMap::new();
+    let mut backend_rates: BTreeMap<(std::net::IpAddr, u16), Rate> = BTreeMap::new();
     for l in live.values() {
-        for c in l.counters.iter().filter(|c| c.service == full) {
-            totals.add(c.counters.as_ref());
+        for c in l.counters.iter().filter(|c| c.service == name) {
+            totals.add(&c.counts);
             for b in &c.backends {
                 backend_totals
-                    .entry((b.address.clone(), b.port))
+                    .entry((b.address, b.port))
                     .or_default()
-                    .add(b.counters.as_ref());
+                    .add(&b.counts);
             }
         }
     }
     for r in node_rates.values() {
-        for (_, fr) in r.frontends.iter().filter(|(k, _)| k.0 == full) {
+        for (_, fr) in r.frontends.iter().filter(|(k, _)| k.0 == name) {
             rate.add(fr);
         }
         for ((fk, b), br) in &r.backends {
-            if fk.0 == full {
-                backend_rates.entry(b.clone()).or_default().add(br);
+            if fk.0 == name {
+                backend_rates.entry(*b).or_default().add(br);
             }
         }
     }
     let backends = backends
         .into_iter()
         .map(|b| {
-            let key = (b.address.clone(), b.port);
+            let key = (std::net::IpAddr::V4(b.address), b.port);
             let t = backend_totals.get(&key).cloned().unwrap_or_default();
             let r = backend_rates.get(&key).copied().unwrap_or_default();
             BackendRow {
                 share_now: percent(r.new_flows, rate.new_flows),
                 share_total: percent(t.new_flows as f64, totals.new_flows as f64),
-                address: b.address,
-                port: b.port,
+                address: b.address.to_string(),
+                port: b.port.into(),
                 weight: b.weight,
-                state: b.state,
-                source: b.source,
+                state: b.state.to_string(),
+                source: b
+                    .endpoint
+                    .map_or_else(|| "static".to_owned(), |(ns, name)| format!("{ns}/{name}")),
                 totals: t,
                 rate: r,
             }
         })
         .collect();
     ServiceRow {
-        namespace: ns.to_owned(),
-        name: name.to_owned(),
-        vip: service.vip.clone(),
+        namespace: service.namespace.clone(),
+        name: service.name.clone(),
+        vip: service.vip.to_string(),
         ports: service
             .ports
             .iter()
-            .map(|p| {
-                let target = if p.target_port == 0 {
-                    p.port
-                } else {
-                    p.target_port
-                };
-                format!("{}/{}→{target}", p.port, protocol_name(p.protocol))
-            })
+            .map(|p| format!("{}/{}→{}", p.port, p.protocol, p.target_port))
             .collect(),
         algorithm: algorithm_name(service.algorithm),
         totals,
@@ -352,7 +325,7 @@ fn service_row(
 /// A node's row: its record, what its agent last reported, and its health.
 fn node_row(
     name: &str,
-    record: &NodeRecord,
+    record: &Node,
     live: Option<&NodeLive>,
     desired_version: u64,
     rates: Option<&NodeRates>,
@@ -370,8 +343,8 @@ fn node_row(
     }
     NodeRow {
         name: name.to_owned(),
-        zone: record.zone.clone(),
-        joined_at: record.joined_at.clone(),
+        zone: record.zone.clone().unwrap_or_default(),
+        joined_at: rfc3339(record.joined_at),
         connected,
         applied_version: l.applied_version,
         desired_version,
@@ -420,7 +393,8 @@ fn overview(
         for b in &s.backends {
             if seen.insert((&s.namespace, &s.name, &b.address)) {
                 overview.backends += 1;
-                overview.backends_serving += usize::from(b.state == "serving");
+                overview.backends_serving +=
+                    usize::from(b.state == BackendState::Serving.as_str());
             }
         }
     }
@@ -441,7 +415,7 @@ impl Control {
         &self,
         caller: &Caller,
         rates: &std::sync::Mutex<Rates>,
-        flows: &[Arc<v1::FlowEvent>],
+        flows: &[Arc<FlowEvent>],
     ) -> Result<Snapshot, Denied> {
         let state = self.state();
         let grants = state.grants();
@@ -475,49 +449,40 @@ impl Control {
                 .collect::<BTreeMap<_, _>>()
         };
 
-        let mut services = Vec::new();
-        for ((ns, name), service) in &state.services {
-            if !visible(&service_ns, ns) {
-                continue;
-            }
-            let Ok(described) = self.describe(
-                caller,
-                &v1::GetRequest {
-                    kind: v1::Kind::Service as i32,
-                    namespace: ns.clone(),
-                    name: name.clone(),
-                },
-            ) else {
-                continue;
-            };
-            services.push(service_row(
-                (ns, name),
-                service,
-                described.backends,
-                &live,
-                &node_rates,
-            ));
-        }
+        let services: Vec<ServiceRow> = state
+            .objects
+            .all::<Service>()
+            .filter(|service| visible(&service_ns, &service.namespace))
+            // As `describe`, which shows the same backends, needs.
+            .filter(|service| {
+                rbac::check(caller, Verb::Get, Resource::Services, Some(&service.namespace), &grants)
+                    .is_ok()
+            })
+            .map(|service| {
+                let backends = self.resolved_backends(&state, service);
+                service_row(service, backends, &live, &node_rates)
+            })
+            .collect();
 
-        let counters: Vec<&v1::PolicyCounter> =
+        let counters: Vec<&PolicyCounter> =
             live.values().flat_map(|l| &l.policy_counters).collect();
         let policies: Vec<PolicyRow> = state
-            .policies
-            .iter()
-            .filter(|((ns, _), _)| visible(&policy_ns, ns))
-            .map(|(key, p)| policy_row(key, p, &counters))
+            .objects
+            .all::<NetworkPolicy>()
+            .filter(|p| visible(&policy_ns, &p.namespace))
+            .map(|p| policy_row(p, &counters))
             .collect();
 
         let nodes = nodes_denied.is_none().then(|| {
             state
                 .nodes
                 .iter()
-                .map(|(name, (record, _))| {
+                .map(|(name, record)| {
                     node_row(
                         name,
-                        record,
+                        &record.object,
                         live.get(name),
-                        state.view_version,
+                        state.view.version,
                         node_rates.get(name),
                         now,
                     )
@@ -537,7 +502,7 @@ impl Control {
             nodes.as_deref(),
             &services,
             policies.len(),
-            state.view_version,
+            state.view.version,
         );
         Ok(Snapshot {
             time: rfc3339(now),
@@ -555,41 +520,73 @@ impl Control {
 
 #[cfg(test)]
 mod tests {
+    use sluice_api::v1;
+    use sluice_model::observe::{BackendCounters, FrontendCounters};
+    use sluice_model::policy::PolicyTypes;
+    use sluice_model::policy::compiled::PolicyRef;
+    use sluice_model::view::FrontendKey;
+    use sluice_model::{Labels, Protocol, ServicePort};
+
     use super::*;
 
-    fn counter(counts: &str, allowed: u64, denied: u64) -> v1::PolicyCounter {
-        v1::PolicyCounter {
-            counts: counts.into(),
+    fn counter(counts: Slot, allowed: u64, denied: u64) -> PolicyCounter {
+        PolicyCounter {
+            counts,
             allowed,
             denied,
         }
     }
 
-    fn policy(selector: &[(&str, &str)], service: &str) -> v1::NetworkPolicy {
-        v1::NetworkPolicy {
-            selector: selector
-                .iter()
-                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-                .collect(),
-            service: service.into(),
-            ..Default::default()
+    fn labels(pairs: &[(&str, &str)]) -> Labels {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    fn set(namespace: &str, pairs: &[(&str, &str)]) -> LabelSet {
+        LabelSet {
+            namespace: namespace.into(),
+            labels: labels(pairs),
+        }
+    }
+
+    fn allowed_by(namespace: &str, name: &str) -> Slot {
+        Slot::AllowedBy(PolicyRef {
+            namespace: namespace.into(),
+            name: name.into(),
+        })
+    }
+
+    fn policy(selector: &[(&str, &str)], service: &str) -> NetworkPolicy {
+        NetworkPolicy {
+            namespace: "shop".into(),
+            name: "web-ingress".into(),
+            labels: Labels::new(),
+            selector: service.is_empty().then(|| labels(selector)),
+            service: (!service.is_empty()).then(|| service.into()),
+            types: PolicyTypes {
+                ingress: true,
+                egress: false,
+            },
+            ingress: Vec::new(),
+            egress: Vec::new(),
         }
     }
 
     #[test]
     fn a_policy_counts_what_it_admitted_and_what_was_refused_to_what_it_selects() {
         let counters = [
-            counter("allowed by shop/web-ingress", 7, 0),
-            counter("allowed by shop/web-ingress", 3, 0),
-            counter("allowed by shop/other", 100, 0),
-            counter("denied to shop:{app=web,tier=front}", 0, 4),
-            counter("denied to shop:{app=db}", 0, 50),
-            counter("denied to blog:{app=web}", 0, 60),
-            counter("egress denied from shop:{app=web}", 0, 70),
+            counter(allowed_by("shop", "web-ingress"), 7, 0),
+            counter(allowed_by("shop", "web-ingress"), 3, 0),
+            counter(allowed_by("shop", "other"), 100, 0),
+            counter(Slot::DeniedTo(set("shop", &[("app", "web"), ("tier", "front")])), 0, 4),
+            counter(Slot::DeniedTo(set("shop", &[("app", "db")])), 0, 50),
+            counter(Slot::DeniedTo(set("blog", &[("app", "web")])), 0, 60),
+            counter(Slot::EgressDeniedFrom(set("shop", &[("app", "web")])), 0, 70),
         ];
-        let refs: Vec<&v1::PolicyCounter> = counters.iter().collect();
-        let key = ("shop".to_owned(), "web-ingress".to_owned());
-        let row = policy_row(&key, &policy(&[("app", "web")], ""), &refs);
+        let refs: Vec<&PolicyCounter> = counters.iter().collect();
+        let row = policy_row(&policy(&[("app", "web")], ""), &refs);
         assert_eq!(
             row,
             PolicyRow {
@@ -602,11 +599,18 @@ mod tests {
             }
         );
         let by_service = [
-            counter("denied to service shop/web", 0, 9),
-            counter("denied to shop:{app=web}", 0, 1),
+            counter(
+                Slot::DeniedToService(ServiceRef {
+                    namespace: "shop".into(),
+                    name: "web".into(),
+                }),
+                0,
+                9,
+            ),
+            counter(Slot::DeniedTo(set("shop", &[("app", "web")])), 0, 1),
         ];
-        let refs: Vec<&v1::PolicyCounter> = by_service.iter().collect();
-        let row = policy_row(&key, &policy(&[], "web"), &refs);
+        let refs: Vec<&PolicyCounter> = by_service.iter().collect();
+        let row = policy_row(&policy(&[], "web"), &refs);
         assert_eq!((row.target.as_str(), row.denied), ("service shop/web", 9));
     }
 
@@ -709,13 +713,32 @@ scope: blog
         assert!(control.dashboard_snapshot(&bob, &rates, &[]).is_err());
     }
 
-    fn traffic(packets: u64, new_flows: u64, active: u64) -> Option<v1::TrafficCounters> {
-        Some(v1::TrafficCounters {
+    fn traffic(packets: u64, new_flows: u64, active: u64) -> TrafficCounts {
+        TrafficCounts {
             packets,
             bytes: packets * 100,
             new_flows,
             active_connections: active,
-        })
+        }
+    }
+
+    fn web() -> Service {
+        Service {
+            namespace: "shop".into(),
+            name: "web".into(),
+            labels: Labels::new(),
+            vip: "198.18.100.1".parse().expect("ip"),
+            ports: vec![ServicePort {
+                port: 80,
+                protocol: Protocol::Tcp,
+                target_port: 8080,
+            }],
+            algorithm: Default::default(),
+            backends: Vec::new(),
+            selector: Labels::new(),
+            maglev_table_size: None,
+            traffic: Default::default(),
+        }
     }
 
     /// A node's report for shop/web: (total, backend .11, backend .12).
@@ -725,20 +748,26 @@ scope: blog
         b11: (u64, u64, u64),
         b12: (u64, u64, u64),
     ) -> NodeLive {
-        let backend = |address: &str, c: (u64, u64, u64)| v1::BackendCounters {
-            address: address.into(),
+        let backend = |address: &str, c: (u64, u64, u64)| BackendCounters {
+            address: address.parse().expect("ip"),
             port: 8080,
-            counters: traffic(c.0, c.1, c.2),
+            counts: traffic(c.0, c.1, c.2),
         };
+        let service = web();
         NodeLive {
             watchers: 1,
             last_report: Some(at),
-            counters: vec![v1::FrontendCounters {
-                service: "shop/web".into(),
-                vip: "198.18.100.1".into(),
-                port: 80,
-                protocol: v1::Protocol::Tcp as i32,
-                counters: traffic(t.0, t.1, t.2),
+            counters: vec![FrontendCounters {
+                service: ServiceRef {
+                    namespace: service.namespace,
+                    name: service.name,
+                },
+                key: FrontendKey {
+                    vip: service.vip,
+                    port: 80,
+                    protocol: Protocol::Tcp,
+                },
+                counts: traffic(t.0, t.1, t.2),
                 backends: vec![backend("198.19.0.11", b11), backend("198.19.0.12", b12)],
             }],
             ..Default::default()
@@ -763,26 +792,16 @@ scope: blog
             .keys()
             .map(|n| (n.clone(), rates.node(n, t1)))
             .collect();
-        let resolved = |address: &str| v1::ResolvedBackend {
-            address: address.into(),
+        let resolved = |address: &str| ResolvedBackend {
+            address: address.parse().expect("ip"),
             port: 8080,
             weight: 1,
-            source: "static".into(),
-            state: "serving".into(),
+            endpoint: None,
+            state: BackendState::Serving,
             probers: Vec::new(),
         };
-        let service = v1::Service {
-            vip: "198.18.100.1".into(),
-            ports: vec![v1::ServicePort {
-                port: 80,
-                protocol: v1::Protocol::Tcp as i32,
-                target_port: 8080,
-            }],
-            ..Default::default()
-        };
         let row = service_row(
-            ("shop", "web"),
-            &service,
+            &web(),
             vec![resolved("198.19.0.11"), resolved("198.19.0.12")],
             &live,
             &node_rates,
@@ -811,15 +830,5 @@ scope: blog
         assert_eq!((o.services, o.backends, o.backends_serving), (2, 2, 2));
         assert_eq!(o.totals.new_flows, 120);
         assert_eq!(o.nodes, None);
-    }
-
-    #[test]
-    fn label_sets_parse_as_the_compiler_writes_them() {
-        assert_eq!(
-            label_set("shop:{app=web,tier=front}"),
-            Some(("shop", BTreeMap::from([("app", "web"), ("tier", "front")])))
-        );
-        assert_eq!(label_set("shop:{}"), Some(("shop", BTreeMap::new())));
-        assert_eq!(label_set("service shop/web"), None);
     }
 }
