@@ -116,11 +116,15 @@ mod tests {
         let desired = Desired::from([(
             key,
             DesiredFrontend {
-                service: "web".into(),
+                service: sluice_model::view::ServiceRef {
+                    namespace: "default".into(),
+                    name: "web".into(),
+                },
+                name: "web".into(),
                 target_port: 80,
                 algorithm: Algorithm::RoundRobin,
                 backends: Vec::new(),
-                maglev_table_size: None,
+                maglev_table_size: 0,
                 health_check: None,
                 drain_timeout: timeout,
                 session_affinity: Default::default(),

@@ -33,7 +33,9 @@ use std::{
     time::Duration,
 };
 
+use sluice_model::observe::BackendRef;
 use sluice_model::traffic::{HealthCheck, Probe};
+use sluice_model::view::ServiceRef;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
@@ -72,11 +74,10 @@ pub struct Change {
 pub struct Health {
     tasks: HashMap<Target, JoinHandle<()>>,
     unhealthy: HashSet<Target>,
-    /// The services each probed target is a backend of (as the control
-    /// service names them), for reports.
-    services: HashMap<Target, Vec<String>>,
-    /// The control service's verdicts: (service, address) unhealthy.
-    remote: HashSet<(String, Ipv4Addr)>,
+    /// The services each probed target is a backend of, for reports.
+    services: HashMap<Target, Vec<ServiceRef>>,
+    /// The control service's verdicts: the backends its probers find unhealthy.
+    remote: HashSet<BackendRef>,
     changes_tx: mpsc::UnboundedSender<Change>,
     changes_rx: mpsc::UnboundedReceiver<Change>,
 }
@@ -156,22 +157,25 @@ impl Health {
 
     /// This node's verdict (a target it does not probe is healthy) and the
     /// control service's.
-    pub fn is_healthy(&self, service: &str, target: &Target) -> bool {
+    pub fn is_healthy(&self, service: &ServiceRef, target: &Target) -> bool {
         !self.unhealthy.contains(target)
-            && !self.remote.contains(&(service.to_owned(), target.address))
+            && !self.remote.contains(&BackendRef {
+                service: service.clone(),
+                address: target.address.into(),
+            })
     }
 
     /// Takes the control service's verdicts; returns whether they changed.
-    pub fn set_remote(&mut self, unhealthy: impl IntoIterator<Item = (String, Ipv4Addr)>) -> bool {
-        let remote: HashSet<(String, Ipv4Addr)> = unhealthy.into_iter().collect();
+    pub fn set_remote(&mut self, unhealthy: impl IntoIterator<Item = BackendRef>) -> bool {
+        let remote: HashSet<BackendRef> = unhealthy.into_iter().collect();
         let changed = remote != self.remote;
         self.remote = remote;
         changed
     }
 
-    /// What this node's probes find unhealthy, as (service, address), sorted.
-    pub fn local_unhealthy(&self) -> Vec<(String, Ipv4Addr)> {
-        let mut out: Vec<(String, Ipv4Addr)> = self
+    /// What this node's probes find unhealthy, sorted.
+    pub fn local_unhealthy(&self) -> Vec<BackendRef> {
+        let mut out: Vec<BackendRef> = self
             .unhealthy
             .iter()
             .flat_map(|t| {
@@ -179,7 +183,10 @@ impl Health {
                     .get(t)
                     .into_iter()
                     .flatten()
-                    .map(|s| (s.clone(), t.address))
+                    .map(|s| BackendRef {
+                        service: s.clone(),
+                        address: t.address.into(),
+                    })
             })
             .collect();
         out.sort();
@@ -215,7 +222,7 @@ fn targets(desired: &Desired) -> HashMap<sluice_common::types::FrontendKeyV4, Ve
 
 /// `desired` with unhealthy backends marked draining, as [`Health`] judges
 /// them (see the module comment for all-unhealthy).
-pub fn overlay(desired: &Desired, is_healthy: impl Fn(&str, &Target) -> bool) -> Desired {
+pub fn overlay(desired: &Desired, is_healthy: impl Fn(&ServiceRef, &Target) -> bool) -> Desired {
     let mut out = desired.clone();
     for (key, targets) in targets(desired) {
         let Some(want) = out.get_mut(&key) else {
@@ -370,6 +377,20 @@ mod tests {
         }
     }
 
+    fn service(name: &str) -> ServiceRef {
+        ServiceRef {
+            namespace: "default".into(),
+            name: name.into(),
+        }
+    }
+
+    fn unhealthy(name: &str, address: Ipv4Addr) -> BackendRef {
+        BackendRef {
+            service: service(name),
+            address: address.into(),
+        }
+    }
+
     fn desired(fail_open: bool) -> (FrontendKeyV4, Desired) {
         let key = FrontendKeyV4 {
             vip: 1,
@@ -378,13 +399,14 @@ mod tests {
             _pad: 0,
         };
         let frontend = DesiredFrontend {
-            service: "web".into(),
+            service: service("web"),
+            name: "web".into(),
             target_port: 8080,
             algorithm: Algorithm::RoundRobin,
             backends: (2..5)
                 .map(|i| DesiredBackend::new(Ipv4Addr::new(198, 19, 0, i), 1))
                 .collect(),
-            maglev_table_size: None,
+            maglev_table_size: 0,
             health_check: Some(check(fail_open)),
             drain_timeout: None,
             session_affinity: Default::default(),
@@ -400,7 +422,7 @@ mod tests {
     #[test]
     fn unhealthy_backends_drain_and_all_down_follows_fail_open() {
         let (key, d) = desired(true);
-        let one_down = |_: &str, t: &Target| t.address != Ipv4Addr::new(198, 19, 0, 3);
+        let one_down = |_: &ServiceRef, t: &Target| t.address != Ipv4Addr::new(198, 19, 0, 3);
         assert_eq!(draining(&overlay(&d, one_down), &key), [false, true, false]);
         assert_eq!(draining(&overlay(&d, |_, _| false), &key), [false; 3]);
         let (key, closed) = desired(false);
@@ -430,7 +452,7 @@ mod tests {
             weights(&overlay(&d, |_, _| true)),
             [(1, false), (0, false), (0, false)]
         );
-        let zone_down = |_: &str, t: &Target| t.address != Ipv4Addr::new(198, 19, 0, 2);
+        let zone_down = |_: &ServiceRef, t: &Target| t.address != Ipv4Addr::new(198, 19, 0, 2);
         assert_eq!(
             weights(&overlay(&d, zone_down)),
             [(1, true), (1, false), (1, false)]
@@ -515,10 +537,10 @@ mod tests {
                 .expect("test step")
         );
         let target = targets(&d)[&key][0].clone();
-        assert!(!health.is_healthy("web", &target));
+        assert!(!health.is_healthy(&service("web"), &target));
         assert_eq!(
             health.local_unhealthy(),
-            [("web".to_owned(), Ipv4Addr::LOCALHOST)]
+            [unhealthy("web", Ipv4Addr::LOCALHOST)]
         );
         let _back = tokio::net::TcpListener::bind(("127.0.0.1", port))
             .await
@@ -528,10 +550,13 @@ mod tests {
                 .await
                 .expect("test step")
         );
-        assert!(health.is_healthy("web", &target));
+        assert!(health.is_healthy(&service("web"), &target));
         // The control service's verdict counts too, for its service only.
-        assert!(health.set_remote([("web".to_owned(), Ipv4Addr::LOCALHOST)]));
-        assert!(!health.is_healthy("web", &target) && health.is_healthy("api", &target));
+        assert!(health.set_remote([unhealthy("web", Ipv4Addr::LOCALHOST)]));
+        assert!(
+            !health.is_healthy(&service("web"), &target)
+                && health.is_healthy(&service("api"), &target)
+        );
         // A backend assigned to other probers is not probed here.
         d.get_mut(&key).expect("frontend").backends[0].probe_here = false;
         health.track(&d);

@@ -3,11 +3,11 @@
 //!
 //! | module | what it does |
 //! |---|---|
-//! | [`manifest`] | parses and validates the YAML manifest |
 //! | [`reconcile`] | desired state → map operations (pure) |
 //! | [`apply`] | executes plans on the maps; reads them back |
 //! | [`dataplane`] | hook choice, loading, pinned links, `down` |
-//! | [`agent`] | `run`: start-up and the follow loop |
+//! | [`agent`] | `run`: start-up, the sources of the run loop, the reconciler they feed |
+//! | [`flowlog`] | the data plane's flow log, read and named |
 //! | [`reaper`] | idle-flow expiry |
 //! | [`health`] | health probes; unhealthy backends leave rotation |
 //! | [`drain`] | drain timeouts: when a drained backend's flows end |
@@ -21,6 +21,7 @@ pub mod apply;
 pub mod controlplane;
 pub mod dataplane;
 pub mod drain;
+pub mod flowlog;
 pub mod health;
 pub mod maps;
 pub mod metrics;

@@ -14,8 +14,8 @@ use prometheus_client::{
     encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric},
     metrics::{TypedMetric, counter::ConstCounter, gauge::ConstGauge, histogram::Histogram},
 };
-use sluice_api::v1;
 use sluice_common::reason;
+use sluice_model::observe::PolicyCounter;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
 
@@ -121,7 +121,7 @@ pub struct Sources<'a> {
     pub applied: Applied,
     pub stats: &'a AgentStats,
     pub flow_events_lost: u64,
-    pub policy_counters: Vec<v1::PolicyCounter>,
+    pub policy_counters: Vec<PolicyCounter>,
 }
 
 pub fn render(sources: &Sources<'_>) -> Page {
@@ -137,7 +137,15 @@ pub fn render(sources: &Sources<'_>) -> Page {
     encode(Snapshot {
         services,
         outcomes,
-        policy_counters: sources.policy_counters.clone(),
+        policy_counters: sources
+            .policy_counters
+            .iter()
+            .map(|c| PolicyCount {
+                counter: c.counts.to_string(),
+                allowed: c.allowed,
+                denied: c.denied,
+            })
+            .collect(),
         // The kernel's own switch, not a guess from the view.
         enforcing: sources
             .maps
@@ -199,13 +207,22 @@ struct Interface {
     xdp_egress: bool,
 }
 
+/// A network-policy counter as the page labels it: what it counts, as
+/// `sluicectl` and the dashboard spell it.
+#[derive(Debug)]
+struct PolicyCount {
+    counter: String,
+    allowed: u64,
+    denied: u64,
+}
+
 /// What one page shows, owned: a collector is `'static`, the maps are the
 /// run loop's.
 #[derive(Debug)]
 struct Snapshot {
     services: Vec<ServiceReport>,
     outcomes: BTreeMap<&'static str, u64>,
-    policy_counters: Vec<v1::PolicyCounter>,
+    policy_counters: Vec<PolicyCount>,
     enforcing: bool,
     flows_tracked: usize,
     interfaces: Vec<Interface>,
@@ -400,11 +417,11 @@ impl Snapshot {
             self.policy_counters.iter().flat_map(|c| {
                 [
                     (
-                        [("counter", c.counts.as_str()), ("verdict", "allowed")],
+                        [("counter", c.counter.as_str()), ("verdict", "allowed")],
                         counter(c.allowed),
                     ),
                     (
-                        [("counter", c.counts.as_str()), ("verdict", "denied")],
+                        [("counter", c.counter.as_str()), ("verdict", "denied")],
                         counter(c.denied),
                     ),
                 ]
@@ -536,8 +553,8 @@ mod tests {
                 }],
             }],
             outcomes: [("pass_not_vip", 11), ("drop_no_backend", 2)].into(),
-            policy_counters: vec![v1::PolicyCounter {
-                counts: "default/p ingress 0".to_owned(),
+            policy_counters: vec![PolicyCount {
+                counter: "default/p ingress 0".to_owned(),
                 allowed: 4,
                 denied: 1,
             }],

@@ -1,14 +1,18 @@
-//! Desired state → kernel map operations, as a pure function.
+//! A view → kernel map operations, as a pure function.
 //!
-//! [`plan`] compares the services a manifest declares with what the maps hold
-//! ([`State`]) and returns the [`Step`]s that take the maps from one to the
-//! other, plus the state they lead to. Nothing here touches the kernel:
-//! `apply` executes the steps, and tests check plans directly.
+//! [`desired`] reads what this node must program out of a view (the same
+//! view whether the control service computed it or a standalone agent did,
+//! from its manifest, with the same function): each frontend as the kernel
+//! will see it, with this node's zone weights and probe assignments. [`plan`]
+//! compares that with what the maps hold ([`State`]) and returns the
+//! [`Step`]s that take the maps from one to the other, plus the state they
+//! lead to. Nothing here touches the kernel: `apply` executes the steps, and
+//! tests check plans directly.
 //!
 //! Ordering makes every intermediate state safe for packets in flight:
 //! backends and slot tables are written before the frontend value that points
 //! to them is swapped (one atomic map update per service port); VIPs are added
-//! before their frontends and removed after; a backend that leaves the manifest
+//! before their frontends and removed after; a backend that leaves the view
 //! is first taken out of every slot table, then marked retired. Established TCP
 //! flows keep their backend (the flow entry carries its address) and finish
 //! normally; UDP flows of removed backends are purged at once, so that the next
@@ -20,13 +24,8 @@ use std::{
     time::Duration,
 };
 
-use sluice_model::traffic::{self, HealthCheck, rollout_weights};
-
 use sluice_common::{
-    layout::{
-        MAGLEV_DEFAULT_TABLE_SIZE, MAX_BACKENDS, MAX_FRONTENDS, MAX_SLOTS_PER_FRONTEND,
-        SLOT_CAPACITY,
-    },
+    layout::{MAX_BACKENDS, MAX_FRONTENDS, MAX_SLOTS_PER_FRONTEND, SLOT_CAPACITY},
     maglev, slots,
     types::{
         BACKEND_DRAINING, BACKEND_RETIRED, Backend, FAMILY_V4, Frontend, FrontendKeyV4,
@@ -34,21 +33,24 @@ use sluice_common::{
     },
 };
 use sluice_model::Algorithm;
-use sluice_model::manifest::Manifest;
+use sluice_model::traffic::HealthCheck;
+use sluice_model::view::{FrontendKey, Frontends, ServiceRef};
 
 use crate::alloc::{Ids, SlotRange, SlotSpace};
 
 /// One service port as the kernel will see it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DesiredFrontend {
-    pub service: String,
+    pub service: ServiceRef,
+    /// What the maps call the service (see [`Naming`]).
+    pub name: String,
     /// Host order.
     pub target_port: u16,
     pub algorithm: Algorithm,
-    /// In manifest order.
+    /// In the view's order.
     pub backends: Vec<DesiredBackend>,
-    /// Maglev only; `None`: [`MAGLEV_DEFAULT_TABLE_SIZE`].
-    pub maglev_table_size: Option<u32>,
+    /// Maglev only: the lookup table's size.
+    pub maglev_table_size: u32,
     /// Probed by this agent; unhealthy backends drain (see `health`).
     pub health_check: Option<HealthCheck>,
     /// When draining backends' flows are ended; `None`: never, they run until
@@ -95,189 +97,100 @@ impl DesiredBackend {
 
 pub type Desired = BTreeMap<FrontendKeyV4, DesiredFrontend>;
 
-/// The service ports a manifest declares. (A valid manifest has no duplicate
-/// (VIP, port, protocol), so no entry is overwritten.)
-pub fn desired(manifest: &Manifest) -> Desired {
-    let mut out = Desired::new();
-    for service in &manifest.services {
-        // Draining backends take no share: the rollout splits the others.
-        let rollout = service.traffic.rollout.as_ref();
-        let sharing: Vec<(u32, Option<&str>)> = service
-            .backends
-            .iter()
-            .filter(|b| !b.draining)
-            .map(|b| (b.weight, b.version.as_deref()))
-            .collect();
-        let mut shares = rollout_weights(&sharing, rollout).into_iter();
-        let weights: Vec<u32> = service
-            .backends
-            .iter()
-            .map(|b| {
-                if b.draining {
-                    b.weight
-                } else {
-                    shares.next().unwrap_or(b.weight)
-                }
-            })
-            .collect();
-        for port in &service.ports {
-            let key = FrontendKeyV4 {
-                vip: u32::from_ne_bytes(service.vip.octets()),
-                port: port.port.to_be(),
-                proto: port.protocol.ip_proto(),
-                _pad: 0,
-            };
-            out.insert(
-                key,
-                DesiredFrontend {
-                    service: service.name.clone(),
-                    target_port: port.target_port,
-                    algorithm: effective_algorithm(service.algorithm, rollout.is_some()),
-                    maglev_table_size: service.maglev_table_size,
-                    backends: service
-                        .backends
-                        .iter()
-                        .zip(&weights)
-                        .map(|(b, &weight)| DesiredBackend {
-                            address: b.address,
-                            weight,
-                            draining: b.draining,
-                            probe_here: true,
-                        })
-                        .collect(),
-                    // One probe port for every port of the service: health
-                    // is the backend's.
-                    health_check: service.traffic.health_check.as_ref().map(|check| {
-                        let port =
-                            traffic::probe_port(check, &service.ports).unwrap_or(port.target_port);
-                        HealthCheck {
-                            probe: check.probe.with_port(port),
-                            ..check.clone()
-                        }
-                    }),
-                    drain_timeout: drain_timeout(service.traffic.drain_timeout_seconds),
-                    session_affinity: service
-                        .traffic
-                        .session_affinity
-                        .map(|a| Duration::from_secs(a.timeout_seconds.into())),
-                    fallback_weights: None,
-                },
-            );
+/// How the maps name a frontend's service, which is what `status`, the
+/// metrics and the flow log show: a standalone agent's services by their
+/// name, as its manifest writes them; a joined node's as `namespace/name`,
+/// as everything in a cluster names them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Naming {
+    Standalone,
+    Cluster,
+}
+
+impl Naming {
+    pub fn name(self, service: &ServiceRef) -> String {
+        match self {
+            Self::Standalone => service.name.clone(),
+            Self::Cluster => service.to_string(),
         }
     }
-    out
 }
 
-/// The service ports of a control-plane view (what `sluice-control` computed
-/// for this node). Entries the agent cannot program (an address that is not
-/// IPv4, a port out of range) are skipped and returned for the caller to log:
-/// the control service validates before storing, so none are expected.
-///
-/// `zone` is this node's: a topology-aware frontend that lists weights for it
-/// uses them, keeping its own as the fallback. `node` is its name: it probes
-/// the backends whose probers name it (or have none).
-pub fn desired_from_view<'a>(
-    frontends: impl IntoIterator<Item = &'a sluice_api::v1::FrontendView>,
-    zone: &str,
-    node: &str,
-) -> (Desired, Vec<String>) {
-    use sluice_model::wire::{algorithm_from_proto, health_check_from_proto, protocol_from_proto};
-    let mut out = Desired::new();
-    let mut skipped = Vec::new();
-    for f in frontends {
-        let vip = f.vip.parse::<Ipv4Addr>();
-        let port = u16::try_from(f.port);
-        let target = u16::try_from(f.target_port);
-        let protocol = protocol_from_proto(f.protocol);
-        let algorithm = algorithm_from_proto(f.algorithm);
-        let (Ok(vip), Ok(port), Ok(target_port), Ok(protocol), Ok(algorithm)) =
-            (vip, port, target, protocol, algorithm)
-        else {
-            skipped.push(format!("{} {}:{}", f.service, f.vip, f.port));
-            continue;
-        };
-        let Ok(mut backends) = f
-            .backends
-            .iter()
-            .map(|b| {
-                Ok(DesiredBackend {
-                    address: b.address.parse()?,
+/// Who this node is, for what of a view depends on it.
+#[derive(Clone, Debug)]
+pub struct Node {
+    /// Which backends it probes (those whose probers name it, or that have
+    /// none); empty for a standalone agent.
+    pub name: String,
+    /// Which zone weights of a topology-aware frontend apply; `None`: none.
+    pub zone: Option<String>,
+    pub naming: Naming,
+}
+
+impl Node {
+    /// A standalone agent.
+    pub fn standalone() -> Self {
+        Self {
+            name: String::new(),
+            zone: None,
+            naming: Naming::Standalone,
+        }
+    }
+}
+
+/// The kernel's key of a frontend.
+pub fn kernel_key(key: &FrontendKey) -> FrontendKeyV4 {
+    FrontendKeyV4 {
+        vip: u32::from_ne_bytes(key.vip.octets()),
+        port: key.port.to_be(),
+        proto: key.protocol.ip_proto(),
+        _pad: 0,
+    }
+}
+
+/// What `node` must program of a view's frontends.
+pub fn desired(frontends: &Frontends, node: &Node) -> Desired {
+    frontends
+        .values()
+        .map(|f| {
+            let mut backends: Vec<DesiredBackend> = f
+                .backends
+                .iter()
+                .map(|b| DesiredBackend {
+                    address: b.address,
                     weight: b.weight,
                     draining: b.draining,
-                    probe_here: b.probers.is_empty() || b.probers.iter().any(|p| p == node),
+                    probe_here: b.probers.is_empty() || b.probers.contains(&node.name),
                 })
-            })
-            .collect::<Result<Vec<_>, std::net::AddrParseError>>()
-        else {
-            skipped.push(format!(
-                "{} {}:{}: a backend address",
-                f.service, f.vip, f.port
-            ));
-            continue;
-        };
-        let zone_weights = f
-            .zones
-            .iter()
-            .find(|z| !zone.is_empty() && z.zone == zone)
-            .filter(|z| z.weights.len() == backends.len());
-        let fallback_weights = zone_weights.map(|z| {
-            let own = backends.iter().map(|b| b.weight).collect();
-            for (backend, &weight) in backends.iter_mut().zip(&z.weights) {
-                backend.weight = weight;
-            }
-            own
-        });
-        // A check this agent cannot read is skipped like any unreadable entry:
-        // programming the service unprobed beats not programming it.
-        let health_check = match f.health_check.clone().map(health_check_from_proto) {
-            None => None,
-            Some(Ok(check)) => Some(check),
-            Some(Err((field, problem))) => {
-                skipped.push(format!(
-                    "{} {}:{} {field}: {problem}",
-                    f.service, f.vip, f.port
-                ));
-                None
-            }
-        };
-        out.insert(
-            FrontendKeyV4 {
-                vip: u32::from_ne_bytes(vip.octets()),
-                port: port.to_be(),
-                proto: protocol.ip_proto(),
-                _pad: 0,
-            },
-            DesiredFrontend {
+                .collect();
+            let zone_weights = node
+                .zone
+                .as_ref()
+                .and_then(|zone| f.zones.iter().find(|z| z.zone == *zone))
+                .filter(|z| z.weights.len() == backends.len());
+            let fallback_weights = zone_weights.map(|z| {
+                let own = backends.iter().map(|b| b.weight).collect();
+                for (backend, &weight) in backends.iter_mut().zip(&z.weights) {
+                    backend.weight = weight;
+                }
+                own
+            });
+            let seconds = |s: Option<u32>| s.map(|s| Duration::from_secs(s.into()));
+            let frontend = DesiredFrontend {
                 service: f.service.clone(),
-                target_port: if target_port == 0 { port } else { target_port },
-                algorithm,
+                name: node.naming.name(&f.service),
+                target_port: f.target_port,
+                algorithm: f.algorithm,
                 backends,
-                maglev_table_size: (f.maglev_table_size != 0).then_some(f.maglev_table_size),
-                health_check,
-                drain_timeout: drain_timeout(
-                    (f.drain_timeout_seconds != 0).then_some(f.drain_timeout_seconds),
-                ),
-                session_affinity: (f.session_affinity_seconds != 0)
-                    .then(|| Duration::from_secs(f.session_affinity_seconds.into())),
+                maglev_table_size: f.maglev_table_size,
+                health_check: f.health_check.clone(),
+                drain_timeout: seconds(f.drain_timeout_seconds),
+                session_affinity: seconds(f.session_affinity_seconds),
                 fallback_weights,
-            },
-        );
-    }
-    (out, skipped)
-}
-
-fn drain_timeout(seconds: Option<u32>) -> Option<Duration> {
-    seconds.map(|s| Duration::from_secs(s.into()))
-}
-
-/// Under a rollout, shares are weights even for an algorithm that ignores them
-/// (as the control service does for a view).
-fn effective_algorithm(algorithm: Algorithm, rollout: bool) -> Algorithm {
-    match algorithm {
-        Algorithm::RoundRobin if rollout => Algorithm::WeightedRoundRobin,
-        Algorithm::LeastConnections if rollout => Algorithm::WeightedLeastConnections,
-        other => other,
-    }
+            };
+            (kernel_key(&f.key), frontend)
+        })
+        .collect()
 }
 
 /// What the maps hold (read back once at start, then kept in step).
@@ -589,7 +502,7 @@ pub fn plan(desired: &Desired, current: &State, alloc: &Allocator) -> Result<Pla
                     .frontend_ids
                     .allocate(&frontend_ids_in_use)
                     .ok_or_else(|| PlanError::FrontendCapacity {
-                        service: want.service.clone(),
+                        service: want.name.clone(),
                         capacity: MAX_FRONTENDS,
                     })?;
                 frontend_ids_in_use.insert(id);
@@ -645,7 +558,7 @@ pub fn plan(desired: &Desired, current: &State, alloc: &Allocator) -> Result<Pla
                         .backend_ids
                         .allocate(&backend_ids_in_use)
                         .ok_or_else(|| PlanError::BackendCapacity {
-                            service: want.service.clone(),
+                            service: want.name.clone(),
                             address,
                             capacity: MAX_BACKENDS,
                         })?;
@@ -685,7 +598,7 @@ pub fn plan(desired: &Desired, current: &State, alloc: &Allocator) -> Result<Pla
             &ids,
             &weights,
             &identities,
-            want.maglev_table_size.unwrap_or(MAGLEV_DEFAULT_TABLE_SIZE),
+            want.maglev_table_size,
         );
         let kernel_algorithm = kernel_algorithm(want.algorithm);
         // Saturating (u32 seconds outlast any deployment); a sub-second
@@ -716,7 +629,7 @@ pub fn plan(desired: &Desired, current: &State, alloc: &Allocator) -> Result<Pla
                         .slots
                         .allocate(needed)
                         .ok_or_else(|| PlanError::SlotCapacity {
-                            service: want.service.clone(),
+                            service: want.name.clone(),
                             needed,
                             free: alloc.slots.free(),
                         })?;
@@ -748,7 +661,7 @@ pub fn plan(desired: &Desired, current: &State, alloc: &Allocator) -> Result<Pla
         };
 
         let meta = FrontendMeta {
-            name: fixed_name(&want.service),
+            name: fixed_name(&want.name),
             target_port: want.target_port,
             in_use: 1,
             _pad0: 0,
@@ -831,6 +744,7 @@ fn retire_backends(
 
 #[cfg(test)]
 mod tests {
+    use sluice_common::layout::MAGLEV_DEFAULT_TABLE_SIZE;
     use sluice_common::types::{IPPROTO_TCP, name_str};
 
     use super::*;
@@ -850,19 +764,31 @@ mod tests {
 
     fn frontend(service: &str, algorithm: Algorithm, backends: &[(&str, u32)]) -> DesiredFrontend {
         DesiredFrontend {
-            service: service.to_string(),
+            service: ServiceRef {
+                namespace: "default".into(),
+                name: service.into(),
+            },
+            name: service.to_string(),
             target_port: 8080,
             algorithm,
             backends: backends
                 .iter()
                 .map(|&(a, w)| DesiredBackend::new(addr(a), w))
                 .collect(),
-            maglev_table_size: None,
+            maglev_table_size: MAGLEV_DEFAULT_TABLE_SIZE,
             health_check: None,
             drain_timeout: None,
             session_affinity: Default::default(),
             fallback_weights: Default::default(),
         }
+    }
+
+    /// What a standalone agent programs for `manifest`.
+    fn from_manifest(manifest: &str) -> Desired {
+        let manifest =
+            sluice_model::manifest::parse("test.yaml", manifest).expect("valid manifest");
+        let view = sluice_model::view::View::of_manifest(&manifest);
+        desired(&view.frontends, &Node::standalone())
     }
 
     /// Plans, checks the plan's `next` is what re-planning from it agrees
@@ -904,7 +830,7 @@ mod tests {
         assert_eq!(table.frontend.slot_count, MAGLEV_DEFAULT_TABLE_SIZE);
         assert_eq!(table.frontend.algorithm, algorithm::MAGLEV);
         let mut small = frontend("web", Algorithm::Maglev, &backends);
-        small.maglev_table_size = Some(251);
+        small.maglev_table_size = 251;
         let resized = plan_ok(&Desired::from([(k, small)]), &plan.next);
         assert_eq!(resized.next.frontends[&k].frontend.slot_count, 251);
         // Every backend owns about a third of the slots.
@@ -1175,7 +1101,7 @@ mod tests {
     #[test]
     fn desired_from_a_view_matches_the_manifest_form() {
         use sluice_api::v1;
-        let view = [v1::FrontendView {
+        let view = v1::FrontendView {
             maglev_table_size: 0,
             service: "shop/web".into(),
             vip: "198.18.0.10".into(),
@@ -1193,20 +1119,30 @@ mod tests {
             health_check: Default::default(),
             session_affinity_seconds: Default::default(),
             zones: Default::default(),
-        }];
-        let (d, skipped) = desired_from_view(&view, "", "n1");
-        assert!(skipped.is_empty());
+        };
+        let frontend = sluice_model::view::Frontend::try_from(view.clone()).expect("readable");
+        let frontends = Frontends::from([(frontend.key, frontend)]);
+        let node = Node {
+            name: "n1".into(),
+            zone: None,
+            naming: Naming::Cluster,
+        };
+        let d = desired(&frontends, &node);
         let f = &d[&key("198.18.0.10", 80, IPPROTO_TCP)];
-        assert_eq!(f.service, "shop/web");
+        assert_eq!(f.name, "shop/web");
         assert_eq!(f.target_port, 8080);
         assert_eq!(f.algorithm, Algorithm::WeightedRoundRobin);
         assert_eq!(f.backends, [DesiredBackend::new(addr("198.19.1.2"), 3)]);
-        let bad = [v1::FrontendView {
+        // A standalone agent names the service as its manifest does.
+        assert_eq!(
+            desired(&frontends, &Node::standalone())[&key("198.18.0.10", 80, IPPROTO_TCP)].name,
+            "web"
+        );
+        let bad = v1::FrontendView {
             vip: "not-an-ip".into(),
-            ..view[0].clone()
-        }];
-        let (d, skipped) = desired_from_view(&bad, "", "n1");
-        assert!(d.is_empty() && skipped.len() == 1);
+            ..view
+        };
+        assert!(sluice_model::view::Frontend::try_from(bad).is_err());
     }
 
     #[test]
@@ -1247,16 +1183,13 @@ mod tests {
 
     #[test]
     fn a_manifest_rollout_becomes_exact_weights_and_a_weighted_algorithm() {
-        let manifest = sluice_model::manifest::parse(
-            "test.yaml",
+        let d = from_manifest(
             "kind: Service\nname: web\nvip: 198.18.0.10\nports: [{ port: 80, protocol: TCP }]\n\
              rollout: { to: v2, percent: 1 }\ndrainTimeoutSeconds: 30\nbackends:\n\
              - { address: 198.19.1.2, version: v1 }\n- { address: 198.19.1.3, version: v1 }\n\
              - { address: 198.19.1.4, version: v1 }\n- { address: 198.19.1.5, version: v2 }\n\
              - { address: 198.19.1.6, version: v2, draining: true }\n",
-        )
-        .expect("valid manifest");
-        let d = desired(&manifest);
+        );
         let web = &d[&key("198.18.0.10", 80, IPPROTO_TCP)];
         assert_eq!(web.algorithm, Algorithm::WeightedRoundRobin);
         assert_eq!(web.drain_timeout, Some(Duration::from_secs(30)));
@@ -1276,12 +1209,9 @@ mod tests {
 
     #[test]
     fn desired_from_manifest_splits_ports() {
-        let manifest = sluice_model::manifest::parse(
-            "test.yaml",
+        let d = from_manifest(
             "kind: Service\nname: web\nvip: 198.18.0.10\nports:\n  - { port: 80, protocol: TCP, targetPort: 8080 }\n  - { port: 53, protocol: UDP, targetPort: 5353 }\nbackends:\n  - { address: 198.19.1.2, weight: 2 }\n",
-        )
-        .expect("valid manifest");
-        let d = desired(&manifest);
+        );
         assert_eq!(d.len(), 2);
         let udp = &d[&key("198.18.0.10", 53, IPPROTO_UDP)];
         assert_eq!(udp.target_port, 5353);

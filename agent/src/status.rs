@@ -15,8 +15,6 @@ use sluice_common::{
     },
 };
 
-use sluice_api::v1;
-
 use crate::{
     apply::{self, ApplyError},
     dataplane,
@@ -265,42 +263,6 @@ pub fn services(maps: &Maps, state: &State) -> Result<Vec<ServiceReport>, Status
     services.sort_by(|a, b| (&a.name, a.port, a.protocol).cmp(&(&b.name, b.port, b.protocol)));
 
     Ok(services)
-}
-
-/// The counters an agent reports to the control service.
-pub fn to_counters(services: &[ServiceReport]) -> Vec<v1::FrontendCounters> {
-    let traffic = |t: &Traffic, active: u64| v1::TrafficCounters {
-        packets: t.packets,
-        bytes: t.bytes,
-        new_flows: t.new_flows,
-        active_connections: active,
-    };
-    services
-        .iter()
-        .map(|s| v1::FrontendCounters {
-            service: s.name.clone(),
-            vip: s.vip.to_string(),
-            port: s.port.into(),
-            protocol: if s.protocol == "TCP" {
-                v1::Protocol::Tcp as i32
-            } else {
-                v1::Protocol::Udp as i32
-            },
-            counters: Some(traffic(
-                &s.stats,
-                s.backends.iter().map(|b| b.active_connections).sum(),
-            )),
-            backends: s
-                .backends
-                .iter()
-                .map(|b| v1::BackendCounters {
-                    address: b.address.to_string(),
-                    port: b.port.into(),
-                    counters: Some(traffic(&b.stats, b.active_connections)),
-                })
-                .collect(),
-        })
-        .collect()
 }
 
 fn link_live(path: &std::path::Path, ifindex: u32) -> bool {

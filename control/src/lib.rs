@@ -8,6 +8,7 @@
 //! | [`rbac`] | who may do what (pure) |
 //! | [`vip`] | VIP allocation (pure) |
 //! | [`rates`] | live rates from the counters nodes report (dashboard, `sluicectl top`) |
+//! | [`clock`] | times as RFC 3339 and as the API's Unix milliseconds |
 //! | [`client_config`] | the admin config file `sluicectl` reads |
 //! | [`error`] | API errors and their gRPC status codes |
 //!
@@ -16,6 +17,7 @@
 
 pub mod cli;
 pub mod client_config;
+pub mod clock;
 pub mod error;
 pub mod rates;
 pub mod rbac;

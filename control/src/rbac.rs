@@ -91,7 +91,8 @@ fn role_allows(role: Role, verb: Verb, resource: Resource) -> bool {
 }
 
 fn permission_allows(p: &Permission, verb: Verb, resource: Resource) -> bool {
-    (p.verb == Verb::All || p.verb == verb) && (p.resource == Resource::All || p.resource == resource)
+    (p.verb == Verb::All || p.verb == verb)
+        && (p.resource == Resource::All || p.resource == resource)
 }
 
 fn subject_matches(subject: &Subject, caller: &Caller) -> bool {
@@ -108,7 +109,13 @@ fn scope_covers(scope: &Scope, resource: Resource, namespace: Option<&str>) -> b
     }
 }
 
-fn grant_allows(g: &Grant, caller: &Caller, verb: Verb, resource: Resource, namespace: Option<&str>) -> bool {
+fn grant_allows(
+    g: &Grant,
+    caller: &Caller,
+    verb: Verb,
+    resource: Resource,
+    namespace: Option<&str>,
+) -> bool {
     subject_matches(&g.subject, caller)
         && scope_covers(&g.scope, resource, namespace)
         && match g.role {
@@ -217,13 +224,18 @@ mod tests {
 
     #[test]
     fn viewer_reads_but_cannot_write() {
-        let grants = [grant(
-            Subject::User("bob".into()),
-            Role::Viewer,
-            "shop",
-        )];
+        let grants = [grant(Subject::User("bob".into()), Role::Viewer, "shop")];
         let bob = user("bob", &[]);
-        assert!(check(&bob, Verb::Get, Resource::Services, Some("shop"), &grants.iter().collect::<Vec<_>>()).is_ok());
+        assert!(
+            check(
+                &bob,
+                Verb::Get,
+                Resource::Services,
+                Some("shop"),
+                &grants.iter().collect::<Vec<_>>()
+            )
+            .is_ok()
+        );
         assert!(
             check(
                 &bob,
@@ -234,9 +246,27 @@ mod tests {
             )
             .is_err()
         );
-        assert!(check(&bob, Verb::Get, Resource::Services, Some("other"), &grants.iter().collect::<Vec<_>>()).is_err());
+        assert!(
+            check(
+                &bob,
+                Verb::Get,
+                Resource::Services,
+                Some("other"),
+                &grants.iter().collect::<Vec<_>>()
+            )
+            .is_err()
+        );
         // A namespace scope never covers cluster-scoped kinds.
-        assert!(check(&bob, Verb::Get, Resource::Nodes, None, &grants.iter().collect::<Vec<_>>()).is_err());
+        assert!(
+            check(
+                &bob,
+                Verb::Get,
+                Resource::Nodes,
+                None,
+                &grants.iter().collect::<Vec<_>>()
+            )
+            .is_err()
+        );
     }
 
     #[test]
@@ -253,8 +283,26 @@ mod tests {
             )
             .is_ok()
         );
-        assert!(check(&carol, Verb::Create, Resource::Grants, Some("x"), &grants.iter().collect::<Vec<_>>()).is_err());
-        assert!(check(&carol, Verb::Create, Resource::Tokens, None, &grants.iter().collect::<Vec<_>>()).is_err());
+        assert!(
+            check(
+                &carol,
+                Verb::Create,
+                Resource::Grants,
+                Some("x"),
+                &grants.iter().collect::<Vec<_>>()
+            )
+            .is_err()
+        );
+        assert!(
+            check(
+                &carol,
+                Verb::Create,
+                Resource::Tokens,
+                None,
+                &grants.iter().collect::<Vec<_>>()
+            )
+            .is_err()
+        );
     }
 
     #[test]
@@ -283,7 +331,12 @@ mod tests {
         ];
         let bob = user("bob", &[]);
         assert_eq!(
-            namespaces_allowed(&bob, Verb::List, Resource::Services, &grants.iter().collect::<Vec<_>>()),
+            namespaces_allowed(
+                &bob,
+                Verb::List,
+                Resource::Services,
+                &grants.iter().collect::<Vec<_>>()
+            ),
             Some(vec!["blog".to_string(), "shop".to_string()])
         );
         let root = user("root", &[ADMIN_GROUP]);

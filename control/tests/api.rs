@@ -4,11 +4,9 @@
 
 use std::time::Duration;
 
-use sluice_api::{
-    v1::{
-        self, cluster_client::ClusterClient, node_agent_client::NodeAgentClient,
-        resources_client::ResourcesClient,
-    },
+use sluice_api::v1::{
+    self, cluster_client::ClusterClient, node_agent_client::NodeAgentClient,
+    resources_client::ResourcesClient,
 };
 use sluice_control::{
     client_config::ClientConfig,
@@ -448,10 +446,14 @@ async fn a_namespace_viewer_may_follow_its_services_flows_not_the_clusters() {
     .expect("grant");
     let mut bob = ClusterClient::new(control.channel(&viewer).await);
     let request = |service: &str| v1::WatchFlowsRequest {
-        verdict: String::new(),
         follow: false,
-        service: service.to_owned(),
-        kind: String::new(),
+        service: service
+            .split_once('/')
+            .map(|(namespace, name)| v1::ObjectName {
+                namespace: namespace.to_owned(),
+                name: name.to_owned(),
+            }),
+        ..Default::default()
     };
     let whole = bob
         .watch_flows(request(""))
@@ -477,14 +479,14 @@ async fn a_namespace_viewer_may_follow_its_services_flows_not_the_clusters() {
     );
     let bad = bob
         .watch_flows(v1::WatchFlowsRequest {
-            kind: "opened".to_owned(),
+            kind: 99,
             ..request("shop/web")
         })
         .await
         .expect_err("an unknown kind");
     assert_eq!(bad.code(), Code::InvalidArgument);
     assert!(
-        bad.message().contains("kind: \"opened\""),
+        bad.message().contains("kind: unknown value 99"),
         "{}",
         bad.message()
     );
@@ -512,23 +514,26 @@ async fn nodes_join_once_and_watch_their_view() {
         .expect("in time")
         .expect("stream")
         .expect("update");
-    let mut view = sluice_control::view::Frontends::new();
-    sluice_control::view::apply(&mut view, &first);
+    let mut view = sluice_model::view::View::default();
+    view.apply(first.clone().try_into().expect("a valid update"));
     // Catch-up may come as replayed deltas or a snapshot: either way the
     // view holds the service with its endpoint.
     let mut version = first.version;
-    while view.values().all(|f| f.backends.is_empty()) {
+    while view.frontends.values().all(|f| f.backends.is_empty()) {
         let u = tokio::time::timeout(T, stream.message())
             .await
             .expect("in time")
             .expect("stream")
             .expect("update");
-        sluice_control::view::apply(&mut view, &u);
+        view.apply(u.clone().try_into().expect("a valid update"));
         version = u.version;
     }
-    assert_eq!(view.len(), 1);
-    let f = view.values().next().expect("frontend");
-    assert_eq!((f.service.as_str(), f.target_port), ("shop/web", 8080));
+    assert_eq!(view.frontends.len(), 1);
+    let f = view.frontends.values().next().expect("frontend");
+    assert_eq!(
+        (f.service.to_string().as_str(), f.target_port),
+        ("shop/web", 8080)
+    );
     assert_eq!(f.backends.len(), 1);
     // A new endpoint matching the selector arrives as one delta.
     apply(&mut admin, &endpoint("e2", "198.19.2.2"))

@@ -24,14 +24,12 @@ use aya::{
     programs::{TestRun as _, TestRunOptions, Xdp},
 };
 use serde::Serialize;
-use sluice_agent::{
-    policy::{CompiledPolicy, IdentityEntry, PolicyWriter, RuleEntry},
-    reconcile::Step,
-};
+use sluice_agent::{policy::PolicyWriter, reconcile::Step};
 use sluice_common::{
     layout::{MAX_BACKENDS, MAX_FRONTENDS, SLOT_CAPACITY, map},
     types::IPPROTO_TCP,
 };
+use sluice_model::policy::compiled::{CompiledPolicy, IdentityEntry, RuleEntry};
 use sluice_model::service::MAX_BACKENDS_PER_SERVICE;
 
 use crate::{
@@ -236,8 +234,7 @@ fn policy(backends: Vec<(Ipv4Addr, u8)>, clients: (Ipv4Addr, u8), rules: u32) ->
     let mut identities: Vec<IdentityEntry> = backends
         .into_iter()
         .map(|(prefix, len)| IdentityEntry {
-            prefix,
-            len,
+            prefix: ipnet::Ipv4Net::new(prefix, len).expect("a prefix length"),
             identity: 100,
             enforced: true,
             stats_slot: 1,
@@ -246,8 +243,7 @@ fn policy(backends: Vec<(Ipv4Addr, u8)>, clients: (Ipv4Addr, u8), rules: u32) ->
         })
         .collect();
     identities.push(IdentityEntry {
-        prefix: clients.0,
-        len: clients.1,
+        prefix: ipnet::Ipv4Net::new(clients.0, clients.1).expect("a prefix length"),
         identity: 200,
         enforced: false,
         stats_slot: 2,
@@ -273,6 +269,7 @@ fn policy(backends: Vec<(Ipv4Addr, u8)>, clients: (Ipv4Addr, u8), rules: u32) ->
     CompiledPolicy {
         identities,
         rules: list,
+        slots: Vec::new(),
     }
 }
 

@@ -174,8 +174,9 @@ impl Lab {
 
     fn apply_edited(&mut self, manifest_text: &str, edit: impl FnOnce(&mut Vec<reconcile::Step>)) {
         let manifest = manifest::parse("lab.yaml", manifest_text).expect("valid lab manifest");
-        let mut plan = reconcile::plan(&reconcile::desired(&manifest), &self.state, &self.alloc)
-            .expect("plan");
+        let view = sluice_model::view::View::of_manifest(&manifest);
+        let desired = reconcile::desired(&view.frontends, &reconcile::Node::standalone());
+        let mut plan = reconcile::plan(&desired, &self.state, &self.alloc).expect("plan");
         edit(&mut plan.steps);
         apply::apply(&mut self.dataplane.maps, &plan.steps).expect("apply");
         self.state = plan.next;

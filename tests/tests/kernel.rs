@@ -1030,8 +1030,9 @@ fn deleting_a_service_port_forgets_its_affinities() {
 // ---- network policy ---------------------------------------------------------------
 
 mod policy {
-    use sluice_agent::policy::{CompiledPolicy, IdentityEntry, PolicyWriter, RuleEntry, revoke};
+    use sluice_agent::policy::{PolicyWriter, revoke};
     use sluice_common::types::{IDENTITY_ANY, IPPROTO_TCP, IPPROTO_UDP, PolicyStats};
+    use sluice_model::policy::compiled::{CompiledPolicy, Endpoint, IdentityEntry, RuleEntry};
 
     use super::*;
 
@@ -1070,8 +1071,7 @@ backends: [{ address: 198.19.3.2 }]
 
     fn identity(prefix: Ipv4Addr, len: u8, identity: u32, enforced: bool) -> IdentityEntry {
         IdentityEntry {
-            prefix,
-            len,
+            prefix: ipnet::Ipv4Net::new(prefix, len).expect("a prefix length"),
             identity,
             enforced,
             stats_slot: identity,
@@ -1097,6 +1097,7 @@ backends: [{ address: 198.19.3.2 }]
                 stats_slot: 7,
                 egress: Default::default(),
             }],
+            slots: Vec::new(),
         }
     }
 
@@ -1214,7 +1215,7 @@ backends: [{ address: 198.19.3.2 }]
 
                 // The new policy admits only 198.18.9.0/24: CLIENT's flow goes.
                 let mut other = web_ingress();
-                other.identities[1].prefix = Ipv4Addr::new(198, 18, 9, 0);
+                other.identities[1].prefix = "198.18.9.0/24".parse().expect("prefix");
                 install(lab, &other);
                 assert_eq!(revoke(&mut lab.dataplane.maps, &other).expect("revoke"), 1);
                 assert!(lab.flows().is_empty(), "{hook:?}");
@@ -1271,7 +1272,7 @@ backends: [{ address: 198.19.3.2 }]
             let prefix = Ipv4Addr::from(addr & mask);
             if p.identities
                 .iter()
-                .any(|e| e.prefix == prefix && e.len == len)
+                .any(|e| e.prefix.addr() == prefix && e.prefix.prefix_len() == len)
             {
                 continue;
             }
@@ -1404,8 +1405,14 @@ backends: [{ address: 198.19.3.2 }]
                     let (act, _) = run(lab, hook, "n0", &frame);
                     let want = policy.evaluate_flow(
                         src,
-                        (VIPS[service], vip_port),
-                        (backend(service as u8 + 1), port),
+                        Endpoint {
+                            addr: VIPS[service],
+                            port: vip_port,
+                        },
+                        Endpoint {
+                            addr: backend(service as u8 + 1),
+                            port,
+                        },
                         protocol,
                     );
                     assert_eq!(

@@ -12,6 +12,9 @@ use std::{
 };
 
 use sluice_api::v1;
+use sluice_model::observe::BackendRef;
+use sluice_model::view::ViewUpdate;
+use sluice_model::wire::read_update;
 use sluice_pki as pki;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
@@ -32,10 +35,13 @@ pub enum ViewEvent {
     Connected,
     /// The next change to apply, in version order. A snapshot replaces the
     /// whole view.
-    Update(v1::ViewUpdate),
+    Update(ViewUpdate),
+    /// An update that cannot be applied at all (its network policy does not
+    /// read: half a policy is not a safe one); the view stays as it is.
+    Unreadable { version: u64, why: String },
     /// The backends their probers find unhealthy, all of them (replaces the
     /// previous set).
-    Health(Vec<v1::BackendRef>),
+    Health(Vec<BackendRef>),
     /// The connection or the watch failed; [`follow`] reconnects (the text
     /// says why and when).
     Disconnected(String),
@@ -187,7 +193,16 @@ async fn watch_once(
                 };
                 match verdicts {
                     Ok(Some(update)) => {
-                        if updates.send(ViewEvent::Health(update.unhealthy)).await.is_err() {
+                        let unhealthy = update
+                            .unhealthy
+                            .into_iter()
+                            .filter_map(|b| {
+                                BackendRef::try_from(b)
+                                    .inspect_err(|e| warn!("ignoring an unreadable health verdict: {e}"))
+                                    .ok()
+                            })
+                            .collect();
+                        if updates.send(ViewEvent::Health(unhealthy)).await.is_err() {
                             return End::Closed;
                         }
                         continue;
@@ -204,7 +219,26 @@ async fn watch_once(
                     continue;
                 }
                 *delivered = update.version;
-                if updates.send(ViewEvent::Update(update)).await.is_err() {
+                let version = update.version;
+                // The control service validates what it stores: a frontend
+                // this agent cannot read means a newer control service. The
+                // rest is programmed.
+                let event = match read_update(update) {
+                    Ok((update, skipped)) => {
+                        for e in skipped {
+                            warn!(
+                                version,
+                                "skipping a frontend of the view this agent cannot program: {e}"
+                            );
+                        }
+                        ViewEvent::Update(update)
+                    }
+                    Err(e) => ViewEvent::Unreadable {
+                        version,
+                        why: e.to_string(),
+                    },
+                };
+                if updates.send(event).await.is_err() {
                     return End::Closed;
                 }
             }

@@ -40,10 +40,10 @@
 
 mod client;
 mod follow;
+pub mod link;
 mod state;
 #[cfg(test)]
 mod tests;
-mod view;
 
 use std::path::PathBuf;
 
@@ -54,8 +54,8 @@ pub use follow::{
     BACKOFF_MAX, BACKOFF_START, CERT_CHECK_INTERVAL, ViewEvent, backoff_delay, follow,
     keep_certificate_fresh, renew_if_due, renewal_time,
 };
-pub use state::{Credentials, NodeState, SavedView};
-pub use view::View;
+pub use link::ControlLink;
+pub use state::{Credentials, NodeState};
 
 /// What talking to the control service, or keeping the node's state, can fail with.
 #[derive(Debug, thiserror::Error)]

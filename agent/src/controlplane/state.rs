@@ -29,6 +29,8 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 use sluice_api::v1;
+use sluice_model::policy::compiled::CompiledPolicy;
+use sluice_model::view::{Frontend, Frontends, View};
 use sluice_pki::{self as pki, Identity};
 
 use super::ControlError;
@@ -57,9 +59,6 @@ fn identity_lock() -> MutexGuard<'static, ()> {
     // The guarded data is `()`: a panic elsewhere cannot have left it inconsistent.
     IDENTITY.lock().unwrap_or_else(PoisonError::into_inner)
 }
-
-/// A saved view: version, frontends, compiled network policy.
-pub type SavedView = (u64, Vec<v1::FrontendView>, v1::PolicyView);
 
 /// Where a joined node keeps its identity and its last view.
 #[derive(Clone, Debug)]
@@ -233,17 +232,16 @@ impl NodeState {
 
     /// Saves the view the agent has applied (atomically: a crash leaves the
     /// previous view or this one).
-    pub fn save_view(
-        &self,
-        version: u64,
-        frontends: &[v1::FrontendView],
-        policy: &v1::PolicyView,
-    ) -> Result<(), ControlError> {
+    pub fn save_view(&self, view: &View) -> Result<(), ControlError> {
         use prost::Message as _;
         let file = ViewFile {
-            version,
-            frontends: frontends.iter().map(FrontendFile::from).collect(),
-            policy: to_hex(&policy.encode_to_vec()),
+            version: view.version,
+            frontends: view
+                .frontends
+                .values()
+                .map(|f| FrontendFile::from(&v1::FrontendView::from(f)))
+                .collect(),
+            policy: to_hex(&v1::PolicyView::from(&view.policy).encode_to_vec()),
         };
         let path = self.path(VIEW);
         let json = serde_json::to_vec_pretty(&file).map_err(|e| ControlError::Corrupt {
@@ -255,7 +253,7 @@ impl NodeState {
     }
 
     /// The view last saved, if any.
-    pub fn load_view(&self) -> Result<Option<SavedView>, ControlError> {
+    pub fn load_view(&self) -> Result<Option<View>, ControlError> {
         let path = self.path(VIEW);
         let bytes = match fs::read(&path) {
             Ok(bytes) => bytes,
@@ -273,17 +271,31 @@ impl NodeState {
             reason,
         };
         let file: ViewFile = serde_json::from_slice(&bytes).map_err(|e| corrupt(e.to_string()))?;
-        let frontends = file
+        // Read as the stream is: a view saved by an older agent may carry
+        // the wire's zero-means-default values, which this applies.
+        // A frontend that does not read (saved by a version that knew more)
+        // is left out, as the stream leaves it out.
+        let frontends: Frontends = file
             .frontends
             .into_iter()
-            .map(v1::FrontendView::try_from)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(corrupt)?;
+            .filter_map(|f| {
+                let read = v1::FrontendView::try_from(f)
+                    .and_then(|message| Frontend::try_from(message).map_err(|e| e.to_string()));
+                read.inspect_err(|e| tracing::warn!("the saved view: skipping a frontend: {e}"))
+                    .ok()
+            })
+            .map(|f| (f.key, f))
+            .collect();
         use prost::Message as _;
         let policy = from_hex(&file.policy)
             .and_then(|bytes| v1::PolicyView::decode(bytes.as_slice()).ok())
             .ok_or_else(|| corrupt("the saved network policy does not decode".to_owned()))?;
-        Ok(Some((file.version, frontends, policy)))
+        let policy = CompiledPolicy::try_from(policy).map_err(|e| corrupt(e.to_string()))?;
+        Ok(Some(View {
+            version: file.version,
+            frontends,
+            policy,
+        }))
     }
 
     /// Creates the directory 0700, and tightens it to 0700 if it exists.

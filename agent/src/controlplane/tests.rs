@@ -22,6 +22,7 @@ use sluice_control::{
     client_config::ClientConfig,
     server::{Control, Options},
 };
+use sluice_model::view::{Frontend, View, ViewUpdate};
 use sluice_pki::{self as pki, ClusterCa, Identity, PkiError};
 use tokio::{runtime::Runtime, sync::mpsc};
 use tonic::{Code, transport::Channel};
@@ -170,6 +171,21 @@ fn a_certificate_for_another_node_is_corrupt_state() {
     assert!(err.to_string().contains("node-2"), "{err}");
 }
 
+/// The view of `frontends` (as the stream carries them) and `policy`.
+fn domain_view(version: u64, frontends: &[v1::FrontendView], policy: v1::PolicyView) -> View {
+    View {
+        version,
+        frontends: frontends
+            .iter()
+            .map(|f| {
+                let f = Frontend::try_from(f.clone()).unwrap();
+                (f.key, f)
+            })
+            .collect(),
+        policy: policy.try_into().unwrap(),
+    }
+}
+
 #[test]
 fn views_round_trip_and_a_torn_temp_file_is_ignored() {
     let dir = TempDir::new("view");
@@ -190,13 +206,19 @@ fn views_round_trip_and_a_torn_temp_file_is_ignored() {
             egress_slot: Default::default(),
         }],
         rules: Vec::new(),
-        slots: vec![String::new(), "allowed by shop/web".into(), "denied".into()],
+        slots: vec![
+            v1::PolicySlot::default(),
+            v1::PolicySlot {
+                counts: Some(v1::policy_slot::Counts::AllowedBy(v1::ObjectName {
+                    namespace: "shop".into(),
+                    name: "web".into(),
+                })),
+            },
+        ],
     };
-    state.save_view(7, &frontends, &policy).unwrap();
-    assert_eq!(
-        state.load_view().unwrap(),
-        Some((7, frontends.clone(), policy.clone()))
-    );
+    let view = domain_view(7, &frontends, policy);
+    state.save_view(&view).unwrap();
+    assert_eq!(state.load_view().unwrap(), Some(view.clone()));
     assert_eq!(mode(&dir.path("view.json")), 0o600);
     let text = fs::read_to_string(dir.path("view.json")).unwrap();
     assert!(text.contains("PROTOCOL_UDP"), "readable enums: {text}");
@@ -204,21 +226,20 @@ fn views_round_trip_and_a_torn_temp_file_is_ignored() {
     // A crash while writing the next view leaves a partial temp file: the
     // saved view is unaffected and the next save replaces the leftover.
     fs::write(dir.path(".view.json.tmp"), b"{\"version\": 8, \"fronte").unwrap();
-    assert_eq!(
-        state.load_view().unwrap(),
-        Some((7, frontends.clone(), policy.clone()))
-    );
-    // Values this build does not know survive as numbers.
-    let mut newer = vec![frontend("web/api", 443)];
-    newer[0].protocol = 99;
-    state
-        .save_view(8, &newer, &v1::PolicyView::default())
-        .unwrap();
-    assert_eq!(
-        state.load_view().unwrap(),
-        Some((8, newer, v1::PolicyView::default()))
-    );
+    assert_eq!(state.load_view().unwrap(), Some(view.clone()));
+    let next = domain_view(8, &frontends[..1], v1::PolicyView::default());
+    state.save_view(&next).unwrap();
+    assert_eq!(state.load_view().unwrap(), Some(next));
     assert!(!dir.path(".view.json.tmp").exists());
+
+    // A frontend this build cannot read (saved by a version that knew a
+    // newer protocol) is left out, as the stream leaves it out.
+    let text = fs::read_to_string(dir.path("view.json")).unwrap();
+    let newer = text.replace("PROTOCOL_TCP", "99");
+    assert_ne!(newer, text);
+    fs::write(dir.path("view.json"), newer).unwrap();
+    let loaded = state.load_view().unwrap().unwrap();
+    assert_eq!((loaded.version, loaded.frontends.len()), (8, 0));
 
     fs::write(dir.path("view.json"), b"{\"version\": 8, \"fronte").unwrap();
     let err = state.load_view().unwrap_err();
@@ -466,7 +487,7 @@ async fn next_event(rx: &mut mpsc::Receiver<ViewEvent>) -> ViewEvent {
     within("a view event", rx.recv()).await.unwrap()
 }
 
-fn expect_update(event: ViewEvent) -> v1::ViewUpdate {
+fn expect_update(event: ViewEvent) -> ViewUpdate {
     match event {
         ViewEvent::Update(update) => update,
         other => panic!("expected an update, got {other:?}"),
@@ -486,14 +507,18 @@ async fn reconnected(rx: &mut mpsc::Receiver<ViewEvent>) {
 }
 
 /// The backends of `shop/web` that `update` sets.
-fn web_backends(update: &v1::ViewUpdate) -> Vec<&str> {
-    let web: Vec<&v1::FrontendView> = update
+fn web_backends(update: &ViewUpdate) -> Vec<String> {
+    let web: Vec<&Frontend> = update
         .upsert
         .iter()
-        .filter(|f| f.service == "shop/web")
+        .filter(|f| f.service.to_string() == "shop/web")
         .collect();
     assert_eq!(web.len(), 1, "one frontend for shop/web in {update:?}");
-    web[0].backends.iter().map(|b| b.address.as_str()).collect()
+    web[0]
+        .backends
+        .iter()
+        .map(|b| b.address.to_string())
+        .collect()
 }
 
 // ---- Against the real control service ----------------------------------------------

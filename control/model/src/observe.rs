@@ -220,7 +220,8 @@ impl FlowFilter {
 }
 
 /// Packets, bytes and flows, as a node counted them.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct TrafficCounts {
     pub packets: u64,
     pub bytes: u64,
@@ -229,9 +230,11 @@ pub struct TrafficCounts {
     pub active_connections: u64,
 }
 
-impl TrafficCounts {
-    /// The sum, saturating.
-    pub fn add(self, other: Self) -> Self {
+/// The sum, saturating.
+impl std::ops::Add for TrafficCounts {
+    type Output = Self;
+
+    fn add(self, other: Self) -> Self {
         Self {
             packets: self.packets.saturating_add(other.packets),
             bytes: self.bytes.saturating_add(other.bytes),
@@ -327,7 +330,10 @@ mod tests {
             assert!(drop.as_str().starts_with("drop_"), "{drop:?}");
         }
         assert_eq!(DropReason::from_outcome(reason::FWD_XDP), None);
-        assert_eq!(FlowReason::Drop(DropReason::Policy).to_string(), "drop_policy");
+        assert_eq!(
+            FlowReason::Drop(DropReason::Policy).to_string(),
+            "drop_policy"
+        );
         assert_eq!(FlowReason::None.to_string(), "");
     }
 }

@@ -1,22 +1,31 @@
-//! The control service's admin API (`Resources`, `Cluster`) over mutual TLS, with
-//! answers converted by [`super::model`] and failures turned into [`CliError`].
+//! The control service's admin API (`Resources`, `Cluster`) over mutual TLS,
+//! with answers converted by [`super::model`] and failures turned into
+//! [`CliError`]. Every call goes through [`Client::call`].
 
+use std::future::Future;
 use std::path::Path;
 use std::time::Duration;
 
 use sluice_api::MAX_MESSAGE_BYTES;
 use sluice_api::v1::{self, cluster_client::ClusterClient, resources_client::ResourcesClient};
 use sluice_model::ObjectKind;
+use sluice_model::observe::{FlowEvent, FlowFilter};
 use tonic::transport::Channel;
 
 use super::error::CliError;
-use super::model::{Applied, Described, Identity, NodeInfo, Stored};
+use super::model::{Applied, Described, Identity, NodeInfo, Stored, stored};
 use crate::client_config::ClientConfig;
 
 pub struct Client {
     server: String,
     resources: ResourcesClient<Channel>,
     cluster: ClusterClient<Channel>,
+}
+
+/// The two services' clients, for one call.
+pub struct Api {
+    pub resources: ResourcesClient<Channel>,
+    pub cluster: ClusterClient<Channel>,
 }
 
 impl Client {
@@ -50,8 +59,19 @@ impl Client {
         &self.server
     }
 
-    fn fail(&self) -> impl Fn(tonic::Status) -> CliError + '_ {
-        |status| CliError::api(&self.server, status)
+    /// Makes one call; a refusal becomes a [`CliError`] naming the server.
+    pub async fn call<T, F>(&self, rpc: impl FnOnce(Api) -> F) -> Result<T, CliError>
+    where
+        F: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let api = Api {
+            resources: self.resources.clone(),
+            cluster: self.cluster.clone(),
+        };
+        rpc(api)
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(|status| CliError::api(&self.server, status))
     }
 
     pub async fn get(
@@ -60,18 +80,11 @@ impl Client {
         namespace: &str,
         name: &str,
     ) -> Result<Stored, CliError> {
-        let request = v1::GetRequest {
-            kind: v1::Kind::from(kind).into(),
-            namespace: namespace.to_owned(),
-            name: name.to_owned(),
-        };
-        let object = self
-            .resources
-            .clone()
-            .get(request)
-            .await
-            .map_err(self.fail())?;
-        Stored::try_from(object.into_inner())
+        let request = get_request(v1::Kind::from(kind), namespace, name);
+        stored(
+            self.call(|mut api| async move { api.resources.get(request).await })
+                .await?,
+        )
     }
 
     /// `namespace` `None`: every namespace the caller may list.
@@ -80,68 +93,30 @@ impl Client {
         kind: ObjectKind,
         namespace: Option<&str>,
     ) -> Result<Vec<Stored>, CliError> {
-        let request = v1::ListRequest {
-            kind: v1::Kind::from(kind).into(),
-            namespace: namespace.unwrap_or_default().to_owned(),
-        };
+        let request = list_request(v1::Kind::from(kind), namespace);
         let response = self
-            .resources
-            .clone()
-            .list(request)
-            .await
-            .map_err(self.fail())?;
-        response
-            .into_inner()
-            .objects
-            .into_iter()
-            .map(Stored::try_from)
-            .collect()
+            .call(|mut api| async move { api.resources.list(request).await })
+            .await?;
+        response.objects.into_iter().map(stored).collect()
     }
 
     pub async fn get_node(&self, name: &str) -> Result<NodeInfo, CliError> {
-        let request = v1::GetRequest {
-            kind: v1::Kind::Node.into(),
-            namespace: String::new(),
-            name: name.to_owned(),
-        };
+        let request = get_request(v1::Kind::Node, "", name);
         let object = self
-            .resources
-            .clone()
-            .get(request)
-            .await
-            .map_err(self.fail())?;
-        NodeInfo::try_from(object.into_inner())
+            .call(|mut api| async move { api.resources.get(request).await })
+            .await?;
+        NodeInfo::try_from(object)
     }
 
     pub async fn list_nodes(&self) -> Result<Vec<NodeInfo>, CliError> {
-        Ok(self
-            .list_node_objects()
-            .await?
-            .into_iter()
-            .map(NodeInfo::from)
-            .collect())
-    }
-
-    /// The nodes as the API carries them (with their raw counters).
-    pub async fn list_node_objects(&self) -> Result<Vec<v1::Node>, CliError> {
-        let request = v1::ListRequest {
-            kind: v1::Kind::Node.into(),
-            namespace: String::new(),
-        };
+        let request = list_request(v1::Kind::Node, None);
         let response = self
-            .resources
-            .clone()
-            .list(request)
-            .await
-            .map_err(self.fail())?;
+            .call(|mut api| async move { api.resources.list(request).await })
+            .await?;
         response
-            .into_inner()
             .objects
             .into_iter()
-            .map(|object| match object.kind {
-                Some(v1::object::Kind::Node(node)) => Ok(node),
-                _ => Err(CliError::IncompleteResponse { what: "node" }),
-            })
+            .map(NodeInfo::try_from)
             .collect()
     }
 
@@ -153,13 +128,9 @@ impl Client {
     ) -> Result<Vec<Applied>, CliError> {
         let request = v1::ApplyRequest { objects, dry_run };
         let response = self
-            .resources
-            .clone()
-            .apply(request)
-            .await
-            .map_err(self.fail())?;
+            .call(|mut api| async move { api.resources.apply(request).await })
+            .await?;
         response
-            .into_inner()
             .results
             .into_iter()
             .map(Applied::try_from)
@@ -178,11 +149,8 @@ impl Client {
             name: name.to_owned(),
             resource_version: 0,
         };
-        self.resources
-            .clone()
-            .delete(request)
-            .await
-            .map_err(self.fail())?;
+        self.call(|mut api| async move { api.resources.delete(request).await })
+            .await?;
         Ok(())
     }
 
@@ -191,18 +159,11 @@ impl Client {
         namespace: &str,
         name: &str,
     ) -> Result<Described, CliError> {
-        let request = v1::GetRequest {
-            kind: v1::Kind::Service.into(),
-            namespace: namespace.to_owned(),
-            name: name.to_owned(),
-        };
+        let request = get_request(v1::Kind::Service, namespace, name);
         let response = self
-            .resources
-            .clone()
-            .describe(request)
-            .await
-            .map_err(self.fail())?;
-        Described::try_from(response.into_inner())
+            .call(|mut api| async move { api.resources.describe(request).await })
+            .await?;
+        Described::try_from(response)
     }
 
     pub async fn create_join_token(
@@ -212,13 +173,8 @@ impl Client {
         let request = v1::CreateJoinTokenRequest {
             ttl_seconds: ttl.as_secs(),
         };
-        let response = self
-            .cluster
-            .clone()
-            .create_join_token(request)
+        self.call(|mut api| async move { api.cluster.create_join_token(request).await })
             .await
-            .map_err(self.fail())?;
-        Ok(response.into_inner())
     }
 
     pub async fn create_dashboard_token(
@@ -228,69 +184,77 @@ impl Client {
         let request = v1::CreateDashboardTokenRequest {
             ttl_seconds: ttl.as_secs(),
         };
-        let response = self
-            .cluster
-            .clone()
-            .create_dashboard_token(request)
+        self.call(|mut api| async move { api.cluster.create_dashboard_token(request).await })
             .await
-            .map_err(self.fail())?;
-        Ok(response.into_inner())
     }
 
     pub async fn create_user(
         &self,
         request: v1::CreateUserRequest,
     ) -> Result<v1::CreateUserResponse, CliError> {
-        let response = self
-            .cluster
-            .clone()
-            .create_user(request)
+        self.call(|mut api| async move { api.cluster.create_user(request).await })
             .await
-            .map_err(self.fail())?;
-        Ok(response.into_inner())
     }
 
     pub async fn remove_node(&self, name: &str) -> Result<(), CliError> {
         let request = v1::RemoveNodeRequest {
             name: name.to_owned(),
         };
-        self.cluster
-            .clone()
-            .remove_node(request)
-            .await
-            .map_err(self.fail())?;
+        self.call(|mut api| async move { api.cluster.remove_node(request).await })
+            .await?;
         Ok(())
     }
 
     /// The flow log: the recent events, then (with `follow`) each new one.
     pub async fn watch_flows(
         &self,
-        request: v1::WatchFlowsRequest,
+        filter: &FlowFilter,
+        follow: bool,
     ) -> Result<tonic::Streaming<v1::FlowEvent>, CliError> {
-        let response = self
-            .cluster
-            .clone()
-            .watch_flows(request)
+        let request = filter.to_request(follow);
+        self.call(|mut api| async move { api.cluster.watch_flows(request).await })
             .await
-            .map_err(self.fail())?;
-        Ok(response.into_inner())
     }
 
     /// The next event of a flow stream (`None` at its end).
     pub async fn next_flow(
         &self,
         stream: &mut tonic::Streaming<v1::FlowEvent>,
-    ) -> Result<Option<v1::FlowEvent>, CliError> {
-        stream.message().await.map_err(self.fail())
+    ) -> Result<Option<FlowEvent>, CliError> {
+        let Some(event) = stream
+            .message()
+            .await
+            .map_err(|status| CliError::api(&self.server, status))?
+        else {
+            return Ok(None);
+        };
+        FlowEvent::try_from(event)
+            .map(Some)
+            .map_err(|source| CliError::BadResponse {
+                what: "flow event",
+                source: Box::new(source),
+            })
     }
 
     pub async fn whoami(&self) -> Result<Identity, CliError> {
         let response = self
-            .cluster
-            .clone()
-            .who_am_i(v1::WhoAmIRequest {})
-            .await
-            .map_err(self.fail())?;
-        Ok(response.into_inner().into())
+            .call(|mut api| async move { api.cluster.who_am_i(v1::WhoAmIRequest {}).await })
+            .await?;
+        Ok(response.into())
+    }
+}
+
+fn get_request(kind: v1::Kind, namespace: &str, name: &str) -> v1::GetRequest {
+    v1::GetRequest {
+        kind: kind.into(),
+        namespace: namespace.to_owned(),
+        name: name.to_owned(),
+    }
+}
+
+fn list_request(kind: v1::Kind, namespace: Option<&str>) -> v1::ListRequest {
+    v1::ListRequest {
+        kind: kind.into(),
+        namespace: namespace.unwrap_or_default().to_owned(),
     }
 }

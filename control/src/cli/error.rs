@@ -4,7 +4,6 @@ use std::io;
 use std::path::PathBuf;
 
 use sluice_model::manifest::ManifestError;
-use sluice_model::wire::ObjectError;
 use sluice_pki::PkiError;
 use tonic::Code;
 
@@ -44,12 +43,12 @@ pub enum CliError {
         server: String,
         status: Box<tonic::Status>,
     },
-    /// Boxed: an `ObjectError` is large.
+    /// An object or report that does not read (a newer server, or a bug).
     #[error("the control service sent an invalid {what}")]
     BadResponse {
         what: &'static str,
         #[source]
-        source: Box<ObjectError>,
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
     #[error("the control service sent a response without its {what}")]
     IncompleteResponse { what: &'static str },

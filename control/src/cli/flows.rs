@@ -1,32 +1,55 @@
 //! `flows`: the cluster's flow log, one line per event (JSON: one object per
 //! line), the recent events first, then as they come with `--follow`.
 
-use sluice_api::v1;
+use sluice_model::observe::{self, FlowEvent, FlowFilter};
+use sluice_model::view::ServiceRef;
 
 use super::{
     Context,
-    args::{FlowsArgs, Format},
+    args::{FlowKind, FlowVerdict, FlowsArgs, Format},
     error::CliError,
     output::print,
 };
+use crate::clock;
+
+impl From<FlowVerdict> for observe::FlowVerdict {
+    fn from(verdict: FlowVerdict) -> Self {
+        match verdict {
+            FlowVerdict::Forwarded => Self::Forwarded,
+            FlowVerdict::Denied => Self::Denied,
+            FlowVerdict::Dropped => Self::Dropped,
+        }
+    }
+}
+
+impl From<FlowKind> for observe::FlowKind {
+    fn from(kind: FlowKind) -> Self {
+        match kind {
+            FlowKind::New => Self::New,
+            FlowKind::Close => Self::Close,
+            FlowKind::Drop => Self::Drop,
+        }
+    }
+}
 
 pub async fn flows(cx: &Context, args: FlowsArgs) -> Result<(), CliError> {
-    let service = match args.service {
-        Some(s) if s.contains('/') => s,
-        Some(s) => format!("{}/{s}", args.namespace.or_default()),
-        None => String::new(),
-    };
-    let request = v1::WatchFlowsRequest {
-        verdict: args
-            .verdict
-            .map(|v| v.as_str().to_owned())
-            .unwrap_or_default(),
-        follow: args.follow,
+    let service = args.service.map(|s| match s.split_once('/') {
+        Some((namespace, name)) => ServiceRef {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+        },
+        None => ServiceRef {
+            namespace: args.namespace.or_default().to_owned(),
+            name: s,
+        },
+    });
+    let filter = FlowFilter {
+        verdict: args.verdict.map(Into::into),
+        kind: args.kind.map(Into::into),
         service,
-        kind: args.kind.map(|k| k.as_str().to_owned()).unwrap_or_default(),
     };
     let client = cx.connect().await?;
-    let mut stream = client.watch_flows(request).await?;
+    let mut stream = client.watch_flows(&filter, args.follow).await?;
     if matches!(cx.format, Format::Table) {
         print(&table_line(&[
             "TIME", "NODE", "KIND", "VERDICT", "CLIENT", "VIP", "SERVICE", "BACKEND", "PROTO",
@@ -43,14 +66,6 @@ pub async fn flows(cx: &Context, args: FlowsArgs) -> Result<(), CliError> {
     Ok(())
 }
 
-fn protocol(event: &v1::FlowEvent) -> &'static str {
-    v1::Protocol::try_from(event.protocol).map_or("?", |p| match p {
-        v1::Protocol::Tcp => "TCP",
-        v1::Protocol::Udp => "UDP",
-        v1::Protocol::Unspecified => "?",
-    })
-}
-
 const WIDTHS: [usize; 9] = [29, 10, 5, 9, 21, 21, 20, 21, 5];
 
 fn table_line(cells: &[&str; 10]) -> String {
@@ -63,10 +78,34 @@ fn table_line(cells: &[&str; 10]) -> String {
     line
 }
 
+/// The event's fields as they are shown; absent ones empty.
+struct Shown {
+    time: String,
+    service: String,
+    backend: String,
+    reason: String,
+    counted_as: String,
+}
+
+fn shown(event: &FlowEvent) -> Shown {
+    Shown {
+        time: clock::rfc3339_ms(clock::from_unix_ms(event.observed_unix_ms)),
+        service: event
+            .service
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_default(),
+        backend: event.backend.map(|b| b.to_string()).unwrap_or_default(),
+        reason: event.reason.to_string(),
+        counted_as: event.counted_as.to_string(),
+    }
+}
+
 /// One table row; the last column says why (a drop's reason, a close's
 /// flag) and what counted it under network policy.
-fn render_line(event: &v1::FlowEvent) -> String {
-    let why = match (event.reason.as_str(), event.counted_as.as_str()) {
+fn render_line(event: &FlowEvent) -> String {
+    let s = shown(event);
+    let why = match (s.reason.as_str(), s.counted_as.as_str()) {
         ("", counted) => counted.to_owned(),
         (reason, "") => reason.to_owned(),
         (reason, counted) => format!("{reason} ({counted})"),
@@ -79,53 +118,63 @@ fn render_line(event: &v1::FlowEvent) -> String {
         }
     };
     table_line(&[
-        &event.time,
+        &s.time,
         &event.node,
-        &event.kind,
-        &event.verdict,
-        &event.client,
-        &event.vip,
-        &dash(&event.service),
-        &dash(&event.backend),
-        protocol(event),
+        event.kind.as_str(),
+        event.verdict.as_str(),
+        &event.client.to_string(),
+        &event.vip.to_string(),
+        &dash(&s.service),
+        &dash(&s.backend),
+        event.protocol.as_str(),
         &why,
     ])
 }
 
-fn to_json(event: &v1::FlowEvent) -> serde_json::Value {
+fn to_json(event: &FlowEvent) -> serde_json::Value {
+    let s = shown(event);
     serde_json::json!({
-        "time": event.time,
+        "time": s.time,
         "node": event.node,
-        "kind": event.kind,
-        "verdict": event.verdict,
-        "reason": event.reason,
-        "client": event.client,
-        "vip": event.vip,
-        "service": event.service,
-        "backend": event.backend,
-        "protocol": protocol(event),
-        "countedAs": event.counted_as,
+        "kind": event.kind.as_str(),
+        "verdict": event.verdict.as_str(),
+        "reason": s.reason,
+        "client": event.client.to_string(),
+        "vip": event.vip.to_string(),
+        "service": s.service,
+        "backend": s.backend,
+        "protocol": event.protocol.as_str(),
+        "countedAs": s.counted_as,
     })
 }
 
 #[cfg(test)]
 mod tests {
+    use sluice_model::Protocol;
+    use sluice_model::observe::{DropReason, FlowReason};
+    use sluice_model::policy::compiled::{LabelSet, Slot};
+
     use super::*;
 
-    fn denied() -> v1::FlowEvent {
-        v1::FlowEvent {
-            time: "2026-11-30T12:00:00.123Z".to_owned(),
+    fn denied() -> FlowEvent {
+        FlowEvent {
             node: "node-2".to_owned(),
-            verdict: "denied".to_owned(),
-            reason: "drop_policy".to_owned(),
-            client: "198.18.2.2:40000".to_owned(),
-            service: "shop/web".to_owned(),
-            backend: "198.19.0.2:8080".to_owned(),
-            protocol: v1::Protocol::Tcp as i32,
-            counted_as: "denied to shop:{app=web}".to_owned(),
-            kind: "drop".to_owned(),
-            vip: "198.18.0.10:80".to_owned(),
-            observed_unix_ms: 0,
+            observed_unix_ms: 1_764_504_000_123,
+            kind: observe::FlowKind::Drop,
+            verdict: observe::FlowVerdict::Denied,
+            reason: FlowReason::Drop(DropReason::Policy),
+            client: "198.18.2.2:40000".parse().expect("addr"),
+            vip: "198.18.0.10:80".parse().expect("addr"),
+            service: Some(ServiceRef {
+                namespace: "shop".into(),
+                name: "web".into(),
+            }),
+            backend: Some("198.19.0.2:8080".parse().expect("addr")),
+            protocol: Protocol::Tcp,
+            counted_as: Slot::DeniedTo(LabelSet {
+                namespace: "shop".into(),
+                labels: [("app".to_owned(), "web".to_owned())].into(),
+            }),
         }
     }
 
@@ -144,12 +193,12 @@ mod tests {
         ] {
             assert!(row.contains(part), "{part:?} missing from {row:?}");
         }
-        let opened = v1::FlowEvent {
-            verdict: "forwarded".to_owned(),
-            kind: "new".to_owned(),
-            reason: String::new(),
-            counted_as: String::new(),
-            backend: String::new(),
+        let opened = FlowEvent {
+            verdict: observe::FlowVerdict::Forwarded,
+            kind: observe::FlowKind::New,
+            reason: FlowReason::None,
+            counted_as: Slot::Unused,
+            backend: None,
             ..denied()
         };
         let row = render_line(&opened);
@@ -167,5 +216,6 @@ mod tests {
         assert_eq!(value["service"], "shop/web");
         assert_eq!(value["countedAs"], "denied to shop:{app=web}");
         assert_eq!(value["protocol"], "TCP");
+        assert_eq!(value["time"], "2025-11-30T12:00:00.123Z");
     }
 }

@@ -1,41 +1,28 @@
 //! What the control service answers, converted once at the boundary into the
-//! domain objects of [`sluice_model::manifest`] (services, endpoints, grants) or into
-//! the shapes `sluicectl` prints (nodes, describe). Nothing past this module sees a
-//! protobuf message.
+//! domain objects of [`sluice_model`] (services, endpoints, grants, policies,
+//! counters) or into the shapes `sluicectl` prints (nodes, describe). Nothing
+//! past this module sees a protobuf message.
+
+use std::time::SystemTime;
 
 use serde::Serialize;
 use sluice_api::v1;
-use sluice_model::wire::protocol_from_proto;
-use sluice_model::{Object, ObjectKind, ServiceSpec};
+use sluice_model::observe::{FrontendCounters, PolicyCounter, TrafficCounts};
+use sluice_model::wire::observe::{address_from_bytes, backend_state_from_proto};
+use sluice_model::{Object, ObjectKind, ServiceSpec, Versioned};
 
 use super::error::CliError;
+use crate::clock;
 
-/// An object as stored: the domain object and the store revision that last changed it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Stored {
-    pub object: Object,
-    pub version: u64,
-}
+/// An object as stored: the domain object and the store revision that last
+/// changed it.
+pub type Stored = Versioned<Object>;
 
-impl TryFrom<v1::Object> for Stored {
-    type Error = CliError;
-
-    fn try_from(object: v1::Object) -> Result<Self, CliError> {
-        let meta = match &object.kind {
-            Some(v1::object::Kind::Service(s)) => s.meta.as_ref(),
-            Some(v1::object::Kind::Endpoint(e)) => e.meta.as_ref(),
-            Some(v1::object::Kind::Grant(g)) => g.meta.as_ref(),
-            Some(v1::object::Kind::NetworkPolicy(p)) => p.meta.as_ref(),
-            Some(v1::object::Kind::Node(n)) => n.meta.as_ref(),
-            None => None,
-        };
-        let version = meta.map_or(0, |m| m.resource_version);
-        let object = Object::try_from(object).map_err(|source| CliError::BadResponse {
-            what: "object",
-            source: Box::new(source),
-        })?;
-        Ok(Self { object, version })
-    }
+pub fn stored(object: v1::Object) -> Result<Stored, CliError> {
+    Versioned::<Object>::from_wire(object).map_err(|source| CliError::BadResponse {
+        what: "object",
+        source: Box::new(source),
+    })
 }
 
 /// `service/shop/web`, as `apply` and `delete` report objects.
@@ -93,50 +80,13 @@ impl TryFrom<v1::ApplyResult> for Applied {
         })?;
         Ok(Self {
             outcome: Outcome::from(outcome),
-            stored: Stored::try_from(object)?,
+            stored: stored(object)?,
         })
     }
 }
 
 /// Packets, bytes and flows, as a node reports them.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Traffic {
-    pub packets: u64,
-    pub bytes: u64,
-    pub new_flows: u64,
-    pub active_connections: u64,
-}
-
-impl Traffic {
-    fn add(self, other: Self) -> Self {
-        Self {
-            packets: self.packets.saturating_add(other.packets),
-            bytes: self.bytes.saturating_add(other.bytes),
-            new_flows: self.new_flows.saturating_add(other.new_flows),
-            active_connections: self
-                .active_connections
-                .saturating_add(other.active_connections),
-        }
-    }
-}
-
-impl From<Option<v1::TrafficCounters>> for Traffic {
-    fn from(counters: Option<v1::TrafficCounters>) -> Self {
-        let v1::TrafficCounters {
-            packets,
-            bytes,
-            new_flows,
-            active_connections,
-        } = counters.unwrap_or_default();
-        Self {
-            packets,
-            bytes,
-            new_flows,
-            active_connections,
-        }
-    }
-}
+pub type Traffic = TrafficCounts;
 
 /// One service port's traffic on a node.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -162,44 +112,38 @@ pub struct BackendTraffic {
     pub traffic: Traffic,
 }
 
-impl From<v1::FrontendCounters> for FrontendTraffic {
-    fn from(counters: v1::FrontendCounters) -> Self {
-        let v1::FrontendCounters {
+impl From<&FrontendCounters> for FrontendTraffic {
+    fn from(counters: &FrontendCounters) -> Self {
+        let FrontendCounters {
             service,
-            vip,
-            port,
-            protocol,
-            counters,
+            key,
+            counts,
             backends,
         } = counters;
         Self {
-            service,
-            vip,
-            port,
-            protocol: protocol_name(protocol),
-            traffic: counters.into(),
+            service: service.to_string(),
+            vip: key.vip.to_string(),
+            port: key.port.into(),
+            protocol: key.protocol.to_string(),
+            traffic: *counts,
             backends: backends
-                .into_iter()
-                .map(|b| {
-                    let v1::BackendCounters {
-                        address,
-                        port,
-                        counters,
-                    } = b;
-                    BackendTraffic {
-                        address,
-                        port,
-                        traffic: counters.into(),
-                    }
+                .iter()
+                .map(|b| BackendTraffic {
+                    address: b.address.to_string(),
+                    port: b.port.into(),
+                    traffic: b.counts,
                 })
                 .collect(),
         }
     }
 }
 
-/// `TCP`, `UDP`, or the number a newer server sent.
-fn protocol_name(value: i32) -> String {
-    protocol_from_proto(value).map_or_else(|_| value.to_string(), |p| p.as_str().to_owned())
+/// What of a node's report reads; the rest a newer server sent is left out.
+fn readable<W, D: TryFrom<W>>(entries: Vec<W>) -> Vec<D> {
+    entries
+        .into_iter()
+        .filter_map(|e| D::try_from(e).ok())
+        .collect()
 }
 
 /// A node as `get nodes` shows it (`-o json|yaml` print this shape).
@@ -226,6 +170,11 @@ pub struct NodeInfo {
     /// Network-policy verdicts, per counter.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub policy: Vec<PolicyVerdicts>,
+    /// When the node last reported, and its counters then (for `top`).
+    #[serde(skip)]
+    pub reported: Option<SystemTime>,
+    #[serde(skip)]
+    pub counters: Vec<FrontendCounters>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -241,39 +190,44 @@ impl From<v1::Node> for NodeInfo {
             meta,
             zone,
             certificate_serial,
-            certificate_expires,
-            joined_at,
+            certificate_expires_unix_ms,
+            joined_unix_ms,
             status,
         } = node;
         let meta = meta.unwrap_or_default();
         let v1::NodeStatus {
             applied_version,
             desired_version,
-            last_report,
+            last_report_unix_ms,
             connected,
             counters,
             policy_counters,
         } = status.unwrap_or_default();
+        let reported = (last_report_unix_ms != 0).then(|| clock::from_unix_ms(last_report_unix_ms));
+        let counters: Vec<FrontendCounters> = readable(counters);
         Self {
             name: meta.name,
             zone,
             connected,
             applied_version,
             desired_version,
-            last_report: Some(last_report).filter(|r| !r.is_empty()),
-            joined_at,
+            last_report: reported.map(clock::rfc3339),
+            joined_at: clock::rfc3339(clock::from_unix_ms(joined_unix_ms)),
             certificate_serial,
-            certificate_expires,
+            certificate_expires: clock::rfc3339(clock::from_unix_ms(certificate_expires_unix_ms)),
             resource_version: meta.resource_version,
-            traffic: counters.into_iter().map(FrontendTraffic::from).collect(),
+            traffic: counters.iter().map(FrontendTraffic::from).collect(),
             policy: policy_counters
                 .into_iter()
+                .map(PolicyCounter::from)
                 .map(|c| PolicyVerdicts {
-                    counts: c.counts,
+                    counts: c.counts.to_string(),
                     allowed: c.allowed,
                     denied: c.denied,
                 })
                 .collect(),
+            reported,
+            counters,
         }
     }
 }
@@ -347,16 +301,21 @@ impl TryFrom<v1::DescribeResponse> for Described {
                     address,
                     port,
                     weight,
-                    source,
+                    endpoint,
                     state,
                     probers,
                 } = b;
                 ResolvedBackend {
-                    address,
+                    address: address_from_bytes("address", &address)
+                        .map_or_else(|e| e.to_string(), |a| a.to_string()),
                     port,
                     weight,
-                    source,
-                    state,
+                    source: endpoint.map_or_else(
+                        || "static".to_owned(),
+                        |e| format!("{}/{}", e.namespace, e.name),
+                    ),
+                    state: backend_state_from_proto(state)
+                        .map_or_else(|| format!("unknown ({state})"), |s| s.to_string()),
                     probers,
                 }
             })
@@ -373,8 +332,8 @@ impl TryFrom<v1::DescribeResponse> for Described {
                 } = n;
                 let traffic = counters
                     .into_iter()
-                    .map(|c| Traffic::from(c.counters))
-                    .reduce(Traffic::add);
+                    .map(|c| Traffic::from(c.counters.unwrap_or_default()))
+                    .reduce(std::ops::Add::add);
                 Programming {
                     node,
                     connected,

@@ -397,16 +397,20 @@ scope: default
             }),
             zone: "eu-1a".to_owned(),
             certificate_serial: "0a".to_owned(),
-            certificate_expires: "2025-01-02T00:00:00Z".to_owned(),
-            joined_at: "2025-01-01T00:00:00Z".to_owned(),
+            // 2025-01-02T00:00:00Z and 2025-01-01T00:00:00Z.
+            certificate_expires_unix_ms: 1_735_776_000_000,
+            joined_unix_ms: 1_735_689_600_000,
             status: Some(v1::NodeStatus {
                 applied_version: 9,
                 desired_version: 9,
-                last_report: String::new(),
+                last_report_unix_ms: 0,
                 connected: true,
                 counters: vec![v1::FrontendCounters {
-                    service: "shop/web".to_owned(),
-                    vip: "198.18.0.10".to_owned(),
+                    service: Some(v1::ObjectName {
+                        namespace: "shop".to_owned(),
+                        name: "web".to_owned(),
+                    }),
+                    vip: vec![198, 18, 0, 10],
                     port: 80,
                     protocol: v1::Protocol::Tcp.into(),
                     counters: Some(v1::TrafficCounters {

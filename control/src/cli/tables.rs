@@ -489,12 +489,7 @@ pub fn relative(timestamp: &str, now: SystemTime) -> String {
     }
 }
 
-/// RFC 3339, as the control service writes times.
-pub fn rfc3339(time: SystemTime) -> String {
-    OffsetDateTime::from(time)
-        .format(&Rfc3339)
-        .unwrap_or_else(|_| format!("{time:?}"))
-}
+pub use crate::clock::rfc3339;
 
 #[cfg(test)]
 mod tests {
@@ -615,6 +610,8 @@ default     readers   group:dev    custom (get services, list nodes)   *
             resource_version: 3,
             traffic: Vec::new(),
             policy: Default::default(),
+            reported: None,
+            counters: Vec::new(),
         };
         let items = [
             node("node-1", "eu-1a", Some("2025-01-01T11:59:48Z")),

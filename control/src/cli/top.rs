@@ -10,9 +10,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use sluice_api::v1;
-
-use super::{Context, args::TopArgs, error::CliError, output::print};
+use super::{Context, args::TopArgs, error::CliError, model::NodeInfo, output::print};
 use crate::rates::{Rate, Rates};
 
 /// A row of the table: a service port, or one backend of it (`backend`
@@ -29,32 +27,22 @@ struct Row {
 type Totals = BTreeMap<Row, (Rate, u64)>;
 
 /// Feeds `nodes` (one `get nodes`) to `rates` and sums what they give.
-fn observe(rates: &mut Rates, nodes: &[v1::Node], now: SystemTime) -> Totals {
-    let name = |n: &v1::Node| n.meta.as_ref().map(|m| m.name.clone()).unwrap_or_default();
-    rates.retain(|kept| nodes.iter().any(|n| name(n) == kept));
+fn observe(rates: &mut Rates, nodes: &[NodeInfo], now: SystemTime) -> Totals {
+    rates.retain(|kept| nodes.iter().any(|n| n.name == kept));
     let mut totals = Totals::new();
     for node in nodes {
-        let Some(status) = &node.status else { continue };
-        let reported = time::OffsetDateTime::parse(
-            &status.last_report,
-            &time::format_description::well_known::Rfc3339,
-        );
-        let Ok(reported) = reported else { continue };
-        let node_name = name(node);
-        rates.observe(&node_name, reported.into(), &status.counters);
-        let node_rates = rates.node(&node_name, now);
-        for c in &status.counters {
-            let key = (c.service.clone(), c.vip.clone(), c.port, c.protocol);
-            let protocol = v1::Protocol::try_from(c.protocol).map_or("?", |p| match p {
-                v1::Protocol::Udp => "UDP",
-                _ => "TCP",
-            });
-            let vip = format!("{}:{}/{protocol}", c.vip, c.port);
-            let open =
-                |t: &Option<v1::TrafficCounters>| t.as_ref().map_or(0, |t| t.active_connections);
+        let Some(reported) = node.reported else {
+            continue;
+        };
+        rates.observe(&node.name, reported, &node.counters);
+        let node_rates = rates.node(&node.name, now);
+        for c in &node.counters {
+            let key = (c.service.clone(), c.key);
+            let service = c.service.to_string();
+            let vip = c.key.to_string();
             let mut add = |backend: String, rate: Option<&Rate>, active: u64| {
                 let row = Row {
-                    service: c.service.clone(),
+                    service: service.clone(),
                     vip: vip.clone(),
                     backend,
                 };
@@ -67,13 +55,15 @@ fn observe(rates: &mut Rates, nodes: &[v1::Node], now: SystemTime) -> Totals {
             add(
                 String::new(),
                 node_rates.frontends.get(&key),
-                open(&c.counters),
+                c.counts.active_connections,
             );
             for b in &c.backends {
-                let rate = node_rates
-                    .backends
-                    .get(&(key.clone(), (b.address.clone(), b.port)));
-                add(format!("{}:{}", b.address, b.port), rate, open(&b.counters));
+                let rate = node_rates.backends.get(&(key.clone(), (b.address, b.port)));
+                add(
+                    format!("{}:{}", b.address, b.port),
+                    rate,
+                    b.counts.active_connections,
+                );
             }
         }
     }
@@ -106,7 +96,7 @@ pub async fn top(cx: &Context, args: TopArgs) -> Result<(), CliError> {
     let mut rates = Rates::default();
     let mut refreshes = 0u32;
     loop {
-        let nodes = client.list_node_objects().await?;
+        let nodes = client.list_nodes().await?;
         let totals = observe(&mut rates, &nodes, SystemTime::now());
         let table = render(&totals, args.namespace.as_deref(), nodes.len());
         match args.count {
@@ -127,38 +117,50 @@ pub async fn top(cx: &Context, args: TopArgs) -> Result<(), CliError> {
 mod tests {
     use super::*;
 
-    fn traffic(packets: u64, active: u64) -> Option<v1::TrafficCounters> {
-        Some(v1::TrafficCounters {
+    use sluice_model::observe::{BackendCounters, FrontendCounters, TrafficCounts};
+    use sluice_model::view::{FrontendKey, ServiceRef};
+
+    fn traffic(packets: u64, active: u64) -> TrafficCounts {
+        TrafficCounts {
             packets,
             bytes: packets * 100,
             new_flows: packets / 10,
             active_connections: active,
-        })
+        }
     }
 
-    fn node(name: &str, report: &str, packets: u64, backend_packets: u64) -> v1::Node {
-        v1::Node {
-            meta: Some(v1::ObjectMeta {
-                name: name.to_owned(),
-                ..Default::default()
-            }),
-            status: Some(v1::NodeStatus {
-                last_report: report.to_owned(),
-                counters: vec![v1::FrontendCounters {
-                    service: "shop/web".to_owned(),
-                    vip: "198.18.0.10".to_owned(),
+    fn node(name: &str, report: &str, packets: u64, backend_packets: u64) -> NodeInfo {
+        NodeInfo {
+            name: name.to_owned(),
+            zone: String::new(),
+            connected: true,
+            applied_version: 0,
+            desired_version: 0,
+            last_report: Some(report.to_owned()),
+            joined_at: String::new(),
+            certificate_serial: String::new(),
+            certificate_expires: String::new(),
+            resource_version: 0,
+            traffic: Vec::new(),
+            policy: Vec::new(),
+            reported: Some(at(report)),
+            counters: vec![FrontendCounters {
+                service: ServiceRef {
+                    namespace: "shop".into(),
+                    name: "web".into(),
+                },
+                key: FrontendKey {
+                    vip: "198.18.0.10".parse().expect("ip"),
                     port: 80,
-                    protocol: v1::Protocol::Tcp as i32,
-                    counters: traffic(packets, 3),
-                    backends: vec![v1::BackendCounters {
-                        address: "198.19.0.2".to_owned(),
-                        port: 8080,
-                        counters: traffic(backend_packets, 3),
-                    }],
+                    protocol: sluice_model::Protocol::Tcp,
+                },
+                counts: traffic(packets, 3),
+                backends: vec![BackendCounters {
+                    address: "198.19.0.2".parse().expect("ip"),
+                    port: 8080,
+                    counts: traffic(backend_packets, 3),
                 }],
-                ..Default::default()
-            }),
-            ..Default::default()
+            }],
         }
     }
 

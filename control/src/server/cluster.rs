@@ -19,9 +19,7 @@ use crate::{
     store::Expect,
 };
 
-fn unix_ms(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
-}
+use crate::clock::unix_ms;
 
 /// Join tokens live this long unless asked otherwise.
 const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(600);
@@ -52,7 +50,11 @@ impl Control {
                 desired_version: state.view.version,
                 last_report_unix_ms: live.last_report.map_or(0, unix_ms),
                 connected: live.watchers > 0,
-                counters: live.counters.iter().map(v1::FrontendCounters::from).collect(),
+                counters: live
+                    .counters
+                    .iter()
+                    .map(v1::FrontendCounters::from)
+                    .collect(),
                 policy_counters: live
                     .policy_counters
                     .iter()

@@ -53,7 +53,10 @@ impl Control {
             namespace: service.namespace.clone(),
             name: service.name.clone(),
         };
-        let resolved = resolve(service, &EndpointIndex::new(state.objects.all::<Endpoint>()));
+        let resolved = resolve(
+            service,
+            &EndpointIndex::new(state.objects.all::<Endpoint>()),
+        );
         // The endpoint a selected backend is (the first by name, as
         // resolution takes it); static backends are none.
         let endpoint_at = |address| {
@@ -121,13 +124,14 @@ impl Control {
             Some(&namespace),
             &state.grants(),
         )?;
-        let stored = state
-            .objects
-            .get::<Service>(&namespace, &req.name)
-            .ok_or(ApiError::NotFound {
-                kind: "Service",
-                name: format!("{namespace}/{}", req.name),
-            })?;
+        let stored =
+            state
+                .objects
+                .get::<Service>(&namespace, &req.name)
+                .ok_or(ApiError::NotFound {
+                    kind: "Service",
+                    name: format!("{namespace}/{}", req.name),
+                })?;
         let name = ServiceRef {
             namespace: namespace.clone(),
             name: req.name.clone(),

@@ -309,9 +309,18 @@ impl Control {
             store_commits: metrics.store_commits.clone(),
             flow_events: metrics.flow_events.load(Ordering::Relaxed),
             objects: [
-                ("Service", state.objects.count(sluice_model::ObjectKind::Service)),
-                ("Endpoint", state.objects.count(sluice_model::ObjectKind::Endpoint)),
-                ("NetworkPolicy", state.objects.count(sluice_model::ObjectKind::NetworkPolicy)),
+                (
+                    "Service",
+                    state.objects.count(sluice_model::ObjectKind::Service),
+                ),
+                (
+                    "Endpoint",
+                    state.objects.count(sluice_model::ObjectKind::Endpoint),
+                ),
+                (
+                    "NetworkPolicy",
+                    state.objects.count(sluice_model::ObjectKind::NetworkPolicy),
+                ),
                 ("Node", state.nodes.len()),
             ],
             view_version: state.view.version,

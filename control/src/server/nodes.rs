@@ -226,7 +226,10 @@ impl Control {
         let entry = live.entry(node.to_string()).or_default();
         entry.applied_version = applied_version;
         entry.counters = counters;
-        entry.policy_counters = policy_counters.into_iter().map(PolicyCounter::from).collect();
+        entry.policy_counters = policy_counters
+            .into_iter()
+            .map(PolicyCounter::from)
+            .collect();
         entry.last_report = Some(SystemTime::now());
         let changed = entry.unhealthy != unhealthy;
         entry.unhealthy = unhealthy;

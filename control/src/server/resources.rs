@@ -183,7 +183,13 @@ impl Control {
             Requested::Object(kind) => kind,
         };
         let namespace = namespace_or_default(&req.namespace);
-        rbac::check(caller, Verb::Get, kind.visit(ResourceOf), Some(&namespace), &grants)?;
+        rbac::check(
+            caller,
+            Verb::Get,
+            kind.visit(ResourceOf),
+            Some(&namespace),
+            &grants,
+        )?;
         kind.visit(Served {
             state: &state,
             namespace: &namespace,
@@ -260,12 +266,23 @@ impl SpecVisitor for ApplyOne<'_> {
     fn visit<K: Kind>(self, spec: K::Spec) -> Result<Applied, ApiError> {
         let namespace = spec.namespace().to_owned();
         let name = spec.name().to_owned();
-        let existing = self.draft.state.objects.get::<K>(&namespace, &name).cloned();
+        let existing = self
+            .draft
+            .state
+            .objects
+            .get::<K>(&namespace, &name)
+            .cloned();
         let verb = match existing {
             Some(_) => Verb::Update,
             None => Verb::Create,
         };
-        rbac::check(self.caller, verb, K::RESOURCE, Some(&namespace), self.grants)?;
+        rbac::check(
+            self.caller,
+            verb,
+            K::RESOURCE,
+            Some(&namespace),
+            self.grants,
+        )?;
         let current = existing.as_ref().map(|e| e.version);
         if self.sent_version != 0 && Some(self.sent_version) != current {
             return Err(ApiError::Conflict {

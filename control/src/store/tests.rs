@@ -329,10 +329,7 @@ fn list_by_kind_and_namespace_is_exact_and_sorted() {
             "service/b/z"
         ]
     );
-    assert_eq!(
-        read(SERVICE, Some("a")),
-        ["service/a/x", "service/a/y"]
-    );
+    assert_eq!(read(SERVICE, Some("a")), ["service/a/x", "service/a/y"]);
     assert_eq!(read(SERVICE, Some("")), ["service/cluster-wide"]);
     assert_eq!(read(SERVICE, Some("c")), Vec::<String>::new());
     assert_eq!(read("services", None), ["services/a/x"]);

@@ -112,7 +112,10 @@ pub fn compile<'a>(
             }))
         })
         .collect();
-    let selections: Vec<Selection<'_>> = policies.iter().map(|&policy| Selection { policy }).collect();
+    let selections: Vec<Selection<'_>> = policies
+        .iter()
+        .map(|&policy| Selection { policy })
+        .collect();
     let mut deny_slot: HashMap<u32, u32> = HashMap::new();
     let mut egress_slot: HashMap<u32, u32> = HashMap::new();
     for set in &sets {
@@ -221,7 +224,9 @@ pub fn compile<'a>(
                 Peer::Cidr { cidr, except } => out.extend(
                     cidr_ids
                         .iter()
-                        .filter(|(c, _)| cidr.contains(*c) && !except.iter().any(|e| e.contains(*c)))
+                        .filter(|(c, _)| {
+                            cidr.contains(*c) && !except.iter().any(|e| e.contains(*c))
+                        })
                         .map(|(_, &id)| id),
                 ),
             }
@@ -232,7 +237,10 @@ pub fn compile<'a>(
         if ports.is_empty() {
             vec![(0, 0)]
         } else {
-            ports.iter().map(|p| (p.port, p.protocol.ip_proto())).collect()
+            ports
+                .iter()
+                .map(|p| (p.port, p.protocol.ip_proto()))
+                .collect()
         }
     };
 
@@ -259,7 +267,9 @@ pub fn compile<'a>(
             for &dst in &targets {
                 for &src in &sources {
                     for (port, protocol) in ports_of(&rule.ports) {
-                        rules.entry((false, dst, src, port, protocol)).or_insert(slot);
+                        rules
+                            .entry((false, dst, src, port, protocol))
+                            .or_insert(slot);
                     }
                 }
             }
@@ -274,7 +284,9 @@ pub fn compile<'a>(
             for &src in &restricted {
                 for &dst in &destinations {
                     for (port, protocol) in ports_of(&rule.ports) {
-                        rules.entry((true, dst, src, port, protocol)).or_insert(slot);
+                        rules
+                            .entry((true, dst, src, port, protocol))
+                            .or_insert(slot);
                     }
                 }
             }
@@ -284,14 +296,16 @@ pub fn compile<'a>(
         identities,
         rules: rules
             .into_iter()
-            .map(|((egress, dst, src, port, protocol), stats_slot)| RuleEntry {
-                egress,
-                dst,
-                src,
-                port,
-                protocol,
-                stats_slot,
-            })
+            .map(
+                |((egress, dst, src, port, protocol), stats_slot)| RuleEntry {
+                    egress,
+                    dst,
+                    src,
+                    port,
+                    protocol,
+                    stats_slot,
+                },
+            )
             .collect(),
         slots,
     }

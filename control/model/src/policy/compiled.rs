@@ -128,8 +128,12 @@ pub struct CompiledPolicy {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Verdict {
     /// Allowed by the rule counted in `slot`; `None`: not enforced.
-    Allowed { slot: Option<u32> },
-    Denied { slot: u32 },
+    Allowed {
+        slot: Option<u32>,
+    },
+    Denied {
+        slot: u32,
+    },
 }
 
 impl Verdict {
@@ -237,15 +241,17 @@ impl CompiledPolicy {
         port: u16,
         protocol: u8,
     ) -> Option<&RuleEntry> {
-        [(port, protocol), (0, 0)].into_iter().find_map(|(p, proto)| {
-            self.rules.iter().find(|r| {
-                r.egress == egress
-                    && r.dst == dst
-                    && r.src == src
-                    && r.port == p
-                    && r.protocol == proto
+        [(port, protocol), (0, 0)]
+            .into_iter()
+            .find_map(|(p, proto)| {
+                self.rules.iter().find(|r| {
+                    r.egress == egress
+                        && r.dst == dst
+                        && r.src == src
+                        && r.port == p
+                        && r.protocol == proto
+                })
             })
-        })
     }
 }
 
@@ -338,7 +344,11 @@ mod tests {
     fn slots_read_as_they_always_did() {
         let set = LabelSet {
             namespace: "shop".into(),
-            labels: [("app".into(), "web".into()), ("tier".into(), "front".into())].into(),
+            labels: [
+                ("app".into(), "web".into()),
+                ("tier".into(), "front".into()),
+            ]
+            .into(),
         };
         let cases = [
             (Slot::Unused, ""),
@@ -349,7 +359,10 @@ mod tests {
                 }),
                 "allowed by shop/web-ingress",
             ),
-            (Slot::DeniedTo(set.clone()), "denied to shop:{app=web,tier=front}"),
+            (
+                Slot::DeniedTo(set.clone()),
+                "denied to shop:{app=web,tier=front}",
+            ),
             (
                 Slot::EgressDeniedFrom(set),
                 "egress denied from shop:{app=web,tier=front}",

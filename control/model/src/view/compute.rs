@@ -256,9 +256,7 @@ fn resolve_zoned(
 /// weighted form.
 fn effective_algorithm(service: &Service) -> Algorithm {
     match service.algorithm {
-        Algorithm::RoundRobin if service.traffic.rollout.is_some() => {
-            Algorithm::WeightedRoundRobin
-        }
+        Algorithm::RoundRobin if service.traffic.rollout.is_some() => Algorithm::WeightedRoundRobin,
         Algorithm::LeastConnections if service.traffic.rollout.is_some() => {
             Algorithm::WeightedLeastConnections
         }

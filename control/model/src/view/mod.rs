@@ -124,6 +124,19 @@ pub struct ViewUpdate {
 }
 
 impl View {
+    /// A standalone agent's view: the frontends of its manifest's services,
+    /// computed as the control service computes them for a cluster with no
+    /// nodes (every backend is probed by whoever programs it) and no
+    /// endpoints (a standalone manifest has static backends only), and no
+    /// network policy (which needs the control service).
+    pub fn of_manifest(manifest: &crate::manifest::Manifest) -> Self {
+        Self {
+            version: 0,
+            frontends: frontends(&[], &manifest.services, []),
+            policy: CompiledPolicy::default(),
+        }
+    }
+
     /// Applies `update`: a snapshot replaces everything; a change removes,
     /// then upserts (a frontend both removed and upserted ends up upserted).
     pub fn apply(&mut self, update: ViewUpdate) {

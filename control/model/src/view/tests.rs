@@ -102,7 +102,13 @@ fn static_backends_become_frontends_per_port() {
 fn selectors_take_ready_matching_endpoints_of_the_namespace() {
     let s = service("web", "198.18.0.10", &[], &[("app", "web")]);
     let endpoints = [
-        endpoint("shop", "a", "198.19.1.2", &[("app", "web"), ("v", "1")], true),
+        endpoint(
+            "shop",
+            "a",
+            "198.19.1.2",
+            &[("app", "web"), ("v", "1")],
+            true,
+        ),
         endpoint("shop", "b", "198.19.2.2", &[("app", "web")], false),
         endpoint("blog", "c", "198.19.3.2", &[("app", "web")], true),
         endpoint("shop", "d", "198.19.4.2", &[("app", "db")], true),
@@ -148,7 +154,11 @@ fn rollouts_draining_and_zones_shape_the_weights() {
     }
     let view = frontends(&["n1"], [&s], &endpoints);
     let tcp = &view[&key("198.18.0.10", 80, Protocol::Tcp)];
-    let shares: Vec<(u32, bool)> = tcp.backends.iter().map(|b| (b.weight, b.draining)).collect();
+    let shares: Vec<(u32, bool)> = tcp
+        .backends
+        .iter()
+        .map(|b| (b.weight, b.draining))
+        .collect();
     // v1 (weights 2 + 2) gets 90%, v2 (the one serving, weight 2) 10%.
     assert_eq!(shares, [(9, false), (9, false), (2, false), (2, true)]);
     let zones: Vec<(&str, &[u32])> = tcp
@@ -252,6 +262,18 @@ fn snapshots_replace_and_changes_upsert_and_remove_by_key() {
     // A snapshot drops what it does not list, the policy included.
     let mut stale = state.clone();
     stale.policy.slots = vec![Slot::Unused];
-    stale.apply(View { version: 9, ..view(Frontends::new()) }.snapshot());
-    assert_eq!(stale, View { version: 9, ..View::default() });
+    stale.apply(
+        View {
+            version: 9,
+            ..view(Frontends::new())
+        }
+        .snapshot(),
+    );
+    assert_eq!(
+        stale,
+        View {
+            version: 9,
+            ..View::default()
+        }
+    );
 }

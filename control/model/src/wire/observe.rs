@@ -7,8 +7,8 @@ use sluice_api::v1;
 
 use super::protocol_from_proto;
 use crate::observe::{
-    BackendCounters, BackendRef, BackendState, DropReason, FlowEvent, FlowFilter, FlowKind, FlowReason,
-    FlowVerdict, FrontendCounters, PolicyCounter, TrafficCounts,
+    BackendCounters, BackendRef, BackendState, DropReason, FlowEvent, FlowFilter, FlowKind,
+    FlowReason, FlowVerdict, FrontendCounters, PolicyCounter, TrafficCounts,
 };
 use crate::policy::compiled::Slot;
 use crate::rules::Problem;
@@ -255,8 +255,11 @@ impl FlowFilter {
             follow,
             verdict: self
                 .verdict
-                .map_or(v1::FlowVerdict::Unspecified, v1::FlowVerdict::from) as i32,
-            kind: self.kind.map_or(v1::FlowKind::Unspecified, v1::FlowKind::from) as i32,
+                .map_or(v1::FlowVerdict::Unspecified, v1::FlowVerdict::from)
+                as i32,
+            kind: self
+                .kind
+                .map_or(v1::FlowKind::Unspecified, v1::FlowKind::from) as i32,
             service: self.service.as_ref().map(v1::ObjectName::from),
         }
     }
@@ -264,7 +267,11 @@ impl FlowFilter {
     /// The filter a request asks for (unspecified values filter nothing;
     /// values this build does not know are refused).
     pub fn of_request(request: &v1::WatchFlowsRequest) -> Result<Self, ReportError> {
-        fn known<T>(field: &'static str, value: i32, parsed: Option<T>) -> Result<Option<T>, ReportError> {
+        fn known<T>(
+            field: &'static str,
+            value: i32,
+            parsed: Option<T>,
+        ) -> Result<Option<T>, ReportError> {
             match (value, parsed) {
                 (0, _) => Ok(None),
                 (_, Some(parsed)) => Ok(Some(parsed)),
@@ -272,7 +279,11 @@ impl FlowFilter {
             }
         }
         Ok(Self {
-            verdict: known("verdict", request.verdict, verdict_from_proto(request.verdict))?,
+            verdict: known(
+                "verdict",
+                request.verdict,
+                verdict_from_proto(request.verdict),
+            )?,
             kind: known("kind", request.kind, kind_from_proto(request.kind))?,
             service: request.service.clone().map(ServiceRef::from),
         })

@@ -71,7 +71,11 @@ impl From<&Slot> for v1::PolicySlot {
         use v1::policy_slot::Counts;
         let set = |s: &LabelSet| v1::LabelSet {
             namespace: s.namespace.clone(),
-            labels: s.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            labels: s
+                .labels
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
         };
         let counts = match slot {
             Slot::Unused => None,
@@ -159,7 +163,10 @@ impl TryFrom<v1::PolicyView> for CompiledPolicy {
             .into_iter()
             .map(|i| {
                 let prefix: Ipv4Net = i.prefix.parse().map_err(|_| {
-                    ViewError::Policy(format!("identity {}: bad prefix {:?}", i.identity, i.prefix))
+                    ViewError::Policy(format!(
+                        "identity {}: bad prefix {:?}",
+                        i.identity, i.prefix
+                    ))
                 })?;
                 Ok(IdentityEntry {
                     prefix,
@@ -223,12 +230,8 @@ fn key_from_proto(
             },
         )
     })?;
-    let port = u16::try_from(port).map_err(|_| {
-        at(
-            "port",
-            Problem::PortOutOfRange { value: port.into() },
-        )
-    })?;
+    let port = u16::try_from(port)
+        .map_err(|_| at("port", Problem::PortOutOfRange { value: port.into() }))?;
     let protocol = protocol_from_proto(protocol).map_err(|p| at("protocol", p))?;
     Ok(FrontendKey {
         vip,

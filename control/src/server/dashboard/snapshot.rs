@@ -20,6 +20,7 @@ use sluice_model::policy::compiled::{LabelSet, Slot};
 use sluice_model::view::ServiceRef;
 use sluice_model::{NetworkPolicy, Node, Service};
 
+use crate::clock;
 use crate::rates::{NodeRates, Rate, Rates};
 use crate::{
     rbac::{self, Caller, Denied, Resource, Verb},
@@ -175,28 +176,20 @@ fn percent(part: f64, whole: f64) -> Option<f64> {
     (whole > 0.0).then(|| (part / whole * 100.0).clamp(0.0, 100.0))
 }
 
-/// RFC 3339 to the millisecond.
-fn rfc3339_ms(unix_ms: u64) -> String {
-    let t = time::OffsetDateTime::from(
-        std::time::UNIX_EPOCH + std::time::Duration::from_millis(unix_ms),
-    );
-    let t = t
-        .replace_nanosecond(u32::from(t.millisecond()) * 1_000_000)
-        .unwrap_or(t);
-    t.format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default()
-}
-
 fn flow_row(e: &FlowEvent) -> FlowRow {
     FlowRow {
-        time: rfc3339_ms(e.observed_unix_ms),
+        time: clock::rfc3339_ms(clock::from_unix_ms(e.observed_unix_ms)),
         node: e.node.clone(),
         kind: e.kind.to_string(),
         verdict: e.verdict.to_string(),
         reason: e.reason.to_string(),
         client: e.client.to_string(),
         vip: e.vip.to_string(),
-        service: e.service.as_ref().map(ToString::to_string).unwrap_or_default(),
+        service: e
+            .service
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_default(),
         backend: e.backend.map(|b| b.to_string()).unwrap_or_default(),
         protocol: e.protocol.as_str(),
         counted_as: e.counted_as.to_string(),
@@ -207,8 +200,7 @@ fn flow_row(e: &FlowEvent) -> FlowRow {
 /// selects none).
 fn selects(p: &NetworkPolicy, set: &LabelSet) -> bool {
     p.selector.as_ref().is_some_and(|selector| {
-        set.namespace == p.namespace
-            && selector.iter().all(|(k, v)| set.labels.get(k) == Some(v))
+        set.namespace == p.namespace && selector.iter().all(|(k, v)| set.labels.get(k) == Some(v))
     })
 }
 
@@ -393,8 +385,7 @@ fn overview(
         for b in &s.backends {
             if seen.insert((&s.namespace, &s.name, &b.address)) {
                 overview.backends += 1;
-                overview.backends_serving +=
-                    usize::from(b.state == BackendState::Serving.as_str());
+                overview.backends_serving += usize::from(b.state == BackendState::Serving.as_str());
             }
         }
     }
@@ -455,8 +446,14 @@ impl Control {
             .filter(|service| visible(&service_ns, &service.namespace))
             // As `describe`, which shows the same backends, needs.
             .filter(|service| {
-                rbac::check(caller, Verb::Get, Resource::Services, Some(&service.namespace), &grants)
-                    .is_ok()
+                rbac::check(
+                    caller,
+                    Verb::Get,
+                    Resource::Services,
+                    Some(&service.namespace),
+                    &grants,
+                )
+                .is_ok()
             })
             .map(|service| {
                 let backends = self.resolved_backends(&state, service);
@@ -580,10 +577,18 @@ mod tests {
             counter(allowed_by("shop", "web-ingress"), 7, 0),
             counter(allowed_by("shop", "web-ingress"), 3, 0),
             counter(allowed_by("shop", "other"), 100, 0),
-            counter(Slot::DeniedTo(set("shop", &[("app", "web"), ("tier", "front")])), 0, 4),
+            counter(
+                Slot::DeniedTo(set("shop", &[("app", "web"), ("tier", "front")])),
+                0,
+                4,
+            ),
             counter(Slot::DeniedTo(set("shop", &[("app", "db")])), 0, 50),
             counter(Slot::DeniedTo(set("blog", &[("app", "web")])), 0, 60),
-            counter(Slot::EgressDeniedFrom(set("shop", &[("app", "web")])), 0, 70),
+            counter(
+                Slot::EgressDeniedFrom(set("shop", &[("app", "web")])),
+                0,
+                70,
+            ),
         ];
         let refs: Vec<&PolicyCounter> = counters.iter().collect();
         let row = policy_row(&policy(&[("app", "web")], ""), &refs);

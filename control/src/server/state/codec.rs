@@ -135,9 +135,15 @@ mod tests {
             joined_at: at,
         };
         let key = node_key("node-1");
-        assert_eq!(decode_node(&key, &encode_node(&node)).ok(), Some(node.clone()));
+        assert_eq!(
+            decode_node(&key, &encode_node(&node)).ok(),
+            Some(node.clone())
+        );
         let zoneless = Node { zone: None, ..node };
-        assert_eq!(decode_node(&key, &encode_node(&zoneless)).ok(), Some(zoneless));
+        assert_eq!(
+            decode_node(&key, &encode_node(&zoneless)).ok(),
+            Some(zoneless)
+        );
         assert!(decode_node(&key, b"{}").is_err());
     }
 }

@@ -83,7 +83,11 @@ impl Draft {
 
     pub fn put_node(&mut self, node: Node, expect: Expect) {
         let name = node.name.clone();
-        self.push(codec::node_key(&name), Some(codec::encode_node(&node)), expect);
+        self.push(
+            codec::node_key(&name),
+            Some(codec::encode_node(&node)),
+            expect,
+        );
         self.state.nodes.insert(
             name.clone(),
             Versioned {

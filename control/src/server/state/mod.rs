@@ -20,6 +20,7 @@ use sluice_model::{
     kind::KindVisitor,
 };
 
+pub use crate::clock::rfc3339;
 pub use draft::{Committed, Draft};
 
 use super::history::History;
@@ -93,9 +94,7 @@ impl State {
                 tables::VIEW => state.view.version = codec::decode_view_meta(&key, &v.value)?,
                 tables::VIEW_LOG => log.push((key, v.value)),
                 table => {
-                    let kind = ObjectKind::ALL
-                        .iter()
-                        .find(|k| k.visit(TableName) == table);
+                    let kind = ObjectKind::ALL.iter().find(|k| k.visit(TableName) == table);
                     if let Some(kind) = kind {
                         kind.visit(Decode {
                             objects: &mut state.objects,
@@ -128,11 +127,7 @@ impl State {
         let objects = &self.objects;
         View {
             version: 0,
-            frontends: view::frontends(
-                &nodes,
-                objects.all::<Service>(),
-                objects.all::<Endpoint>(),
-            ),
+            frontends: view::frontends(&nodes, objects.all::<Service>(), objects.all::<Endpoint>()),
             policy: compile(
                 objects.all::<NetworkPolicy>(),
                 objects.all::<Service>(),
@@ -172,11 +167,4 @@ impl KindVisitor for Decode<'_> {
         self.objects.insert(object, self.version);
         Ok(())
     }
-}
-
-/// RFC 3339 for a time.
-pub fn rfc3339(t: std::time::SystemTime) -> String {
-    time::OffsetDateTime::from(t)
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default()
 }

@@ -23,7 +23,12 @@ fn endpoint(ns: &str, name: &str, address: &str, pairs: &[(&str, &str)]) -> Endp
     }
 }
 
-fn policy(ns: &str, name: &str, selector: &[(&str, &str)], ingress: Vec<IngressRule>) -> NetworkPolicy {
+fn policy(
+    ns: &str,
+    name: &str,
+    selector: &[(&str, &str)],
+    ingress: Vec<IngressRule>,
+) -> NetworkPolicy {
     NetworkPolicy {
         namespace: ns.into(),
         name: name.into(),
