@@ -2,7 +2,7 @@
 //! with their pinned maps, attach (or re-point) pinned links, and tear down.
 //!
 //! **Which hook.** Native XDP is fastest, but on interfaces with default
-//! settings it can fail silently (see ../shared/DESIGN.md, "Traps"):
+//! settings it can fail silently (see docs/architecture.md, "Kernel traps"):
 //! - a veth delivers packets from local sockets with offload-pending checksums
 //!   (`CHECKSUM_PARTIAL`) that XDP cannot update; our XDP program detects them
 //!   and defers them, untouched, to the TC companion program;

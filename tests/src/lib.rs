@@ -22,7 +22,7 @@
 //! With [`Offloads::NicLike`] the client end (`c0`) and every backend end
 //! (`b0`) get `ethtool -K <dev> tx off gro on`: they stand for real NICs
 //! (complete checksums, NAPI on receive). [`Offloads::KernelDefault`] leaves
-//! veth as the kernel made it (see DESIGN.md, "Traps").
+//! veth as the kernel made it (see docs/architecture.md, "Kernel traps").
 //!
 //! Namespace names are `slt-<pid>-<n>-<role>` ([`NETNS_PREFIX`], the test
 //! process id and a per-process counter), so tests run in parallel, in one

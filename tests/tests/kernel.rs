@@ -4,7 +4,7 @@
 //! exists in both, runs against the XDP and the TC program.
 //!
 //! Needs root (BPF, network namespaces); the kernel features used are in
-//! ../shared/TOOLCHAIN.md.
+//! docs/architecture.md ("Kernel traps", "Toolchain").
 
 use std::{net::Ipv4Addr, time::Duration};
 

@@ -1,6 +1,6 @@
 //! `cargo xtask bootstrap`: everything a fresh machine (Debian 12, root, stable
 //! and `nightly` toolchains) lacks to build and test Sluice — see
-//! /work/shared/TOOLCHAIN.md for the recipe these steps follow. Every step
+//! docs/architecture.md ("Toolchain") for the recipe these steps follow. Every step
 //! checks first and is quick when there is nothing to do; every other command
 //! runs this first.
 
@@ -235,7 +235,7 @@ impl Nightly {
     }
 }
 
-/// TOOLCHAIN.md's LLVM_PREFIX: `lib/` holds the sysroot's libLLVM under its
+/// The LLVM prefix bpf-linker is built against: `lib/` holds the sysroot's libLLVM under its
 /// SONAME file name (what the bpf-linker binary asks for, found through the
 /// rpath llvm-sys sets to this lasting directory) and as `libLLVM.so` (what
 /// the link step looks for).

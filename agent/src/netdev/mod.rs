@@ -9,7 +9,7 @@
 //! frame. A veth only delivers redirected frames when its *peer* has NAPI (an XDP program
 //! attached, or GRO on); otherwise `veth_xdp_xmit` refuses them and every frame is dropped
 //! silently — the drops show only as `rx_queue_0_drops` on the device that ran XDP (see the
-//! "Traps" in DESIGN.md). Since Linux 6.3 the kernel publishes exactly this fact as the
+//! "Kernel traps" in docs/architecture.md). Since Linux 6.3 the kernel publishes exactly this fact as the
 //! `NDO_XMIT` bit of the device's XDP feature mask, which is what this module reads:
 //!
 //! - `include/uapi/linux/netdev.h` and `Documentation/netlink/specs/netdev.yaml`: the
