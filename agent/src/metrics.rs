@@ -3,7 +3,7 @@
 //! The counters live in the kernel maps, which the run loop owns; a scrape
 //! therefore asks the loop for a page (a message with a reply channel) and
 //! the loop renders it between two events. Nothing is computed when nobody
-//! scrapes. The page is read from the loop's state into a [`Snapshot`] and
+//! scrapes. The page is read from the loop's state into a `Snapshot` and
 //! encoded by prometheus-client's collector API in the Prometheus text
 //! format 0.0.4 (a collector must own what it encodes).
 

@@ -13,7 +13,7 @@
 //! (`--ignore-certificate-errors-spki-list`), not every certificate.
 //!
 //! The test is synchronous; each call blocks on the runtime, bounded by
-//! [`CALL_TIMEOUT`].
+//! `CALL_TIMEOUT`.
 //!
 //! Requires Debian's `chromium` and `chromium-driver` (`cargo xtask
 //! bootstrap` installs them). Dropping the [`Browser`] ends the session,

@@ -1,7 +1,7 @@
 //! The kinds of object admins declare, registered once.
 //!
 //! Every kind is a module of its own (its type, its manifest parser, its
-//! conversions to and from the API's message) plus one line in [`kinds!`]
+//! conversions to and from the API's message) plus one line in `kinds!`
 //! below, which makes it an [`ObjectKind`], a variant of [`Object`] (what a
 //! manifest or an `Apply` carries) and of the API's `Object` message, and
 //! lets generic code (the control service's apply, get, list and delete;
@@ -114,7 +114,7 @@ pub trait SpecVisitor {
 /// Objects of one kind, by (namespace, name).
 pub type Table<K> = BTreeMap<(String, String), Versioned<K>>;
 
-/// Where a kind's table is in [`Objects`] (implemented by [`kinds!`]).
+/// Where a kind's table is in [`Objects`] (implemented by `kinds!`).
 pub trait TableOf: Sized {
     fn table(objects: &Objects) -> &Table<Self>;
     fn table_mut(objects: &mut Objects) -> &mut Table<Self>;

@@ -1,7 +1,7 @@
 //! Backend health as the probers see it.
 //!
 //! Probing is delegated: the view names, for each backend of a health-checked
-//! service, a few nodes that probe it ([`crate::view::probers`]), so probes
+//! service, a few nodes that probe it ([`sluice_model::view::probers`]), so probes
 //! grow with the number of backends, not nodes × backends. Each agent reports
 //! the backends it probes and finds unhealthy (the complete set, with every
 //! status report and at once on a change). A backend is unhealthy when more

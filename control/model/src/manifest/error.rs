@@ -108,10 +108,10 @@ impl fmt::Display for Position {
 /// available through [`std::error::Error::source`]. `at` is boxed to keep
 /// `Result<_, ManifestError>` small.
 ///
-/// Rules shared with API messages ([`super::rules`]) produce a [`Problem`]; those that
+/// Rules shared with API messages ([`crate::rules`]) produce a [`Problem`]; those that
 /// had a variant of their own before the control-mode kinds keep it (the standalone
 /// agent's callers match on them), the others are [`ManifestError::Invalid`]. Either
-/// way the reason reads the same as the API's ([`crate::convert::ObjectError`]).
+/// way the reason reads the same as the API's ([`crate::wire::ObjectError`]).
 #[derive(Debug, thiserror::Error)]
 pub enum ManifestError {
     #[error("{}: cannot read manifest: {cause}", path.display())]
@@ -235,7 +235,7 @@ pub enum ManifestError {
         field: String,
         address: Ipv4Addr,
     },
-    /// Another rule of [`super::rules`] (namespaces, labels, selectors, endpoints, grants).
+    /// Another rule of [`crate::rules`] (namespaces, labels, selectors, endpoints, grants).
     #[error("{at}: {field}: {problem}")]
     Invalid {
         at: Box<Position>,

@@ -53,7 +53,7 @@ const LABEL_VALUE_SYNTAX: &str = "a value is empty or up to 63 of a-z, A-Z, 0-9,
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Problem {
     /// Only for API messages, where an empty string means "not set"; manifests report
-    /// [`super::ManifestError::MissingField`] with the position of the mapping.
+    /// [`crate::manifest::ManifestError::MissingField`] with the position of the mapping.
     #[error("missing required field")]
     Missing,
     #[error(

@@ -5,7 +5,7 @@
 //!   Defaults are written out explicitly (target port, weight, algorithm), so a message
 //!   built here never relies on the zero-means-default rules below.
 //! * Message to domain ([`TryFrom`]) validates everything, with the same rules
-//!   ([`crate::manifest::rules`]) and the same wording as a manifest, so the control
+//!   ([`crate::rules`]) and the same wording as a manifest, so the control
 //!   service rejects exactly what `sluicectl apply` would reject locally. The first
 //!   problem found, in field order, is reported as an [`ObjectError`] naming the object,
 //!   the field path in the manifest's spelling (`ports[0].targetPort`, `scope`) and the

@@ -4,7 +4,7 @@
 //!
 //! The state holds the objects of every kind ([`Objects`]), the joined
 //! nodes, and the view computed from them with its recent history. Only
-//! [`codec`] knows how any of it is written in the store.
+//! `codec` knows how any of it is written in the store.
 
 mod codec;
 mod draft;
