@@ -133,18 +133,6 @@ backends:
 }
 
 #[test]
-fn omitted_optional_fields_take_defaults() {
-    let text = with_backends(&["address: 198.19.1.2"]);
-    let service = &ok(&text).services[0];
-    assert_eq!(service.algorithm, Algorithm::RoundRobin);
-    assert_eq!(
-        service.ports[0].target_port, 80,
-        "targetPort defaults to port"
-    );
-    assert_eq!(service.backends[0].weight, 1);
-}
-
-#[test]
 fn omitted_backends_mean_an_empty_list() {
     assert_eq!(ok(MINIMAL).services[0].backends, []);
 }

@@ -265,3 +265,5 @@ fn standalone(source: &str, document: usize, parsed: Parsed<'_>) -> Result<Servi
 mod agent_tests;
 #[cfg(test)]
 mod control_tests;
+#[cfg(test)]
+mod defaults_tests;

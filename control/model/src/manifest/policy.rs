@@ -60,10 +60,7 @@ pub(super) fn parse(
         .map(|(to, ports)| EgressRule { to, ports })
         .collect();
     let types = match fields.get("policyTypes") {
-        None => PolicyTypes {
-            ingress: true,
-            egress: fields.get("egress").is_some(),
-        },
+        None => PolicyTypes::implied(fields.get("egress").is_some()),
         Some(node) => {
             let entries = sequence(cx, "policyTypes", node)?;
             let mut types = PolicyTypes::default();

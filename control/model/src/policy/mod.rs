@@ -70,6 +70,18 @@ pub struct PolicyTypes {
     pub egress: bool,
 }
 
+impl PolicyTypes {
+    /// What a policy without `policyTypes` restricts (the one place this
+    /// default is applied): ingress, and egress if it has egress rules
+    /// (`egress_given`; a manifest also counts an empty `egress` field).
+    pub fn implied(egress_given: bool) -> Self {
+        Self {
+            ingress: true,
+            egress: egress_given,
+        }
+    }
+}
+
 impl Serialize for PolicyTypes {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         let mut names = Vec::new();

@@ -207,10 +207,7 @@ impl TryFrom<v1::NetworkPolicy> for NetworkPolicy {
             }
         }
         if policy_types.is_empty() {
-            types = PolicyTypes {
-                ingress: true,
-                egress: !egress.is_empty(),
-            };
+            types = PolicyTypes::implied(!egress.is_empty());
         }
         if !egress.is_empty() && service.is_some() {
             return Err(check.at("egress")(Problem::EgressOnService));
