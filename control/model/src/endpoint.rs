@@ -5,9 +5,7 @@ use std::net::Ipv4Addr;
 
 use serde::Serialize;
 
-use crate::grant::Resource;
-use crate::kind::{Kind, Labels, ObjectKind, Resolve};
-use crate::wire::ObjectError;
+use crate::kind::Labels;
 
 /// A backend registered with the control service; services select endpoints by label.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -34,33 +32,3 @@ pub struct Endpoint {
 
 /// The label that carries an endpoint's version for rollouts.
 pub const VERSION_LABEL: &str = "version";
-
-impl Kind for Endpoint {
-    const KIND: ObjectKind = ObjectKind::Endpoint;
-    const TABLE: &'static str = "endpoint";
-    const RESOURCE: Resource = Resource::Endpoints;
-    type Spec = Self;
-    type Wire = sluice_api::v1::Endpoint;
-
-    fn to_spec(&self) -> Self {
-        self.clone()
-    }
-
-    fn to_wire(&self) -> Self::Wire {
-        self.into()
-    }
-
-    fn from_wire(wire: Self::Wire) -> Result<Self, ObjectError> {
-        wire.try_into()
-    }
-
-    fn from_spec<R: Resolve>(spec: Self, _: &mut R) -> Result<Self, R::Error> {
-        Ok(spec)
-    }
-
-    fn wrap(wire: Self::Wire) -> sluice_api::v1::Object {
-        sluice_api::v1::Object {
-            kind: Some(sluice_api::v1::object::Kind::Endpoint(wire)),
-        }
-    }
-}

@@ -5,8 +5,7 @@ use std::fmt;
 
 use serde::{Serialize, Serializer};
 
-use crate::kind::{Kind, Labels, ObjectKind, Resolve};
-use crate::wire::ObjectError;
+use crate::kind::Labels;
 
 /// RBAC: binds a subject to a role on a scope. Deny by default.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -225,35 +224,5 @@ impl Resource {
 impl fmt::Display for Resource {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
-    }
-}
-
-impl Kind for Grant {
-    const KIND: ObjectKind = ObjectKind::Grant;
-    const TABLE: &'static str = "grant";
-    const RESOURCE: Resource = Resource::Grants;
-    type Spec = Self;
-    type Wire = sluice_api::v1::Grant;
-
-    fn to_spec(&self) -> Self {
-        self.clone()
-    }
-
-    fn to_wire(&self) -> Self::Wire {
-        self.into()
-    }
-
-    fn from_wire(wire: Self::Wire) -> Result<Self, ObjectError> {
-        wire.try_into()
-    }
-
-    fn from_spec<R: Resolve>(spec: Self, _: &mut R) -> Result<Self, R::Error> {
-        Ok(spec)
-    }
-
-    fn wrap(wire: Self::Wire) -> sluice_api::v1::Object {
-        sluice_api::v1::Object {
-            kind: Some(sluice_api::v1::object::Kind::Grant(wire)),
-        }
     }
 }

@@ -7,7 +7,9 @@
 //! lets generic code (the control service's apply, get, list and delete;
 //! `sluicectl`) reach its type through [`ObjectKind::visit`] and
 //! [`Object::visit`]. What else a kind is — its store table, the RBAC
-//! resource that guards it — is said once, in its [`Kind`] impl.
+//! resource that guards it — is said once, in its [`Kind`] impl: a line of
+//! `plain_kind!` for a kind whose apply carries the object itself, a
+//! hand-written impl otherwise (Service, whose VIP may be allocated).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -51,6 +53,48 @@ macro_rules! impl_meta {
     )+};
 }
 impl_meta!(Endpoint, Grant, NetworkPolicy);
+
+/// The kinds whose apply carries the object itself (every kind but Service,
+/// whose VIP the control service may allocate), each with the API message of
+/// its own name.
+macro_rules! plain_kind {
+    ($($ty:ident: $table:literal, $resource:ident;)+) => {$(
+        impl Kind for $ty {
+            const KIND: ObjectKind = ObjectKind::$ty;
+            const TABLE: &'static str = $table;
+            const RESOURCE: Resource = Resource::$resource;
+            type Spec = Self;
+            type Wire = v1::$ty;
+
+            fn to_spec(&self) -> Self {
+                self.clone()
+            }
+
+            fn to_wire(&self) -> Self::Wire {
+                self.into()
+            }
+
+            fn from_wire(wire: Self::Wire) -> Result<Self, ObjectError> {
+                wire.try_into()
+            }
+
+            fn from_spec<R: Resolve>(spec: Self, _: &mut R) -> Result<Self, R::Error> {
+                Ok(spec)
+            }
+
+            fn wrap(wire: Self::Wire) -> v1::Object {
+                v1::Object {
+                    kind: Some(v1::object::Kind::$ty(wire)),
+                }
+            }
+        }
+    )+};
+}
+plain_kind! {
+    Endpoint: "endpoint", Endpoints;
+    Grant: "grant", Grants;
+    NetworkPolicy: "networkpolicy", NetworkPolicies;
+}
 
 impl<Vip> Meta for Service<Vip> {
     fn namespace(&self) -> &str {

@@ -28,11 +28,9 @@ pub mod compiled;
 use ipnet::Ipv4Net;
 use serde::{Serialize, Serializer};
 
-use crate::grant::Resource;
-use crate::kind::{Kind, Labels, ObjectKind, Resolve};
+use crate::kind::Labels;
 use crate::rules::Problem;
 use crate::service::Protocol;
-use crate::wire::ObjectError;
 
 /// At most this many ingress rules per policy, peers per rule, except entries
 /// per CIDR.
@@ -164,35 +162,5 @@ pub fn validate_except(cidr: Cidr, except: Cidr) -> Result<(), Problem> {
             except: except.to_string(),
             cidr: cidr.to_string(),
         })
-    }
-}
-
-impl Kind for NetworkPolicy {
-    const KIND: ObjectKind = ObjectKind::NetworkPolicy;
-    const TABLE: &'static str = "networkpolicy";
-    const RESOURCE: Resource = Resource::NetworkPolicies;
-    type Spec = Self;
-    type Wire = sluice_api::v1::NetworkPolicy;
-
-    fn to_spec(&self) -> Self {
-        self.clone()
-    }
-
-    fn to_wire(&self) -> Self::Wire {
-        self.into()
-    }
-
-    fn from_wire(wire: Self::Wire) -> Result<Self, ObjectError> {
-        wire.try_into()
-    }
-
-    fn from_spec<R: Resolve>(spec: Self, _: &mut R) -> Result<Self, R::Error> {
-        Ok(spec)
-    }
-
-    fn wrap(wire: Self::Wire) -> sluice_api::v1::Object {
-        sluice_api::v1::Object {
-            kind: Some(sluice_api::v1::object::Kind::NetworkPolicy(wire)),
-        }
     }
 }
