@@ -325,31 +325,11 @@ pub enum FlowVerdict {
     Dropped,
 }
 
-impl FlowVerdict {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Forwarded => "forwarded",
-            Self::Denied => "denied",
-            Self::Dropped => "dropped",
-        }
-    }
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum FlowKind {
     New,
     Close,
     Drop,
-}
-
-impl FlowKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::New => "new",
-            Self::Close => "close",
-            Self::Drop => "drop",
-        }
-    }
 }
 
 #[derive(Debug, Args)]
