@@ -74,7 +74,7 @@ pub fn scale_vip(i: u32) -> Ipv4Addr {
 
 /// A manifest of `services` round-robin services (port 80/TCP → 8080),
 /// `per_service` backends each from the pool; with one service, its VIP is
-/// [`VIP`].
+/// `VIP` (198.18.0.10, as in part 1).
 pub fn scale_manifest(services: u32, per_service: u32) -> String {
     let mut out = String::new();
     for s in 0..services {
