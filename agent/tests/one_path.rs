@@ -280,11 +280,13 @@ impl Cluster {
     fn open(dir: &tempfile::TempDir) -> Arc<Control> {
         Control::open(Options {
             listen: "127.0.0.1:0".parse().unwrap(),
-            data_dir: dir.path().to_path_buf(),
+            data_dir: dir.path().join("state"),
             vip_cidr: "198.18.0.0/24".into(),
             advertise: vec!["127.0.0.1".into()],
             node_cert_ttl: Duration::from_secs(3600),
             user_cert_ttl: Duration::from_secs(3600),
+            admin_config: dir.path().join("admin.conf"),
+            encryption_key_file: None,
         })
         .unwrap()
     }

@@ -6,6 +6,7 @@
 //! | [`server`] | the gRPC services, the in-memory state, commits, watch streams |
 //! | [`store`] | durable storage (redb) behind the `Store` trait |
 //! | [`rbac`] | who may do what (pure) |
+//! | [`sealing`] | secrets at rest: the key file, sealing and opening |
 //! | [`vip`] | VIP allocation (pure) |
 //! | [`rates`] | live rates from the counters nodes report (dashboard, `sluicectl top`) |
 //! | [`clock`] | times as RFC 3339 and as the API's Unix milliseconds |
@@ -21,6 +22,7 @@ pub mod clock;
 pub mod error;
 pub mod rates;
 pub mod rbac;
+pub mod sealing;
 pub mod server;
 pub mod store;
 pub mod vip;

@@ -38,11 +38,13 @@ impl Running {
         let listen = listener.local_addr().expect("addr");
         let options = Options {
             listen,
-            data_dir: data.path().to_path_buf(),
+            data_dir: data.path().join("state"),
             vip_cidr: "198.18.0.0/28".into(),
             advertise: vec!["127.0.0.1".into()],
             node_cert_ttl: Duration::from_secs(3600),
             user_cert_ttl: Duration::from_secs(3600),
+            admin_config: data.path().join("admin.conf"),
+            encryption_key_file: None,
         };
         // After a simulated crash, connection tasks of the previous instance
         // may hold its database for a moment.

@@ -2,9 +2,9 @@
 //! `sluicectl` talking to it.
 //!
 //! The CLI contract it relies on: `sluice-control --listen ADDR --data-dir DIR
-//! --vip-cidr CIDR --advertise HOST [--node-cert-ttl SECS]` logs "control
-//! service ready" once it serves, and writes `<data-dir>/admin.conf` (the
-//! first admin's sluicectl config); `sluicectl --config FILE [-o json] ...`.
+//! --admin-config FILE --vip-cidr CIDR --advertise HOST [--node-cert-ttl SECS]`
+//! logs "control service ready" once it serves, and writes FILE (the first
+//! admin's sluicectl config); `sluicectl --config FILE [-o json] ...`.
 //! sluicectl runs in the control service's namespace: nothing reaches the
 //! cluster from the root namespace.
 
@@ -60,6 +60,8 @@ impl ControlService {
             &listen.to_string(),
             "--data-dir",
             &scratch.join("data").display().to_string(),
+            "--admin-config",
+            &scratch.join("admin.conf").display().to_string(),
             "--vip-cidr",
             vip_cidr,
             "--advertise",
@@ -95,7 +97,7 @@ impl ControlService {
 
     /// The first admin's sluicectl config, written by the control service.
     pub fn admin_conf(&self) -> PathBuf {
-        self.scratch.join("data/admin.conf")
+        self.scratch.join("admin.conf")
     }
 
     pub fn scratch(&self) -> &ScratchDir {

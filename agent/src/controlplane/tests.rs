@@ -331,11 +331,13 @@ impl ControlService {
         self.addr = listener.local_addr().unwrap();
         let control = Control::open(Options {
             listen: self.addr,
-            data_dir: self.data.0.clone(),
+            data_dir: self.data.path("state"),
             vip_cidr: "198.18.0.0/28".into(),
             advertise: vec!["127.0.0.1".into()],
             node_cert_ttl: self.node_cert_ttl,
             user_cert_ttl: Duration::from_secs(3600),
+            admin_config: self.data.path("admin.conf"),
+            encryption_key_file: None,
         })
         .unwrap();
         self.url = control.server_url();

@@ -9,15 +9,58 @@ use sluice_control::server::{Control, Options};
 #[command(
     name = "sluice-control",
     version,
-    about = "Sluice control service: desired state, node views, node identity, RBAC (gRPC over mutual TLS)"
+    about = "Sluice control service: desired state, node views, node identity, RBAC (gRPC over mutual TLS)",
+    args_conflicts_with_subcommands = true
 )]
 struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    serve: Serve,
+}
+
+#[derive(clap::Subcommand)]
+enum Command {
+    /// Seals the secrets in the store with a new key-encryption key: adds a
+    /// new key first in the key file, seals every secret again with it, then
+    /// drops the old keys (run it with the control service stopped).
+    RotateKey(RotateKey),
+}
+
+#[derive(clap::Args)]
+struct RotateKey {
+    /// The control service's data directory.
+    #[arg(long, default_value = DATA_DIR)]
+    data_dir: PathBuf,
+    /// The key file the control service runs with (default: the one it
+    /// generated, `<data-dir>/encryption.key`).
+    #[arg(long)]
+    encryption_key_file: Option<PathBuf>,
+    /// Keep the old keys in the key file (readable, no longer sealing).
+    #[arg(long)]
+    keep_old: bool,
+}
+
+const DATA_DIR: &str = "/var/lib/sluice-control";
+
+#[derive(clap::Args)]
+struct Serve {
     /// Address to serve the API on (TLS only).
     #[arg(long, default_value = "0.0.0.0:7443")]
     listen: SocketAddr,
-    /// Where the state (an embedded database), the CA and `admin.conf` live.
-    #[arg(long, default_value = "/var/lib/sluice-control")]
+    /// Where the state (an embedded database) and, without
+    /// --encryption-key-file, the key sealing its secrets live (mode 0700).
+    #[arg(long, default_value = DATA_DIR)]
     data_dir: PathBuf,
+    /// Where the first admin's credentials (a private key) are written on
+    /// first start, owner-only; `sluicectl` reads this path by default.
+    #[arg(long, default_value = sluice_control::cli::config::SYSTEM_CONFIG)]
+    admin_config: PathBuf,
+    /// 256-bit keys (64 hex digits a line, the first seals) that seal the
+    /// secrets in the store; readable by its owner only. Default: a key
+    /// generated in the data directory.
+    #[arg(long)]
+    encryption_key_file: Option<PathBuf>,
     /// Range service VIPs are allocated from when a service gives none.
     #[arg(long, default_value = "198.18.0.0/24")]
     vip_cidr: String,
@@ -49,7 +92,21 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    // Everything this process creates is for its owner: the store, the
+    // generated key file, the admin's credentials.
+    // SAFETY: umask only sets the process's file-creation mask.
+    unsafe { libc::umask(0o077) };
     let cli = Cli::parse();
+    if let Some(Command::RotateKey(args)) = cli.command {
+        return match rotate_key(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("sluice-control: error: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let cli = cli.serve;
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {
@@ -66,7 +123,7 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
+async fn run(cli: Serve) -> anyhow::Result<()> {
     use anyhow::Context as _;
     let listener = tokio::net::TcpListener::bind(cli.listen)
         .await
@@ -92,6 +149,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         advertise: cli.advertise,
         node_cert_ttl: Duration::from_secs(cli.node_cert_ttl),
         user_cert_ttl: Duration::from_secs(cli.user_cert_ttl),
+        admin_config: cli.admin_config,
+        encryption_key_file: cli.encryption_key_file,
     })
     .context("opening the control service's state")?;
     if cli.metrics_listen != "off" {
@@ -129,5 +188,45 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         .serve_with_dashboard(listener, dashboard, shutdown)
         .await
         .context("serving")?;
+    Ok(())
+}
+
+fn rotate_key(args: RotateKey) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    use sluice_control::{sealing, server::secrets, store::RedbStore};
+    let path = args
+        .encryption_key_file
+        .unwrap_or_else(|| args.data_dir.join(sealing::GENERATED_KEY_FILE));
+    let old = sealing::key_lines(&path)?;
+    let store_path = args.data_dir.join("state.redb");
+    // Opened first: a running control service holds the store, and nothing
+    // changes then.
+    let store = RedbStore::open(&store_path).with_context(|| {
+        format!(
+            "opening {} (stop the control service first)",
+            store_path.display()
+        )
+    })?;
+    let new = sealing::new_key_line()?;
+    // The old keys stay until every secret is sealed with the new one: a
+    // crash in between leaves everything readable.
+    let mut keys = vec![new.clone()];
+    keys.extend(old.iter().cloned());
+    sealing::write_key_file(&path, &keys)?;
+    let keyring = sealing::Keyring::load(&path)?;
+    let count = secrets::reseal(&store, &keyring)?;
+    if !args.keep_old {
+        sealing::write_key_file(&path, &[new])?;
+    }
+    println!(
+        "sealed {count} secret(s) with the new key {} in {}{}",
+        keyring.sealing_key_id(),
+        path.display(),
+        if args.keep_old {
+            ""
+        } else {
+            "; the old keys are removed from it"
+        }
+    );
     Ok(())
 }

@@ -14,7 +14,7 @@ const AFTER_HELP: &str = "\
 The config file holds the server address, the cluster CA and your certificate and key.
 Without --config (or SLUICECTL_CONFIG), the first existing of these is used:
   ~/.config/sluice/config
-  /var/lib/sluice-control/admin.conf (written by sluice-control for the first admin)
+  /etc/sluice/admin.conf (written by sluice-control for the first admin)
 
 Exit status: 0 success, 1 other errors, 2 usage, 3 not found, 4 permission denied or
 not authenticated, 5 conflict (changed concurrently, or already exists), 6 control

@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 
 use super::error::CliError;
 
-/// Written by `sluice-control` with its default `--data-dir`.
-pub const SYSTEM_CONFIG: &str = "/var/lib/sluice-control/admin.conf";
+/// Written by `sluice-control` with its default `--admin-config`.
+pub const SYSTEM_CONFIG: &str = "/etc/sluice/admin.conf";
 /// Under the user's home directory.
 pub const USER_CONFIG: &str = ".config/sluice/config";
 
@@ -75,7 +75,7 @@ mod tests {
         assert_eq!(
             error.to_string(),
             "no config file found (tried /home/alice/.config/sluice/config, \
-             /var/lib/sluice-control/admin.conf); pass --config FILE or set SLUICECTL_CONFIG"
+             /etc/sluice/admin.conf); pass --config FILE or set SLUICECTL_CONFIG"
         );
     }
 }

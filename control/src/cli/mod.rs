@@ -17,7 +17,7 @@
 mod args;
 mod client;
 mod cluster;
-mod config;
+pub mod config;
 mod dashboard;
 mod duration;
 mod error;

@@ -20,6 +20,7 @@ pub mod history;
 pub mod metrics;
 pub mod nodes;
 pub mod resources;
+pub mod secrets;
 pub mod state;
 
 use std::{
@@ -39,10 +40,11 @@ use crate::{
     client_config::ClientConfig,
     error::ApiError,
     rbac::ADMIN_GROUP,
-    store::{Expect, Key, RedbStore, Store, StoreExt as _},
+    sealing::{self, Keyring},
+    store::{Key, RedbStore, Store, StoreExt as _},
     vip::VipPool,
 };
-use state::{CaRecord, Committed, Draft, State};
+use state::{Committed, Draft, State};
 
 #[derive(Clone, Debug)]
 pub struct Options {
@@ -55,6 +57,13 @@ pub struct Options {
     pub advertise: Vec<String>,
     pub node_cert_ttl: Duration,
     pub user_cert_ttl: Duration,
+    /// Where the first admin's credentials are written on first start (not
+    /// in the data directory: it holds a private key in plain text, for
+    /// `sluicectl`).
+    pub admin_config: PathBuf,
+    /// The key-encryption keys that seal secrets at rest
+    /// ([`crate::sealing`]); `None`: a key generated in the data directory.
+    pub encryption_key_file: Option<PathBuf>,
 }
 
 /// Live status an agent reports; not stored (it is re-reported after a restart).
@@ -89,6 +98,8 @@ pub enum StartError {
     Config(#[from] crate::client_config::ConfigError),
     #[error("corrupt CA record in the store")]
     CaRecord,
+    #[error(transparent)]
+    Seal(#[from] crate::sealing::SealError),
     #[error("serving: {0}")]
     Transport(#[from] tonic::transport::Error),
     #[error("reflection service: {0}")]
@@ -120,12 +131,14 @@ impl Control {
     /// start the first admin's credentials (`admin.conf`).
     pub fn open(options: Options) -> Result<Arc<Self>, StartError> {
         sluice_pki::install_crypto_provider();
-        std::fs::create_dir_all(&options.data_dir).map_err(|source| StartError::DataDir {
-            path: options.data_dir.clone(),
-            source,
-        })?;
+        secrets::private_data_dir(&options.data_dir)?;
+        let keyring = match &options.encryption_key_file {
+            Some(path) => Keyring::load(path)?,
+            None => Keyring::load_or_generate(&options.data_dir.join(sealing::GENERATED_KEY_FILE))?,
+        };
         let store: Arc<dyn Store> = Arc::new(RedbStore::open(options.data_dir.join("state.redb"))?);
-        let ca = load_or_create_ca(store.as_ref())?;
+        secrets::restrict_files(&options.data_dir)?;
+        let ca = secrets::load_or_create_ca(store.as_ref(), &keyring)?;
         let pool = VipPool::new(&options.vip_cidr)?;
         let state = State::load(store.as_ref())?;
         info!(
@@ -163,11 +176,13 @@ impl Control {
     pub(crate) fn open_for_tests(dir: &std::path::Path) -> Arc<Self> {
         Self::open(Options {
             listen: "127.0.0.1:7443".parse().expect("addr"),
-            data_dir: dir.to_path_buf(),
+            data_dir: dir.join("data"),
             vip_cidr: "198.18.100.0/28".into(),
             advertise: vec![],
             node_cert_ttl: Duration::from_secs(3600),
             user_cert_ttl: Duration::from_secs(3600),
+            admin_config: dir.join("admin.conf"),
+            encryption_key_file: None,
         })
         .expect("opening a control service")
     }
@@ -194,12 +209,18 @@ impl Control {
         format!("https://{host}:{}", self.options.listen.port())
     }
 
-    /// `<data-dir>/admin.conf`: credentials of a member of the admin group,
+    /// `--admin-config`: credentials of a member of the admin group,
     /// written once, readable by the owner only.
     fn write_admin_config_once(&self) -> Result<(), StartError> {
-        let path = self.options.data_dir.join("admin.conf");
+        let path = &self.options.admin_config;
         if path.exists() {
             return Ok(());
+        }
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|source| StartError::DataDir {
+                path: dir.to_owned(),
+                source,
+            })?;
         }
         let key = sluice_pki::new_key_and_csr("admin")?;
         let issued = self.ca.sign_user(
@@ -214,7 +235,7 @@ impl Control {
             certificate: issued.pem,
             key: key.key_pem,
         }
-        .save(&path)?;
+        .save(path)?;
         info!(path = %path.display(), "wrote the first admin's credentials");
         Ok(())
     }
@@ -403,29 +424,6 @@ impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
     }
-}
-
-fn load_or_create_ca(store: &dyn Store) -> Result<ClusterCa, StartError> {
-    let key = Key::cluster(state::tables::PKI, "ca");
-    let (existing, _) = store.read(|tx| -> Result<_, ApiError> { Ok(tx.get(&key)?) })?;
-    if let Some(v) = existing {
-        let record: CaRecord =
-            serde_json::from_slice(&v.value).map_err(|_| StartError::CaRecord)?;
-        return Ok(ClusterCa::from_pem(&record.cert_pem, &record.key_pem)?);
-    }
-    let ca = ClusterCa::generate()?;
-    let record = serde_json::to_vec(&CaRecord {
-        cert_pem: ca.cert_pem(),
-        key_pem: ca.key_pem(),
-    })
-    .map_err(|_| StartError::CaRecord)?;
-    // Absent: two processes racing on a fresh store cannot both win.
-    store.write(|tx| -> Result<(), ApiError> {
-        tx.put(&key, &record, Expect::Absent)?;
-        Ok(())
-    })?;
-    info!(pin = %ca.pin(), "created the cluster CA");
-    Ok(ca)
 }
 
 /// IPv4 and IPv6 addresses of local interfaces (for the server certificate
