@@ -386,7 +386,7 @@ fn desired_from_a_view_matches_the_manifest_form() {
         zones: Default::default(),
     };
     let frontend = sluice_model::view::Frontend::try_from(view.clone()).expect("readable");
-    let frontends = Frontends::from([(frontend.key, frontend)]);
+    let frontends = Frontends::from_iter([(frontend.key, frontend)]);
     let node = Node {
         name: "n1".into(),
         zone: None,

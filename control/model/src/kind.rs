@@ -155,8 +155,10 @@ pub trait SpecVisitor {
     fn visit<K: Kind>(self, spec: K::Spec) -> Self::Output;
 }
 
-/// Objects of one kind, by (namespace, name).
-pub type Table<K> = BTreeMap<(String, String), Versioned<K>>;
+/// Objects of one kind, by (namespace, name). A persistent map: a copy of
+/// the state (every change drafts on one) shares all but what it changes,
+/// so a change costs what it changes, not the size of the cluster.
+pub type Table<K> = imbl::OrdMap<(String, String), Versioned<K>>;
 
 /// Where a kind's table is in [`Objects`] (implemented by `kinds!`).
 pub trait TableOf: Sized {

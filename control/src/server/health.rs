@@ -154,7 +154,7 @@ mod tests {
                 probers: probers.iter().map(|p| p.to_string()).collect(),
             }],
         };
-        Frontends::from([(key, frontend)])
+        Frontends::from_iter([(key, frontend)])
     }
 
     fn live(nodes: &[(&str, bool, bool)]) -> BTreeMap<String, NodeLive> {

@@ -13,8 +13,9 @@
 //! each zone for topology-aware services), so one computation serves all.
 
 pub mod compute;
+mod incremental;
 
-use std::collections::BTreeMap;
+use std::collections::BTreeSet;
 use std::fmt;
 use std::net::Ipv4Addr;
 
@@ -23,6 +24,7 @@ use crate::service::{Algorithm, Protocol};
 use crate::traffic::HealthCheck;
 
 pub use compute::{PROBERS_PER_BACKEND, frontends, probers};
+pub use incremental::{Refreshed, Touched, refresh};
 
 /// A service, by namespace and name; displays as `namespace/name`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -99,7 +101,8 @@ pub struct ZoneWeights {
 }
 
 /// A node's frontends by key.
-pub type Frontends = BTreeMap<FrontendKey, Frontend>;
+/// Persistent, as the objects' tables are: copies share what they do not change.
+pub type Frontends = imbl::OrdMap<FrontendKey, Frontend>;
 
 /// The view at one version.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -166,18 +169,43 @@ impl View {
     /// The update that turns `self` into `new`, numbered `version`; `None`
     /// when they are equal.
     pub fn diff(&self, new: &Self, version: u64) -> Option<ViewUpdate> {
-        let upsert: Vec<Frontend> = new
-            .frontends
-            .iter()
-            .filter(|(k, v)| self.frontends.get(*k) != Some(*v))
-            .map(|(_, v)| v.clone())
-            .collect();
-        let remove: Vec<FrontendKey> = self
-            .frontends
-            .keys()
-            .filter(|k| !new.frontends.contains_key(*k))
-            .copied()
-            .collect();
+        self.diff_among(new, version, None)
+    }
+
+    /// [`Self::diff`], comparing only the frontends under `candidates` (the
+    /// others are known to be equal; `None`: compare all).
+    pub fn diff_among(
+        &self,
+        new: &Self,
+        version: u64,
+        candidates: Option<&BTreeSet<FrontendKey>>,
+    ) -> Option<ViewUpdate> {
+        let (upsert, remove): (Vec<Frontend>, Vec<FrontendKey>) = match candidates {
+            None => (
+                new.frontends
+                    .iter()
+                    .filter(|(k, v)| self.frontends.get(*k) != Some(*v))
+                    .map(|(_, v)| v.clone())
+                    .collect(),
+                self.frontends
+                    .keys()
+                    .filter(|k| !new.frontends.contains_key(*k))
+                    .copied()
+                    .collect(),
+            ),
+            Some(keys) => {
+                let mut upsert = Vec::new();
+                let mut remove = Vec::new();
+                for key in keys {
+                    match (self.frontends.get(key), new.frontends.get(key)) {
+                        (old, Some(now)) if old != Some(now) => upsert.push(now.clone()),
+                        (Some(_), None) => remove.push(*key),
+                        _ => {}
+                    }
+                }
+                (upsert, remove)
+            }
+        };
         let policy = (self.policy != new.policy).then(|| new.policy.clone());
         (!upsert.is_empty() || !remove.is_empty() || policy.is_some()).then_some(ViewUpdate {
             version,

@@ -1,15 +1,17 @@
 //! How a change is drafted and committed.
 //!
 //! Every change goes through a [`Draft`]: a copy of the state that the
-//! handler edits while it records the store operations; the new view is
-//! computed from the draft, and the draft replaces the state only after the
-//! store has durably committed all of it, in one transaction. A failed
+//! handler edits while it records the store operations (persistent maps: a
+//! copy costs nothing until written); the new view is refreshed from the
+//! draft for what it touched, and the draft replaces the state only after
+//! the store has durably committed all of it, in one transaction. A failed
 //! validation or a conflict leaves both the store and the state untouched.
 
 use std::sync::Arc;
 
-use sluice_model::view::{View, ViewUpdate};
-use sluice_model::{Kind, Node, Versioned};
+use sluice_model::kind::Table;
+use sluice_model::view::{Touched, View, ViewUpdate};
+use sluice_model::{Kind, Node, ObjectKind, Service, Versioned};
 
 use super::{HISTORY, State, TokenRecord, codec, tables};
 use crate::error::ApiError;
@@ -32,6 +34,12 @@ pub struct Draft {
     pub state: State,
     ops: Vec<Op>,
     stamps: Vec<Stamp>,
+    /// The services before the draft, and what it touched: the view is
+    /// refreshed for that only (see `sluice_model::view::refresh`).
+    base_services: Table<Service>,
+    touched: Touched,
+    /// A policy, or something policies select, changed.
+    policy_touched: bool,
 }
 
 /// What committing a draft produced.
@@ -43,10 +51,14 @@ pub struct Committed {
 
 impl Draft {
     pub fn new(state: &State) -> Self {
+        // Persistent maps: both copies cost nothing until written.
         Self {
             state: state.clone(),
             ops: Vec::new(),
             stamps: Vec::new(),
+            base_services: state.objects.table::<Service>().clone(),
+            touched: Touched::default(),
+            policy_touched: false,
         }
     }
 
@@ -58,9 +70,38 @@ impl Draft {
         self.ops.push(Op { key, value, expect });
     }
 
+    /// Records what writing (or, with `new` `None`, deleting) the object of
+    /// kind `K` at `namespace/name` means for the view.
+    fn touch<K: Kind>(&mut self, namespace: &str, name: &str, new: Option<&K>) {
+        match K::KIND {
+            ObjectKind::Service => {
+                self.touched
+                    .services
+                    .insert((namespace.to_owned(), name.to_owned()));
+                self.policy_touched = true;
+            }
+            ObjectKind::Endpoint => {
+                let old = self.state.objects.get::<K>(namespace, name);
+                for labels in old
+                    .map(|o| o.object.labels())
+                    .into_iter()
+                    .chain(new.map(|n| n.labels()))
+                {
+                    self.touched
+                        .endpoint_labels
+                        .push((namespace.to_owned(), labels.clone()));
+                }
+                self.policy_touched = true;
+            }
+            ObjectKind::NetworkPolicy => self.policy_touched = true,
+            ObjectKind::Grant => {}
+        }
+    }
+
     /// Stores `object` (created or replaced).
     pub fn put<K: Kind>(&mut self, object: K, expect: Expect) {
         let (namespace, name) = (object.namespace().to_owned(), object.name().to_owned());
+        self.touch(&namespace, &name, Some(&object));
         self.push(
             Key::new(K::TABLE, &namespace, &name),
             Some(codec::encode_object(&object)),
@@ -77,12 +118,15 @@ impl Draft {
 
     /// Deletes the object of kind `K` (the caller checked it exists).
     pub fn delete<K: Kind>(&mut self, namespace: &str, name: &str, expect: Expect) {
+        self.touch::<K>(namespace, name, None);
         self.state.objects.remove::<K>(namespace, name);
         self.push(Key::new(K::TABLE, namespace, name), None, expect);
     }
 
     pub fn put_node(&mut self, node: Node, expect: Expect) {
         let name = node.name.clone();
+        // A renewal keeps the node (and the probers); a join adds one.
+        self.touched.nodes |= !self.state.nodes.contains_key(&name);
         self.push(
             codec::node_key(&name),
             Some(codec::encode_node(&node)),
@@ -103,6 +147,7 @@ impl Draft {
     }
 
     pub fn delete_node(&mut self, name: &str, expect: Expect) {
+        self.touched.nodes = true;
         self.state.nodes.remove(name);
         self.push(codec::node_key(name), None, expect);
     }
@@ -125,11 +170,28 @@ impl Draft {
     /// with the objects that caused them.
     pub fn commit(mut self, store: &dyn Store) -> Result<Committed, ApiError> {
         let from = self.state.view.version;
+        let (new_view, candidates) =
+            self.state
+                .refresh_view(&self.base_services, &self.touched, self.policy_touched);
         let new_view = View {
             version: from + 1,
-            ..self.state.compute_view()
+            ..new_view
         };
-        let update = self.state.view.diff(&new_view, new_view.version);
+        // Every test run (debug builds) holds the refresh to the full
+        // computation; release builds trust it (and its property test).
+        #[cfg(debug_assertions)]
+        {
+            let full = self.state.compute_view();
+            assert!(
+                full.frontends == new_view.frontends && full.policy == new_view.policy,
+                "the refreshed view differs from the computed one after touching {:?}",
+                self.touched
+            );
+        }
+        let update = self
+            .state
+            .view
+            .diff_among(&new_view, new_view.version, candidates.as_ref());
         if let Some(update) = &update {
             self.push(
                 codec::view_meta_key(),

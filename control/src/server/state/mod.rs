@@ -9,15 +9,15 @@
 mod codec;
 mod draft;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use sluice_model::policy::compile::compile;
-use sluice_model::view::{self, View};
+use sluice_model::view::{self, FrontendKey, Touched, View};
 use sluice_model::{
     Endpoint, Grant, Kind, NetworkPolicy, Node, ObjectKind, Objects, Service, Versioned,
-    kind::KindVisitor,
+    kind::{KindVisitor, Table},
 };
 
 pub use crate::clock::rfc3339;
@@ -134,6 +134,43 @@ impl State {
                 objects.all::<Endpoint>(),
             ),
         }
+    }
+
+    /// The view after a change that touched `touched` (and, with
+    /// `policy_touched`, what policies select), from this state's objects
+    /// and the view before it: only the affected frontends are recomputed.
+    /// Also the frontend keys that may differ (`None`: any).
+    pub fn refresh_view(
+        &self,
+        base_services: &Table<Service>,
+        touched: &Touched,
+        policy_touched: bool,
+    ) -> (View, Option<BTreeSet<FrontendKey>>) {
+        let nodes: Vec<&str> = self.nodes.keys().map(String::as_str).collect();
+        let objects = &self.objects;
+        let refreshed = view::refresh(
+            &self.view.frontends,
+            base_services,
+            objects.table::<Service>(),
+            objects.table::<Endpoint>(),
+            &nodes,
+            touched,
+        );
+        let policy = if policy_touched {
+            compile(
+                objects.all::<NetworkPolicy>(),
+                objects.all::<Service>(),
+                objects.all::<Endpoint>(),
+            )
+        } else {
+            self.view.policy.clone()
+        };
+        let view = View {
+            version: 0,
+            frontends: refreshed.frontends,
+            policy,
+        };
+        (view, refreshed.candidates)
     }
 
     /// Every grant, for RBAC.
