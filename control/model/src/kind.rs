@@ -20,6 +20,7 @@ use sluice_api::v1;
 
 use crate::endpoint::Endpoint;
 use crate::grant::{Grant, Resource};
+use crate::index::LabelIndex;
 use crate::policy::NetworkPolicy;
 use crate::service::{Service, ServiceSpec};
 use crate::wire::ObjectError;
@@ -174,7 +175,11 @@ macro_rules! kinds {
         /// Every object of every kind, as the control service holds them.
         #[derive(Clone, Debug, Default, PartialEq)]
         pub struct Objects {
-            $($field: Table<$ty>),+
+            $($field: Table<$ty>,)+
+            /// Endpoints by label, and services by the labels they select
+            /// (see [`crate::index`]); kept by `insert` and `remove`.
+            endpoint_labels: LabelIndex,
+            service_selectors: LabelIndex,
         }
 
         impl Objects {
@@ -316,8 +321,13 @@ impl Objects {
         K::table(self)
     }
 
-    pub fn table_mut<K: Kind>(&mut self) -> &mut Table<K> {
-        K::table_mut(self)
+    /// Gives a stored object the version that committed it (what the
+    /// indexes hold does not change).
+    pub fn set_version<K: Kind>(&mut self, namespace: &str, name: &str, version: u64) {
+        let key = (namespace.to_owned(), name.to_owned());
+        if let Some(stored) = K::table_mut(self).get_mut(&key) {
+            stored.version = version;
+        }
     }
 
     pub fn get<K: Kind>(&self, namespace: &str, name: &str) -> Option<&Versioned<K>> {
@@ -333,13 +343,69 @@ impl Objects {
     /// Stores `object` at `version`, replacing any of the same name.
     pub fn insert<K: Kind>(&mut self, object: K, version: u64) {
         let key = (object.namespace().to_owned(), object.name().to_owned());
-        self.table_mut::<K>()
-            .insert(key, Versioned { object, version });
+        self.unindex::<K>(&key.0, &key.1);
+        self.index(&object);
+        K::table_mut(self).insert(key, Versioned { object, version });
     }
 
     pub fn remove<K: Kind>(&mut self, namespace: &str, name: &str) -> Option<Versioned<K>> {
-        self.table_mut::<K>()
-            .remove(&(namespace.to_owned(), name.to_owned()))
+        self.unindex::<K>(namespace, name);
+        K::table_mut(self).remove(&(namespace.to_owned(), name.to_owned()))
+    }
+
+    /// The endpoints of `namespace` carrying every label of `selector`.
+    pub fn endpoints_selected(
+        &self,
+        namespace: &str,
+        selector: &Labels,
+    ) -> impl Iterator<Item = &Endpoint> {
+        self.endpoint_labels
+            .all_of(namespace, selector)
+            .into_iter()
+            .filter_map(move |name| self.get::<Endpoint>(namespace, name))
+            .map(|e| &e.object)
+    }
+
+    /// The services of `namespace` whose selector `labels` satisfy.
+    pub fn services_selecting(&self, namespace: &str, labels: &Labels) -> Vec<&Service> {
+        let mut names: Vec<&String> = labels
+            .iter()
+            .filter_map(|(k, v)| self.service_selectors.get(namespace, k, v))
+            .flatten()
+            .collect();
+        names.sort();
+        names.dedup();
+        names
+            .into_iter()
+            .filter_map(|name| self.get::<Service>(namespace, name))
+            .map(|s| &s.object)
+            .filter(|s| s.selector.iter().all(|(k, v)| labels.get(k) == Some(v)))
+            .collect()
+    }
+
+    fn index<K: Kind>(&mut self, object: &K) {
+        let any = object as &dyn std::any::Any;
+        if let Some(e) = any.downcast_ref::<Endpoint>() {
+            self.endpoint_labels.add(&e.namespace, &e.name, &e.labels);
+        } else if let Some(s) = any.downcast_ref::<Service>() {
+            self.service_selectors
+                .add(&s.namespace, &s.name, &s.selector);
+        }
+    }
+
+    fn unindex<K: Kind>(&mut self, namespace: &str, name: &str) {
+        let key = (namespace.to_owned(), name.to_owned());
+        let Some(old) = K::table(self).get(&key) else {
+            return;
+        };
+        let any = &old.object as &dyn std::any::Any;
+        if let Some(e) = any.downcast_ref::<Endpoint>() {
+            let labels = e.labels.clone();
+            self.endpoint_labels.remove(namespace, name, &labels);
+        } else if let Some(s) = any.downcast_ref::<Service>() {
+            let selector = s.selector.clone();
+            self.service_selectors.remove(namespace, name, &selector);
+        }
     }
 }
 

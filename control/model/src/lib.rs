@@ -16,6 +16,7 @@
 
 pub mod endpoint;
 pub mod grant;
+pub mod index;
 pub mod kind;
 pub mod manifest;
 pub mod node;

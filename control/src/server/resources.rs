@@ -316,9 +316,13 @@ impl SpecVisitor for ApplyOne<'_> {
 }
 
 /// The VIPs services hold, kept up to date through one apply (rebuilding
-/// them for each service of a large batch would cost services²).
+/// them for each service of a large batch would cost services²), and built
+/// only once a service is admitted: an apply of endpoints alone does not
+/// pay for reading every service.
 struct Vips {
     pool: VipPool,
+    /// The services to read the VIPs from, until they are read.
+    unread: Option<sluice_model::kind::Table<Service>>,
     taken: BTreeSet<Ipv4Addr>,
     owner: HashMap<Ipv4Addr, (String, String)>,
     /// The VIP the service being admitted has now, if it exists.
@@ -327,17 +331,23 @@ struct Vips {
 
 impl Vips {
     fn of(draft: &Draft, pool: VipPool) -> Self {
-        let mut vips = Vips {
+        Vips {
             pool,
+            // A persistent map: this copy costs nothing.
+            unread: Some(draft.state.objects.table::<Service>().clone()),
             taken: BTreeSet::new(),
             owner: HashMap::new(),
             admitting: None,
-        };
-        for (key, service) in draft.state.objects.table::<Service>() {
-            vips.taken.insert(service.object.vip);
-            vips.owner.insert(service.object.vip, key.clone());
         }
-        vips
+    }
+
+    fn read(&mut self) {
+        if let Some(services) = self.unread.take() {
+            for (key, service) in &services {
+                self.taken.insert(service.object.vip);
+                self.owner.insert(service.object.vip, key.clone());
+            }
+        }
     }
 }
 
@@ -347,6 +357,7 @@ impl Resolve for Vips {
     /// A requested VIP must be in the pool and free; without one a service
     /// keeps the VIP it has, and a new one gets the lowest free address.
     fn vip(&mut self, service: &ServiceSpec) -> Result<Ipv4Addr, ApiError> {
+        self.read();
         let key = (service.namespace.clone(), service.name.clone());
         let had = self.admitting.take();
         let vip = match service.vip {

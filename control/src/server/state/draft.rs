@@ -110,9 +110,7 @@ impl Draft {
         self.state.objects.insert(object, 0);
         self.stamps.push(Box::new(move |state, revision| {
             let key = (namespace, name);
-            if let Some(stored) = state.objects.table_mut::<K>().get_mut(&key) {
-                stored.version = revision;
-            }
+            state.objects.set_version::<K>(&key.0, &key.1, revision);
         }));
     }
 

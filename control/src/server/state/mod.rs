@@ -151,8 +151,7 @@ impl State {
         let refreshed = view::refresh(
             &self.view.frontends,
             base_services,
-            objects.table::<Service>(),
-            objects.table::<Endpoint>(),
+            objects,
             &nodes,
             touched,
         );

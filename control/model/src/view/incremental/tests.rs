@@ -6,7 +6,6 @@ use std::net::Ipv4Addr;
 use proptest::prelude::*;
 
 use super::*;
-use crate::kind::Versioned;
 use crate::service::{Algorithm, BackendSpec, Protocol, ServicePort};
 use crate::traffic::{HealthCheck, Probe, Traffic};
 use crate::view::View;
@@ -172,17 +171,8 @@ fn change() -> impl Strategy<Value = Change> {
     ]
 }
 
-fn put<K: Clone + crate::kind::Meta>(table: &mut Table<K>, object: K) {
-    let key = (object.namespace().to_owned(), object.name().to_owned());
-    table.insert(key, Versioned { object, version: 1 });
-}
-
-fn full(services: &Table<Service>, endpoints: &Table<Endpoint>, nodes: &[&str]) -> Frontends {
-    frontends(
-        nodes,
-        services.values().map(|s| &s.object),
-        endpoints.values().map(|e| &e.object),
-    )
+fn full(objects: &Objects, nodes: &[&str]) -> Frontends {
+    frontends(nodes, objects.all::<Service>(), objects.all::<Endpoint>())
 }
 
 proptest! {
@@ -195,12 +185,11 @@ proptest! {
         changes in prop::collection::vec(change(), 1..6),
     ) {
         let nodes = ["n1", "n2", "n3", "n4"];
-        let mut services = Table::<Service>::new();
-        let mut endpoints = Table::<Endpoint>::new();
-        for c in &initial_services { put(&mut services, service(c)); }
-        for c in &initial_endpoints { put(&mut endpoints, endpoint(c)); }
-        let before_services = services.clone();
-        let before = View { version: 1, frontends: full(&services, &endpoints, &nodes), ..View::default() };
+        let mut objects = Objects::default();
+        for c in &initial_services { objects.insert(service(c), 1); }
+        for c in &initial_endpoints { objects.insert(endpoint(c), 1); }
+        let before_services = objects.table::<Service>().clone();
+        let before = View { version: 1, frontends: full(&objects, &nodes), ..View::default() };
 
         // One change of several edits, recorded as the control service's draft does.
         let mut touched = Touched::default();
@@ -209,32 +198,30 @@ proptest! {
                 Change::PutService(c) => {
                     let s = service(c);
                     touched.services.insert((s.namespace.clone(), s.name.clone()));
-                    put(&mut services, s);
+                    objects.insert(s, 2);
                 }
                 Change::DeleteService(i, n) => {
-                    let id = (NAMESPACES[*n].to_owned(), format!("svc-{i}"));
-                    services.remove(&id);
-                    touched.services.insert(id);
+                    let (namespace, name) = (NAMESPACES[*n], format!("svc-{i}"));
+                    objects.remove::<Service>(namespace, &name);
+                    touched.services.insert((namespace.to_owned(), name));
                 }
                 Change::PutEndpoint(c) => {
                     let e = endpoint(c);
-                    let id = (e.namespace.clone(), e.name.clone());
-                    if let Some(old) = endpoints.get(&id) {
+                    if let Some(old) = objects.get::<Endpoint>(&e.namespace, &e.name) {
                         touched.endpoint_labels.push((old.object.namespace.clone(), old.object.labels.clone()));
                     }
                     touched.endpoint_labels.push((e.namespace.clone(), e.labels.clone()));
-                    put(&mut endpoints, e);
+                    objects.insert(e, 2);
                 }
                 Change::DeleteEndpoint(i, n) => {
-                    let id = (NAMESPACES[*n].to_owned(), format!("ep-{i}"));
-                    if let Some(old) = endpoints.remove(&id) {
+                    if let Some(old) = objects.remove::<Endpoint>(NAMESPACES[*n], &format!("ep-{i}")) {
                         touched.endpoint_labels.push((old.object.namespace, old.object.labels));
                     }
                 }
             }
         }
-        let refreshed = refresh(&before.frontends, &before_services, &services, &endpoints, &nodes, &touched);
-        let expected = full(&services, &endpoints, &nodes);
+        let refreshed = refresh(&before.frontends, &before_services, &objects, &nodes, &touched);
+        let expected = full(&objects, &nodes);
         prop_assert_eq!(&refreshed.frontends, &expected);
 
         let after = View { version: 2, frontends: refreshed.frontends, ..View::default() };
@@ -246,48 +233,33 @@ proptest! {
 
 #[test]
 fn node_changes_and_large_changes_recompute_everything() {
-    let services: Table<Service> = (0..8)
-        .map(|i| {
-            let s = service(&ServiceCase {
+    let mut objects = Objects::default();
+    for i in 0..8 {
+        objects.insert(
+            service(&ServiceCase {
                 index: i,
                 namespace: 0,
                 two_ports: false,
                 selector: None,
                 health_checked: true,
-            });
-            (
-                (s.namespace.clone(), s.name.clone()),
-                Versioned {
-                    object: s,
-                    version: 1,
-                },
-            )
-        })
-        .collect();
-    let endpoints = Table::<Endpoint>::new();
-    let previous = full(&services, &endpoints, &["n1"]);
+            }),
+            1,
+        );
+    }
+    let services = objects.table::<Service>().clone();
+    let previous = full(&objects, &["n1"]);
     let touched = Touched {
         nodes: true,
         ..Touched::default()
     };
-    let refreshed = refresh(
-        &previous,
-        &services,
-        &services,
-        &endpoints,
-        &["n1", "n2"],
-        &touched,
-    );
+    let refreshed = refresh(&previous, &services, &objects, &["n1", "n2"], &touched);
     assert!(refreshed.candidates.is_none());
-    assert_eq!(
-        refreshed.frontends,
-        full(&services, &endpoints, &["n1", "n2"])
-    );
+    assert_eq!(refreshed.frontends, full(&objects, &["n1", "n2"]));
 
     let one = Touched {
         services: BTreeSet::from([("shop".to_owned(), "svc-1".to_owned())]),
         ..Touched::default()
     };
-    let refreshed = refresh(&previous, &services, &services, &endpoints, &["n1"], &one);
+    let refreshed = refresh(&previous, &services, &objects, &["n1"], &one);
     assert_eq!(refreshed.candidates.map(|c| c.len()), Some(1));
 }
