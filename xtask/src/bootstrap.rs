@@ -25,8 +25,10 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 /// baselines of `cargo xtask bench`, the dashboard test's headless
 /// browser (`chromium`, `chromedriver`) and `openssl` (the CA's key pin),
 /// and the etcd store's: `etcd` 3.4 (`/usr/bin/etcd`, the clusters its tests
-/// start) and `protoc`, which the `etcd-client` crate's build script runs.
-const PACKAGES: [&str; 13] = [
+/// start), and `protoc` with the well-known types' `.proto` files
+/// (libprotobuf-dev), which the `etcd-client` crate's build script runs on
+/// etcd's protos (it has no protoc-free mode).
+const PACKAGES: [&str; 14] = [
     "iproute2",
     "ethtool",
     "curl",
@@ -40,6 +42,7 @@ const PACKAGES: [&str; 13] = [
     "openssl",
     "etcd-server",
     "protobuf-compiler",
+    "libprotobuf-dev",
 ];
 
 /// Where the agent pins its maps and links.
