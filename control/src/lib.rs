@@ -4,7 +4,7 @@
 //! | module | what it does |
 //! |---|---|
 //! | [`server`] | the gRPC services, the in-memory state, commits, watch streams |
-//! | [`store`] | durable storage (redb) behind the `Store` trait |
+//! | [`store`] | durable storage (redb, or etcd when replicated) behind the `Store` trait |
 //! | [`rbac`] | who may do what (pure) |
 //! | [`vip`] | VIP allocation (pure) |
 //! | [`rates`] | live rates from the counters nodes report (dashboard, `sluicectl top`) |
