@@ -11,6 +11,7 @@
 //! | [`clock`] | times as RFC 3339 and as the API's Unix milliseconds |
 //! | [`client_config`] | the admin config file `sluicectl` reads |
 //! | [`error`] | API errors and their gRPC status codes |
+//! | `testing` | with feature `test-util` (and in this crate's tests): an etcd cluster for tests |
 //!
 //! The cluster CA, certificates, join tokens and the server TLS are the
 //! `sluice-pki` crate's (its `ca` feature).
@@ -23,4 +24,6 @@ pub mod rates;
 pub mod rbac;
 pub mod server;
 pub mod store;
+#[cfg(any(test, feature = "test-util"))]
+pub mod testing;
 pub mod vip;
