@@ -19,8 +19,8 @@
 //!   whatever revision etcd is at.
 //! - **Read transactions** are snapshots: [`Store::begin_read`] fetches the current revision
 //!   (one linearizable read) and every read of the transaction asks etcd for that revision. A
-//!   snapshot outlives nothing: etcd keeps old revisions until it compacts them, and a read of
-//!   a compacted revision fails (`mvcc: required revision has been compacted`).
+//!   snapshot lasts as long as etcd keeps its revision: once etcd compacts past it, its reads
+//!   fail (`mvcc: required revision has been compacted`). Snapshots are short here.
 //! - **Write transactions are optimistic.** They read at the revision they began at (their
 //!   *base*), buffer their writes (visible to their own later reads, with version
 //!   `revision() + 1`) and check each [`Expect`] at once against that state, so a failed
@@ -49,7 +49,9 @@
 //! - only the sentinel moved → [`StoreError::Raced`]: another writer committed after this
 //!   transaction's base; it wrote nothing, and running it again on fresh state is correct.
 //!
-//! A transaction that wrote nothing sends nothing and returns its base revision.
+//! When both failed (another replica changed a key this transaction expected), `Conflict` wins:
+//! the expectation is false on fresh state too, so a retry would only find that out. A
+//! transaction that wrote nothing sends nothing and returns its base revision.
 //!
 //! # Durability
 //! etcd acknowledges a `Txn` once it is committed in the Raft log: appended and fsync'd to the
@@ -58,7 +60,17 @@
 //! power loss of a minority; an etcd transaction is applied whole or not at all. A commit whose
 //! answer is lost (timeout, connection lost after sending) may or may not have been applied:
 //! [`StoreError::CommitFailed`]. Unlike the embedded store, this store stays usable afterwards;
-//! the caller should reload its state before trusting its own copy.
+//! the caller should reload its state before trusting its own copy. So a commit is sent once,
+//! unless it never left (the connection to the member it was routed to was refused: another
+//! member gets it); one etcd refused outright (too many operations, say) is
+//! [`StoreError::Backend`] and certainly not applied. Reads are sent again, up to three times,
+//! when no member answered.
+//!
+//! # Connections
+//! The client balances over every endpoint given, connects lazily and pings idle connections;
+//! with [`EtcdTls`] it checks members' certificates against its CA and presents its own (etcd's
+//! `--client-cert-auth`). It requires a leader, so a member cut off from the others fails
+//! requests at once instead of holding them. Errors name the endpoints and the operation.
 //!
 //! # Limits
 //! etcd refuses a `Txn` with more than `--max-txn-ops` (default 128) compares or writes and
@@ -71,6 +83,7 @@
 //! `spawn_blocking` thread of another runtime and from plain threads, and only stalls (does not
 //! panic) when called on an async worker. Every request is bounded ([`REQUEST_TIMEOUT`]).
 
+mod error;
 mod keys;
 mod tx;
 
@@ -82,6 +95,7 @@ use etcd_client::{
     Certificate, Client, ConnectOptions, GetOptions, Identity, KvClient, TlsOptions,
 };
 
+pub use error::EtcdError;
 use keys::Layout;
 pub use keys::{EtcdUrlError, parse_etcd_url};
 
@@ -115,115 +129,6 @@ impl std::fmt::Debug for EtcdTls {
     }
 }
 
-/// What went wrong talking to etcd.
-#[derive(Debug, thiserror::Error)]
-pub enum EtcdError {
-    #[error("etcd at {endpoints}: {source}")]
-    Request {
-        endpoints: Arc<str>,
-        #[source]
-        source: etcd_client::Error,
-    },
-    #[error("etcd at {endpoints} did not answer within {timeout:?}")]
-    Timeout {
-        endpoints: Arc<str>,
-        timeout: Duration,
-    },
-    #[error("etcd at {endpoints} answered without {what}")]
-    Malformed {
-        endpoints: Arc<str>,
-        what: &'static str,
-    },
-    #[error("etcd key prefix {prefix:?} {reason}")]
-    Prefix {
-        prefix: String,
-        reason: &'static str,
-    },
-    #[error("no etcd endpoints given")]
-    NoEndpoints,
-    #[error("starting the etcd client's runtime")]
-    Runtime {
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("the etcd client's runtime stopped")]
-    RuntimeGone,
-}
-
-impl EtcdError {
-    /// Whether no member answered the request (so a read may be sent again): it timed out, or
-    /// the connection failed. A status made on this side from a transport error carries that
-    /// error as its source; one a member sent has none.
-    fn unanswered(&self) -> bool {
-        match self {
-            EtcdError::Timeout { .. } => true,
-            EtcdError::Request { source, .. } => match source {
-                etcd_client::Error::TransportError(_) => true,
-                etcd_client::Error::GRpcStatus(status) => {
-                    status.code() == tonic::Code::Unavailable
-                        || std::error::Error::source(status).is_some()
-                }
-                _ => false,
-            },
-            _ => false,
-        }
-    }
-
-    /// Whether the request never left: the connection to the member it was routed to could
-    /// not be made. Such a commit certainly was not applied, and may be sent again.
-    fn unsent(&self) -> bool {
-        // etcd-client's error has no `source`: start from what it wraps.
-        let mut cause: Option<&(dyn std::error::Error + 'static)> = match self {
-            EtcdError::Request {
-                source: etcd_client::Error::GRpcStatus(status),
-                ..
-            } => Some(status),
-            EtcdError::Request {
-                source: etcd_client::Error::TransportError(e),
-                ..
-            } => Some(e),
-            _ => None,
-        };
-        while let Some(e) = cause {
-            if let Some(io) = e.downcast_ref::<std::io::Error>()
-                && matches!(
-                    io.kind(),
-                    std::io::ErrorKind::ConnectionRefused
-                        | std::io::ErrorKind::HostUnreachable
-                        | std::io::ErrorKind::NetworkUnreachable
-                        | std::io::ErrorKind::AddrNotAvailable
-                )
-            {
-                return true;
-            }
-            cause = e.source();
-        }
-        false
-    }
-
-    /// Whether etcd refused the request before proposing it, so it was certainly not applied:
-    /// a definite answer from a member, not a lost one.
-    fn refused(&self) -> bool {
-        let EtcdError::Request {
-            source: etcd_client::Error::GRpcStatus(status),
-            ..
-        } = self
-        else {
-            return false;
-        };
-        use tonic::Code::*;
-        matches!(
-            status.code(),
-            InvalidArgument
-                | FailedPrecondition
-                | OutOfRange
-                | PermissionDenied
-                | Unauthenticated
-                | ResourceExhausted
-        )
-    }
-}
-
 /// The replicated [`Store`]: see the module documentation.
 pub struct EtcdStore {
     client: Client,
@@ -232,8 +137,21 @@ pub struct EtcdStore {
     endpoints: Arc<str>,
     /// Write transactions of this process wait here for each other.
     writer: Mutex<()>,
-    /// Taken by `Drop`.
-    runtime: Option<tokio::runtime::Runtime>,
+    /// Last: the client's tasks run on it until the client is dropped.
+    runtime: OwnedRuntime,
+}
+
+/// A runtime that, dropped, stops without waiting for its tasks: a plain `Runtime` blocks when
+/// dropped, which panics on an async worker (where the server may drop its store, or fail to
+/// connect one).
+struct OwnedRuntime(Option<tokio::runtime::Runtime>);
+
+impl Drop for OwnedRuntime {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
+    }
 }
 
 impl std::fmt::Debug for EtcdStore {
@@ -264,12 +182,14 @@ impl EtcdStore {
             return Err(connect_error(EtcdError::NoEndpoints));
         }
         let names: Arc<str> = endpoints.join(",").into();
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("sluice-etcd")
-            .enable_all()
-            .build()
-            .map_err(|source| connect_error(EtcdError::Runtime { source }))?;
+        let runtime = OwnedRuntime(Some(
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .thread_name("sluice-etcd")
+                .enable_all()
+                .build()
+                .map_err(|source| connect_error(EtcdError::Runtime { source }))?,
+        ));
         let mut options = ConnectOptions::new()
             .with_connect_timeout(CONNECT_TIMEOUT)
             .with_timeout(REQUEST_TIMEOUT)
@@ -293,7 +213,7 @@ impl EtcdStore {
             layout,
             endpoints: names,
             writer: Mutex::new(()),
-            runtime: Some(runtime),
+            runtime,
         };
         // The client connects lazily: this first read is the check that etcd answers.
         let head = store.head().map_err(|e| match e {
@@ -329,8 +249,7 @@ impl EtcdStore {
         T: Send + 'static,
         F: Future<Output = Result<T, etcd_client::Error>> + Send + 'static,
     {
-        let runtime = self.runtime.as_ref().ok_or(EtcdError::RuntimeGone)?;
-        run(runtime, &self.endpoints, REQUEST_TIMEOUT, fut)
+        run(&self.runtime, &self.endpoints, REQUEST_TIMEOUT, fut)
     }
 
     /// A read, sent again (briefly later) when no member answered it.
@@ -476,15 +395,6 @@ impl EtcdStore {
     }
 }
 
-impl Drop for EtcdStore {
-    fn drop(&mut self) {
-        // Dropping a runtime blocks, which panics on an async worker; this does not.
-        if let Some(runtime) = self.runtime.take() {
-            runtime.shutdown_background();
-        }
-    }
-}
-
 /// The state a transaction starts from.
 #[derive(Clone, Copy, Debug)]
 struct Head {
@@ -495,7 +405,7 @@ struct Head {
 /// Runs `fut` on `runtime` within `timeout` and waits for it on a plain channel, so that the
 /// caller may be any thread, including a `spawn_blocking` thread of another runtime.
 fn run<T, F>(
-    runtime: &tokio::runtime::Runtime,
+    runtime: &OwnedRuntime,
     endpoints: &Arc<str>,
     timeout: Duration,
     fut: F,
@@ -504,6 +414,7 @@ where
     T: Send + 'static,
     F: Future<Output = Result<T, etcd_client::Error>> + Send + 'static,
 {
+    let runtime = runtime.0.as_ref().ok_or(EtcdError::RuntimeGone)?;
     let (tx, rx) = std::sync::mpsc::sync_channel(1);
     let names = endpoints.clone();
     runtime.spawn(async move {

@@ -154,9 +154,9 @@ impl<'a> EtcdWriteTx<'a> {
         for (key, expect) in &self.compares {
             let raw = layout.key(key);
             compares.push(match *expect {
-                Expect::Absent | Expect::Any => {
-                    Compare::create_revision(raw.clone(), CompareOp::Equal, 0)
-                }
+                // Never recorded: nothing to compare.
+                Expect::Any => continue,
+                Expect::Absent => Compare::create_revision(raw.clone(), CompareOp::Equal, 0),
                 Expect::Version(v) => Compare::mod_revision(
                     raw.clone(),
                     CompareOp::Equal,
