@@ -8,6 +8,10 @@
 //! A 3-member start takes about 0.7 s here, so each test starts its own cluster: nothing is
 //! shared between tests, and revisions are the test's alone. Members listen on 127.0.0.1 only.
 //!
+//! [`EtcdCluster::start_tls`] serves clients over TLS and requires client certificates signed by
+//! the given CA (peers still talk plain HTTP on loopback). Health is always read over plain HTTP
+//! from each member's metrics port.
+//!
 //! Members log at `warn` to `<member>.log` in the temp dir; [`StartError::Unhealthy`] carries
 //! the tail of each log.
 
@@ -56,12 +60,32 @@ pub enum StartError {
     },
     #[error("no member {index} (the cluster has {size})")]
     NoMember { index: usize, size: usize },
+    #[error("writing the cluster's TLS files")]
+    TlsFiles(#[source] std::io::Error),
+}
+
+/// What members serve clients with under [`EtcdCluster::start_tls`]: their certificate (for
+/// 127.0.0.1) and key, and the CA client certificates must be signed by.
+#[derive(Clone)]
+pub struct ServerTls {
+    pub ca_pem: String,
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+/// Where the members find their [`ServerTls`], in the temp dir.
+struct TlsFiles {
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
 }
 
 struct Member {
     name: String,
     client: u16,
     peer: u16,
+    /// Plain HTTP `/health` and `/metrics`, also under TLS.
+    metrics: u16,
     child: Option<Child>,
 }
 
@@ -70,6 +94,7 @@ pub struct EtcdCluster {
     binary: PathBuf,
     members: Vec<Member>,
     token: String,
+    tls: Option<TlsFiles>,
     /// Dropped after the members are killed (see `Drop`).
     dir: tempfile::TempDir,
 }
@@ -86,6 +111,16 @@ impl std::fmt::Debug for EtcdCluster {
 impl EtcdCluster {
     /// Starts a new cluster of `size` members and waits until all are healthy.
     pub fn start(size: usize) -> Result<Self, StartError> {
+        Self::start_with(size, None)
+    }
+
+    /// Like [`EtcdCluster::start`], with clients served over TLS (client certificates
+    /// required).
+    pub fn start_tls(size: usize, tls: &ServerTls) -> Result<Self, StartError> {
+        Self::start_with(size, Some(tls))
+    }
+
+    fn start_with(size: usize, tls: Option<&ServerTls>) -> Result<Self, StartError> {
         let binary = std::env::var_os(ETCD_ENV)
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from(DEFAULT_ETCD));
@@ -94,7 +129,7 @@ impl EtcdCluster {
         }
         let mut attempt = 1;
         loop {
-            match Self::start_once(&binary, size) {
+            match Self::start_once(&binary, size, tls) {
                 // Another process may have taken a port between our probe and etcd's bind.
                 Err(StartError::Unhealthy { ref logs, .. })
                     if attempt < START_ATTEMPTS && logs.contains("address already in use") =>
@@ -106,13 +141,16 @@ impl EtcdCluster {
         }
     }
 
-    fn start_once(binary: &Path, size: usize) -> Result<Self, StartError> {
-        let ports = free_ports(2 * size).map_err(StartError::Ports)?;
-        let members = (0..size)
-            .map(|i| Member {
+    fn start_once(binary: &Path, size: usize, tls: Option<&ServerTls>) -> Result<Self, StartError> {
+        let ports = free_ports(3 * size).map_err(StartError::Ports)?;
+        let members = ports
+            .chunks_exact(3)
+            .enumerate()
+            .map(|(i, p)| Member {
                 name: format!("m{i}"),
-                client: ports[2 * i],
-                peer: ports[2 * i + 1],
+                client: p[0],
+                peer: p[1],
+                metrics: p[2],
                 child: None,
             })
             .collect();
@@ -120,10 +158,29 @@ impl EtcdCluster {
             .prefix("sluice-etcd-")
             .tempdir()
             .map_err(StartError::TempDir)?;
+        let tls = match tls {
+            Some(tls) => {
+                let files = TlsFiles {
+                    ca: dir.path().join("ca.pem"),
+                    cert: dir.path().join("server.pem"),
+                    key: dir.path().join("server-key.pem"),
+                };
+                for (path, pem) in [
+                    (&files.ca, &tls.ca_pem),
+                    (&files.cert, &tls.cert_pem),
+                    (&files.key, &tls.key_pem),
+                ] {
+                    std::fs::write(path, pem).map_err(StartError::TlsFiles)?;
+                }
+                Some(files)
+            }
+            None => None,
+        };
         let mut cluster = Self {
             binary: binary.to_owned(),
             members,
             token: unique_token(),
+            tls,
             dir,
         };
         for i in 0..size {
@@ -134,7 +191,7 @@ impl EtcdCluster {
     }
 
     /// The members' client endpoints, `127.0.0.1:PORT`, as [`crate::store::EtcdStore::connect`]
-    /// takes them.
+    /// takes them (with or without TLS: the store picks the scheme).
     pub fn endpoints(&self) -> Vec<String> {
         (0..self.members.len()).map(|i| self.endpoint(i)).collect()
     }
@@ -220,10 +277,23 @@ impl EtcdCluster {
             .open(&log_path)
             .map_err(spawn_error)?;
         let log_err = log.try_clone().map_err(spawn_error)?;
-        let client_url = format!("http://127.0.0.1:{}", member.client);
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let client_url = format!("{scheme}://127.0.0.1:{}", member.client);
         let peer_url = format!("http://127.0.0.1:{}", member.peer);
+        let metrics_url = format!("http://127.0.0.1:{}", member.metrics);
         let max_txn_ops = MAX_TXN_OPS.to_string();
-        let child = Command::new(&self.binary)
+        let mut command = Command::new(&self.binary);
+        if let Some(tls) = &self.tls {
+            command
+                .arg("--cert-file")
+                .arg(&tls.cert)
+                .arg("--key-file")
+                .arg(&tls.key)
+                .arg("--trusted-ca-file")
+                .arg(&tls.ca)
+                .arg("--client-cert-auth");
+        }
+        let child = command
             // etcd reads ETCD_* variables as flags: none of the caller's may leak in.
             .env_clear()
             .args(["--name", &member.name])
@@ -233,6 +303,7 @@ impl EtcdCluster {
             .args(["--advertise-client-urls", &client_url])
             .args(["--listen-peer-urls", &peer_url])
             .args(["--initial-advertise-peer-urls", &peer_url])
+            .args(["--listen-metrics-urls", &metrics_url])
             .args(["--initial-cluster", &initial_cluster])
             // Ignored by a member restarted on its data dir, which knows its cluster.
             .args(["--initial-cluster-state", "new"])
@@ -265,7 +336,7 @@ impl EtcdCluster {
             let reason = match exited {
                 Some(reason) => Some(reason),
                 None => {
-                    pending.retain(|&i| self.members.get(i).is_some_and(|m| !healthy(m.client)));
+                    pending.retain(|&i| self.members.get(i).is_some_and(|m| !healthy(m.metrics)));
                     if pending.is_empty() {
                         return Ok(());
                     }

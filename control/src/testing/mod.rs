@@ -2,4 +2,4 @@
 
 pub mod etcd;
 
-pub use etcd::EtcdCluster;
+pub use etcd::{EtcdCluster, ServerTls};
