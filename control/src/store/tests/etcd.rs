@@ -183,7 +183,7 @@ fn two_replicas_reading_deciding_and_writing_lose_no_increment() {
 }
 
 #[test]
-fn connecting_to_nothing_fails_within_the_timeouts_and_names_the_endpoints() {
+fn connecting_to_nothing_fails_in_bounded_time_naming_the_endpoints_even_on_a_worker() {
     // A port nothing listens on: bound, then released.
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -204,6 +204,20 @@ fn connecting_to_nothing_fails_within_the_timeouts_and_names_the_endpoints() {
     let chain = error_chain(&err);
     assert!(chain.contains(&endpoints[0]), "{chain}");
     eprintln!("after {waited:?}: {chain}");
+
+    // On an async worker too: failing, or being dropped there, must not panic (a dropped
+    // runtime blocks, which tokio refuses inside a runtime).
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        assert!(EtcdStore::connect(&endpoints, None, DEFAULT_PREFIX).is_err());
+        let cluster = EtcdCluster::start(1).expect("cluster");
+        let store = connect(&cluster, &test_prefix());
+        put(&store, &svc("a", "b"), b"x", Expect::Absent).expect("put on a worker");
+        drop(store);
+    });
 
     assert!(matches!(
         EtcdStore::connect(&[], None, DEFAULT_PREFIX),
@@ -246,6 +260,70 @@ fn a_commit_that_reaches_no_member_fails_within_the_timeout() {
     // The store reconnects by itself; the lost commit did not land.
     assert_eq!(get(&store, &key), None);
     put(&store, &key, b"y", Expect::Absent).expect("put after restart");
+}
+
+#[test]
+fn tls_with_a_client_certificate_connects_and_anything_less_is_refused() {
+    let ca = sluice_pki::ClusterCa::generate().expect("CA");
+    let (cert_pem, key_pem) = ca.issue_server(&[], &[]).expect("server cert");
+    let cluster = EtcdCluster::start_tls(
+        3,
+        &crate::testing::ServerTls {
+            ca_pem: ca.cert_pem(),
+            cert_pem,
+            key_pem,
+        },
+    )
+    .expect("TLS cluster");
+    let client = sluice_pki::new_key_and_csr("sluice-control").expect("key");
+    let cert = ca
+        .sign_user(
+            &client.csr_pem,
+            "sluice-control",
+            &[],
+            Duration::from_secs(3600),
+        )
+        .expect("client cert");
+    let tls = EtcdTls {
+        ca_pem: ca.cert_pem(),
+        cert_pem: cert.pem,
+        key_pem: client.key_pem.clone(),
+    };
+    let store = EtcdStore::connect(&cluster.endpoints(), Some(tls.clone()), &test_prefix())
+        .expect("connect over TLS");
+    let r = put(&store, &svc("ns", "web"), b"over TLS", Expect::Absent).expect("put");
+    assert_eq!(get(&store, &svc("ns", "web")).expect("present").version, r);
+
+    let refused = |tls: Option<EtcdTls>| {
+        let started = Instant::now();
+        let err = EtcdStore::connect(&cluster.endpoints(), tls, &test_prefix())
+            .expect_err("must be refused");
+        assert!(started.elapsed() < CONNECT_TIMEOUT + REQUEST_TIMEOUT * 4);
+        let chain = error_chain(&err);
+        assert!(chain.contains(&cluster.endpoint(0)), "{chain}");
+        chain
+    };
+    // Plain text to a TLS port; a server the client's CA did not sign; a client certificate
+    // etcd's CA did not sign.
+    eprintln!("plain text: {}", refused(None));
+    let other = sluice_pki::ClusterCa::generate().expect("other CA");
+    eprintln!(
+        "unknown server: {}",
+        refused(Some(EtcdTls {
+            ca_pem: other.cert_pem(),
+            ..tls.clone()
+        }))
+    );
+    let stranger = other
+        .sign_user(&client.csr_pem, "stranger", &[], Duration::from_secs(3600))
+        .expect("foreign client cert");
+    eprintln!(
+        "unknown client: {}",
+        refused(Some(EtcdTls {
+            cert_pem: stranger.pem,
+            ..tls
+        }))
+    );
 }
 
 fn error_chain(err: &dyn std::error::Error) -> String {
