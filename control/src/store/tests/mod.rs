@@ -125,12 +125,19 @@ fn store_is_object_safe_send_and_sync() {
     assert_send_sync::<StoreError>();
 }
 
-/// What one small write transaction costs on each store: `cargo test -p sluice-control
-/// write_latency -- --ignored --nocapture`.
+/// What starting a test cluster, and one small transaction, cost on each store: `cargo test -p
+/// sluice-control write_latency -- --ignored --nocapture`.
 #[test]
 #[ignore = "a measurement, not a test"]
 fn write_latency() {
     const WRITES: u32 = 200;
+    for size in [1, 3] {
+        let started = Instant::now();
+        let cluster = EtcdCluster::start(size).expect("cluster");
+        let up = started.elapsed();
+        drop(cluster);
+        eprintln!("a {size}-member etcd cluster started (healthy) in {up:?}");
+    }
     for (name, fixture) in [("redb", redb_fixture()), ("etcd", etcd_fixture())] {
         let store = &*fixture.store;
         let started = Instant::now();
