@@ -102,6 +102,8 @@ impl From<ApiError> for Status {
             ApiError::NotFound { .. } => Code::NotFound,
             ApiError::AlreadyExists { .. } => Code::AlreadyExists,
             ApiError::Conflict { .. } => Code::Aborted,
+            // Another control-service replica committed first: retrying is correct.
+            ApiError::Store(StoreError::Raced { .. }) => Code::Aborted,
             ApiError::Unauthenticated { .. } | ApiError::Token { .. } => Code::Unauthenticated,
             ApiError::Store(_) => Code::Internal,
         };

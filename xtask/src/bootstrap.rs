@@ -22,9 +22,13 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 
 /// What the tests and the demo call: `ip`, `ethtool`, `curl`, `bpftool`,
 /// `sysctl` (procps), `nsenter` (util-linux), the iptables / nftables
-/// baselines of `cargo xtask bench`, and the dashboard test's headless
-/// browser (`chromium`, `chromedriver`) and `openssl` (the CA's key pin).
-const PACKAGES: [&str; 11] = [
+/// baselines of `cargo xtask bench`, the dashboard test's headless
+/// browser (`chromium`, `chromedriver`) and `openssl` (the CA's key pin),
+/// and the etcd store's: `etcd` 3.4 (`/usr/bin/etcd`, the clusters its tests
+/// start), and `protoc` with the well-known types' `.proto` files
+/// (libprotobuf-dev), which the `etcd-client` crate's build script runs on
+/// etcd's protos (it has no protoc-free mode).
+const PACKAGES: [&str; 14] = [
     "iproute2",
     "ethtool",
     "curl",
@@ -36,6 +40,9 @@ const PACKAGES: [&str; 11] = [
     "chromium",
     "chromium-driver",
     "openssl",
+    "etcd-server",
+    "protobuf-compiler",
+    "libprotobuf-dev",
 ];
 
 /// Where the agent pins its maps and links.

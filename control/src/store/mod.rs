@@ -5,8 +5,9 @@
 //! - A value is opaque bytes (the API layer stores protobuf-encoded objects) under a [`Key`]:
 //!   `(kind, namespace, name)`, with `namespace == ""` for cluster-scoped objects.
 //! - The store has one global **revision**, a counter that every committed write transaction
-//!   advances by exactly 1. A new, empty store is at revision **1** (as an empty etcd cluster is),
-//!   so the first write commits revision 2.
+//!   advances by exactly 1. A new, empty embedded store is at revision **1** (as an empty etcd
+//!   cluster is), so the first write commits revision 2. On etcd, a fresh prefix is empty at
+//!   whatever revision etcd is at, and its first write commits the next one.
 //! - Every stored value carries its **version**: the revision of the transaction that last wrote
 //!   it. Versions are therefore always ≥ 2, unique per transaction and comparable across keys:
 //!   "written after revision r" is `version > r`. A delete removes the key and its version; a
@@ -67,15 +68,24 @@
 //! (The tests kill a writer process with SIGKILL after acknowledgements; power loss is not
 //! simulated.) A transaction that was interrupted
 //! before it returned may be present or absent after the restart (the acknowledgement may be the
-//! part that was lost). See [`RedbStore`] for how the embedded implementation provides this.
+//! part that was lost). See [`RedbStore`] for how the embedded implementation provides this, and
+//! [`etcd`] for the replicated one (etcd acknowledges once a majority of members fsync'd the
+//! transaction to their write-ahead logs).
 //!
 //! # Implementations
-//! [`Store`] is object-safe (the server holds an `Arc<dyn Store>`); [`RedbStore`] is the embedded
-//! implementation. A replicated one (etcd) maps naturally: keys become
-//! `/sluice/<kind>/<namespace>/<name>`, the revision is etcd's, versions are `mod_revision`s and
-//! expectations become `Compare`s in one etcd `Txn`.
+//! [`Store`] is object-safe (the server holds an `Arc<dyn Store>`). [`RedbStore`] is the embedded
+//! implementation: one file on the control node's disk. [`EtcdStore`] is the replicated one, for
+//! a control plane of several replicas: keys become `<prefix><kind>/<namespace>/<name>`, the
+//! revision is etcd's, versions are `mod_revision`s, and a write transaction is optimistic: it
+//! commits as one etcd `Txn` whose compares are its expectations and a sentinel key every write
+//! transaction writes. A write transaction that lost the race to a writer in another process
+//! fails with [`StoreError::Raced`] and wrote nothing; run it again on fresh state. On etcd, a
+//! new prefix starts at whatever revision etcd is at (not 1), and the revision moves by exactly
+//! one per write transaction only while nothing else writes to the cluster. See [`etcd`] for the
+//! mapping and its reasons.
 
 mod embedded;
+pub mod etcd;
 #[cfg(test)]
 mod tests;
 
@@ -83,6 +93,10 @@ use std::fmt;
 use std::path::PathBuf;
 
 pub use embedded::RedbStore;
+pub use etcd::{
+    CONNECT_TIMEOUT, DEFAULT_PREFIX, EtcdError, EtcdStore, EtcdTls, EtcdUrlError, REQUEST_TIMEOUT,
+    parse_etcd_url,
+};
 
 /// Where a value lives. Listing is by `kind`, or by `(kind, namespace)`, in
 /// `(namespace, name)` order.
@@ -193,6 +207,8 @@ pub struct Versioned {
 pub enum BackendError {
     #[error(transparent)]
     Redb(#[from] ::redb::Error),
+    #[error(transparent)]
+    Etcd(#[from] EtcdError),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -205,6 +221,15 @@ pub enum StoreError {
         /// The version found; `None` when the key was absent.
         actual: Option<u64>,
     },
+    /// Another writer (another process on the same replicated store) committed after this
+    /// write transaction began, so what it read may be stale; it wrote nothing. Unlike
+    /// [`StoreError::Conflict`], no expectation of the caller failed: running the transaction
+    /// again on fresh state is correct.
+    #[error(
+        "another writer committed (at revision {winner}) after this transaction read revision \
+         {base}; it wrote nothing: retry on fresh state"
+    )]
+    Raced { base: u64, winner: u64 },
     #[error("invalid store key {key:?}: {reason}")]
     InvalidKey { key: Key, reason: &'static str },
     #[error("opening the store at {path}")]
@@ -233,7 +258,8 @@ pub enum StoreError {
     },
     /// The commit itself failed: its outcome is unknown (it may have become durable), and the
     /// embedded store refuses further writes until it is reopened. Treat as fatal: restart,
-    /// reload from the store.
+    /// reload from the store. (The etcd store: the answer to its `Txn` was lost, by a timeout
+    /// or a broken connection.)
     #[error("store commit failed; its outcome is unknown")]
     CommitFailed {
         #[source]
