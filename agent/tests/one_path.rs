@@ -287,6 +287,7 @@ impl Cluster {
             user_cert_ttl: Duration::from_secs(3600),
             admin_config: dir.path().join("admin.conf"),
             encryption_key_file: None,
+            store: Default::default(),
         })
         .unwrap()
     }

@@ -45,6 +45,7 @@ impl Running {
             user_cert_ttl: Duration::from_secs(3600),
             admin_config: data.path().join("admin.conf"),
             encryption_key_file: None,
+            store: Default::default(),
         };
         // After a simulated crash, connection tasks of the previous instance
         // may hold its database for a moment.

@@ -27,6 +27,7 @@ fn options(dir: &Path) -> Options {
         user_cert_ttl: Duration::from_secs(3600),
         admin_config: dir.join("admin.conf"),
         encryption_key_file: None,
+        store: Default::default(),
     }
 }
 

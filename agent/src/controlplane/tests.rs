@@ -338,6 +338,7 @@ impl ControlService {
             user_cert_ttl: Duration::from_secs(3600),
             admin_config: self.data.path("admin.conf"),
             encryption_key_file: None,
+            store: Default::default(),
         })
         .unwrap();
         self.url = control.server_url();

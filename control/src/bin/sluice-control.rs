@@ -3,7 +3,7 @@
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::Parser;
-use sluice_control::server::{Control, Options};
+use sluice_control::server::{Control, Options, StoreConfig};
 
 #[derive(Parser)]
 #[command(
@@ -32,6 +32,8 @@ struct RotateKey {
     /// The control service's data directory.
     #[arg(long, default_value = DATA_DIR)]
     data_dir: PathBuf,
+    #[command(flatten)]
+    store: StoreArgs,
     /// The key file the control service runs with (default: the one it
     /// generated, `<data-dir>/encryption.key`).
     #[arg(long)]
@@ -43,6 +45,54 @@ struct RotateKey {
 
 const DATA_DIR: &str = "/var/lib/sluice-control";
 
+/// Where the desired state is kept.
+#[derive(clap::Args)]
+struct StoreArgs {
+    /// Keep the desired state in etcd (replicas share it); default: the
+    /// embedded store in --data-dir.
+    #[arg(long, value_name = "etcd://HOST:PORT[,HOST:PORT...]")]
+    store: Option<String>,
+    /// TLS to etcd: the CA its certificates are checked against (with
+    /// --etcd-cert and --etcd-key, the client certificate).
+    #[arg(long, requires = "store")]
+    etcd_ca: Option<PathBuf>,
+    #[arg(long, requires = "store")]
+    etcd_cert: Option<PathBuf>,
+    #[arg(long, requires = "store")]
+    etcd_key: Option<PathBuf>,
+    /// The key prefix everything is kept under, for several clusters on one etcd.
+    #[arg(long, default_value = sluice_control::store::DEFAULT_PREFIX, requires = "store")]
+    etcd_prefix: String,
+}
+
+impl StoreArgs {
+    fn config(&self) -> anyhow::Result<StoreConfig> {
+        use anyhow::{Context as _, bail};
+        let Some(url) = &self.store else {
+            return Ok(StoreConfig::Embedded);
+        };
+        let endpoints = sluice_control::store::parse_etcd_url(url)
+            .with_context(|| format!("--store {url:?}"))?;
+        let read = |flag: &str, path: &PathBuf| {
+            std::fs::read_to_string(path).with_context(|| format!("{flag} {}", path.display()))
+        };
+        let tls = match (&self.etcd_ca, &self.etcd_cert, &self.etcd_key) {
+            (None, None, None) => None,
+            (Some(ca), Some(cert), Some(key)) => Some(sluice_control::store::EtcdTls {
+                ca_pem: read("--etcd-ca", ca)?,
+                cert_pem: read("--etcd-cert", cert)?,
+                key_pem: read("--etcd-key", key)?,
+            }),
+            _ => bail!("TLS to etcd needs all of --etcd-ca, --etcd-cert and --etcd-key"),
+        };
+        Ok(StoreConfig::Etcd {
+            endpoints,
+            tls,
+            prefix: self.etcd_prefix.clone(),
+        })
+    }
+}
+
 #[derive(clap::Args)]
 struct Serve {
     /// Address to serve the API on (TLS only).
@@ -52,6 +102,8 @@ struct Serve {
     /// --encryption-key-file, the key sealing its secrets live (mode 0700).
     #[arg(long, default_value = DATA_DIR)]
     data_dir: PathBuf,
+    #[command(flatten)]
+    store: StoreArgs,
     /// Where the first admin's credentials (a private key) are written on
     /// first start, owner-only; `sluicectl` reads this path by default.
     #[arg(long, default_value = sluice_control::cli::config::SYSTEM_CONFIG)]
@@ -151,6 +203,7 @@ async fn run(cli: Serve) -> anyhow::Result<()> {
         user_cert_ttl: Duration::from_secs(cli.user_cert_ttl),
         admin_config: cli.admin_config,
         encryption_key_file: cli.encryption_key_file,
+        store: cli.store.config()?,
     })
     .context("opening the control service's state")?;
     if cli.metrics_listen != "off" {
@@ -193,20 +246,35 @@ async fn run(cli: Serve) -> anyhow::Result<()> {
 
 fn rotate_key(args: RotateKey) -> anyhow::Result<()> {
     use anyhow::Context as _;
-    use sluice_control::{sealing, server::secrets, store::RedbStore};
-    let path = args
-        .encryption_key_file
-        .unwrap_or_else(|| args.data_dir.join(sealing::GENERATED_KEY_FILE));
+    use sluice_control::store::{EtcdStore, RedbStore, Store};
+    use sluice_control::{sealing, server::secrets};
+    let config = args.store.config()?;
+    let path = match (&args.encryption_key_file, &config) {
+        (Some(path), _) => path.clone(),
+        (None, StoreConfig::Embedded) => args.data_dir.join(sealing::GENERATED_KEY_FILE),
+        (None, StoreConfig::Etcd { .. }) => {
+            anyhow::bail!("--encryption-key-file is required with an etcd store")
+        }
+    };
     let old = sealing::key_lines(&path)?;
-    let store_path = args.data_dir.join("state.redb");
-    // Opened first: a running control service holds the store, and nothing
-    // changes then.
-    let store = RedbStore::open(&store_path).with_context(|| {
-        format!(
-            "opening {} (stop the control service first)",
-            store_path.display()
-        )
-    })?;
+    // Opened first: a running control service holds the embedded store,
+    // and nothing changes then.
+    let store: Box<dyn Store> = match config {
+        StoreConfig::Embedded => {
+            let store_path = args.data_dir.join("state.redb");
+            Box::new(RedbStore::open(&store_path).with_context(|| {
+                format!(
+                    "opening {} (stop the control service first)",
+                    store_path.display()
+                )
+            })?)
+        }
+        StoreConfig::Etcd {
+            endpoints,
+            tls,
+            prefix,
+        } => Box::new(EtcdStore::connect(&endpoints, tls, &prefix)?),
+    };
     let new = sealing::new_key_line()?;
     // The old keys stay until every secret is sealed with the new one: a
     // crash in between leaves everything readable.
@@ -214,7 +282,7 @@ fn rotate_key(args: RotateKey) -> anyhow::Result<()> {
     keys.extend(old.iter().cloned());
     sealing::write_key_file(&path, &keys)?;
     let keyring = sealing::Keyring::load(&path)?;
-    let count = secrets::reseal(&store, &keyring)?;
+    let count = secrets::reseal(store.as_ref(), &keyring)?;
     if !args.keep_old {
         sealing::write_key_file(&path, &[new])?;
     }

@@ -14,6 +14,8 @@ pub mod auth;
 pub mod cluster;
 pub mod dashboard;
 pub mod describe;
+#[cfg(test)]
+mod etcd_tests;
 pub mod flows;
 pub mod health;
 pub mod history;
@@ -41,7 +43,7 @@ use crate::{
     error::ApiError,
     rbac::ADMIN_GROUP,
     sealing::{self, Keyring},
-    store::{Key, RedbStore, Store, StoreExt as _},
+    store::{EtcdStore, Key, RedbStore, Store, StoreExt as _},
     vip::VipPool,
 };
 use state::{Committed, Draft, State};
@@ -62,8 +64,24 @@ pub struct Options {
     /// `sluicectl`).
     pub admin_config: PathBuf,
     /// The key-encryption keys that seal secrets at rest
-    /// ([`crate::sealing`]); `None`: a key generated in the data directory.
+    /// ([`crate::sealing`]); `None`: a key generated in the data directory
+    /// (embedded store only: replicas on etcd must share one key file).
     pub encryption_key_file: Option<PathBuf>,
+    pub store: StoreConfig,
+}
+
+/// Where the desired state is kept.
+#[derive(Clone, Debug, Default)]
+pub enum StoreConfig {
+    /// The embedded store, `state.redb` in the data directory: one machine.
+    #[default]
+    Embedded,
+    /// An etcd cluster, all under `prefix`.
+    Etcd {
+        endpoints: Vec<String>,
+        tls: Option<crate::store::EtcdTls>,
+        prefix: String,
+    },
 }
 
 /// Live status an agent reports; not stored (it is re-reported after a restart).
@@ -100,6 +118,11 @@ pub enum StartError {
     CaRecord,
     #[error(transparent)]
     Seal(#[from] crate::sealing::SealError),
+    #[error(
+        "--encryption-key-file is required with an etcd store: every replica must open the \
+         secrets the others seal (create one with `openssl rand -hex 32`, mode 0600)"
+    )]
+    KeyFileRequired,
     #[error("serving: {0}")]
     Transport(#[from] tonic::transport::Error),
     #[error("reflection service: {0}")]
@@ -131,13 +154,34 @@ impl Control {
     /// start the first admin's credentials (`admin.conf`).
     pub fn open(options: Options) -> Result<Arc<Self>, StartError> {
         sluice_pki::install_crypto_provider();
-        secrets::private_data_dir(&options.data_dir)?;
-        let keyring = match &options.encryption_key_file {
-            Some(path) => Keyring::load(path)?,
-            None => Keyring::load_or_generate(&options.data_dir.join(sealing::GENERATED_KEY_FILE))?,
-        };
-        let store: Arc<dyn Store> = Arc::new(RedbStore::open(options.data_dir.join("state.redb"))?);
-        secrets::restrict_files(&options.data_dir)?;
+        let store: Arc<dyn Store>;
+        let keyring;
+        match &options.store {
+            StoreConfig::Embedded => {
+                secrets::private_data_dir(&options.data_dir)?;
+                keyring = match &options.encryption_key_file {
+                    Some(path) => Keyring::load(path)?,
+                    None => Keyring::load_or_generate(
+                        &options.data_dir.join(sealing::GENERATED_KEY_FILE),
+                    )?,
+                };
+                store = Arc::new(RedbStore::open(options.data_dir.join("state.redb"))?);
+                secrets::restrict_files(&options.data_dir)?;
+            }
+            StoreConfig::Etcd {
+                endpoints,
+                tls,
+                prefix,
+            } => {
+                // Every replica must open what another sealed.
+                let path = options
+                    .encryption_key_file
+                    .as_ref()
+                    .ok_or(StartError::KeyFileRequired)?;
+                keyring = Keyring::load(path)?;
+                store = Arc::new(EtcdStore::connect(endpoints, tls.clone(), prefix)?);
+            }
+        }
         let ca = secrets::load_or_create_ca(store.as_ref(), &keyring)?;
         let pool = VipPool::new(&options.vip_cidr)?;
         let state = State::load(store.as_ref())?;
@@ -183,6 +227,7 @@ impl Control {
             user_cert_ttl: Duration::from_secs(3600),
             admin_config: dir.join("admin.conf"),
             encryption_key_file: None,
+            store: StoreConfig::Embedded,
         })
         .expect("opening a control service")
     }

@@ -1,0 +1,141 @@
+//! The control service on a 3-member etcd cluster (`--store etcd://…`):
+//! what it applies survives its restart, a second replica opening the same
+//! store shares the CA and the state, the CA's key is sealed in etcd, and
+//! without a key file it refuses to start.
+
+#![expect(clippy::unwrap_used, reason = "tests panic on failure")]
+
+use std::os::unix::fs::PermissionsExt as _;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sluice_api::v1;
+use sluice_model::{Endpoint, Service, manifest};
+
+use super::{Control, Options, StartError, StoreConfig};
+use crate::rbac::{ADMIN_GROUP, Caller};
+use crate::sealing::{self, Keyring};
+use crate::store::{EtcdStore, Key, StoreExt as _};
+use crate::testing::EtcdCluster;
+
+fn options(dir: &std::path::Path, cluster: &EtcdCluster, replica: &str) -> Options {
+    Options {
+        listen: "127.0.0.1:7443".parse().unwrap(),
+        data_dir: dir.join(replica),
+        vip_cidr: "198.18.0.0/24".into(),
+        advertise: vec![],
+        node_cert_ttl: Duration::from_secs(3600),
+        user_cert_ttl: Duration::from_secs(3600),
+        admin_config: dir.join(format!("{replica}-admin.conf")),
+        encryption_key_file: Some(dir.join("kek")),
+        store: StoreConfig::Etcd {
+            endpoints: cluster.endpoints(),
+            tls: None,
+            prefix: "/sluice-test/".into(),
+        },
+    }
+}
+
+fn key_file(dir: &std::path::Path) {
+    let path = dir.join("kek");
+    std::fs::write(&path, sealing::new_key_line().unwrap()).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+}
+
+async fn apply(control: &Arc<Control>, text: &str) {
+    let admin = Caller {
+        name: "admin".into(),
+        groups: vec![ADMIN_GROUP.into()],
+    };
+    let objects = manifest::parse_objects("t.yaml", text)
+        .unwrap()
+        .iter()
+        .map(v1::Object::from)
+        .collect();
+    control.apply(&admin, objects, false).await.unwrap();
+}
+
+const WEB: &str = "\
+kind: Service
+name: web
+ports: [{ port: 80, protocol: TCP, targetPort: 8080 }]
+selector: { app: web }
+---
+kind: Endpoint
+name: web-1
+labels: { app: web }
+address: 198.19.0.1
+";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_and_ca_live_in_etcd_shared_by_replicas_and_sealed() {
+    let cluster = EtcdCluster::start(3).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    key_file(dir.path());
+
+    let first = Control::open(options(dir.path(), &cluster, "a")).unwrap();
+    apply(&first, WEB).await;
+    let pin = first.ca().pin();
+    let key_pem = first.ca().key_pem();
+    let vip = first
+        .state()
+        .objects
+        .get::<Service>("default", "web")
+        .unwrap()
+        .object
+        .vip;
+    let view_version = first.state().view.version;
+    assert_eq!(first.state().view.frontends.len(), 1);
+    drop(first);
+
+    // Another replica (or the same one restarted) on the same etcd.
+    let second = Control::open(options(dir.path(), &cluster, "b")).unwrap();
+    assert_eq!(second.ca().pin(), pin, "one CA for all replicas");
+    let state = second.state();
+    assert_eq!(
+        state
+            .objects
+            .get::<Service>("default", "web")
+            .unwrap()
+            .object
+            .vip,
+        vip
+    );
+    assert!(state.objects.get::<Endpoint>("default", "web-1").is_some());
+    assert_eq!(state.view.version, view_version);
+    assert_eq!(state.view.frontends.len(), 1);
+    // Each replica writes its own admin credentials, outside any data dir.
+    assert!(dir.path().join("b-admin.conf").exists());
+    // The embedded store is not used: no data directory was made.
+    assert!(!dir.path().join("a").exists() && !dir.path().join("b").exists());
+
+    // In etcd the CA's key is sealed, and opens with the key file.
+    let raw = EtcdStore::connect(&cluster.endpoints(), None, "/sluice-test/").unwrap();
+    let (record, _) = raw.read(|tx| tx.get(&Key::cluster("pki", "ca"))).unwrap();
+    let value = record.unwrap().value;
+    assert!(sealing::is_sealed(&value));
+    let body: String = key_pem
+        .lines()
+        .filter(|l| !l.starts_with("-----"))
+        .collect();
+    let leaked = value
+        .windows(24)
+        .any(|w| body.as_bytes().windows(24).any(|b| b == w));
+    assert!(!leaked && !value.windows(11).any(|w| w == b"PRIVATE KEY"));
+    let keyring = Keyring::load(&dir.path().join("kek")).unwrap();
+    assert!(keyring.open("pki/ca", &value).is_ok());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_key_file_an_etcd_replica_refuses_to_start() {
+    let cluster = EtcdCluster::start(1).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = options(dir.path(), &cluster, "a");
+    opts.encryption_key_file = None;
+    let error = Control::open(opts).err().unwrap();
+    assert!(matches!(error, StartError::KeyFileRequired), "{error}");
+    assert!(
+        error.to_string().contains("--encryption-key-file"),
+        "{error}"
+    );
+}
