@@ -559,6 +559,8 @@ async fn nodes_join_once_and_watch_their_view() {
             flows: Default::default(),
             policy_counters: Default::default(),
             flows_only: false,
+            counters_changed_only: false,
+            counters_gone: Vec::new(),
         })
         .await
         .expect("report");

@@ -23,7 +23,7 @@ use tokio::{
 };
 use tracing::{debug, info, warn};
 
-use super::{ControlClient, NodeState, ViewEvent};
+use super::{ControlClient, NodeState, ViewEvent, delta};
 use crate::status::{self, ServiceReport};
 
 /// How long flow-log events wait for company before they are reported.
@@ -178,6 +178,9 @@ impl ControlLink {
                 .map(v1::PolicyCounter::from)
                 .collect(),
             flows_only: false,
+            // Complete here; the reporter sends what changed.
+            counters_changed_only: false,
+            counters_gone: Vec::new(),
         }));
     }
 
@@ -286,6 +289,9 @@ async fn report_status(
 ) {
     let mut client: Option<ControlClient> = None;
     let mut last: Option<v1::ReportStatusRequest> = None;
+    // What the control service holds of this node's counters, through the
+    // current connection.
+    let mut acknowledged = delta::Acknowledged::default();
     loop {
         // A new status (with the flow-log events waiting), or flow-log
         // events alone, passed on at once.
@@ -327,12 +333,15 @@ async fn report_status(
                 flows: events,
                 policy_counters: Vec::new(),
                 flows_only: true,
+                counters_changed_only: false,
+                counters_gone: Vec::new(),
             }
         };
         // A connection that failed (the control service restarted) is made
         // again at once, for one more try.
         for _attempt in 0..2 {
             if client.is_none() {
+                acknowledged.forget();
                 client = match state.load() {
                     Ok(creds) => ControlClient::connect(&creds)
                         .await
@@ -345,8 +354,17 @@ async fn report_status(
                 };
             }
             let Some(c) = client.as_mut() else { break };
-            match c.report(report.clone()).await {
-                Ok(()) => break,
+            let mut sent = report.clone();
+            if status_changed {
+                acknowledged.reduce(&mut sent);
+            }
+            match c.report(sent).await {
+                Ok(()) => {
+                    if status_changed {
+                        acknowledged.took(&report.counters);
+                    }
+                    break;
+                }
                 Err(e) => {
                     debug!("reporting status: {}", error_chain(&e));
                     client = None;

@@ -39,6 +39,7 @@
 //! a log line or in a `Debug` output ([`Credentials`] elides the key).
 
 mod client;
+mod delta;
 mod follow;
 pub mod link;
 mod state;

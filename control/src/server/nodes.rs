@@ -14,6 +14,7 @@ use tonic::{Request, Response, Status};
 
 use sluice_model::Node;
 use sluice_model::observe::{BackendRef, FlowEvent, FrontendCounters, PolicyCounter};
+use sluice_model::view::FrontendKey;
 
 use super::{
     Control, NodeLive,
@@ -210,6 +211,8 @@ impl Control {
             flows,
             policy_counters,
             flows_only,
+            counters_changed_only,
+            counters_gone,
         } = req;
         self.metrics.record_flow_events(flows.len());
         let flows: Vec<FlowEvent> = readable(node, "flow event", flows);
@@ -225,7 +228,12 @@ impl Control {
         let mut live = self.live();
         let entry = live.entry(node.to_string()).or_default();
         entry.applied_version = applied_version;
-        entry.counters = counters;
+        if counters_changed_only {
+            merge_counters(&mut entry.counters, counters, &gone(node, counters_gone));
+        } else {
+            entry.counters = counters;
+            entry.counters.sort_by_key(|c| c.key);
+        }
         entry.policy_counters = policy_counters
             .into_iter()
             .map(PolicyCounter::from)
@@ -242,6 +250,41 @@ impl Control {
 }
 
 /// The entries of a report that read as domain values.
+/// The frontends a node reports it no longer has.
+fn gone(node: &str, keys: Vec<v1::FrontendKey>) -> Vec<FrontendKey> {
+    keys.into_iter()
+        .filter_map(|key| {
+            FrontendKey::try_from(key)
+                .inspect_err(
+                    |e| tracing::warn!(%node, "ignoring a frontend the node reported gone: {e}"),
+                )
+                .ok()
+        })
+        .collect()
+}
+
+/// A report of what changed, merged into what the node reported before:
+/// changed frontends replace theirs, gone ones leave; the order stays the
+/// frontends' order.
+fn merge_counters(
+    held: &mut Vec<FrontendCounters>,
+    changed: Vec<FrontendCounters>,
+    gone: &[FrontendKey],
+) {
+    let mut by_key: std::collections::BTreeMap<FrontendKey, FrontendCounters> =
+        std::mem::take(held)
+            .into_iter()
+            .map(|c| (c.key, c))
+            .collect();
+    for key in gone {
+        by_key.remove(key);
+    }
+    for c in changed {
+        by_key.insert(c.key, c);
+    }
+    *held = by_key.into_values().collect();
+}
+
 fn readable<W, D>(node: &str, what: &str, entries: Vec<W>) -> Vec<D>
 where
     D: TryFrom<W, Error = sluice_model::wire::ReportError>,
@@ -333,5 +376,74 @@ impl NodeLive {
         self.last_report
             .and_then(|t| t.elapsed().ok())
             .is_some_and(|age| age <= within)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use sluice_api::v1;
+
+    use super::super::Control;
+
+    fn counters(last_octet: u8, packets: u64) -> v1::FrontendCounters {
+        v1::FrontendCounters {
+            service: Some(v1::ObjectName {
+                namespace: "default".into(),
+                name: format!("svc-{last_octet}"),
+            }),
+            vip: vec![198, 18, 0, last_octet],
+            port: 80,
+            protocol: v1::Protocol::Tcp as i32,
+            counters: Some(v1::TrafficCounters {
+                packets,
+                ..Default::default()
+            }),
+            backends: Vec::new(),
+        }
+    }
+
+    fn held(control: &Control) -> Vec<(u8, u64)> {
+        control.live()["n1"]
+            .counters
+            .iter()
+            .map(|c| (c.key.vip.octets()[3], c.counts.packets))
+            .collect()
+    }
+
+    #[test]
+    fn a_report_of_changes_is_merged_into_the_complete_one_before() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let control = Control::open_for_tests(dir.path());
+        control.report(
+            "n1",
+            v1::ReportStatusRequest {
+                counters: vec![counters(3, 30), counters(1, 10), counters(2, 20)],
+                ..Default::default()
+            },
+        );
+        assert_eq!(held(&control), [(1, 10), (2, 20), (3, 30)]);
+        control.report(
+            "n1",
+            v1::ReportStatusRequest {
+                counters: vec![counters(2, 25), counters(4, 1)],
+                counters_changed_only: true,
+                counters_gone: vec![v1::FrontendKey {
+                    vip: "198.18.0.3".into(),
+                    port: 80,
+                    protocol: v1::Protocol::Tcp as i32,
+                }],
+                ..Default::default()
+            },
+        );
+        assert_eq!(held(&control), [(1, 10), (2, 25), (4, 1)]);
+        // A complete report replaces everything.
+        control.report(
+            "n1",
+            v1::ReportStatusRequest {
+                counters: vec![counters(5, 50)],
+                ..Default::default()
+            },
+        );
+        assert_eq!(held(&control), [(5, 50)]);
     }
 }
