@@ -25,6 +25,29 @@ enum Command {
     /// new key first in the key file, seals every secret again with it, then
     /// drops the old keys (run it with the control service stopped).
     RotateKey(RotateKey),
+    /// Moves a single-machine cluster (the embedded store of --from) into an
+    /// empty etcd store, as it is: VIPs, node identities, the CA, view
+    /// versions. Run it with the control service stopped; then start the
+    /// replicas with --store and the same key file.
+    Migrate(Migrate),
+}
+
+#[derive(clap::Args)]
+struct Migrate {
+    /// The data directory of the control service to move.
+    #[arg(long)]
+    from: PathBuf,
+    /// The etcd cluster to move it to.
+    #[arg(long, value_name = "etcd://HOST:PORT[,HOST:PORT...]")]
+    to: String,
+    #[arg(long)]
+    etcd_ca: Option<PathBuf>,
+    #[arg(long)]
+    etcd_cert: Option<PathBuf>,
+    #[arg(long)]
+    etcd_key: Option<PathBuf>,
+    #[arg(long, default_value = sluice_control::store::DEFAULT_PREFIX)]
+    etcd_prefix: String,
 }
 
 #[derive(clap::Args)]
@@ -149,8 +172,12 @@ fn main() -> ExitCode {
     // SAFETY: umask only sets the process's file-creation mask.
     unsafe { libc::umask(0o077) };
     let cli = Cli::parse();
-    if let Some(Command::RotateKey(args)) = cli.command {
-        return match rotate_key(args) {
+    if let Some(command) = cli.command {
+        let done = match command {
+            Command::RotateKey(args) => rotate_key(args),
+            Command::Migrate(args) => migrate(args),
+        };
+        return match done {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("sluice-control: error: {e:#}");
@@ -295,6 +322,45 @@ fn rotate_key(args: RotateKey) -> anyhow::Result<()> {
         } else {
             "; the old keys are removed from it"
         }
+    );
+    Ok(())
+}
+
+fn migrate(args: Migrate) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    use sluice_control::sealing::GENERATED_KEY_FILE;
+    use sluice_control::store::{EtcdStore, RedbStore};
+    let target = StoreArgs {
+        store: Some(args.to),
+        etcd_ca: args.etcd_ca,
+        etcd_cert: args.etcd_cert,
+        etcd_key: args.etcd_key,
+        etcd_prefix: args.etcd_prefix,
+    };
+    let StoreConfig::Etcd {
+        endpoints,
+        tls,
+        prefix,
+    } = target.config()?
+    else {
+        anyhow::bail!("--to: expected etcd://HOST:PORT[,HOST:PORT...]");
+    };
+    let store_path = args.from.join("state.redb");
+    let from = RedbStore::open(&store_path).with_context(|| {
+        format!(
+            "opening {} (stop the control service first)",
+            store_path.display()
+        )
+    })?;
+    let to = EtcdStore::connect(&endpoints, tls, &prefix)?;
+    let copied = sluice_control::server::migrate::migrate(&from, &to)?;
+    println!(
+        "copied {copied} records into {} under {prefix}; start the replicas with \
+         --store etcd://{} and --encryption-key-file (the one this cluster used, \
+         by default {})",
+        endpoints.join(","),
+        endpoints.join(","),
+        args.from.join(GENERATED_KEY_FILE).display()
     );
     Ok(())
 }

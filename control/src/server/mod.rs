@@ -20,6 +20,7 @@ pub mod flows;
 pub mod health;
 pub mod history;
 pub mod metrics;
+pub mod migrate;
 pub mod nodes;
 pub mod resources;
 pub mod secrets;

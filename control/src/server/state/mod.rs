@@ -179,7 +179,7 @@ impl State {
 }
 
 /// A kind's store table.
-struct TableName;
+pub(crate) struct TableName;
 
 impl KindVisitor for TableName {
     type Output = &'static str;
