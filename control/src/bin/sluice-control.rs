@@ -90,12 +90,17 @@ struct StoreArgs {
 
 impl StoreArgs {
     fn config(&self) -> anyhow::Result<StoreConfig> {
+        self.config_named("--store")
+    }
+
+    /// The configuration, errors naming the URL's option as `flag`.
+    fn config_named(&self, flag: &str) -> anyhow::Result<StoreConfig> {
         use anyhow::{Context as _, bail};
         let Some(url) = &self.store else {
             return Ok(StoreConfig::Embedded);
         };
         let endpoints = sluice_control::store::parse_etcd_url(url)
-            .with_context(|| format!("--store {url:?}"))?;
+            .with_context(|| format!("{flag} {url:?}"))?;
         let read = |flag: &str, path: &PathBuf| {
             std::fs::read_to_string(path).with_context(|| format!("{flag} {}", path.display()))
         };
@@ -341,11 +346,17 @@ fn migrate(args: Migrate) -> anyhow::Result<()> {
         endpoints,
         tls,
         prefix,
-    } = target.config()?
+    } = target.config_named("--to")?
     else {
         anyhow::bail!("--to: expected etcd://HOST:PORT[,HOST:PORT...]");
     };
     let store_path = args.from.join("state.redb");
+    if !store_path.is_file() {
+        anyhow::bail!(
+            "--from {}: no embedded store there (state.redb); give the control service's --data-dir",
+            args.from.display()
+        );
+    }
     let from = RedbStore::open(&store_path).with_context(|| {
         format!(
             "opening {} (stop the control service first)",
