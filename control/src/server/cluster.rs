@@ -152,7 +152,10 @@ impl Control {
         let removed = name.clone();
         self.mutate(false, move |draft| {
             let Some(version) = draft.state.nodes.get(&name).map(|n| n.version) else {
-                return Err(ApiError::NotFound { kind: "Node", name });
+                return Err(ApiError::NotFound {
+                    kind: "Node",
+                    name: name.clone(),
+                });
             };
             draft.delete_node(&name, Expect::Version(version));
             Ok(())

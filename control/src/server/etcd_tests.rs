@@ -139,3 +139,63 @@ async fn without_a_key_file_an_etcd_replica_refuses_to_start() {
         "{error}"
     );
 }
+
+async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !check() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_follow_each_others_writes_and_concurrent_creates_get_distinct_vips() {
+    let cluster = EtcdCluster::start(3).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    key_file(dir.path());
+    let a = Control::open(options(dir.path(), &cluster, "a")).unwrap();
+    let b = Control::open(options(dir.path(), &cluster, "b")).unwrap();
+    a.follow_store();
+    b.follow_store();
+    let mut watching_b = b.updates.subscribe();
+
+    // A write through A reaches B's state, view and watchers, same version.
+    apply(&a, WEB).await;
+    eventually("B has A's service", || {
+        b.state().objects.get::<Service>("default", "web").is_some()
+    })
+    .await;
+    eventually("B's view is A's", || b.state().view == a.state().view).await;
+    let update = tokio::time::timeout(Duration::from_secs(5), watching_b.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(update.version, a.state().view.version);
+
+    // Both replicas create services at once, without VIPs: every create
+    // succeeds (a replica that raced drafts again on fresh state) and no
+    // VIP is given twice.
+    let create = |control: Arc<Control>, side: &'static str| async move {
+        for i in 0..10 {
+            let text = format!(
+                "kind: Service\nname: {side}-{i}\nports: [{{ port: 80, protocol: TCP }}]\nselector: {{ app: {side} }}\n"
+            );
+            apply(&control, &text).await;
+        }
+    };
+    let (x, y) = tokio::join!(
+        tokio::spawn(create(a.clone(), "left")),
+        tokio::spawn(create(b.clone(), "right"))
+    );
+    x.unwrap();
+    y.unwrap();
+    eventually("both replicas have all 21 services", || {
+        a.state().objects.count(sluice_model::ObjectKind::Service) == 21
+            && b.state().objects.count(sluice_model::ObjectKind::Service) == 21
+    })
+    .await;
+    let vips: std::collections::BTreeSet<_> =
+        a.state().objects.all::<Service>().map(|s| s.vip).collect();
+    assert_eq!(vips.len(), 21, "no VIP given twice");
+    eventually("one view on both", || b.state().view == a.state().view).await;
+}

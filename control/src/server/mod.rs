@@ -44,7 +44,7 @@ use crate::{
     error::ApiError,
     rbac::ADMIN_GROUP,
     sealing::{self, Keyring},
-    store::{EtcdStore, Key, RedbStore, Store, StoreExt as _},
+    store::{EtcdStore, Key, RedbStore, Store, StoreError, StoreExt as _},
     vip::VipPool,
 };
 use state::{Committed, Draft, State};
@@ -84,6 +84,9 @@ pub enum StoreConfig {
         prefix: String,
     },
 }
+
+/// Drafts of one change tried before a race with other replicas is an error.
+const RACE_ATTEMPTS: u32 = 8;
 
 /// Live status an agent reports; not stored (it is re-reported after a restart).
 #[derive(Clone, Debug, Default)]
@@ -299,40 +302,154 @@ impl Control {
     pub async fn mutate<T: Send + 'static>(
         &self,
         dry_run: bool,
-        edit: impl FnOnce(&mut Draft) -> Result<T, ApiError>,
+        mut edit: impl FnMut(&mut Draft) -> Result<T, ApiError>,
     ) -> Result<T, ApiError> {
         let _serial = self.writes.lock().await;
-        let mut draft = Draft::new(&self.state());
-        let out = edit(&mut draft)?;
-        if dry_run || draft.is_empty() {
+        let mut attempt = 1;
+        loop {
+            let mut draft = Draft::new(&self.state());
+            let out = edit(&mut draft)?;
+            if dry_run || draft.is_empty() {
+                return Ok(out);
+            }
+            let store = self.store.clone();
+            let committing = std::time::Instant::now();
+            let committed = tokio::task::spawn_blocking(move || draft.commit(store.as_ref()))
+                .await
+                .map_err(|e| ApiError::Invalid {
+                    message: format!("commit task failed: {e}"),
+                })?;
+            let committed = match committed {
+                // Another replica wrote since this copy: catch up, draft again.
+                Err(ApiError::Store(StoreError::Raced { base, winner }))
+                    if attempt < RACE_ATTEMPTS =>
+                {
+                    tracing::debug!(
+                        base,
+                        winner,
+                        attempt,
+                        "raced another replica; drafting again"
+                    );
+                    attempt += 1;
+                    self.reload().await?;
+                    continue;
+                }
+                other => other?,
+            };
+            self.metrics.record_commit(committing.elapsed());
+            let Committed { state, update } = committed;
+            let revision = state.revision;
+            *self.state.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(state);
+            if let Some(update) = update {
+                info!(
+                    revision,
+                    view_version = update.version,
+                    upserts = update.upsert.len(),
+                    removes = update.remove.len(),
+                    "view changed"
+                );
+                self.publish(&update);
+            }
             return Ok(out);
         }
+    }
+
+    /// Sends a view update to every watching agent (encoded once for all; no
+    /// receivers is fine), and judges health again: probers may have moved,
+    /// or backends gone.
+    fn publish(&self, update: &sluice_model::view::ViewUpdate) {
+        let _ = self.updates.send(Arc::new(v1::ViewUpdate::from(update)));
+        self.judge_health();
+    }
+
+    /// Reads the whole state from the store again (after missing other
+    /// writers' changes) and publishes the view updates it brings. The
+    /// caller holds the write lock.
+    async fn reload(&self) -> Result<(), ApiError> {
         let store = self.store.clone();
-        let committing = std::time::Instant::now();
-        let committed = tokio::task::spawn_blocking(move || draft.commit(store.as_ref()))
+        let fresh = tokio::task::spawn_blocking(move || State::load(store.as_ref()))
             .await
             .map_err(|e| ApiError::Invalid {
-                message: format!("commit task failed: {e}"),
+                message: format!("reload task failed: {e}"),
             })??;
-        self.metrics.record_commit(committing.elapsed());
-        let Committed { state, update } = committed;
-        let revision = state.revision;
-        *self.state.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(state);
-        if let Some(update) = update {
-            info!(
-                revision,
-                view_version = update.version,
-                upserts = update.upsert.len(),
-                removes = update.remove.len(),
-                "view changed"
-            );
-            // Encoded once for every watching agent. No receivers is fine:
-            // no agent is watching.
-            let _ = self.updates.send(Arc::new(v1::ViewUpdate::from(&update)));
-            // Probers may have moved, or backends gone.
-            self.judge_health();
+        let old = self.state();
+        let missed = fresh.history.since(old.view.version, fresh.view.version);
+        *self.state.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(fresh);
+        for update in missed.into_iter().flatten() {
+            self.publish(&update);
         }
-        Ok(out)
+        Ok(())
+    }
+
+    /// Follows what other replicas commit to a shared store (etcd), so that
+    /// this one's state, view and watchers stay current; nothing for the
+    /// embedded store. Runs until the service is dropped; a watch that ends
+    /// (compaction, etcd gone for long) is replaced after a full reload.
+    pub fn follow_store(self: &Arc<Self>) {
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                let Some(control) = weak.upgrade() else {
+                    return;
+                };
+                let after = control.state().revision;
+                let Some(mut changes) = control.store.follow(after) else {
+                    return;
+                };
+                drop(control);
+                while let Some(next) = changes.recv().await {
+                    let Some(control) = weak.upgrade() else {
+                        return;
+                    };
+                    match next {
+                        Ok(changes) => control.take_changes(&changes).await,
+                        Err(e) => {
+                            tracing::warn!(
+                                "following the store: {}",
+                                sluice_model::error_chain(&e)
+                            );
+                            break;
+                        }
+                    }
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                let Some(control) = weak.upgrade() else {
+                    return;
+                };
+                let _serial = control.writes.lock().await;
+                if let Err(e) = control.reload().await {
+                    tracing::warn!("reloading the state after the watch ended: {e}");
+                }
+            }
+        });
+    }
+
+    /// One transaction another replica (or this one) committed.
+    async fn take_changes(&self, changes: &crate::store::Changes) {
+        let _serial = self.writes.lock().await;
+        let current = self.state();
+        if changes.revision <= current.revision {
+            // This replica's own commit, or already loaded.
+            return;
+        }
+        let mut next = (*current).clone();
+        match next.apply_changes(changes) {
+            Ok(updates) => {
+                *self.state.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(next);
+                for update in &updates {
+                    self.publish(update);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(
+                    revision = changes.revision,
+                    "following the store: {e}; reloading"
+                );
+                if let Err(e) = self.reload().await {
+                    tracing::warn!("reloading the state: {e}");
+                }
+            }
+        }
     }
 
     /// Reads a stored value outside the in-memory state (tokens).
@@ -365,6 +482,8 @@ impl Control {
         dashboard: Option<tokio::net::TcpListener>,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> Result<(), StartError> {
+        // Other replicas' writes, on a shared store.
+        self.follow_store();
         let (dns, mut ips) = self.certificate_names();
         // A dashboard on an address of its own is reached by that address too.
         if let Some(ip) = dashboard

@@ -80,7 +80,7 @@ impl Control {
         };
         self.mutate(false, move |draft| {
             draft.put_token(&id, &used, Expect::Version(version))?;
-            draft.put_node(node_record, Expect::Absent);
+            draft.put_node(node_record.clone(), Expect::Absent);
             Ok(())
         })
         .await
@@ -116,9 +116,12 @@ impl Control {
         let name = node.clone();
         self.mutate(false, move |draft| {
             let Some(stored) = draft.state.nodes.get(&name).cloned() else {
-                return Err(ApiError::NotFound { kind: "Node", name });
+                return Err(ApiError::NotFound {
+                    kind: "Node",
+                    name: name.clone(),
+                });
             };
-            let mut serials = vec![serial];
+            let mut serials = vec![serial.clone()];
             serials.extend(stored.object.serials.first().cloned());
             let renewed = Node {
                 serials,

@@ -101,7 +101,7 @@ impl Control {
                 let grants: Vec<&Grant> = grants.iter().collect();
                 let mut vips = Vips::of(draft, pool);
                 let mut applied = Vec::with_capacity(parsed.len());
-                for Versioned { object, version } in parsed {
+                for Versioned { object, version } in parsed.iter().cloned() {
                     applied.push(object.visit(ApplyOne {
                         draft,
                         caller: &caller,

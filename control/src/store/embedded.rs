@@ -290,6 +290,11 @@ impl ReadTx for RedbWriteTx {
 }
 
 impl WriteTx for RedbWriteTx {
+    /// The revision moves only with writes, and one process writes.
+    fn last_write(&self) -> u64 {
+        self.revision()
+    }
+
     fn put(&mut self, key: &Key, value: &[u8], expect: Expect) -> Result<(), StoreError> {
         key.validate()?;
         let raw = encode_key(key);

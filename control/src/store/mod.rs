@@ -311,6 +311,11 @@ pub trait WriteTx: ReadTx {
     /// Removes `key` if `expect` holds; returns the version removed (`None`: nothing was there).
     fn delete(&mut self, key: &Key, expect: Expect) -> Result<Option<u64>, StoreError>;
 
+    /// The revision of the last write committed before this transaction began (by any
+    /// writer). A copy of the state kept in memory at revision `r` missed a write when this is
+    /// greater than `r`.
+    fn last_write(&self) -> u64;
+
     /// Commits and returns the new revision; when the transaction wrote nothing, commits nothing
     /// and returns the current revision. Returns only once the commit is durable. Fails with
     /// [`StoreError::Conflict`] if any expectation failed during the transaction.
@@ -331,6 +336,25 @@ pub trait Store: Send + Sync {
     fn revision(&self) -> Result<u64, StoreError> {
         Ok(self.begin_read()?.revision())
     }
+
+    /// What every writer commits after revision `after`, as it is committed, for a store other
+    /// processes write too (etcd); `None` for one only this process writes (redb). After an
+    /// error the stream ends: reload, and follow again from there.
+    fn follow(
+        &self,
+        after: u64,
+    ) -> Option<tokio::sync::mpsc::UnboundedReceiver<Result<Changes, StoreError>>> {
+        let _ = after;
+        None
+    }
+}
+
+/// What one write transaction committed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Changes {
+    pub revision: u64,
+    pub puts: Vec<(Key, Versioned)>,
+    pub deletes: Vec<Key>,
 }
 
 /// Closure-style transactions over any [`Store`], including `dyn Store`.

@@ -73,7 +73,7 @@ async fn a_single_machine_cluster_moves_into_etcd_as_it_is() {
     };
     embedded
         .mutate(false, move |draft| {
-            draft.put_node(node, crate::store::Expect::Absent);
+            draft.put_node(node.clone(), crate::store::Expect::Absent);
             Ok(())
         })
         .await

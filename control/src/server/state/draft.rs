@@ -15,7 +15,7 @@ use sluice_model::{Kind, Node, ObjectKind, Service, Versioned};
 
 use super::{HISTORY, State, TokenRecord, codec, tables};
 use crate::error::ApiError;
-use crate::store::{Expect, Key, Store, StoreExt as _};
+use crate::store::{Expect, Key, Store, StoreError, StoreExt as _};
 
 /// One store operation of a draft.
 #[derive(Debug)]
@@ -210,7 +210,17 @@ impl Draft {
             }
         }
         let ops = std::mem::take(&mut self.ops);
+        let based_on = self.state.revision;
         let ((), revision) = store.write(|tx| -> Result<(), ApiError> {
+            // Drafted on a copy that missed another replica's write: the
+            // view and the checks it made may be stale.
+            if tx.last_write() > based_on {
+                return Err(StoreError::Raced {
+                    base: based_on,
+                    winner: tx.last_write(),
+                }
+                .into());
+            }
             for op in &ops {
                 match &op.value {
                     Some(v) => tx.put(&op.key, v, op.expect)?,

@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use sluice_model::policy::compile::compile;
-use sluice_model::view::{self, FrontendKey, Touched, View};
+use sluice_model::view::{self, FrontendKey, Touched, View, ViewUpdate};
 use sluice_model::{
     Endpoint, Grant, Kind, NetworkPolicy, Node, ObjectKind, Objects, Service, Versioned,
     kind::{KindVisitor, Table},
@@ -24,7 +24,7 @@ pub use crate::clock::rfc3339;
 pub use draft::{Committed, Draft};
 
 use super::history::History;
-use crate::store::{Key, Store, StoreError, StoreExt as _};
+use crate::store::{Changes, Key, Store, StoreError, StoreExt as _};
 
 /// Updates kept for agents that reconnect (in memory and in the store).
 pub const HISTORY: usize = 256;
@@ -121,6 +121,78 @@ impl State {
         Ok(state)
     }
 
+    /// What another writer committed (followed through the store), applied
+    /// to this copy: objects and nodes as stored, the view by the update the
+    /// writer logged with them, so every replica has the same view at the
+    /// same version. Returns those updates, in order.
+    pub fn apply_changes(&mut self, changes: &Changes) -> Result<Vec<ViewUpdate>, StoreError> {
+        let mut updates = Vec::new();
+        let mut history = None;
+        for key in &changes.deletes {
+            match key.kind.as_str() {
+                tables::NODE => {
+                    self.nodes.remove(&key.name);
+                }
+                table => {
+                    if let Some(kind) = ObjectKind::ALL.iter().find(|k| k.visit(TableName) == table)
+                    {
+                        kind.visit(Remove {
+                            objects: &mut self.objects,
+                            key,
+                        });
+                    }
+                }
+            }
+        }
+        for (key, v) in &changes.puts {
+            match key.kind.as_str() {
+                tables::NODE => {
+                    let node = codec::decode_node(key, &v.value)?;
+                    self.nodes.insert(
+                        node.name.clone(),
+                        Versioned {
+                            object: node,
+                            version: v.version,
+                        },
+                    );
+                }
+                tables::VIEW_LOG => {
+                    let (from, update) = codec::decode_log(key, &v.value)?;
+                    updates.push((from, update));
+                }
+                tables::VIEW | tables::TOKEN | tables::PKI => {}
+                table => {
+                    if let Some(kind) = ObjectKind::ALL.iter().find(|k| k.visit(TableName) == table)
+                    {
+                        kind.visit(Decode {
+                            objects: &mut self.objects,
+                            key,
+                            value: &v.value,
+                            version: v.version,
+                        })?;
+                    }
+                }
+            }
+        }
+        updates.sort_by_key(|(_, u)| u.version);
+        let mut applied = Vec::with_capacity(updates.len());
+        for (from, update) in updates {
+            if update.version <= self.view.version {
+                continue;
+            }
+            self.view.apply(update.clone());
+            history
+                .get_or_insert_with(|| (*self.history).clone())
+                .push(from, update.clone());
+            applied.push(update);
+        }
+        if let Some(history) = history {
+            self.history = Arc::new(history);
+        }
+        self.revision = self.revision.max(changes.revision);
+        Ok(applied)
+    }
+
     /// The view the objects make now (its version is the caller's to set).
     pub fn compute_view(&self) -> View {
         let nodes: Vec<&str> = self.nodes.keys().map(String::as_str).collect();
@@ -185,6 +257,20 @@ impl KindVisitor for TableName {
     type Output = &'static str;
     fn visit<K: Kind>(self) -> &'static str {
         K::TABLE
+    }
+}
+
+/// Removes one object from its table.
+struct Remove<'a> {
+    objects: &'a mut Objects,
+    key: &'a Key,
+}
+
+impl KindVisitor for Remove<'_> {
+    type Output = ();
+    fn visit<K: Kind>(self) {
+        self.objects
+            .remove::<K>(&self.key.namespace, &self.key.name);
     }
 }
 

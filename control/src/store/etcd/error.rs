@@ -36,6 +36,8 @@ pub enum EtcdError {
     },
     #[error("the etcd client's runtime stopped")]
     RuntimeGone,
+    #[error("following etcd at {endpoints} ended: {why}")]
+    WatchEnded { endpoints: Arc<str>, why: String },
 }
 
 impl EtcdError {

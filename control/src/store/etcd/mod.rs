@@ -84,6 +84,7 @@
 //! panic) when called on an async worker. Every request is bounded ([`REQUEST_TIMEOUT`]).
 
 mod error;
+mod follow;
 mod keys;
 mod tx;
 
@@ -436,6 +437,14 @@ where
 }
 
 impl Store for EtcdStore {
+    fn follow(
+        &self,
+        after: u64,
+    ) -> Option<tokio::sync::mpsc::UnboundedReceiver<Result<crate::store::Changes, StoreError>>>
+    {
+        Some(self.watch_changes(after))
+    }
+
     fn begin_read(&self) -> Result<Box<dyn ReadTx + '_>, StoreError> {
         let head = self.head()?;
         Ok(Box::new(tx::EtcdReadTx::new(self, head)))

@@ -275,6 +275,11 @@ impl ReadTx for EtcdWriteTx<'_> {
 }
 
 impl WriteTx for EtcdWriteTx<'_> {
+    /// The sentinel's `mod_revision`: every write transaction of this prefix writes it.
+    fn last_write(&self) -> u64 {
+        u64::try_from(self.base.sentinel).unwrap_or(0)
+    }
+
     fn put(&mut self, key: &Key, value: &[u8], expect: Expect) -> Result<(), StoreError> {
         key.validate()?;
         if expect == Expect::Any {
