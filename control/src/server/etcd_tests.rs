@@ -160,6 +160,15 @@ async fn replicas_follow_each_others_writes_and_concurrent_creates_get_distinct_
     let mut watching_b = b.updates.subscribe();
 
     // A write through A reaches B's state, view and watchers, same version.
+    apply(
+        &a,
+        "kind: Service\nname: first\nports: [{ port: 80, protocol: TCP }]\nbackends: [{ address: 198.19.9.9 }]\n",
+    )
+    .await;
+    eventually("B has A's first view", || b.state().view == a.state().view).await;
+    let _ = watching_b.recv().await;
+    let before = b.state().view.version;
+    assert!(before > 0);
     apply(&a, WEB).await;
     eventually("B has A's service", || {
         b.state().objects.get::<Service>("default", "web").is_some()
@@ -171,6 +180,10 @@ async fn replicas_follow_each_others_writes_and_concurrent_creates_get_distinct_
         .unwrap()
         .unwrap();
     assert_eq!(update.version, a.state().view.version);
+    // An agent that watched A and resumes on B from the version it had
+    // gets only what it missed, not the whole view again.
+    let missed = b.state().history.since(before, b.state().view.version);
+    assert_eq!(missed.map(|m| m.len()), Some(1));
 
     // Both replicas create services at once, without VIPs: every create
     // succeeds (a replica that raced drafts again on fresh state) and no
@@ -189,13 +202,13 @@ async fn replicas_follow_each_others_writes_and_concurrent_creates_get_distinct_
     );
     x.unwrap();
     y.unwrap();
-    eventually("both replicas have all 21 services", || {
-        a.state().objects.count(sluice_model::ObjectKind::Service) == 21
-            && b.state().objects.count(sluice_model::ObjectKind::Service) == 21
+    eventually("both replicas have all 22 services", || {
+        a.state().objects.count(sluice_model::ObjectKind::Service) == 22
+            && b.state().objects.count(sluice_model::ObjectKind::Service) == 22
     })
     .await;
     let vips: std::collections::BTreeSet<_> =
         a.state().objects.all::<Service>().map(|s| s.vip).collect();
-    assert_eq!(vips.len(), 21, "no VIP given twice");
+    assert_eq!(vips.len(), 22, "no VIP given twice");
     eventually("one view on both", || b.state().view == a.state().view).await;
 }
