@@ -66,9 +66,11 @@ struct RunArgs {
 
 #[derive(clap::Args)]
 struct JoinArgs {
-    /// The control service, as `sluicectl token create` prints it (https://HOST:PORT).
-    #[arg(long)]
-    control: String,
+    /// The control service, as `sluicectl token create` prints it
+    /// (https://HOST:PORT); repeat it (or separate with commas) for the
+    /// replicas of a replicated control plane: the node fails over among them.
+    #[arg(long, required = true, value_delimiter = ',')]
+    control: Vec<String>,
     /// Single-use join token.
     #[arg(long, env = "SLUICE_JOIN_TOKEN", hide_env_values = true)]
     token: String,
@@ -182,7 +184,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             let source = Source::Control {
                 state: NodeState::new(args.state_dir),
                 join: Some(JoinSpec {
-                    control: args.control,
+                    control: args.control.join(","),
                     token: args.token,
                     ca_hash: args.ca_hash,
                     node,

@@ -1,7 +1,11 @@
 //! Calls to the control service's `NodeAgent` API: the one-time join, then
 //! mTLS with the node certificate.
 
-use std::{future::Future, time::Duration};
+use std::{
+    future::Future,
+    sync::atomic::{AtomicUsize, Ordering},
+    time::Duration,
+};
 
 use sluice_api::{
     MAX_MESSAGE_BYTES,
@@ -9,7 +13,7 @@ use sluice_api::{
 };
 use sluice_pki::{self as pki, Identity, KeyAndCsr};
 use tonic::{Response, Status, Streaming, transport::Channel};
-use tracing::info;
+use tracing::{debug, info};
 
 use super::{ControlError, Credentials, NodeState};
 
@@ -45,9 +49,34 @@ pub async fn join(
     state.prepare()?;
     let KeyAndCsr { key_pem, csr_pem } = pki::new_key_and_csr(node)?;
     // The CA kept is the one the pin verified, not the copy in the answer.
-    let (channel, ca_pem) = pki::pinned_join_channel(control, ca_hash)
-        .await
-        .map_err(ControlError::connecting("joining"))?;
+    // The first replica that answers takes the join (the token is spent by
+    // a Join that succeeds, not by a connection).
+    let mut last = None;
+    let mut joined = None;
+    for url in control_urls(control) {
+        match pki::pinned_join_channel(url, ca_hash).await {
+            Ok(found) => {
+                joined = Some(found);
+                break;
+            }
+            Err(e) => {
+                debug!(%url, "joining: {e}");
+                last = Some(e);
+            }
+        }
+    }
+    let (channel, ca_pem) = match (joined, last) {
+        (Some(found), _) => found,
+        (None, Some(e)) => return Err(ControlError::connecting("joining")(e)),
+        (None, None) => {
+            return Err(ControlError::connecting("joining")(
+                pki::PkiError::InvalidEndpoint {
+                    endpoint: control.to_owned(),
+                    reason: "no control service address",
+                },
+            ));
+        }
+    };
     let request = v1::JoinRequest {
         token: token.to_owned(),
         node_name: node.to_owned(),
@@ -73,6 +102,20 @@ pub async fn join(
     Ok(creds)
 }
 
+/// Which address of the control service answered last (index into the
+/// list): where the next connection goes first.
+static LAST_ANSWERED: AtomicUsize = AtomicUsize::new(0);
+
+/// The control service's addresses: one URL, or several (replicas),
+/// comma-separated.
+pub fn control_urls(control: &str) -> Vec<&str> {
+    control
+        .split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .collect()
+}
+
 /// A connection to the control service, authenticated with the node certificate.
 #[derive(Clone, Debug)]
 pub struct ControlClient {
@@ -83,17 +126,51 @@ pub struct ControlClient {
 impl ControlClient {
     /// Connects (TCP and the TLS handshake, bounded): the server is verified
     /// against the cluster CA, the node certificate presented.
+    ///
+    /// With several addresses (replicas), the one that answered last is
+    /// tried first, then the others in turn: a replica that is gone costs
+    /// one bounded connection attempt, and the backoff of the caller
+    /// applies only when none answers.
     pub async fn connect(creds: &Credentials) -> Result<Self, ControlError> {
-        let channel = pki::mtls_channel(
-            &creds.control,
-            &creds.ca_pem,
-            &creds.cert_pem,
-            &creds.key_pem,
-        )
-        .await
-        .map_err(ControlError::connecting(
-            "connecting with the node certificate",
-        ))?;
+        let urls = control_urls(&creds.control);
+        let first = LAST_ANSWERED.load(Ordering::Relaxed);
+        let mut last = None;
+        let mut channel = None;
+        for i in 0..urls.len() {
+            let index = (first + i) % urls.len();
+            match pki::mtls_channel(urls[index], &creds.ca_pem, &creds.cert_pem, &creds.key_pem)
+                .await
+            {
+                Ok(found) => {
+                    if i > 0 {
+                        info!(url = %urls[index], "connected to another control service replica");
+                    }
+                    LAST_ANSWERED.store(index, Ordering::Relaxed);
+                    channel = Some(found);
+                    break;
+                }
+                Err(e) => {
+                    debug!(url = %urls[index], "connecting: {e}");
+                    last = Some(e);
+                }
+            }
+        }
+        let channel = match (channel, last) {
+            (Some(channel), _) => channel,
+            (None, Some(e)) => {
+                return Err(ControlError::connecting(
+                    "connecting with the node certificate",
+                )(e));
+            }
+            (None, None) => {
+                return Err(ControlError::connecting(
+                    "connecting with the node certificate",
+                )(pki::PkiError::InvalidEndpoint {
+                    endpoint: creds.control.clone(),
+                    reason: "no control service address",
+                }));
+            }
+        };
         Ok(ControlClient {
             client: NodeAgentClient::new(channel)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)

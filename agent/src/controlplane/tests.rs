@@ -589,6 +589,63 @@ async fn join_saves_the_identity_and_refuses_a_second_join() {
         .unwrap();
 }
 
+/// An address of nothing on loopback: a port bound, then closed.
+fn dead_url() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    drop(listener);
+    format!("https://127.0.0.1:{port}")
+}
+
+#[tokio::test]
+async fn several_addresses_join_and_connect_through_the_one_that_answers() {
+    let control = ControlService::start("failover-control");
+    let dir = TempDir::new("failover");
+    let token = control.token().await;
+    // Replicas as `--control A --control B`: the first is down.
+    let both = format!("{},{}", dead_url(), control.url);
+    let creds = within(
+        "join",
+        join(
+            &dir.state(),
+            &both,
+            &token.token,
+            &token.ca_hash,
+            "node-1",
+            "",
+        ),
+    )
+    .await
+    .unwrap();
+    assert_eq!(creds.control, both, "every address is kept for failover");
+    let mut client = within("connect", ControlClient::connect(&creds))
+        .await
+        .unwrap();
+    within(
+        "report",
+        client.report(v1::ReportStatusRequest {
+            applied_version: 3,
+            ..Default::default()
+        }),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        control.node("node-1").await.status.unwrap().applied_version,
+        3
+    );
+
+    // None answers: one clear error, after trying each once.
+    let nothing = Credentials {
+        control: format!("{},{}", dead_url(), dead_url()),
+        ..creds
+    };
+    let err = within("connect to nothing", ControlClient::connect(&nothing))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("connecting"), "{err}");
+}
+
 #[tokio::test]
 async fn a_refused_join_shows_the_servers_reason() {
     let control = ControlService::start("refused-control");

@@ -37,14 +37,33 @@ impl Client {
             certificate,
             key,
         } = config;
-        let channel = sluice_pki::mtls_channel(server, ca, certificate, key)
-            .await
-            .map_err(|source| CliError::Connect {
-                config: path.to_owned(),
-                source,
-            })?;
+        // `server` may list the replicas, comma-separated: the first that
+        // answers serves this command.
+        let mut failed = None;
+        let mut connected = None;
+        for url in server.split(',').map(str::trim).filter(|u| !u.is_empty()) {
+            match sluice_pki::mtls_channel(url, ca, certificate, key).await {
+                Ok(channel) => {
+                    connected = Some((url.to_owned(), channel));
+                    break;
+                }
+                Err(source) => failed = Some(source),
+            }
+        }
+        let (server, channel) = match (connected, failed) {
+            (Some(found), _) => found,
+            (None, source) => {
+                return Err(CliError::Connect {
+                    config: path.to_owned(),
+                    source: source.unwrap_or(sluice_pki::PkiError::InvalidEndpoint {
+                        endpoint: server.clone(),
+                        reason: "no server address",
+                    }),
+                });
+            }
+        };
         Ok(Self {
-            server: server.clone(),
+            server,
             resources: ResourcesClient::new(channel.clone())
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
@@ -256,5 +275,37 @@ fn list_request(kind: v1::Kind, namespace: Option<&str>) -> v1::ListRequest {
     v1::ListRequest {
         kind: kind.into(),
         namespace: namespace.unwrap_or_default().to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::server::Control;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_config_listing_replicas_connects_to_the_one_that_answers() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let control = Control::open_for_tests(dir.path());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let serving = tokio::spawn(control.clone().serve(listener, std::future::pending()));
+        let admin = ClientConfig::load(&dir.path().join("admin.conf")).expect("admin.conf");
+        let dead = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let dead_port = dead.local_addr().expect("addr").port();
+        drop(dead);
+        let config = ClientConfig {
+            server: format!("https://127.0.0.1:{dead_port},https://127.0.0.1:{port}"),
+            ..admin
+        };
+        let client = Client::connect(Path::new("replicas.conf"), &config)
+            .await
+            .expect("the second replica answers");
+        assert_eq!(client.server, format!("https://127.0.0.1:{port}"));
+        let services = client.list(ObjectKind::Service, None).await.expect("list");
+        assert!(services.is_empty());
+        serving.abort();
     }
 }
