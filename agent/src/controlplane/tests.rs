@@ -20,7 +20,8 @@ use std::{
 use sluice_api::v1::{self, cluster_client::ClusterClient, resources_client::ResourcesClient};
 use sluice_control::{
     client_config::ClientConfig,
-    server::{Control, Options},
+    server::{Control, Options, StoreConfig},
+    testing::EtcdCluster,
 };
 use sluice_model::view::{Frontend, View, ViewUpdate};
 use sluice_pki::{self as pki, ClusterCa, Identity, PkiError};
@@ -294,9 +295,31 @@ struct ControlService {
     addr: SocketAddr,
     url: String,
     runtime: Option<Runtime>,
+    /// The embedded store in `data`, or a replica's etcd with its key file.
+    store: StoreConfig,
+    key_file: Option<std::path::PathBuf>,
 }
 
 impl ControlService {
+    /// A replica of a control plane on `cluster`, sealing with `key_file`.
+    fn start_replica(name: &str, cluster: &EtcdCluster, key_file: &Path) -> Self {
+        let mut control = ControlService {
+            data: TempDir::new(name),
+            node_cert_ttl: Duration::from_secs(3600),
+            addr: ANY_PORT,
+            url: String::new(),
+            runtime: None,
+            store: StoreConfig::Etcd {
+                endpoints: cluster.endpoints(),
+                tls: None,
+                prefix: "/sluice/".into(),
+            },
+            key_file: Some(key_file.to_owned()),
+        };
+        control.run_at(ANY_PORT);
+        control
+    }
+
     fn start(name: &str) -> Self {
         Self::start_with_ttl(name, Duration::from_secs(3600))
     }
@@ -309,6 +332,8 @@ impl ControlService {
             addr: ANY_PORT,
             url: String::new(),
             runtime: None,
+            store: StoreConfig::Embedded,
+            key_file: None,
         };
         control.run_at(ANY_PORT);
         control
@@ -337,8 +362,8 @@ impl ControlService {
             node_cert_ttl: self.node_cert_ttl,
             user_cert_ttl: Duration::from_secs(3600),
             admin_config: self.data.path("admin.conf"),
-            encryption_key_file: None,
-            store: Default::default(),
+            encryption_key_file: self.key_file.clone(),
+            store: self.store.clone(),
         })
         .unwrap();
         self.url = control.server_url();
@@ -788,6 +813,65 @@ async fn follow_delivers_resumes_from_the_applied_version_and_stops_when_refused
         other => panic!("{other:?}"),
     }
     within("follow to end", task).await.unwrap();
+}
+
+/// Two replicas on one etcd: the node watching the first resumes on the
+/// second when the first dies, from the version it applied (no snapshot),
+/// and a change applied through the second reaches it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_fails_over_to_another_replica_and_resumes_without_a_full_resend() {
+    let cluster = EtcdCluster::start(3).unwrap();
+    let keys = TempDir::new("failover-keys");
+    std::fs::create_dir_all(&keys.0).unwrap();
+    let key_file = keys.path("kek");
+    fs::write(&key_file, sluice_control::sealing::new_key_line().unwrap()).unwrap();
+    fs::set_permissions(&key_file, fs::Permissions::from_mode(0o600)).unwrap();
+    let mut a = ControlService::start_replica("replica-a", &cluster, &key_file);
+    let b = ControlService::start_replica("replica-b", &cluster, &key_file);
+    a.apply_web(&["198.19.0.1"]).await;
+
+    let dir = TempDir::new("failover-node");
+    let token = a.token().await;
+    let both = format!("{},{}", a.url, b.url);
+    within(
+        "join",
+        join(
+            &dir.state(),
+            &both,
+            &token.token,
+            &token.ca_hash,
+            "node-1",
+            "",
+        ),
+    )
+    .await
+    .unwrap();
+    let since = Arc::new(AtomicU64::new(0));
+    let (tx, mut rx) = mpsc::channel(16);
+    let task = tokio::spawn(follow(dir.state(), since.clone(), tx));
+    assert!(matches!(next_event(&mut rx).await, ViewEvent::Connected));
+    let first = expect_update(next_event(&mut rx).await);
+    assert!(first.snapshot);
+    since.store(first.version, Ordering::Release);
+
+    // The replica it watches dies.
+    let died = std::time::Instant::now();
+    a.stop().await;
+    match next_event(&mut rx).await {
+        ViewEvent::Disconnected(_) => {}
+        other => panic!("{other:?}"),
+    }
+    reconnected(&mut rx).await;
+    let resumed = died.elapsed();
+    println!("resumed on the other replica {resumed:?} after the first died");
+    assert!(resumed < Duration::from_secs(10), "{resumed:?}");
+
+    // A change through the survivor: the next version, not a snapshot.
+    b.apply_web(&["198.19.0.1", "198.19.0.2"]).await;
+    let next = expect_update(next_event(&mut rx).await);
+    assert_eq!((next.version, next.snapshot), (first.version + 1, false));
+    assert_eq!(web_backends(&next), ["198.19.0.1", "198.19.0.2"]);
+    task.abort();
 }
 
 #[tokio::test]
