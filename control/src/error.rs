@@ -105,8 +105,24 @@ impl From<ApiError> for Status {
             // Another control-service replica committed first: retrying is correct.
             ApiError::Store(StoreError::Raced { .. }) => Code::Aborted,
             ApiError::Unauthenticated { .. } | ApiError::Token { .. } => Code::Unauthenticated,
+            // etcd without a quorum, or out of reach: the service is there,
+            // its store is not; retrying later is right.
+            ApiError::Store(
+                StoreError::Backend {
+                    source: crate::store::BackendError::Etcd(_),
+                    ..
+                }
+                | StoreError::CommitFailed {
+                    source: crate::store::BackendError::Etcd(_),
+                },
+            ) => Code::Unavailable,
             ApiError::Store(_) => Code::Internal,
         };
-        Status::new(code, e.to_string())
+        let message = match &e {
+            // The causes too: "store commit failed" alone says nothing of why.
+            ApiError::Store(_) => sluice_model::error_chain(&e),
+            _ => e.to_string(),
+        };
+        Status::new(code, message)
     }
 }

@@ -212,3 +212,67 @@ async fn replicas_follow_each_others_writes_and_concurrent_creates_get_distinct_
     assert_eq!(vips.len(), 22, "no VIP given twice");
     eventually("one view on both", || b.state().view == a.state().view).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_go_on_with_one_member_down_and_fail_unavailable_without_a_quorum() {
+    let mut cluster = EtcdCluster::start(3).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    key_file(dir.path());
+    let control = Control::open(options(dir.path(), &cluster, "a")).unwrap();
+    let admin = Caller {
+        name: "admin".into(),
+        groups: vec![ADMIN_GROUP.into()],
+    };
+    let service = |name: &str| -> Vec<v1::Object> {
+        let text = format!(
+            "kind: Service\nname: {name}\nports: [{{ port: 80, protocol: TCP }}]\nbackends: [{{ address: 198.19.0.1 }}]\n"
+        );
+        manifest::parse_objects("t.yaml", &text)
+            .unwrap()
+            .iter()
+            .map(v1::Object::from)
+            .collect()
+    };
+
+    cluster.kill(0).unwrap();
+    control
+        .apply(&admin, service("one-down"), false)
+        .await
+        .expect("a majority is enough");
+
+    cluster.kill(1).unwrap();
+    let error = control
+        .apply(&admin, service("no-quorum"), false)
+        .await
+        .expect_err("no majority, no write");
+    let status = tonic::Status::from(error);
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("etcd"), "{}", status.message());
+    assert!(
+        control
+            .state()
+            .objects
+            .get::<Service>("default", "no-quorum")
+            .is_none(),
+        "nothing half-applied"
+    );
+
+    // The quorum back, everything resumes.
+    cluster.revive().unwrap();
+    let mut done = false;
+    for _ in 0..50 {
+        if control.apply(&admin, service("after"), false).await.is_ok() {
+            done = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(done, "writes resume once the quorum is back");
+    assert!(
+        control
+            .state()
+            .objects
+            .get::<Service>("default", "one-down")
+            .is_some()
+    );
+}
