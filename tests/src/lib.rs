@@ -64,6 +64,7 @@ pub mod packet;
 pub mod results;
 pub mod scratch;
 pub mod servers;
+pub mod store_bench;
 pub mod throughput;
 pub mod topology;
 

@@ -56,6 +56,7 @@ pub struct Results {
     pub scaling: Option<dataplane_bench::ScalingReport>,
     pub throughput: Option<throughput::Report>,
     pub control: Option<control_bench::Report>,
+    pub store: Option<crate::store_bench::Report>,
 }
 
 impl Results {
@@ -67,6 +68,7 @@ impl Results {
             scaling: None,
             throughput: None,
             control: None,
+            store: None,
         }
     }
 
@@ -138,6 +140,18 @@ impl Results {
                     "control",
                     &format!("{} ({} services): ack → programmed", r.case, r.services),
                     format!("{:.0} ms", r.timing.ack_to_programmed_ms),
+                );
+            }
+        }
+        if let Some(s) = &self.store {
+            for r in &s.rows {
+                row(
+                    "store",
+                    &format!(
+                        "{} ({} services): one change acknowledged",
+                        r.store, r.services
+                    ),
+                    format!("{:.1} ms", r.one_change_ms),
                 );
             }
         }

@@ -26,7 +26,7 @@ use sluice_tests::{
     throughput,
 };
 
-const PARTS: [&str; 4] = ["dataplane", "scaling", "throughput", "control"];
+const PARTS: [&str; 5] = ["dataplane", "scaling", "throughput", "control", "store"];
 
 struct Args {
     settings: Settings,
@@ -77,7 +77,7 @@ fn args() -> anyhow::Result<Args> {
             }
             "-h" | "--help" => {
                 println!(
-                    "sluice-bench [--only dataplane|scaling|throughput|control] \
+                    "sluice-bench [--only dataplane|scaling|throughput|control|store] \
                      [--repeat N (1000000)] [--rounds R (5)] [--out-dir DIR (target/bench)] \
                      [--sizes 1,1000,10000] [--seconds S (2)] \
                      [--services N (10000)] [--per-service M (10)]"
@@ -134,6 +134,20 @@ fn main() -> anyhow::Result<()> {
             control_bench::run(args.services, args.per_service, args.settings.rounds.max(3))?;
         print!("{}", control_bench::render(&report));
         results.control = Some(report);
+    }
+
+    if runs("store") {
+        println!(
+            "\nstore: the control service's writes, embedded vs 3-member etcd (in-process; 1 service, then {} × {})",
+            args.services, args.per_service
+        );
+        let report = sluice_tests::store_bench::run(
+            args.services,
+            args.per_service,
+            args.settings.rounds.max(5),
+        )?;
+        print!("{}", sluice_tests::store_bench::render(&report));
+        results.store = Some(report);
     }
 
     println!("\n{}", results.render_combined());
