@@ -109,13 +109,13 @@ impl From<ApiError> for Status {
             // its store is not; retrying later is right.
             ApiError::Store(
                 StoreError::Backend {
-                    source: crate::store::BackendError::Etcd(_),
+                    source: crate::store::BackendError::Etcd(etcd),
                     ..
                 }
                 | StoreError::CommitFailed {
-                    source: crate::store::BackendError::Etcd(_),
+                    source: crate::store::BackendError::Etcd(etcd),
                 },
-            ) => Code::Unavailable,
+            ) if etcd.unanswered() => Code::Unavailable,
             ApiError::Store(_) => Code::Internal,
         };
         let message = match &e {

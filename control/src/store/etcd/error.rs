@@ -44,7 +44,7 @@ impl EtcdError {
     /// Whether no member answered the request (so a read may be sent again): it timed out, or
     /// the connection failed. A status made on this side from a transport error carries that
     /// error as its source; one a member sent has none.
-    pub(super) fn unanswered(&self) -> bool {
+    pub fn unanswered(&self) -> bool {
         match self {
             EtcdError::Timeout { .. } => true,
             EtcdError::Request { source, .. } => match source {
