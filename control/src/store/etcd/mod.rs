@@ -23,7 +23,7 @@
 //!   fail (`mvcc: required revision has been compacted`). Snapshots are short here.
 //! - **Write transactions are optimistic.** They read at the revision they began at (their
 //!   *base*), buffer their writes (visible to their own later reads, with version
-//!   `revision() + 1`) and check each [`Expect`] at once against that state, so a failed
+//!   `revision() + 1`) and check each [`Expect`](crate::store::Expect) at once against that state, so a failed
 //!   expectation dooms the transaction as in the embedded store. `commit` sends **one** etcd
 //!   `Txn`: its compares are every expectation that was checked against the base
 //!   (`Absent`: `create_revision == 0`; `Version(v)`: `mod_revision == v`) and the **sentinel**,
