@@ -316,6 +316,13 @@ pub trait WriteTx: ReadTx {
     /// greater than `r`.
     fn last_write(&self) -> u64;
 
+    /// A hint: expectations on `keys` follow, so a store that pays a round trip per read may
+    /// read their versions ahead in bulk. Changes nothing else.
+    fn prefetch(&mut self, keys: &[Key]) -> Result<(), StoreError> {
+        let _ = keys;
+        Ok(())
+    }
+
     /// Commits and returns the new revision; when the transaction wrote nothing, commits nothing
     /// and returns the current revision. Returns only once the commit is durable. Fails with
     /// [`StoreError::Conflict`] if any expectation failed during the transaction.

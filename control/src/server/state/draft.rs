@@ -221,6 +221,12 @@ impl Draft {
                 }
                 .into());
             }
+            let expected: Vec<Key> = ops
+                .iter()
+                .filter(|op| op.expect != Expect::Any)
+                .map(|op| op.key.clone())
+                .collect();
+            tx.prefetch(&expected)?;
             for op in &ops {
                 match &op.value {
                     Some(v) => tx.put(&op.key, v, op.expect)?,

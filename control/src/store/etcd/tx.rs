@@ -1,6 +1,6 @@
 //! Read and write transactions over etcd: see the parent module for the protocol.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::MutexGuard;
 
 use etcd_client::{Compare, CompareOp, GetOptions, Txn, TxnOp, TxnOpResponse};
@@ -67,6 +67,9 @@ impl Failed {
     }
 }
 
+/// Below this many keys, reading each is cheaper than ranging over its table.
+const PREFETCH_FROM: usize = 16;
+
 pub(super) struct EtcdWriteTx<'a> {
     store: &'a EtcdStore,
     /// Held until the transaction ends: this process's writers go one at a time.
@@ -80,6 +83,8 @@ pub(super) struct EtcdWriteTx<'a> {
     /// Whether anything was put or deleted: a clean transaction commits nothing.
     dirty: bool,
     failed: Option<Failed>,
+    /// Versions at the base read ahead by [`WriteTx::prefetch`] (`None`: absent).
+    known: HashMap<Key, Option<u64>>,
 }
 
 impl<'a> EtcdWriteTx<'a> {
@@ -92,6 +97,7 @@ impl<'a> EtcdWriteTx<'a> {
             compares: BTreeMap::new(),
             dirty: false,
             failed: None,
+            known: HashMap::new(),
         }
     }
 
@@ -114,12 +120,15 @@ impl<'a> EtcdWriteTx<'a> {
         let (actual, at_base) = match self.ops.get(key) {
             Some(Op::Put(_)) => (Some(self.own_version()), false),
             Some(Op::Delete) => (None, false),
-            None => (
-                self.store
-                    .get_at(key, self.base.revision, true)?
-                    .map(|(version, _)| version),
-                true,
-            ),
+            None => match self.known.get(key) {
+                Some(known) => (*known, true),
+                None => (
+                    self.store
+                        .get_at(key, self.base.revision, true)?
+                        .map(|(version, _)| version),
+                    true,
+                ),
+            },
         };
         if !expect.is_met_by(actual) {
             let failed = Failed {
@@ -275,6 +284,33 @@ impl ReadTx for EtcdWriteTx<'_> {
 }
 
 impl WriteTx for EtcdWriteTx<'_> {
+    /// One keys-only range per (kind, namespace) instead of one read per key: a bulk load
+    /// of thousands of objects then costs a few round trips, not one per object.
+    fn prefetch(&mut self, keys: &[Key]) -> Result<(), StoreError> {
+        if keys.len() < PREFETCH_FROM {
+            return Ok(());
+        }
+        let groups: BTreeSet<(&str, &str)> = keys
+            .iter()
+            .map(|k| (k.kind.as_str(), k.namespace.as_str()))
+            .collect();
+        for (kind, namespace) in groups {
+            let found: HashMap<Key, u64> = self
+                .store
+                .range_at(kind, Some(namespace), self.base.revision, true)?
+                .into_iter()
+                .map(|(key, v)| (key, v.version))
+                .collect();
+            for key in keys
+                .iter()
+                .filter(|k| k.kind == kind && k.namespace == namespace)
+            {
+                self.known.insert(key.clone(), found.get(key).copied());
+            }
+        }
+        Ok(())
+    }
+
     /// The sentinel's `mod_revision`: every write transaction of this prefix writes it.
     fn last_write(&self) -> u64 {
         u64::try_from(self.base.sentinel).unwrap_or(0)

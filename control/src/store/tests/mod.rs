@@ -71,6 +71,7 @@ macro_rules! shared_suite {
             invalid_keys_are_refused,
             a_read_transaction_is_a_snapshot,
             concurrent_writers_with_compare_and_swap_lose_no_increment,
+            prefetched_expectations_are_checked_as_read_ones,
         ] [
             works_from_spawn_blocking_and_from_async_tasks,
         ]);

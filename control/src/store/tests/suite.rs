@@ -482,3 +482,55 @@ pub(super) fn works_from_spawn_blocking_and_from_async_tasks(store: &Arc<dyn Sto
 pub(super) fn decode_counter(v: &Versioned) -> u64 {
     u64::from_be_bytes(v.value.as_slice().try_into().expect("8 bytes"))
 }
+
+/// A bulk transaction that reads its keys' versions ahead (`prefetch`) checks
+/// every expectation as one read key by key would, including keys written
+/// in the transaction itself.
+pub(super) fn prefetched_expectations_are_checked_as_read_ones(store: &dyn Store) {
+    let existing: Vec<Key> = (0..20).map(|i| svc("bulk", &format!("s{i:02}"))).collect();
+    let fresh: Vec<Key> = (0..20).map(|i| svc("bulk", &format!("n{i:02}"))).collect();
+    let (_, written) = store
+        .write(|tx| -> Result<(), StoreError> {
+            for key in &existing {
+                tx.put(key, b"old", Expect::Absent)?;
+            }
+            Ok(())
+        })
+        .expect("seed");
+    let all: Vec<Key> = existing.iter().chain(&fresh).cloned().collect();
+    // Every expectation met: creates of the fresh, updates of the existing.
+    store
+        .write(|tx| -> Result<(), StoreError> {
+            tx.prefetch(&all)?;
+            for key in &fresh {
+                tx.put(key, b"new", Expect::Absent)?;
+            }
+            for key in &existing {
+                tx.put(key, b"newer", Expect::Version(written))?;
+            }
+            // Written in this transaction: no longer absent.
+            assert!(matches!(
+                tx.put(&fresh[0], b"again", Expect::Absent),
+                Err(StoreError::Conflict { .. })
+            ));
+            Ok(())
+        })
+        .expect_err("the last put dooms it");
+    // An existing key expected absent: a conflict naming its version.
+    let error = store
+        .write(|tx| -> Result<(), StoreError> {
+            tx.prefetch(&all)?;
+            tx.put(&existing[3], b"x", Expect::Absent)
+        })
+        .expect_err("exists");
+    match error {
+        StoreError::Conflict { actual, .. } => assert_eq!(actual, Some(written)),
+        other => panic!("{other:?}"),
+    }
+    // Nothing of the doomed transactions was committed.
+    assert_eq!(get(store, &fresh[0]), None);
+    assert_eq!(
+        get(store, &existing[0]).expect("kept").value,
+        b"old".to_vec()
+    );
+}
