@@ -331,17 +331,6 @@ impl EtcdStore {
         namespace: Option<&str>,
         revision: u64,
     ) -> Result<Vec<(Key, super::Versioned)>, StoreError> {
-        self.range_at(kind, namespace, revision, false)
-    }
-
-    /// [`Self::list_at`]; with `keys_only`, the values are left empty (only versions read).
-    fn range_at(
-        &self,
-        kind: &str,
-        namespace: Option<&str>,
-        revision: u64,
-        keys_only: bool,
-    ) -> Result<Vec<(Key, super::Versioned)>, StoreError> {
         // Validate the selector as a key with a placeholder name.
         Key::new(kind, namespace.unwrap_or(""), "-").validate()?;
         let (mut start, end) = self.layout.range(kind, namespace);
@@ -352,13 +341,10 @@ impl EtcdStore {
             let mut resp = self.read_request("range", || {
                 let (mut kv, start, end) = (kv.clone(), start.clone(), end.clone());
                 async move {
-                    let mut options = GetOptions::new()
+                    let options = GetOptions::new()
                         .with_range(end)
                         .with_revision(at)
                         .with_limit(PAGE);
-                    if keys_only {
-                        options = options.with_keys_only();
-                    }
                     kv.get(start, Some(options)).await
                 }
             })?;

@@ -1,6 +1,6 @@
 //! Read and write transactions over etcd: see the parent module for the protocol.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::MutexGuard;
 
 use etcd_client::{Compare, CompareOp, GetOptions, Txn, TxnOp, TxnOpResponse};
@@ -67,8 +67,10 @@ impl Failed {
     }
 }
 
-/// Below this many keys, reading each is cheaper than ranging over its table.
+/// Below this many keys, reading each on its own is as cheap.
 const PREFETCH_FROM: usize = 16;
+/// Gets per read-ahead transaction: under etcd's default `--max-txn-ops` (128).
+const PREFETCH_BATCH: usize = 100;
 
 pub(super) struct EtcdWriteTx<'a> {
     store: &'a EtcdStore,
@@ -284,28 +286,44 @@ impl ReadTx for EtcdWriteTx<'_> {
 }
 
 impl WriteTx for EtcdWriteTx<'_> {
-    /// One keys-only range per (kind, namespace) instead of one read per key: a bulk load
-    /// of thousands of objects then costs a few round trips, not one per object.
+    /// The keys' versions at the base, read in transactions of [`PREFETCH_BATCH`] gets
+    /// each instead of one round trip per key: a bulk load of thousands of objects then costs
+    /// a few round trips.
     fn prefetch(&mut self, keys: &[Key]) -> Result<(), StoreError> {
         if keys.len() < PREFETCH_FROM {
             return Ok(());
         }
-        let groups: BTreeSet<(&str, &str)> = keys
-            .iter()
-            .map(|k| (k.kind.as_str(), k.namespace.as_str()))
-            .collect();
-        for (kind, namespace) in groups {
-            let found: HashMap<Key, u64> = self
-                .store
-                .range_at(kind, Some(namespace), self.base.revision, true)?
-                .into_iter()
-                .map(|(key, v)| (key, v.version))
-                .collect();
-            for key in keys
+        let at = self.store.etcd_revision(self.base.revision)?;
+        let kv = self.store.kv();
+        for chunk in keys.chunks(PREFETCH_BATCH) {
+            for key in chunk {
+                key.validate()?;
+            }
+            let gets: Vec<TxnOp> = chunk
                 .iter()
-                .filter(|k| k.kind == kind && k.namespace == namespace)
-            {
-                self.known.insert(key.clone(), found.get(key).copied());
+                .map(|key| {
+                    let options = GetOptions::new().with_keys_only().with_revision(at);
+                    TxnOp::get(self.store.layout.key(key), Some(options))
+                })
+                .collect();
+            let txn = Txn::new().and_then(gets);
+            let resp = self.store.read_request("read", || {
+                let (mut kv, txn) = (kv.clone(), txn.clone());
+                async move { kv.txn(txn).await }
+            })?;
+            let responses = resp.op_responses();
+            if responses.len() != chunk.len() {
+                return Err(self.store.malformed("read", "an answer to every read"));
+            }
+            for (key, response) in chunk.iter().zip(responses) {
+                let TxnOpResponse::Get(get) = response else {
+                    return Err(self.store.malformed("read", "a read's answer"));
+                };
+                let version = match get.kvs().first() {
+                    Some(found) => Some(self.store.revision_from(found.mod_revision(), "read")?),
+                    None => None,
+                };
+                self.known.insert(key.clone(), version);
             }
         }
         Ok(())
