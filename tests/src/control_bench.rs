@@ -110,7 +110,7 @@ pub fn run(services: usize, per_service: usize, rounds: usize) -> anyhow::Result
     Ok(report)
 }
 
-fn endpoint(service: usize, j: usize, weight: u32) -> String {
+pub(crate) fn endpoint(service: usize, j: usize, weight: u32) -> String {
     let n = service * 16 + j;
     format!(
         "---\nkind: Endpoint\nname: ep-{service}-{j}\nlabels: {{ app: svc-{service} }}\naddress: 198.19.{}.{}\nweight: {weight}\n",
@@ -120,7 +120,7 @@ fn endpoint(service: usize, j: usize, weight: u32) -> String {
 }
 
 /// `services` services selecting `per` endpoints each; VIPs allocated.
-fn manifest(services: usize, per: usize, weight: u32) -> String {
+pub(crate) fn manifest(services: usize, per: usize, weight: u32) -> String {
     let mut out = String::with_capacity(services * (120 + per * 110));
     for i in 0..services {
         let _ = write!(

@@ -23,6 +23,8 @@ use sluice_control::{
 };
 use sluice_model::{Endpoint, manifest};
 
+use crate::control_bench;
+
 /// Objects per apply of the first load.
 pub const BATCH: usize = 400;
 
@@ -91,10 +93,11 @@ async fn measure(store: &str, services: usize, per: usize, rounds: usize) -> any
         name: "admin".into(),
         groups: vec![ADMIN_GROUP.into()],
     };
-    let objects: Vec<v1::Object> = manifest::parse_objects("bench.yaml", &load(services, per))?
-        .iter()
-        .map(v1::Object::from)
-        .collect();
+    let objects: Vec<v1::Object> =
+        manifest::parse_objects("bench.yaml", &control_bench::manifest(services, per, 1))?
+            .iter()
+            .map(v1::Object::from)
+            .collect();
     let started = Instant::now();
     for batch in objects.chunks(BATCH) {
         control.apply(&admin, batch.to_vec(), false).await?;
@@ -103,7 +106,7 @@ async fn measure(store: &str, services: usize, per: usize, rounds: usize) -> any
 
     let mut samples = Vec::with_capacity(rounds);
     for round in 0..rounds {
-        let text = endpoint(services / 2, 0, 2 + round as u32);
+        let text = control_bench::endpoint(services / 2, 0, 2 + round as u32);
         let mut message = v1::Object::from(&manifest::parse_objects("one.yaml", &text)?[0]);
         let version = control
             .state()
@@ -127,28 +130,6 @@ async fn measure(store: &str, services: usize, per: usize, rounds: usize) -> any
         first_apply_ms,
         one_change_ms: samples[samples.len() / 2],
     })
-}
-
-fn endpoint(service: usize, j: usize, weight: u32) -> String {
-    let n = service * 16 + j;
-    format!(
-        "---\nkind: Endpoint\nname: ep-{service}-{j}\nlabels: {{ app: svc-{service} }}\naddress: 198.19.{}.{}\nweight: {weight}\n",
-        (n / 250) % 256,
-        n % 250 + 1
-    )
-}
-
-fn load(services: usize, per: usize) -> String {
-    let mut out = String::new();
-    for i in 0..services {
-        out.push_str(&format!(
-            "---\nkind: Service\nname: svc-{i}\nports: [{{ port: 80, protocol: TCP, targetPort: 8080 }}]\nselector: {{ app: svc-{i} }}\n"
-        ));
-        for j in 0..per {
-            out.push_str(&endpoint(i, j, 1));
-        }
-    }
-    out
 }
 
 /// The table, with each etcd figure beside the embedded one as a ratio.
