@@ -116,9 +116,22 @@ impl From<ApiError> for Status {
                     source: crate::store::BackendError::Etcd(etcd),
                 },
             ) if etcd.unanswered() => Code::Unavailable,
+            ApiError::Store(StoreError::Backend {
+                source: crate::store::BackendError::Etcd(etcd),
+                ..
+            }) if etcd.too_large() => Code::ResourceExhausted,
             ApiError::Store(_) => Code::Internal,
         };
         let message = match &e {
+            ApiError::Store(StoreError::Backend {
+                source: crate::store::BackendError::Etcd(etcd),
+                ..
+            }) if etcd.too_large() => format!(
+                "{}; an etcd transaction holds at most --max-txn-ops operations (128 by default, \
+                 one per object) and --max-request-bytes (1.5 MiB): apply fewer objects at a \
+                 time, or raise those limits of etcd",
+                sluice_model::error_chain(&e)
+            ),
             // The causes too: "store commit failed" alone says nothing of why.
             ApiError::Store(_) => sluice_model::error_chain(&e),
             _ => e.to_string(),

@@ -276,3 +276,47 @@ async fn writes_go_on_with_one_member_down_and_fail_unavailable_without_a_quorum
             .is_some()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_apply_larger_than_an_etcd_transaction_is_refused_saying_why() {
+    let cluster = EtcdCluster::start(1).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    key_file(dir.path());
+    let mut opts = options(dir.path(), &cluster, "a");
+    opts.vip_cidr = "198.18.0.0/16".into();
+    let control = Control::open(opts).unwrap();
+    let admin = Caller {
+        name: "admin".into(),
+        groups: vec![ADMIN_GROUP.into()],
+    };
+    // More objects than the test clusters' --max-txn-ops (1024).
+    let mut text = String::new();
+    for i in 0..1100 {
+        text.push_str(&format!(
+            "---\nkind: Service\nname: s{i}\nports: [{{ port: 80, protocol: TCP }}]\nbackends: [{{ address: 198.19.0.1 }}]\n"
+        ));
+    }
+    let objects = manifest::parse_objects("big.yaml", &text)
+        .unwrap()
+        .iter()
+        .map(v1::Object::from)
+        .collect();
+    let error = control
+        .apply(&admin, objects, false)
+        .await
+        .expect_err("too large");
+    let status = tonic::Status::from(error);
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status.message().contains("--max-txn-ops"),
+        "{}",
+        status.message()
+    );
+    assert_eq!(
+        control
+            .state()
+            .objects
+            .count(sluice_model::ObjectKind::Service),
+        0
+    );
+}

@@ -91,6 +91,20 @@ impl EtcdError {
         false
     }
 
+    /// Whether etcd refused a transaction for its size (`--max-txn-ops`, `--max-request-bytes`):
+    /// the request, not etcd, has to change.
+    pub fn too_large(&self) -> bool {
+        let EtcdError::Request {
+            source: etcd_client::Error::GRpcStatus(status),
+            ..
+        } = self
+        else {
+            return false;
+        };
+        let message = status.message();
+        message.contains("too many operations") || message.contains("request is too large")
+    }
+
     /// Whether etcd refused the request before proposing it, so it was certainly not applied:
     /// a definite answer from a member, not a lost one.
     pub(super) fn refused(&self) -> bool {
