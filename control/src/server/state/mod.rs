@@ -79,31 +79,11 @@ impl State {
             history: Arc::new(History::new(HISTORY)),
         };
         let mut log = Vec::new();
-        for (key, v) in entries {
-            match key.kind.as_str() {
-                tables::NODE => {
-                    let node = codec::decode_node(&key, &v.value)?;
-                    state.nodes.insert(
-                        node.name.clone(),
-                        Versioned {
-                            object: node,
-                            version: v.version,
-                        },
-                    );
-                }
-                tables::VIEW => state.view.version = codec::decode_view_meta(&key, &v.value)?,
-                tables::VIEW_LOG => log.push((key, v.value)),
-                table => {
-                    let kind = ObjectKind::ALL.iter().find(|k| k.visit(TableName) == table);
-                    if let Some(kind) = kind {
-                        kind.visit(Decode {
-                            objects: &mut state.objects,
-                            key: &key,
-                            value: &v.value,
-                            version: v.version,
-                        })?;
-                    }
-                }
+        for (key, v) in &entries {
+            match state.put_stored(key, v)? {
+                Stored::ViewVersion(version) => state.view.version = version,
+                Stored::Log(from, update) => log.push((from, update)),
+                Stored::Applied => {}
             }
         }
         let version = state.view.version;
@@ -112,9 +92,8 @@ impl State {
             ..state.compute_view()
         };
         let mut history = History::new(HISTORY);
-        log.sort_by(|a, b| a.0.name.cmp(&b.0.name));
-        for (key, bytes) in log {
-            let (from, update) = codec::decode_log(&key, &bytes)?;
+        log.sort_by_key(|(_, update)| update.version);
+        for (from, update) in log {
             history.push(from, update);
         }
         state.history = Arc::new(history);
@@ -145,33 +124,8 @@ impl State {
             }
         }
         for (key, v) in &changes.puts {
-            match key.kind.as_str() {
-                tables::NODE => {
-                    let node = codec::decode_node(key, &v.value)?;
-                    self.nodes.insert(
-                        node.name.clone(),
-                        Versioned {
-                            object: node,
-                            version: v.version,
-                        },
-                    );
-                }
-                tables::VIEW_LOG => {
-                    let (from, update) = codec::decode_log(key, &v.value)?;
-                    updates.push((from, update));
-                }
-                tables::VIEW | tables::TOKEN | tables::PKI => {}
-                table => {
-                    if let Some(kind) = ObjectKind::ALL.iter().find(|k| k.visit(TableName) == table)
-                    {
-                        kind.visit(Decode {
-                            objects: &mut self.objects,
-                            key,
-                            value: &v.value,
-                            version: v.version,
-                        })?;
-                    }
-                }
+            if let Stored::Log(from, update) = self.put_stored(key, v)? {
+                updates.push((from, update));
             }
         }
         updates.sort_by_key(|(_, u)| u.version);
@@ -191,6 +145,42 @@ impl State {
         }
         self.revision = self.revision.max(changes.revision);
         Ok(applied)
+    }
+
+    /// One stored record taken into this copy: objects and nodes are
+    /// applied; the view's records are returned, for the caller to apply
+    /// (at load, the version; following, the logged update).
+    fn put_stored(&mut self, key: &Key, v: &crate::store::Versioned) -> Result<Stored, StoreError> {
+        match key.kind.as_str() {
+            tables::NODE => {
+                let node = codec::decode_node(key, &v.value)?;
+                self.nodes.insert(
+                    node.name.clone(),
+                    Versioned {
+                        object: node,
+                        version: v.version,
+                    },
+                );
+            }
+            tables::VIEW => {
+                return Ok(Stored::ViewVersion(codec::decode_view_meta(key, &v.value)?));
+            }
+            tables::VIEW_LOG => {
+                let (from, update) = codec::decode_log(key, &v.value)?;
+                return Ok(Stored::Log(from, update));
+            }
+            table => {
+                if let Some(kind) = ObjectKind::ALL.iter().find(|k| k.visit(TableName) == table) {
+                    kind.visit(Decode {
+                        objects: &mut self.objects,
+                        key,
+                        value: &v.value,
+                        version: v.version,
+                    })?;
+                }
+            }
+        }
+        Ok(Stored::Applied)
     }
 
     /// The view the objects make now (its version is the caller's to set).
@@ -258,6 +248,13 @@ impl KindVisitor for TableName {
     fn visit<K: Kind>(self) -> &'static str {
         K::TABLE
     }
+}
+
+/// What a stored record was, to the view.
+enum Stored {
+    Applied,
+    ViewVersion(u64),
+    Log(u64, ViewUpdate),
 }
 
 /// Removes one object from its table.
