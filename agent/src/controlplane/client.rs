@@ -53,7 +53,7 @@ pub async fn join(
     // a Join that succeeds, not by a connection).
     let mut last = None;
     let mut joined = None;
-    for url in control_urls(control) {
+    for url in pki::endpoint_list(control) {
         match pki::pinned_join_channel(url, ca_hash).await {
             Ok(found) => {
                 joined = Some(found);
@@ -106,16 +106,6 @@ pub async fn join(
 /// list): where the next connection goes first.
 static LAST_ANSWERED: AtomicUsize = AtomicUsize::new(0);
 
-/// The control service's addresses: one URL, or several (replicas),
-/// comma-separated.
-pub fn control_urls(control: &str) -> Vec<&str> {
-    control
-        .split(',')
-        .map(str::trim)
-        .filter(|u| !u.is_empty())
-        .collect()
-}
-
 /// A connection to the control service, authenticated with the node certificate.
 #[derive(Clone, Debug)]
 pub struct ControlClient {
@@ -132,45 +122,22 @@ impl ControlClient {
     /// one bounded connection attempt, and the backoff of the caller
     /// applies only when none answers.
     pub async fn connect(creds: &Credentials) -> Result<Self, ControlError> {
-        let urls = control_urls(&creds.control);
         let first = LAST_ANSWERED.load(Ordering::Relaxed);
-        let mut last = None;
-        let mut channel = None;
-        for i in 0..urls.len() {
-            let index = (first + i) % urls.len();
-            match pki::mtls_channel(urls[index], &creds.ca_pem, &creds.cert_pem, &creds.key_pem)
-                .await
-            {
-                Ok(found) => {
-                    if i > 0 {
-                        info!(url = %urls[index], "connected to another control service replica");
-                    }
-                    LAST_ANSWERED.store(index, Ordering::Relaxed);
-                    channel = Some(found);
-                    break;
-                }
-                Err(e) => {
-                    debug!(url = %urls[index], "connecting: {e}");
-                    last = Some(e);
-                }
-            }
+        let (index, channel) = pki::mtls_channel_any(
+            &creds.control,
+            first,
+            &creds.ca_pem,
+            &creds.cert_pem,
+            &creds.key_pem,
+        )
+        .await
+        .map_err(ControlError::connecting(
+            "connecting with the node certificate",
+        ))?;
+        if index != first {
+            info!(url = %pki::endpoint_list(&creds.control)[index], "connected to another control service replica");
         }
-        let channel = match (channel, last) {
-            (Some(channel), _) => channel,
-            (None, Some(e)) => {
-                return Err(ControlError::connecting(
-                    "connecting with the node certificate",
-                )(e));
-            }
-            (None, None) => {
-                return Err(ControlError::connecting(
-                    "connecting with the node certificate",
-                )(pki::PkiError::InvalidEndpoint {
-                    endpoint: creds.control.clone(),
-                    reason: "no control service address",
-                }));
-            }
-        };
+        LAST_ANSWERED.store(index, Ordering::Relaxed);
         Ok(ControlClient {
             client: NodeAgentClient::new(channel)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)

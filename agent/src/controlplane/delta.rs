@@ -11,9 +11,9 @@
 //! restarted control service or another replica never merges into nothing.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use sluice_api::v1;
+use sluice_model::wire::observe::address_from_bytes;
 
 /// A frontend's identity in a report: (VIP bytes, port, protocol).
 type Key = (Vec<u8>, u32, i32);
@@ -59,11 +59,7 @@ impl Acknowledged {
 
 /// The key of a frontend no longer reported, as the API names frontends.
 fn gone(c: &v1::FrontendCounters) -> Option<v1::FrontendKey> {
-    let ip: IpAddr = match c.vip.len() {
-        4 => Ipv4Addr::from(<[u8; 4]>::try_from(c.vip.as_slice()).ok()?).into(),
-        16 => Ipv6Addr::from(<[u8; 16]>::try_from(c.vip.as_slice()).ok()?).into(),
-        _ => return None,
-    };
+    let ip = address_from_bytes("vip", &c.vip).ok()?;
     Some(v1::FrontendKey {
         vip: ip.to_string(),
         port: c.port,

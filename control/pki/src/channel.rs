@@ -88,6 +88,41 @@ pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
+/// The addresses in `endpoints`: one, or several (the replicas of a
+/// control plane), comma-separated.
+pub fn endpoint_list(endpoints: &str) -> Vec<&str> {
+    endpoints
+        .split(',')
+        .map(str::trim)
+        .filter(|e| !e.is_empty())
+        .collect()
+}
+
+/// [`mtls_channel`] to the first of `endpoints` ([`endpoint_list`]) that
+/// answers, trying them in turn from index `first`; also that address's
+/// index. A replica that is gone costs one bounded connection attempt.
+pub async fn mtls_channel_any(
+    endpoints: &str,
+    first: usize,
+    ca_pem: &str,
+    cert_pem: &str,
+    key_pem: &str,
+) -> Result<(usize, Channel), PkiError> {
+    let list = endpoint_list(endpoints);
+    let mut failed = None;
+    for i in 0..list.len() {
+        let index = (first + i) % list.len();
+        match mtls_channel(list[index], ca_pem, cert_pem, key_pem).await {
+            Ok(channel) => return Ok((index, channel)),
+            Err(e) => failed = Some(e),
+        }
+    }
+    Err(failed.unwrap_or_else(|| PkiError::InvalidEndpoint {
+        endpoint: endpoints.to_owned(),
+        reason: "no address",
+    }))
+}
+
 /// An mTLS channel to the control service: the server is verified against
 /// `ca_pem` and must be valid for the endpoint's host; `cert_pem` (which may
 /// hold a chain) and `key_pem` are presented. TLS 1.3 only: both ends are ours.

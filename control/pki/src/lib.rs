@@ -67,8 +67,8 @@ mod testing;
 mod ca;
 
 pub use channel::{
-    certificate_rejection, install_crypto_provider, mtls_channel, pinned_join_channel,
-    ring_provider,
+    certificate_rejection, endpoint_list, install_crypto_provider, mtls_channel, mtls_channel_any,
+    pinned_join_channel, ring_provider,
 };
 pub use error::PkiError;
 pub use identity::{

@@ -39,29 +39,13 @@ impl Client {
         } = config;
         // `server` may list the replicas, comma-separated: the first that
         // answers serves this command.
-        let mut failed = None;
-        let mut connected = None;
-        for url in server.split(',').map(str::trim).filter(|u| !u.is_empty()) {
-            match sluice_pki::mtls_channel(url, ca, certificate, key).await {
-                Ok(channel) => {
-                    connected = Some((url.to_owned(), channel));
-                    break;
-                }
-                Err(source) => failed = Some(source),
-            }
-        }
-        let (server, channel) = match (connected, failed) {
-            (Some(found), _) => found,
-            (None, source) => {
-                return Err(CliError::Connect {
-                    config: path.to_owned(),
-                    source: source.unwrap_or(sluice_pki::PkiError::InvalidEndpoint {
-                        endpoint: server.clone(),
-                        reason: "no server address",
-                    }),
-                });
-            }
-        };
+        let (index, channel) = sluice_pki::mtls_channel_any(server, 0, ca, certificate, key)
+            .await
+            .map_err(|source| CliError::Connect {
+                config: path.to_owned(),
+                source,
+            })?;
+        let server = sluice_pki::endpoint_list(server)[index].to_owned();
         Ok(Self {
             server,
             resources: ResourcesClient::new(channel.clone())
