@@ -489,6 +489,31 @@ proptest! {
     }
 }
 
+/// A service that gives only what has no default: one TCP port, one backend.
+fn minimal(index: usize, port: u16) -> ServiceCase {
+    ServiceCase {
+        index,
+        namespace: None,
+        ports: vec![Port {
+            port,
+            udp: false,
+            target: None,
+        }],
+        algorithm: None,
+        maglev_table_size: None,
+        backends: vec![Backend {
+            host: 1,
+            weight: None,
+            draining: false,
+            version: None,
+        }],
+        health_check: None,
+        affinity_seconds: None,
+        rollout: None,
+        drain_seconds: None,
+    }
+}
+
 /// The generator is not vacuous: the manifests it writes use every optional
 /// field, and the property holds on one written out by hand.
 #[test]
@@ -534,27 +559,7 @@ fn a_manifest_with_every_field_takes_one_path() {
         rollout: Some(("v2", 25)),
         drain_seconds: Some(5),
     };
-    let plain = ServiceCase {
-        index: 1,
-        namespace: None,
-        ports: vec![Port {
-            port: 443,
-            udp: false,
-            target: None,
-        }],
-        algorithm: None,
-        maglev_table_size: None,
-        backends: vec![Backend {
-            host: 1,
-            weight: None,
-            draining: false,
-            version: None,
-        }],
-        health_check: None,
-        affinity_seconds: None,
-        rollout: None,
-        drain_seconds: None,
-    };
+    let plain = minimal(1, 443);
     let view = View::of_manifest(
         &manifest::parse("every.yaml", &render(std::slice::from_ref(&every))).unwrap(),
     );
@@ -565,27 +570,7 @@ fn a_manifest_with_every_field_takes_one_path() {
 /// A service in one manifest and not the next is deleted on both paths.
 #[test]
 fn a_service_removed_from_the_manifest_is_removed_on_both_paths() {
-    let one = |index| ServiceCase {
-        index,
-        namespace: None,
-        ports: vec![Port {
-            port: 80,
-            udp: false,
-            target: None,
-        }],
-        algorithm: None,
-        maglev_table_size: None,
-        backends: vec![Backend {
-            host: 1,
-            weight: None,
-            draining: false,
-            version: None,
-        }],
-        health_check: None,
-        affinity_seconds: None,
-        rollout: None,
-        drain_seconds: None,
-    };
+    let one = |index| minimal(index, 80);
     check(&[one(0), one(1)], &[one(1)]).unwrap();
     let cluster = Cluster::new();
     cluster.apply(&render(&[one(0), one(1)]));

@@ -123,23 +123,27 @@ async fn a_single_machine_cluster_moves_into_etcd_as_it_is() {
             .map(|u| u.len()),
         "agents resume from the same history"
     );
-    // Resource versions keep their order.
-    let mut old: Vec<_> = before
-        .objects
-        .table::<sluice_model::Endpoint>()
-        .iter()
-        .map(|(k, v)| (v.version, k.clone()))
-        .collect();
-    let mut new: Vec<_> = after
-        .objects
-        .table::<sluice_model::Endpoint>()
-        .iter()
-        .map(|(k, v)| (v.version, k.clone()))
-        .collect();
-    old.sort();
-    new.sort();
-    let order = |v: &[(u64, (String, String))]| v.last().map(|(_, k)| k.clone());
-    assert_eq!(order(&old), order(&new), "the last written stays the last");
+    // Resource versions keep their order: taken in the order of the old
+    // versions (ties by name, as they were loaded and copied), the new ones
+    // never go down, and the endpoint written last is still the newest.
+    let versions = |state: &crate::server::state::State| -> std::collections::BTreeMap<_, _> {
+        state
+            .objects
+            .table::<sluice_model::Endpoint>()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.version))
+            .collect()
+    };
+    let (old, new) = (versions(&before), versions(&after));
+    let mut order: Vec<_> = old.iter().map(|(k, v)| (*v, k.clone())).collect();
+    order.sort();
+    let migrated: Vec<u64> = order.iter().map(|(_, k)| new[k]).collect();
+    assert!(migrated.windows(2).all(|w| w[0] <= w[1]), "{migrated:?}");
+    let last = |v: &std::collections::BTreeMap<(String, String), u64>| {
+        v.iter().max_by_key(|(_, v)| **v).map(|(k, _)| k.clone())
+    };
+    assert_eq!(last(&old), last(&new));
+    assert_eq!(last(&new).map(|k| k.1), Some("ep-7".to_owned()));
 }
 
 #[test]

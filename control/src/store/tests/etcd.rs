@@ -341,18 +341,7 @@ fn error_chain(err: &dyn std::error::Error) -> String {
 
 const ENDPOINTS_ENV: &str = "SLUICE_STORE_ETCD_CRASH_ENDPOINTS";
 const PREFIX_ENV: &str = "SLUICE_STORE_ETCD_CRASH_PREFIX";
-const CRASH_KIND: &str = "crash";
 const CRASH_VALUE_LEN: usize = 4 * 1024;
-
-fn crash_value(i: u64) -> Vec<u8> {
-    let mut v = vec![u8::try_from(i % 251).expect("< 251"); CRASH_VALUE_LEN];
-    v[..8].copy_from_slice(&i.to_be_bytes());
-    v
-}
-
-fn crash_key(ns: &str, i: u64) -> Key {
-    Key::new(CRASH_KIND, ns, format!("k{i:08}"))
-}
 
 /// The child side of `acknowledged_writes_survive_kills_of_a_member_and_of_the_writer`: prints
 /// `FROM <i>`, then writes transactions of two objects each, printing `ACK <i>` to stderr once
@@ -379,8 +368,16 @@ fn crash_child() {
             attempts += 1;
             assert!(attempts < 100, "write {i} failed 100 times");
             let result = store.write(|tx| {
-                tx.put(&crash_key("a", i), &crash_value(i), Expect::Absent)?;
-                tx.put(&crash_key("b", i), &crash_value(i), Expect::Absent)?;
+                tx.put(
+                    &crash_key("a", i),
+                    &crash_value(i, CRASH_VALUE_LEN),
+                    Expect::Absent,
+                )?;
+                tx.put(
+                    &crash_key("b", i),
+                    &crash_value(i, CRASH_VALUE_LEN),
+                    Expect::Absent,
+                )?;
                 Ok::<_, StoreError>(())
             });
             match result {
@@ -482,7 +479,8 @@ fn acknowledged_writes_survive_kills_of_a_member_and_of_the_writer() {
             assert_eq!((ka, kb), (&crash_key("a", i), &crash_key("b", i)));
             assert_eq!(va.version, vb.version, "one transaction, one version");
             assert!(
-                va.value == crash_value(i) && vb.value == crash_value(i),
+                va.value == crash_value(i, CRASH_VALUE_LEN)
+                    && vb.value == crash_value(i, CRASH_VALUE_LEN),
                 "value {i}"
             );
         }

@@ -54,6 +54,21 @@ fn test_prefix() -> String {
     format!("/sluice-test/{}/", thread.name().unwrap_or("unnamed"))
 }
 
+// --- Crash tests: what a child process writes until it is killed.
+
+const CRASH_KIND: &str = "crash";
+
+/// Value `i` of a crash test, `len` bytes that say which write they are.
+fn crash_value(i: u64, len: usize) -> Vec<u8> {
+    let mut v = vec![u8::try_from(i % 251).expect("< 251"); len];
+    v[..8].copy_from_slice(&i.to_be_bytes());
+    v
+}
+
+fn crash_key(ns: &str, i: u64) -> Key {
+    Key::new(CRASH_KIND, ns, format!("k{i:08}"))
+}
+
 /// Runs each behaviour of [`suite`] as a test of the module it is invoked in, on the store
 /// `$fixture` makes: as `&dyn Store`, or (the second list) as the `Arc` a server holds.
 macro_rules! shared_suite {

@@ -140,19 +140,8 @@ fn a_corrupt_record_is_reported_not_trusted() {
 // --- Crash safety: a child process writes and is SIGKILLed right after an acknowledgement.
 
 const CRASH_DIR_ENV: &str = "SLUICE_STORE_CRASH_TEST_DIR";
-const CRASH_KIND: &str = "crash";
 /// Large enough that each commit writes several pages.
 const CRASH_VALUE_LEN: usize = 16 * 1024;
-
-fn crash_value(i: u64) -> Vec<u8> {
-    let mut v = vec![u8::try_from(i % 251).expect("< 251"); CRASH_VALUE_LEN];
-    v[..8].copy_from_slice(&i.to_be_bytes());
-    v
-}
-
-fn crash_key(ns: &str, i: u64) -> Key {
-    Key::new(CRASH_KIND, ns, format!("k{i:08}"))
-}
 
 /// The child side of `acknowledged_writes_survive_sigkill`: writes transactions of two objects
 /// each, printing `ACK <i> <revision>` to stderr after each commit returns, until it is killed
@@ -172,8 +161,16 @@ fn crash_child() {
     for i in u64::try_from(existing.len()).expect("fits").. {
         let ((), rev) = store
             .write(|tx| {
-                tx.put(&crash_key("a", i), &crash_value(i), Expect::Absent)?;
-                tx.put(&crash_key("b", i), &crash_value(i), Expect::Absent)?;
+                tx.put(
+                    &crash_key("a", i),
+                    &crash_value(i, CRASH_VALUE_LEN),
+                    Expect::Absent,
+                )?;
+                tx.put(
+                    &crash_key("b", i),
+                    &crash_value(i, CRASH_VALUE_LEN),
+                    Expect::Absent,
+                )?;
                 Ok::<_, StoreError>(())
             })
             .expect("child write");
@@ -256,7 +253,8 @@ fn acknowledged_writes_survive_sigkill() {
             assert_eq!(va.version, i + 2);
             assert_eq!(vb.version, i + 2);
             assert!(
-                va.value == crash_value(i) && vb.value == crash_value(i),
+                va.value == crash_value(i, CRASH_VALUE_LEN)
+                    && vb.value == crash_value(i, CRASH_VALUE_LEN),
                 "value {i}"
             );
         }
