@@ -5,7 +5,6 @@
 
 use std::any::Any;
 use std::sync::Arc;
-use std::time::Instant;
 
 use super::*;
 use crate::testing::EtcdCluster;
@@ -139,39 +138,4 @@ fn store_is_object_safe_send_and_sync() {
     assert_send_sync::<EtcdStore>();
     assert_send_sync::<Arc<dyn Store>>();
     assert_send_sync::<StoreError>();
-}
-
-/// What starting a test cluster, and one small transaction, cost on each store: `cargo test -p
-/// sluice-control write_latency -- --ignored --nocapture`.
-#[test]
-#[ignore = "a measurement, not a test"]
-fn write_latency() {
-    const WRITES: u32 = 200;
-    for size in [1, 3] {
-        let started = Instant::now();
-        let cluster = EtcdCluster::start(size).expect("cluster");
-        let up = started.elapsed();
-        drop(cluster);
-        eprintln!("a {size}-member etcd cluster started (healthy) in {up:?}");
-    }
-    for (name, fixture) in [("redb", redb_fixture()), ("etcd", etcd_fixture())] {
-        let store = &*fixture.store;
-        let started = Instant::now();
-        for i in 0..WRITES {
-            put(
-                store,
-                &svc("lat", &format!("k{i}")),
-                &[0; 256],
-                Expect::Absent,
-            )
-            .expect("put");
-        }
-        let write = started.elapsed() / WRITES;
-        let started = Instant::now();
-        for i in 0..WRITES {
-            get(store, &svc("lat", &format!("k{i}"))).expect("present");
-        }
-        let read = started.elapsed() / WRITES;
-        eprintln!("{name}: {write:?} per write transaction, {read:?} per read transaction");
-    }
 }
