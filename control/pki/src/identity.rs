@@ -19,6 +19,9 @@ pub const NODE_URI_PREFIX: &str = "sluice://node/";
 pub const USER_URI_PREFIX: &str = "sluice://user/";
 /// The subject O of every node certificate.
 pub const NODES_ORGANIZATION: &str = "sluice:nodes";
+/// The group of the certificates control replicas present to each other
+/// (see `ClusterCa::sign_replica`); no admin can be given it.
+pub const REPLICAS_GROUP: &str = "sluice:replicas";
 /// Groups with this prefix are the system's own (see [`NODES_ORGANIZATION`]).
 pub const RESERVED_GROUP_PREFIX: &str = "sluice:";
 

@@ -73,8 +73,8 @@ pub use channel::{
 pub use error::PkiError;
 pub use identity::{
     BACKDATE, CertInfo, Identity, MAX_GROUP_LEN, MAX_NAME_LEN, NODE_URI_PREFIX, NODES_ORGANIZATION,
-    RESERVED_GROUP_PREFIX, USER_URI_PREFIX, identity_from_chain, issued_at, parse_cert,
-    parse_cert_der, validate_group, validate_name,
+    REPLICAS_GROUP, RESERVED_GROUP_PREFIX, USER_URI_PREFIX, identity_from_chain, issued_at,
+    parse_cert, parse_cert_der, validate_group, validate_name,
 };
 pub use keys::{
     KeyAndCsr, PIN_PREFIX, ca_pin, ca_pin_der, cert_der_to_pem, certs_from_pem, key_from_pem,

@@ -33,7 +33,7 @@ impl Control {
     pub fn node_object(&self, state: &State, name: &str) -> Option<v1::Node> {
         let stored = state.nodes.get(name)?;
         let node = &stored.object;
-        let live = self.live().get(name).cloned().unwrap_or_default();
+        let live = self.node_live(name);
         Some(v1::Node {
             meta: Some(v1::ObjectMeta {
                 namespace: String::new(),
@@ -161,7 +161,7 @@ impl Control {
             Ok(())
         })
         .await?;
-        self.live().remove(&removed);
+        self.forget_node(&removed);
         // Its open watch streams end; its certificates are refused from now
         // on (authentication requires a node record listing their serial).
         let _ = self.removed_nodes.send(removed.clone());

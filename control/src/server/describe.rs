@@ -141,7 +141,7 @@ impl Control {
             .iter()
             .map(v1::ResolvedBackend::from)
             .collect();
-        let live = self.live();
+        let live = self.cluster_live();
         let nodes = state
             .nodes
             .keys()

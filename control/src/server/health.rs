@@ -8,6 +8,7 @@
 //! than half of its probers that are connected say so; a prober that is not
 //! connected has no vote, and a backend with no connected prober counts as
 //! healthy (the data plane keeps sending to it, as it would without a check).
+//! Probers connected to other replicas vote too ([`super::peers`]).
 //! The verdicts go to every agent on the `WatchHealth` stream as one complete
 //! set per change. They are live state: not stored, not versioned. After a
 //! restart the service waits [`WARMUP`] for the agents to report again before
@@ -27,16 +28,25 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 use tracing::{info, warn};
 
-use super::{Control, NodeLive};
+use super::Control;
 
 pub type Unhealthy = BTreeSet<BackendRef>;
+
+/// What one prober says, wherever it is connected.
+#[derive(Clone, Debug, Default)]
+pub struct Vote {
+    /// A disconnected prober has no vote.
+    pub connected: bool,
+    /// The backends it probes and finds unhealthy.
+    pub unhealthy: Unhealthy,
+}
 
 /// How long after start the service collects reports before it publishes
 /// verdicts; agents report at once when they reconnect.
 pub const WARMUP: Duration = Duration::from_secs(3);
 
 /// The backends a majority of their connected probers find unhealthy.
-pub fn verdicts(view: &Frontends, live: &BTreeMap<String, NodeLive>) -> Unhealthy {
+pub fn verdicts(view: &Frontends, votes: &BTreeMap<String, Vote>) -> Unhealthy {
     let mut out = Unhealthy::new();
     let mut seen = BTreeSet::new();
     for frontend in view.values() {
@@ -48,11 +58,11 @@ pub fn verdicts(view: &Frontends, live: &BTreeMap<String, NodeLive>) -> Unhealth
                 service: frontend.service.clone(),
                 address: backend.address.into(),
             };
-            let voters: Vec<&NodeLive> = backend
+            let voters: Vec<&Vote> = backend
                 .probers
                 .iter()
-                .filter_map(|node| live.get(node))
-                .filter(|l| l.watchers > 0)
+                .filter_map(|node| votes.get(node))
+                .filter(|v| v.connected)
                 .collect();
             let against = voters.iter().filter(|l| l.unhealthy.contains(&key)).count();
             if against * 2 > voters.len() {
@@ -67,7 +77,7 @@ impl Control {
     /// Recomputes the verdicts and publishes them if they changed.
     pub(super) fn judge_health(&self) {
         let state = self.state();
-        let now = verdicts(&state.view.frontends, &self.live());
+        let now = verdicts(&state.view.frontends, &self.votes());
         self.health.send_if_modified(|current| {
             if **current == now {
                 return false;
@@ -157,7 +167,7 @@ mod tests {
         Frontends::from_iter([(key, frontend)])
     }
 
-    fn live(nodes: &[(&str, bool, bool)]) -> BTreeMap<String, NodeLive> {
+    fn live(nodes: &[(&str, bool, bool)]) -> BTreeMap<String, Vote> {
         let key = BackendRef {
             service: web(),
             address: "198.19.0.11".parse().expect("ip"),
@@ -165,8 +175,8 @@ mod tests {
         nodes
             .iter()
             .map(|&(name, connected, says_down)| {
-                let mut l = NodeLive {
-                    watchers: u32::from(connected),
+                let mut l = Vote {
+                    connected,
                     ..Default::default()
                 };
                 if says_down {

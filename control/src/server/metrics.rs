@@ -281,7 +281,7 @@ impl Control {
         let state = self.state();
         let now = SystemTime::now();
         let nodes = {
-            let live = self.live();
+            let live = self.cluster_live();
             state
                 .nodes
                 .keys()

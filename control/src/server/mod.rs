@@ -22,6 +22,7 @@ pub mod history;
 pub mod metrics;
 pub mod migrate;
 pub mod nodes;
+pub mod peers;
 pub mod replicas;
 pub mod resources;
 pub mod secrets;
@@ -152,6 +153,8 @@ pub struct Control {
     metrics: metrics::ControlMetrics,
     /// Dashboard tokens and rate samples (see [`dashboard`]).
     dashboard: dashboard::Dashboard,
+    /// The other replicas' nodes (see [`peers`]).
+    peers: peers::Peers,
 }
 
 impl Control {
@@ -215,6 +218,7 @@ impl Control {
             flows: flows::Flows::default(),
             metrics: metrics::ControlMetrics::default(),
             dashboard: dashboard::Dashboard::default(),
+            peers: peers::Peers::default(),
         });
         control.write_admin_config_once()?;
         Ok(control)
@@ -393,8 +397,9 @@ impl Control {
         dashboard: Option<tokio::net::TcpListener>,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> Result<(), StartError> {
-        // Other replicas' writes, on a shared store.
+        // Other replicas' writes and nodes, on a shared store.
         self.follow_store();
+        self.join_peers(self.peer_url(&listener));
         let (dns, mut ips) = self.certificate_names();
         // A dashboard on an address of its own is reached by that address too.
         if let Some(ip) = dashboard
@@ -426,6 +431,9 @@ impl Control {
         health
             .set_serving::<v1::node_agent_server::NodeAgentServer<nodes::NodeAgentApi>>()
             .await;
+        health
+            .set_serving::<v1::replica_server::ReplicaServer<peers::ReplicaApi>>()
+            .await;
         let reflection = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(v1::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -451,6 +459,10 @@ impl Control {
                     .max_decoding_message_size(MAX_MESSAGE_BYTES)
                     .max_encoding_message_size(MAX_MESSAGE_BYTES),
             )
+            .add_service(
+                v1::replica_server::ReplicaServer::new(peers::ReplicaApi(self.clone()))
+                    .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            )
             .serve_with_incoming_shutdown(
                 // Without TCP_NODELAY a small view update can wait for the
                 // peer's delayed ACK (40 ms) behind the previous one.
@@ -468,6 +480,32 @@ impl Control {
             )
             .await?;
         Ok(())
+    }
+
+    /// Where other replicas reach this one: the first advertised name, or
+    /// the address it listens on.
+    fn peer_url(&self, listener: &tokio::net::TcpListener) -> String {
+        let port = listener
+            .local_addr()
+            .map_or(self.options.listen.port(), |a| a.port());
+        let host = match (self.options.advertise.first(), self.options.listen.ip()) {
+            (Some(name), _) => name.clone(),
+            (None, ip) if !ip.is_unspecified() => ip.to_string(),
+            (None, _) => {
+                if matches!(self.options.store, StoreConfig::Etcd { .. }) {
+                    tracing::warn!(
+                        "listening on every address without --advertise: replicas on other \
+                         machines cannot reach this one (they are told 127.0.0.1)"
+                    );
+                }
+                "127.0.0.1".to_owned()
+            }
+        };
+        let host = match host.parse::<IpAddr>() {
+            Ok(IpAddr::V6(v6)) => format!("[{v6}]"),
+            _ => host,
+        };
+        format!("https://{host}:{port}")
     }
 
     /// Names for the server certificate: the advertised ones, the listen

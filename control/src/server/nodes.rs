@@ -156,6 +156,7 @@ impl Control {
             None => vec![v1::ViewUpdate::from(&state.view)],
         };
         self.live().entry(node.clone()).or_default().watchers += 1;
+        self.share_live(&node, None);
         let control = self.clone();
         tokio::spawn(async move {
             let _watching = Watching {
@@ -204,9 +205,34 @@ impl Control {
         ReceiverStream::new(rx)
     }
 
-    /// Takes in a node's report. What does not read (from an agent of
-    /// another version) is left out and logged; the rest still counts.
+    /// Takes in a node's report (and passes it on to the other replicas).
     pub fn report(&self, node: &str, req: v1::ReportStatusRequest) {
+        self.metrics.record_flow_events(req.flows.len());
+        self.share_live(node, Some(&req));
+        let mut live = self.live();
+        let (flows, verdicts_changed) =
+            live.entry(node.to_string())
+                .or_default()
+                .take_report(node, req, SystemTime::now());
+        drop(live);
+        self.flows.record(node, flows);
+        if verdicts_changed {
+            self.judge_health();
+        }
+    }
+}
+
+impl NodeLive {
+    /// Takes in what `node` reported at `received`, here or on another
+    /// replica; returns its flow events and whether its probe verdicts
+    /// changed. What does not read (from an agent of another version) is
+    /// left out and logged; the rest still counts.
+    pub(super) fn take_report(
+        &mut self,
+        node: &str,
+        req: v1::ReportStatusRequest,
+        received: SystemTime,
+    ) -> (Vec<FlowEvent>, bool) {
         let v1::ReportStatusRequest {
             applied_version,
             counters,
@@ -217,42 +243,33 @@ impl Control {
             counters_changed_only,
             counters_gone,
         } = req;
-        self.metrics.record_flow_events(flows.len());
         let flows: Vec<FlowEvent> = readable(node, "flow event", flows);
         if flows_only {
-            self.flows.record(node, flows);
-            return;
+            return (flows, false);
         }
         let counters: Vec<FrontendCounters> = readable(node, "counters", counters);
         let unhealthy: super::health::Unhealthy =
             readable::<_, BackendRef>(node, "probe verdict", unhealthy)
                 .into_iter()
                 .collect();
-        let mut live = self.live();
-        let entry = live.entry(node.to_string()).or_default();
-        entry.applied_version = applied_version;
+        self.applied_version = applied_version;
         if counters_changed_only {
-            merge_counters(&mut entry.counters, counters, &gone(node, counters_gone));
+            merge_counters(&mut self.counters, counters, &gone(node, counters_gone));
         } else {
-            entry.counters = counters;
-            entry.counters.sort_by_key(|c| c.key);
+            self.counters = counters;
+            self.counters.sort_by_key(|c| c.key);
         }
-        entry.policy_counters = policy_counters
+        self.policy_counters = policy_counters
             .into_iter()
             .map(PolicyCounter::from)
             .collect();
-        entry.last_report = Some(SystemTime::now());
-        let changed = entry.unhealthy != unhealthy;
-        entry.unhealthy = unhealthy;
-        drop(live);
-        self.flows.record(node, flows);
-        if changed {
-            self.judge_health();
-        }
+        self.last_report = Some(received);
+        let changed = self.unhealthy != unhealthy;
+        self.unhealthy = unhealthy;
+        (flows, changed)
     }
 }
 
-/// The entries of a report that read as domain values.
 /// The frontends a node reports it no longer has.
 fn gone(node: &str, keys: Vec<v1::FrontendKey>) -> Vec<FrontendKey> {
     keys.into_iter()
@@ -288,6 +305,7 @@ fn merge_counters(
     *held = by_key.into_values().collect();
 }
 
+/// The entries of a report that read as domain values.
 fn readable<W, D>(node: &str, what: &str, entries: Vec<W>) -> Vec<D>
 where
     D: TryFrom<W, Error = sluice_model::wire::ReportError>,
@@ -313,6 +331,7 @@ impl Drop for Watching {
         if let Some(live) = self.control.live().get_mut(&self.node) {
             live.watchers = live.watchers.saturating_sub(1);
         }
+        self.control.share_live(&self.node, None);
         // A prober that is gone has no vote any more.
         self.control.judge_health();
     }

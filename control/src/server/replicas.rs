@@ -20,11 +20,24 @@ impl Control {
             })??;
         let old = self.state();
         let missed = fresh.history.since(old.view.version, fresh.view.version);
-        *self.state.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(fresh);
+        let fresh = Arc::new(fresh);
+        *self.state.write().unwrap_or_else(|p| p.into_inner()) = fresh.clone();
         for update in missed.into_iter().flatten() {
             self.publish(&update);
         }
+        self.end_removed_nodes(&old, &fresh);
         Ok(())
+    }
+
+    /// Nodes another replica removed: their watch streams here end too, and
+    /// what they reported is forgotten.
+    fn end_removed_nodes(&self, before: &State, after: &State) {
+        for name in before.nodes.keys() {
+            if !after.nodes.contains_key(name) {
+                self.forget_node(name);
+                let _ = self.removed_nodes.send(name.clone());
+            }
+        }
     }
 
     /// Follows what other replicas commit to a shared store (etcd), so that
@@ -81,10 +94,12 @@ impl Control {
         let mut next = (*current).clone();
         match next.apply_changes(changes) {
             Ok(updates) => {
-                *self.state.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(next);
+                let next = Arc::new(next);
+                *self.state.write().unwrap_or_else(|p| p.into_inner()) = next.clone();
                 for update in &updates {
                     self.publish(update);
                 }
+                self.end_removed_nodes(&current, &next);
             }
             Err(e) => {
                 tracing::warn!(

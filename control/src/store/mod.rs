@@ -354,6 +354,18 @@ pub trait Store: Send + Sync {
         let _ = after;
         None
     }
+
+    /// Registers this process as replica `id`, reachable at `address`, for as long as the store
+    /// lives, and follows every registered replica (id → address), for a store several replicas
+    /// share (etcd); `None` for one that only this process uses (redb).
+    fn announce(
+        &self,
+        id: &str,
+        address: &str,
+    ) -> Option<tokio::sync::watch::Receiver<std::collections::BTreeMap<String, String>>> {
+        let _ = (id, address);
+        None
+    }
 }
 
 /// What one write transaction committed.

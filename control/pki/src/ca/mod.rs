@@ -53,8 +53,8 @@ use x509_parser::error::X509Error;
 use x509_parser::prelude::FromDer;
 
 use crate::{
-    Identity, NODES_ORGANIZATION, PkiError, ca_pin_der, cert_der_to_pem, certs_from_pem,
-    parse_cert_der, validate_group, validate_name,
+    Identity, NODES_ORGANIZATION, PkiError, REPLICAS_GROUP, ca_pin_der, cert_der_to_pem,
+    certs_from_pem, parse_cert_der, validate_group, validate_name,
 };
 
 mod resign;
@@ -243,6 +243,27 @@ impl ClusterCa {
         let identity = Identity::User {
             name: user.to_owned(),
             groups,
+        };
+        self.issue(&key, &identity, not_before, not_after)
+    }
+
+    /// Signs the certificate a control replica presents to the others: a
+    /// user `replica-<id>` in the reserved [`REPLICAS_GROUP`], which
+    /// [`Self::sign_user`] never grants, so only a holder of this CA (a
+    /// replica) can make one.
+    pub fn sign_replica(
+        &self,
+        csr_pem: &str,
+        id: &str,
+        validity: Duration,
+    ) -> Result<IssuedCert, PkiError> {
+        let user = format!("replica-{id}");
+        validate_name("user", &user)?;
+        let key = csr_public_key(csr_pem)?;
+        let (not_before, not_after) = validity_window(validity)?;
+        let identity = Identity::User {
+            name: user,
+            groups: vec![REPLICAS_GROUP.to_owned()],
         };
         self.issue(&key, &identity, not_before, not_after)
     }

@@ -426,7 +426,7 @@ impl Control {
             });
         }
         let now = SystemTime::now();
-        let live: BTreeMap<String, NodeLive> = self.live().clone();
+        let live: BTreeMap<String, NodeLive> = self.cluster_live();
         let node_rates = {
             let mut rates = rates.lock().unwrap_or_else(|p| p.into_inner());
             for (node, l) in &live {

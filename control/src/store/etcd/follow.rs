@@ -1,7 +1,7 @@
 //! Following what every writer of the prefix commits, through etcd's watch:
 //! a replica keeps its copy of the state current with the others' writes.
 //! Events come grouped by the revision (the transaction) that made them, in
-//! order; the store's own sentinel is left out. A watch that ends (etcd
+//! order; the store's own sentinel and the replicas' registrations are left out. A watch that ends (etcd
 //! compacted the revisions it needed, or the connection went for good)
 //! says so once and closes: the follower then reloads everything.
 
@@ -21,6 +21,7 @@ impl EtcdStore {
         let mut watch = self.client.watch_client();
         let layout = self.layout.clone();
         let sentinel = layout.sentinel();
+        let replicas = layout.replicas();
         let endpoints = self.endpoints.clone();
         let ended = move |why: String| StoreError::Backend {
             op: "watch",
@@ -66,7 +67,7 @@ impl EtcdStore {
                 let mut pending: Option<Changes> = None;
                 for event in response.events() {
                     let Some(kv) = event.kv() else { continue };
-                    if kv.key() == sentinel.as_slice() {
+                    if kv.key() == sentinel.as_slice() || kv.key().starts_with(&replicas) {
                         continue;
                     }
                     let revision = u64::try_from(kv.mod_revision()).unwrap_or(0);

@@ -8,6 +8,9 @@ use crate::store::{Key, StoreError};
 /// The sentinel's name under the prefix. It has no `/`, and every object key has two after the
 /// prefix, so no object can be stored under it nor list it.
 const SENTINEL: &[u8] = b"last-commit";
+/// Where replicas register (see `replicas.rs`): one `/` after the prefix, so no object key is
+/// below it either.
+const REPLICAS: &[u8] = b"replicas/";
 const SEP: u8 = b'/';
 const ESCAPE: u8 = b'%';
 
@@ -49,6 +52,11 @@ impl Layout {
         let mut raw = self.prefix.clone();
         raw.extend_from_slice(SENTINEL);
         raw
+    }
+
+    /// The prefix of the replicas' registrations.
+    pub(super) fn replicas(&self) -> Vec<u8> {
+        [self.prefix.as_slice(), REPLICAS].concat()
     }
 
     pub(super) fn key(&self, key: &Key) -> Vec<u8> {

@@ -86,6 +86,7 @@
 mod error;
 mod follow;
 mod keys;
+mod replicas;
 mod tx;
 
 use std::future::Future;
@@ -443,6 +444,14 @@ impl Store for EtcdStore {
     ) -> Option<tokio::sync::mpsc::UnboundedReceiver<Result<crate::store::Changes, StoreError>>>
     {
         Some(self.watch_changes(after))
+    }
+
+    fn announce(
+        &self,
+        id: &str,
+        address: &str,
+    ) -> Option<tokio::sync::watch::Receiver<std::collections::BTreeMap<String, String>>> {
+        Some(self.announce_replica(id, address))
     }
 
     fn begin_read(&self) -> Result<Box<dyn ReadTx + '_>, StoreError> {
