@@ -57,6 +57,7 @@ pub mod command;
 pub mod control;
 pub mod control_bench;
 pub mod dataplane_bench;
+pub mod ha;
 pub mod lab;
 pub mod loadgen;
 pub mod netns;

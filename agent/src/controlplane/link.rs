@@ -111,6 +111,10 @@ impl ControlLink {
                 self.report();
             }
             ViewEvent::Update(update) => {
+                if update.snapshot {
+                    // Rare after the first: a resume too old for the history.
+                    info!(version = update.version, "took the whole view");
+                }
                 self.view.apply(update);
                 match programmer.program(&self.view) {
                     Ok(()) => {

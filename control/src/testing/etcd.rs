@@ -12,6 +12,9 @@
 //! the given CA (peers still talk plain HTTP on loopback). Health is always read over plain HTTP
 //! from each member's metrics port.
 //!
+//! [`EtcdCluster::start_in_netns`] runs the members in a network namespace (`ip netns`), on that
+//! namespace's loopback: end-to-end tests put the control replicas beside them there.
+//!
 //! Members log at `warn` to `<member>.log` in the temp dir; [`StartError::Unhealthy`] carries
 //! the tail of each log.
 
@@ -95,6 +98,8 @@ pub struct EtcdCluster {
     members: Vec<Member>,
     token: String,
     tls: Option<TlsFiles>,
+    /// The network namespace the members run in (`None`: this process's).
+    netns: Option<String>,
     /// Dropped after the members are killed (see `Drop`).
     dir: tempfile::TempDir,
 }
@@ -111,16 +116,25 @@ impl std::fmt::Debug for EtcdCluster {
 impl EtcdCluster {
     /// Starts a new cluster of `size` members and waits until all are healthy.
     pub fn start(size: usize) -> Result<Self, StartError> {
-        Self::start_with(size, None)
+        Self::start_with(size, None, None)
+    }
+
+    /// Like [`EtcdCluster::start`], in the network namespace `netns` (a name `ip netns` knows).
+    pub fn start_in_netns(size: usize, netns: &str) -> Result<Self, StartError> {
+        Self::start_with(size, None, Some(netns))
     }
 
     /// Like [`EtcdCluster::start`], with clients served over TLS (client certificates
     /// required).
     pub fn start_tls(size: usize, tls: &ServerTls) -> Result<Self, StartError> {
-        Self::start_with(size, Some(tls))
+        Self::start_with(size, Some(tls), None)
     }
 
-    fn start_with(size: usize, tls: Option<&ServerTls>) -> Result<Self, StartError> {
+    fn start_with(
+        size: usize,
+        tls: Option<&ServerTls>,
+        netns: Option<&str>,
+    ) -> Result<Self, StartError> {
         let binary = std::env::var_os(ETCD_ENV)
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from(DEFAULT_ETCD));
@@ -129,7 +143,7 @@ impl EtcdCluster {
         }
         let mut attempt = 1;
         loop {
-            match Self::start_once(&binary, size, tls) {
+            match Self::start_once(&binary, size, tls, netns) {
                 // Another process may have taken a port between our probe and etcd's bind.
                 Err(StartError::Unhealthy { ref logs, .. })
                     if attempt < START_ATTEMPTS && logs.contains("address already in use") =>
@@ -141,8 +155,15 @@ impl EtcdCluster {
         }
     }
 
-    fn start_once(binary: &Path, size: usize, tls: Option<&ServerTls>) -> Result<Self, StartError> {
-        let ports = free_ports(3 * size).map_err(StartError::Ports)?;
+    fn start_once(
+        binary: &Path,
+        size: usize,
+        tls: Option<&ServerTls>,
+        netns: Option<&str>,
+    ) -> Result<Self, StartError> {
+        let ports = in_netns(netns, || free_ports(3 * size))
+            .and_then(|ports| ports)
+            .map_err(StartError::Ports)?;
         let members = ports
             .chunks_exact(3)
             .enumerate()
@@ -181,6 +202,7 @@ impl EtcdCluster {
             members,
             token: unique_token(),
             tls,
+            netns: netns.map(str::to_owned),
             dir,
         };
         for i in 0..size {
@@ -282,7 +304,15 @@ impl EtcdCluster {
         let peer_url = format!("http://127.0.0.1:{}", member.peer);
         let metrics_url = format!("http://127.0.0.1:{}", member.metrics);
         let max_txn_ops = MAX_TXN_OPS.to_string();
-        let mut command = Command::new(&self.binary);
+        let mut command = match &self.netns {
+            // `ip netns exec` enters the namespace and execs etcd: the child is etcd itself.
+            Some(netns) => {
+                let mut c = Command::new(IP);
+                c.args(["netns", "exec", netns]).arg(&self.binary);
+                c
+            }
+            None => Command::new(&self.binary),
+        };
         if let Some(tls) = &self.tls {
             command
                 .arg("--cert-file")
@@ -336,7 +366,12 @@ impl EtcdCluster {
             let reason = match exited {
                 Some(reason) => Some(reason),
                 None => {
-                    pending.retain(|&i| self.members.get(i).is_some_and(|m| !healthy(m.metrics)));
+                    let netns = self.netns.as_deref();
+                    pending.retain(|&i| {
+                        self.members.get(i).is_some_and(|m| {
+                            !in_netns(netns, || healthy(m.metrics)).unwrap_or(false)
+                        })
+                    });
                     if pending.is_empty() {
                         return Ok(());
                     }
@@ -385,6 +420,31 @@ impl Drop for EtcdCluster {
         }
         // `dir` is removed after this, with the members gone.
     }
+}
+
+/// `ip`, which starts members in a namespace.
+const IP: &str = "/usr/sbin/ip";
+
+/// Runs `f` in the network namespace `netns` (on a thread of its own, which joins it), or here.
+fn in_netns<T: Send>(netns: Option<&str>, f: impl FnOnce() -> T + Send) -> std::io::Result<T> {
+    use std::os::fd::AsRawFd as _;
+    let Some(netns) = netns else {
+        return Ok(f());
+    };
+    let file = std::fs::File::open(Path::new("/run/netns").join(netns))?;
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                // SAFETY: setns on an open namespace file; it changes only this thread's
+                // network namespace, and the thread ends with `f`.
+                if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(f())
+            })
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })
 }
 
 /// `count` distinct free ports on 127.0.0.1: all bound at once, so none repeats, then released

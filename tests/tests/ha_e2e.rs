@@ -1,0 +1,176 @@
+//! The replicated control plane with real binaries: three `sluice-control`
+//! replicas on a 3-member etcd, two joined agents, traffic through both.
+//! Kill -9 of the replicas the agents watch: each resumes on the third (the
+//! time is printed), forwarding and long-lived connections never stop, the
+//! view continues without a full resend, and an update through the
+//! surviving replica reaches both. Then etcd loses its quorum: writes fail
+//! with sluicectl's "unavailable" exit status while the agents forward, and
+//! all resumes when the quorum is back.
+//!
+//! Needs root; the harness skips nothing: a failure to set up is a failure.
+
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    time::{Duration, Instant},
+};
+
+use sluice_tests::{
+    HttpConn,
+    cluster::TIMEOUT,
+    ha::{HaCluster, RESUME_BOUND, web},
+    http_get, tally,
+};
+
+const WATCHING: &str = "watching the node's view";
+const WHOLE_VIEW: &str = "took the whole view";
+
+/// `n` new connections from node `k`'s client to `vip:80`; who answered.
+fn spread(
+    ha: &HaCluster,
+    k: usize,
+    vip: Ipv4Addr,
+    n: usize,
+) -> std::collections::BTreeMap<String, usize> {
+    let to = SocketAddrV4::new(vip, 80);
+    let bodies = ha.topology.node(k).client.enter(|| {
+        (0..n)
+            .map(|i| http_get(to, TIMEOUT).unwrap_or_else(|e| panic!("node-{k}: request {i}: {e}")))
+            .collect::<Vec<_>>()
+    });
+    tally(bodies)
+}
+
+/// A long-lived connection from node `k`'s client, and who answered.
+fn hold(ha: &HaCluster, k: usize, vip: Ipv4Addr) -> (HttpConn, String) {
+    ha.topology.node(k).client.enter(|| {
+        let mut conn = HttpConn::connect(SocketAddrV4::new(vip, 80), TIMEOUT)
+            .unwrap_or_else(|e| panic!("node-{k}: connecting: {e}"));
+        let first = conn.get().unwrap_or_else(|e| panic!("node-{k}: {e}"));
+        (conn, first)
+    })
+}
+
+fn count(log: &str, line: &str) -> usize {
+    log.matches(line).count()
+}
+
+#[test]
+fn replicas_on_etcd_fail_over_under_traffic_and_survive_a_lost_quorum() {
+    let mut ha = HaCluster::start(2, 2);
+    ha.apply_through(0, &web(2));
+    ha.wait_programmed_on(2);
+    let vip = ha.vip(1, "web");
+    for k in 1..=2 {
+        let answered = spread(&ha, k, vip, 20);
+        assert_eq!(
+            answered.len(),
+            2,
+            "node-{k}: both backends answer: {answered:?}"
+        );
+    }
+    let mut held: Vec<(HttpConn, String)> = (1..=2).map(|k| hold(&ha, k, vip)).collect();
+    let before: Vec<(usize, usize)> = ha
+        .agents
+        .iter()
+        .map(|a| (count(&a.log(), WATCHING), count(&a.log(), WHOLE_VIEW)))
+        .collect();
+    assert!(
+        before.iter().all(|&(watches, _)| watches == 1),
+        "one watch each: {before:?}"
+    );
+
+    // The replicas the two nodes watch die at once.
+    ha.replicas[0].kill9();
+    ha.replicas[1].kill9();
+    let killed = Instant::now();
+    let mut resumed = [None, None];
+    while resumed.iter().any(Option::is_none) {
+        assert!(
+            killed.elapsed() < RESUME_BOUND,
+            "not every node resumed within {RESUME_BOUND:?}: {resumed:?}"
+        );
+        for (i, agent) in ha.agents.iter().enumerate() {
+            if resumed[i].is_none() && count(&agent.log(), WATCHING) > before[i].0 {
+                resumed[i] = Some(killed.elapsed());
+            }
+        }
+        // Forwarding never stops: the held connections answer throughout.
+        for (k, (conn, first)) in held.iter_mut().enumerate() {
+            let answer = conn
+                .get()
+                .unwrap_or_else(|e| panic!("node-{}: held connection: {e}", k + 1));
+            assert_eq!(&answer, first, "a held connection keeps its backend");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    println!("resumed on the surviving replica after a kill -9: {resumed:?} (goal: 3 s)");
+
+    // An update through the survivor reaches both nodes.
+    ha.apply_through(
+        2,
+        "kind: Service\nname: one\nports: [{ port: 80, protocol: TCP, targetPort: 8080 }]\n\
+         backends: [{ address: 198.19.0.11 }]\n",
+    );
+    ha.wait_programmed_on(2);
+    let one = ha.vip(2, "one");
+    for k in 1..=2 {
+        let answered = spread(&ha, k, one, 5);
+        assert_eq!(
+            answered.keys().collect::<Vec<_>>(),
+            ["backend-1"],
+            "node-{k}"
+        );
+    }
+    for (i, agent) in ha.agents.iter().enumerate() {
+        assert_eq!(
+            count(&agent.log(), WHOLE_VIEW),
+            before[i].1,
+            "node-{}: resumed from its version, no whole view again",
+            i + 1
+        );
+    }
+
+    // etcd loses its quorum: writes fail as unavailable, traffic flows.
+    ha.etcd.kill(0).expect("kill etcd member");
+    ha.apply_through(2, &web(1));
+    ha.etcd.kill(1).expect("kill etcd member");
+    const NEW: &str = "kind: Service\nname: later\nports: [{ port: 80, protocol: TCP, targetPort: 8080 }]\n\
+                       backends: [{ address: 198.19.0.12 }]\n";
+    let refused = ha.replica(2).apply("down.yaml", NEW);
+    assert_eq!(
+        refused.status.code(),
+        Some(6),
+        "unavailable without a quorum: {}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    for k in 1..=2 {
+        assert!(!spread(&ha, k, vip, 5).is_empty());
+        let (conn, first) = &mut held[k - 1];
+        assert_eq!(&conn.get().expect("held connection"), first);
+    }
+    ha.etcd.revive().expect("quorum back");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = ha.replica(2).apply("up.yaml", NEW);
+        if out.status.success() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "writes did not resume with the quorum: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    ha.wait_programmed_on(2);
+    let later = ha.vip(2, "later");
+    for k in 1..=2 {
+        assert_eq!(spread(&ha, k, vip, 20).len(), 2, "node-{k}: both backends");
+        let answered = spread(&ha, k, later, 3);
+        assert_eq!(
+            answered.keys().collect::<Vec<_>>(),
+            ["backend-2"],
+            "node-{k}"
+        );
+    }
+}
