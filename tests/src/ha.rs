@@ -42,6 +42,16 @@ pub fn replica_addr(i: usize) -> SocketAddrV4 {
 }
 
 impl HaCluster {
+    /// Starts backend `i`'s server again (after `servers[i - 1].stop()`).
+    pub fn restart_backend(&mut self, i: usize) {
+        self.servers[i - 1] = HttpServer::start(
+            &self.topology.backends[i - 1].ns,
+            backend_addr(i),
+            8080,
+            &format!("backend-{i}"),
+        );
+    }
+
     /// `nodes` nodes, all joined; `backends` backends serving their names
     /// (`backend-<i>`) on :8080.
     pub fn start(nodes: u8, backends: usize) -> Self {
@@ -158,11 +168,13 @@ impl HaCluster {
 /// calls it stuck (the issue's goal is 3 s; the test prints the figure).
 pub const RESUME_BOUND: Duration = Duration::from_secs(15);
 
-/// `default/web` with endpoints at backends `1..=count`.
+/// `default/web` with endpoints at backends `1..=count`, health-checked
+/// (TCP, every 200 ms).
 pub fn web(count: usize) -> String {
     let mut text = String::from(
         "kind: Service\nname: web\nports: [{ port: 80, protocol: TCP, targetPort: 8080 }]\n\
-         selector: { app: web }\n",
+         selector: { app: web }\nhealthCheck: { tcp: {}, intervalMs: 200, timeoutMs: 100, \
+         unhealthyThreshold: 2, healthyThreshold: 2 }\n",
     );
     for i in 1..=count {
         text.push_str(&format!(

@@ -1,5 +1,7 @@
 //! The replicated control plane with real binaries: three `sluice-control`
 //! replicas on a 3-member etcd, two joined agents, traffic through both.
+//! A health check whose probers report to different replicas takes a dead
+//! backend out on both nodes.
 //! Kill -9 of the replicas the agents watch: each resumes on the third (the
 //! time is printed), forwarding and long-lived connections never stop, the
 //! view continues without a full resend, and an update through the
@@ -40,6 +42,22 @@ fn spread(
     tally(bodies)
 }
 
+/// Like [`spread`], a failed request counted as "failed".
+fn try_spread(
+    ha: &HaCluster,
+    k: usize,
+    vip: Ipv4Addr,
+    n: usize,
+) -> std::collections::BTreeMap<String, usize> {
+    let to = SocketAddrV4::new(vip, 80);
+    let bodies = ha.topology.node(k).client.enter(|| {
+        (0..n)
+            .map(|_| http_get(to, TIMEOUT).unwrap_or_else(|_| "failed".into()))
+            .collect::<Vec<_>>()
+    });
+    tally(bodies)
+}
+
 /// A long-lived connection from node `k`'s client, and who answered.
 fn hold(ha: &HaCluster, k: usize, vip: Ipv4Addr) -> (HttpConn, String) {
     ha.topology.node(k).client.enter(|| {
@@ -48,6 +66,15 @@ fn hold(ha: &HaCluster, k: usize, vip: Ipv4Addr) -> (HttpConn, String) {
         let first = conn.get().unwrap_or_else(|e| panic!("node-{k}: {e}"));
         (conn, first)
     })
+}
+
+/// Polls `check` for at most 20 s.
+fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out: {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 fn count(log: &str, line: &str) -> usize {
@@ -68,6 +95,38 @@ fn replicas_on_etcd_fail_over_under_traffic_and_survive_a_lost_quorum() {
             "node-{k}: both backends answer: {answered:?}"
         );
     }
+    // Every replica shows both nodes connected, whichever each watches.
+    for i in 0..3 {
+        let nodes = ha.replica(i).sluicectl_json(&["get", "nodes"]);
+        let connected: Vec<bool> = nodes
+            .as_array()
+            .map(|n| n.iter().map(|n| n["connected"] == true).collect())
+            .unwrap_or_default();
+        assert_eq!(connected, [true, true], "replica {i}: {nodes}");
+    }
+
+    // Both nodes probe each backend, each reporting to its own replica: a
+    // dead backend is out only if both votes count, on both replicas.
+    ha.servers[1].stop();
+    let stopped = Instant::now();
+    for k in 1..=2 {
+        wait_until(&format!("node-{k} takes backend-2 out"), || {
+            let answered = try_spread(&ha, k, vip, 6);
+            answered.keys().collect::<Vec<_>>() == ["backend-1"]
+        });
+    }
+    println!(
+        "a dead backend out on both nodes after {:?} (probers on two replicas)",
+        stopped.elapsed()
+    );
+    ha.restart_backend(2);
+    for k in 1..=2 {
+        wait_until(&format!("node-{k} takes backend-2 back"), || {
+            let answered = try_spread(&ha, k, vip, 10);
+            answered.len() == 2 && !answered.contains_key("failed")
+        });
+    }
+
     let mut held: Vec<(HttpConn, String)> = (1..=2).map(|k| hold(&ha, k, vip)).collect();
     let before: Vec<(usize, usize)> = ha
         .agents
