@@ -192,6 +192,29 @@ impl ControlService {
             .unwrap_or_else(|e| panic!("sluicectl {args:?}: not JSON ({e}):\n{out}"))
     }
 
+    /// The command [`Self::apply`] runs, to spawn and wait for later (its
+    /// output piped).
+    pub fn apply_command(&self, name: &str, manifest: &str) -> Command {
+        let path = self.scratch.write(name, manifest);
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.ns])
+            .arg(sluicectl_bin())
+            .arg("--config")
+            .arg(self.admin_conf())
+            .args(["apply", "-f"])
+            .arg(path)
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        cmd
+    }
+
+    /// Whether its process runs (it was not killed, or was restarted).
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
     /// `sluicectl apply -f <file>` with `manifest` as the file's content.
     pub fn apply(&self, name: &str, manifest: &str) -> Output {
         let path = self.scratch.write(name, manifest);

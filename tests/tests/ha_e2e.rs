@@ -233,3 +233,141 @@ fn replicas_on_etcd_fail_over_under_traffic_and_survive_a_lost_quorum() {
         );
     }
 }
+
+/// Apply `i` of the series: two endpoints, so that half of one would show.
+fn numbered(i: usize) -> String {
+    format!(
+        "kind: Endpoint\nname: e{i}-a\nlabels: {{ series: s{i} }}\naddress: 198.19.1.1\n---\n\
+         kind: Endpoint\nname: e{i}-b\nlabels: {{ series: s{i} }}\naddress: 198.19.1.2\n"
+    )
+}
+
+/// The names `kind` lists through replica `i`.
+fn names(ha: &HaCluster, i: usize, kind: &str) -> std::collections::BTreeSet<String> {
+    let listed = ha.replica(i).sluicectl_json(&["get", kind]);
+    listed
+        .as_array()
+        .map(|objects| {
+            objects
+                .iter()
+                .filter_map(|o| o["name"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn every_acknowledged_write_survives_replica_and_member_kills_and_no_vip_is_given_twice() {
+    const SERIES: usize = 500;
+    let mut ha = HaCluster::start(1, 1);
+    let mut acknowledged = Vec::new();
+    let mut down: Option<usize> = None;
+    for i in 0..SERIES {
+        // Through the replicas in turn, skipping one that is down.
+        let mut through = i % 3;
+        if down == Some(through) {
+            through = (through + 1) % 3;
+        }
+        let mut apply = ha
+            .replica(through)
+            .apply_command("series.yaml", &numbered(i));
+        let child = apply.spawn().expect("sluicectl");
+        match i % 100 {
+            // kill -9 of the replica while its apply may be in flight.
+            30 => {
+                std::thread::sleep(Duration::from_millis((i % 7) as u64 * 3));
+                ha.replicas[through].kill9();
+                down = Some(through);
+            }
+            60 => {
+                if let Some(r) = down.take() {
+                    ha.replicas[r].restart();
+                }
+            }
+            _ => {}
+        }
+        match i {
+            250 => ha.etcd.kill(1).expect("kill etcd member"),
+            350 => ha.etcd.restart(1).expect("restart etcd member"),
+            _ => {}
+        }
+        let out = child.wait_with_output().expect("sluicectl");
+        if out.status.success() {
+            acknowledged.push(i);
+        }
+    }
+    if let Some(r) = down {
+        ha.replicas[r].restart();
+    }
+    println!(
+        "{} of {SERIES} applies acknowledged through replica and etcd member kills",
+        acknowledged.len()
+    );
+    assert!(acknowledged.len() >= SERIES - 20, "{}", acknowledged.len());
+
+    // Every acknowledged write is there, on every replica; nothing is half there.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let endpoints = loop {
+        let all: Vec<_> = (0..3).map(|i| names(&ha, i, "endpoints")).collect();
+        if all.iter().all(|n| *n == all[0]) {
+            break all[0].clone();
+        }
+        assert!(Instant::now() < deadline, "replicas disagree");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    for &i in &acknowledged {
+        assert!(
+            endpoints.contains(&format!("e{i}-a")),
+            "apply {i} was acknowledged"
+        );
+    }
+    for i in 0..SERIES {
+        assert_eq!(
+            endpoints.contains(&format!("e{i}-a")),
+            endpoints.contains(&format!("e{i}-b")),
+            "apply {i} is half there"
+        );
+    }
+
+    // Creations without a VIP, many at once through all three replicas.
+    const CREATES: usize = 200;
+    let mut children = Vec::new();
+    for i in 0..CREATES {
+        let text = format!(
+            "kind: Service\nname: c{i}\nports: [{{ port: 80, protocol: TCP }}]\nselector: {{ app: c{i} }}\n"
+        );
+        let mut apply = ha.replica(i).apply_command(&format!("c{i}.yaml"), &text);
+        children.push(apply.spawn().expect("sluicectl"));
+        // A wave of 40 at a time: concurrent, within the machine's process limits.
+        if children.len() == 40 {
+            for child in children.drain(..) {
+                let out = child.wait_with_output().expect("sluicectl");
+                assert!(
+                    out.status.success(),
+                    "a concurrent create failed: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+        }
+    }
+    for child in children {
+        let out = child.wait_with_output().expect("sluicectl");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let listed = ha.replica(0).sluicectl_json(&["get", "services"]);
+    let vips: std::collections::BTreeSet<String> = listed
+        .as_array()
+        .expect("services")
+        .iter()
+        .filter_map(|s| s["vip"].as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(
+        vips.len(),
+        CREATES,
+        "{CREATES} services, no VIP given twice"
+    );
+}

@@ -88,7 +88,16 @@ pub enum StoreConfig {
 }
 
 /// Drafts of one change tried before a race with other replicas is an error.
-const RACE_ATTEMPTS: u32 = 8;
+const RACE_ATTEMPTS: u32 = 16;
+
+/// A random pause before drafting again after the `attempt`th race: up to
+/// 10 ms per attempt.
+fn race_pause(attempt: u32) -> Duration {
+    let mut noise = [0u8; 2];
+    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut noise);
+    let max_us = u64::from(attempt) * 10_000;
+    Duration::from_micros(u64::from(u16::from_le_bytes(noise)) * max_us / u64::from(u16::MAX))
+}
 
 /// Live status an agent reports; not stored (it is re-reported after a restart).
 #[derive(Clone, Debug, Default)]
@@ -309,7 +318,7 @@ impl Control {
         dry_run: bool,
         mut edit: impl FnMut(&mut Draft) -> Result<T, ApiError>,
     ) -> Result<T, ApiError> {
-        let _serial = self.writes.lock().await;
+        let mut serial = self.writes.lock().await;
         let mut attempt = 1;
         loop {
             let mut draft = Draft::new(&self.state());
@@ -336,7 +345,19 @@ impl Control {
                         "raced another replica; drafting again"
                     );
                     attempt += 1;
-                    self.reload().await?;
+                    // Let the follower take the winner's changes in (it
+                    // needs the write lock), after a random pause so that
+                    // replicas racing each other do not meet again.
+                    drop(serial);
+                    tokio::time::sleep(race_pause(attempt)).await;
+                    let deadline = tokio::time::Instant::now() + Duration::from_millis(500);
+                    while self.state().revision < winner && tokio::time::Instant::now() < deadline {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                    serial = self.writes.lock().await;
+                    if self.state().revision < winner {
+                        self.reload().await?;
+                    }
                     continue;
                 }
                 other => other?,
