@@ -3,7 +3,11 @@
 //! change, and what the control service and the agents weigh at that size.
 //!
 //! A real cluster in namespaces ([`ClusterTopology`]): `sluice-control` with
-//! its embedded store, two joined agents, `sluicectl` as an admin runs it.
+//! its embedded store, or on a 3-member etcd in the control namespace, two
+//! joined agents, `sluicectl` as an admin runs it. On etcd the first load goes
+//! in applies of at most [`ETCD_BATCH`] objects (one etcd transaction bounds
+//! an apply: `--max-txn-ops`) and is timed from the first request to the
+//! last agent programmed.
 //! "Programmed" is the moment an agent logs `applied view version N`, which
 //! it does right after the last map write of that version; the agents' log
 //! timestamps and the acknowledgement are read off the same clock. Agents can
@@ -31,9 +35,22 @@ use crate::{
 const VIP_CIDR: &str = "198.18.128.0/17";
 const NODES: u8 = 2;
 const PROGRAMMED_TIMEOUT: Duration = Duration::from_secs(300);
+/// Objects per apply of the first load on etcd: within its transaction limit
+/// (the test clusters' `--max-txn-ops` is 1024; an object costs a put and a
+/// compare).
+pub const ETCD_BATCH: usize = 400;
+
+/// Where the control service keeps its state in a case.
+#[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    Embedded,
+    Etcd,
+}
 
 #[derive(Debug, Serialize)]
 pub struct Row {
+    pub store: StoreKind,
     pub case: String,
     pub services: usize,
     pub endpoints: usize,
@@ -55,6 +72,7 @@ pub struct Timing {
 
 #[derive(Debug, Serialize)]
 pub struct Memory {
+    pub store: StoreKind,
     pub services: usize,
     pub endpoints: usize,
     pub control_rss_mib: f64,
@@ -77,35 +95,58 @@ pub fn run(services: usize, per_service: usize, rounds: usize) -> anyhow::Result
         rows: Vec::new(),
         memory: Vec::new(),
     };
-    for (size, per) in [(1, 3), (services, per_service)] {
-        let cluster = BenchCluster::start().context("starting the cluster")?;
-        let manifest = cluster
-            .control
-            .scratch()
-            .write("all.yaml", manifest(size, per, 1));
-        report.rows.push(Row {
-            case: "first apply".into(),
-            services: size,
-            endpoints: size * per,
-            timing: cluster.apply(&manifest)?,
-        });
-        let changes = if size == 1 { rounds } else { 3 };
-        let mut samples = Vec::new();
-        for round in 0..changes {
-            let change = cluster
-                .control
-                .scratch()
-                .write("change.yaml", endpoint(size / 2, 0, 2 + round as u32));
-            samples.push(cluster.apply(&change)?);
+    for store in [StoreKind::Embedded, StoreKind::Etcd] {
+        for (size, per) in [(1, 3), (services, per_service)] {
+            let cluster = BenchCluster::start(store).context("starting the cluster")?;
+            let batches: Vec<std::path::PathBuf> = match store {
+                StoreKind::Embedded => vec![manifest(size, per, 1)],
+                StoreKind::Etcd => (0..size)
+                    .step_by((ETCD_BATCH / (1 + per)).max(1))
+                    .map(|first| {
+                        let last = (first + (ETCD_BATCH / (1 + per)).max(1)).min(size);
+                        manifest_range(first..last, per, 1)
+                    })
+                    .collect(),
+            }
+            .into_iter()
+            .enumerate()
+            .map(|(i, text)| {
+                cluster
+                    .control
+                    .scratch()
+                    .write(&format!("load-{i}.yaml"), text)
+            })
+            .collect();
+            report.rows.push(Row {
+                store,
+                case: if batches.len() == 1 {
+                    "first apply".into()
+                } else {
+                    format!("first load ({} applies)", batches.len())
+                },
+                services: size,
+                endpoints: size * per,
+                timing: cluster.apply(&batches)?,
+            });
+            let changes = if size == 1 { rounds } else { 3 };
+            let mut samples = Vec::new();
+            for round in 0..changes {
+                let change = cluster
+                    .control
+                    .scratch()
+                    .write("change.yaml", endpoint(size / 2, 0, 2 + round as u32));
+                samples.push(cluster.apply(&[change])?);
+            }
+            samples.sort_by(|a, b| a.ack_to_programmed_ms.total_cmp(&b.ack_to_programmed_ms));
+            report.rows.push(Row {
+                store,
+                case: "one endpoint changes (median)".into(),
+                services: size,
+                endpoints: size * per,
+                timing: samples.swap_remove(samples.len() / 2),
+            });
+            report.memory.push(cluster.memory(store, size, size * per)?);
         }
-        samples.sort_by(|a, b| a.ack_to_programmed_ms.total_cmp(&b.ack_to_programmed_ms));
-        report.rows.push(Row {
-            case: "one endpoint changes (median)".into(),
-            services: size,
-            endpoints: size * per,
-            timing: samples.swap_remove(samples.len() / 2),
-        });
-        report.memory.push(cluster.memory(size, size * per)?);
     }
     Ok(report)
 }
@@ -121,8 +162,13 @@ pub(crate) fn endpoint(service: usize, j: usize, weight: u32) -> String {
 
 /// `services` services selecting `per` endpoints each; VIPs allocated.
 pub(crate) fn manifest(services: usize, per: usize, weight: u32) -> String {
-    let mut out = String::with_capacity(services * (120 + per * 110));
-    for i in 0..services {
+    manifest_range(0..services, per, weight)
+}
+
+/// [`manifest`]'s services numbered `range`.
+pub(crate) fn manifest_range(range: std::ops::Range<usize>, per: usize, weight: u32) -> String {
+    let mut out = String::with_capacity(range.len() * (120 + per * 110));
+    for i in range {
         let _ = write!(
             out,
             "---\nkind: Service\nname: svc-{i}\nports: [{{ port: 80, protocol: TCP, targetPort: 8080 }}]\nselector: {{ app: svc-{i} }}\n"
@@ -134,16 +180,39 @@ pub(crate) fn manifest(services: usize, per: usize, weight: u32) -> String {
     out
 }
 
+/// Fields drop in order: agents, the control service, etcd, the namespaces.
 struct BenchCluster {
     agents: Vec<Agent>,
     control: ControlService,
+    _etcd: Option<(sluice_control::testing::EtcdCluster, crate::ScratchDir)>,
     topology: ClusterTopology,
 }
 
 impl BenchCluster {
-    fn start() -> anyhow::Result<Self> {
+    fn start(store: StoreKind) -> anyhow::Result<Self> {
         let topology = ClusterTopology::build(NODES, 0);
-        let control = ControlService::start(&topology.control, CONTROL_ADDR, VIP_CIDR, &[]);
+        let (etcd, args) = match store {
+            StoreKind::Embedded => (None, Vec::new()),
+            StoreKind::Etcd => {
+                use std::os::unix::fs::PermissionsExt as _;
+                let etcd = sluice_control::testing::EtcdCluster::start_in_netns(
+                    3,
+                    topology.control.name(),
+                )?;
+                let keys = crate::ScratchDir::new();
+                let key_file = keys.write("kek", sluice_control::sealing::new_key_line()?);
+                fs::set_permissions(&key_file, fs::Permissions::from_mode(0o600))?;
+                let args = vec![
+                    "--store".to_owned(),
+                    etcd.url(),
+                    "--encryption-key-file".to_owned(),
+                    key_file.display().to_string(),
+                ];
+                (Some((etcd, keys)), args)
+            }
+        };
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let control = ControlService::start(&topology.control, CONTROL_ADDR, VIP_CIDR, &args);
         let mut agents = Vec::new();
         for node in &topology.nodes {
             let (token, ca_hash) = control.join_token("10m");
@@ -158,32 +227,36 @@ impl BenchCluster {
         Ok(Self {
             agents,
             control,
+            _etcd: etcd,
             topology,
         })
     }
 
-    /// Applies `file` and times it (see the module docs).
-    fn apply(&self, file: &std::path::Path) -> anyhow::Result<Timing> {
+    /// Applies `files` one after the other and times them as one (see the
+    /// module docs).
+    fn apply(&self, files: &[std::path::PathBuf]) -> anyhow::Result<Timing> {
         let before: Vec<usize> = self.agents.iter().map(|a| applied_lines(a).len()).collect();
         let sent = SystemTime::now();
         let started = Instant::now();
-        let out = Command::new("ip")
-            .args(["netns", "exec", self.topology.control.name()])
-            .arg(sluicectl_bin())
-            .arg("--config")
-            .arg(self.control.admin_conf())
-            .args(["apply", "-f"])
-            .arg(file)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .output()
-            .context("running sluicectl")?;
+        for file in files {
+            let out = Command::new("ip")
+                .args(["netns", "exec", self.topology.control.name()])
+                .arg(sluicectl_bin())
+                .arg("--config")
+                .arg(self.control.admin_conf())
+                .args(["apply", "-f"])
+                .arg(file)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .output()
+                .context("running sluicectl")?;
+            if !out.status.success() {
+                bail!("apply failed: {}", String::from_utf8_lossy(&out.stderr));
+            }
+        }
         let apply = started.elapsed();
         let acked = sent + apply;
-        if !out.status.success() {
-            bail!("apply failed: {}", String::from_utf8_lossy(&out.stderr));
-        }
         let version = self.control.view_version();
         let deadline = Instant::now() + PROGRAMMED_TIMEOUT;
         let mut programmed = Vec::new();
@@ -213,9 +286,15 @@ impl BenchCluster {
         })
     }
 
-    fn memory(&self, services: usize, endpoints: usize) -> anyhow::Result<Memory> {
+    fn memory(
+        &self,
+        store: StoreKind,
+        services: usize,
+        endpoints: usize,
+    ) -> anyhow::Result<Memory> {
         let control_pid = self.control.pid().context("control service not running")?;
         Ok(Memory {
+            store,
             services,
             endpoints,
             control_rss_mib: rss_mib(control_pid)?,
@@ -298,7 +377,8 @@ pub fn render(report: &Report) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<32} {:>9} {:>10} {:>10} {:>16} {:>18}",
+        "{:<9} {:<32} {:>9} {:>10} {:>10} {:>16} {:>18}",
+        "store",
         "control plane",
         "services",
         "endpoints",
@@ -309,7 +389,8 @@ pub fn render(report: &Report) -> String {
     for r in &report.rows {
         let _ = writeln!(
             out,
-            "{:<32} {:>9} {:>10} {:>10.1} {:>13.1} ms {:>15.1} ms",
+            "{:<9} {:<32} {:>9} {:>10} {:>10.1} {:>13.1} ms {:>15.1} ms",
+            format!("{:?}", r.store).to_lowercase(),
             r.case,
             r.services,
             r.endpoints,
@@ -320,8 +401,8 @@ pub fn render(report: &Report) -> String {
     }
     let _ = writeln!(
         out,
-        "\n{:<32} {:>9} {:>10} {:>16} {:>22}",
-        "memory", "services", "endpoints", "control RSS", "agent RSS / kernel"
+        "\n{:<9} {:<32} {:>9} {:>10} {:>16} {:>22}",
+        "store", "memory", "services", "endpoints", "control RSS", "agent RSS / kernel"
     );
     for m in &report.memory {
         let agents: Vec<String> = m
@@ -332,7 +413,8 @@ pub fn render(report: &Report) -> String {
             .collect();
         let _ = writeln!(
             out,
-            "{:<32} {:>9} {:>10} {:>12.1} MiB {:>22}",
+            "{:<9} {:<32} {:>9} {:>10} {:>12.1} MiB {:>22}",
+            format!("{:?}", m.store).to_lowercase(),
             "",
             m.services,
             m.endpoints,

@@ -24,12 +24,16 @@
 //! `tx off, gro on` (as real NICs), where the agent picks native XDP instead
 //! of TC.
 //!
-//! The two flows are `cluster` and `standalone`, each one function in the
+//! `--ha` runs the control plane replicated instead: three replicas on a
+//! 3-member etcd, a replica killed under traffic (see `ha`).
+//!
+//! The flows are `cluster`, `standalone` and `ha`, each one function in the
 //! order of its steps; `introspection` is the cluster flow's step 11,
 //! `sluicectl` its calls to the control service; `traffic` and `output` are
 //! what both send and print.
 
 mod cluster;
+mod ha;
 mod introspection;
 mod output;
 mod sluicectl;
@@ -52,18 +56,21 @@ const PROPAGATION: Duration = Duration::from_secs(20);
 /// Comfortably past the demo's health-check bound (2 × 200 ms + 100 ms).
 const HEALTH_WAIT: Duration = Duration::from_secs(2);
 
-const USAGE: &str = "usage: sluice-demo [--standalone] [--nic-like]
+const USAGE: &str = "usage: sluice-demo [--standalone] [--nic-like] [--ha]
   (no option)   two nodes joined to sluice-control, driven with sluicectl
+  --ha          three sluice-control replicas on etcd, one killed under traffic
   --standalone  one sluice-agent with a manifest file, no control service
   --nic-like    the standalone demo with NIC-like veth ends (native XDP)";
 
 fn main() -> anyhow::Result<()> {
     let mut standalone_flow = false;
     let mut nic_like = false;
+    let mut ha_flow = false;
     for arg in std::env::args().skip(1) {
         match arg.as_str() {
             "--standalone" => standalone_flow = true,
             "--nic-like" => nic_like = true,
+            "--ha" => ha_flow = true,
             "-h" | "--help" => {
                 println!("{USAGE}");
                 return Ok(());
@@ -71,7 +78,9 @@ fn main() -> anyhow::Result<()> {
             other => bail!("unknown argument {other:?}\n{USAGE}"),
         }
     }
-    if standalone_flow || nic_like {
+    if ha_flow {
+        ha::ha()
+    } else if standalone_flow || nic_like {
         standalone(nic_like)
     } else {
         cluster()
