@@ -58,6 +58,8 @@ pub mod control;
 pub mod control_bench;
 pub mod dataplane_bench;
 pub mod ha;
+pub mod hollow;
+pub mod hollow_bench;
 pub mod lab;
 pub mod loadgen;
 pub mod netns;

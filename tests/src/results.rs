@@ -57,6 +57,7 @@ pub struct Results {
     pub throughput: Option<throughput::Report>,
     pub control: Option<control_bench::Report>,
     pub store: Option<crate::store_bench::Report>,
+    pub hollow: Option<crate::hollow_bench::Report>,
 }
 
 impl Results {
@@ -69,6 +70,7 @@ impl Results {
             throughput: None,
             control: None,
             store: None,
+            hollow: None,
         }
     }
 

@@ -15,7 +15,7 @@
 //! | `error` | [`CliError`] and exit statuses |
 
 mod args;
-mod client;
+pub mod client;
 mod cluster;
 pub mod config;
 mod dashboard;

@@ -8,8 +8,13 @@
 //!    client → node → backends topology in namespaces: Sluice against
 //!    kube-proxy-style iptables DNAT and nftables DNAT
 //!    (`sluice_tests::throughput`).
-//! 4. `control`: `sluicectl apply` → programmed on every agent
-//!    (`sluice_tests::control_bench`).
+//! 4. `control`: `sluicectl apply` → programmed on every agent, on the
+//!    embedded store and on etcd (`sluice_tests::control_bench`).
+//! 5. `store`: the control service's writes in-process, both stores
+//!    (`sluice_tests::store_bench`).
+//! 6. `hollow`: 100 and 1,000 simulated nodes on three replicas on etcd:
+//!    apply → every node has it, and each replica's CPU and memory
+//!    (`sluice_tests::hollow_bench`).
 //!
 //! Prints each part's table and one combined table, writes every row with
 //! the machine's description to `target/bench/results.json` and draws
@@ -26,7 +31,14 @@ use sluice_tests::{
     throughput,
 };
 
-const PARTS: [&str; 5] = ["dataplane", "scaling", "throughput", "control", "store"];
+const PARTS: [&str; 6] = [
+    "dataplane",
+    "scaling",
+    "throughput",
+    "control",
+    "store",
+    "hollow",
+];
 
 struct Args {
     settings: Settings,
@@ -34,6 +46,7 @@ struct Args {
     only: Option<String>,
     services: usize,
     per_service: usize,
+    hollow: Vec<usize>,
     throughput: throughput::Settings,
 }
 
@@ -47,6 +60,7 @@ fn args() -> anyhow::Result<Args> {
         only: None,
         services: 10_000,
         per_service: 10,
+        hollow: vec![100, 1000],
         throughput: throughput::Settings::default(),
     };
     let mut it = std::env::args().skip(1);
@@ -58,6 +72,13 @@ fn args() -> anyhow::Result<Args> {
             "--out-dir" => args.out_dir = PathBuf::from(value()?),
             "--services" => args.services = value()?.parse().context("--services")?,
             "--per-service" => args.per_service = value()?.parse().context("--per-service")?,
+            "--hollow" => {
+                args.hollow = value()?
+                    .split(',')
+                    .map(str::parse)
+                    .collect::<Result<_, _>>()
+                    .context("--hollow")?;
+            }
             "--seconds" => {
                 args.throughput.seconds = value()?.parse().context("--seconds")?;
             }
@@ -77,10 +98,10 @@ fn args() -> anyhow::Result<Args> {
             }
             "-h" | "--help" => {
                 println!(
-                    "sluice-bench [--only dataplane|scaling|throughput|control|store] \
+                    "sluice-bench [--only dataplane|scaling|throughput|control|store|hollow] \
                      [--repeat N (1000000)] [--rounds R (5)] [--out-dir DIR (target/bench)] \
                      [--sizes 1,1000,10000] [--seconds S (2)] \
-                     [--services N (10000)] [--per-service M (10)]"
+                     [--services N (10000)] [--per-service M (10)] [--hollow 100,1000]"
                 );
                 std::process::exit(0);
             }
@@ -134,6 +155,22 @@ fn main() -> anyhow::Result<()> {
             control_bench::run(args.services, args.per_service, args.settings.rounds.max(3))?;
         print!("{}", control_bench::render(&report));
         results.control = Some(report);
+    }
+
+    if runs("hollow") {
+        println!(
+            "\nhollow nodes: three replicas on a 3-member etcd, {:?} simulated nodes reporting every second; \
+             one endpoint change → every node has it (then at {} services × {})",
+            args.hollow, args.services, args.per_service
+        );
+        let report = sluice_tests::hollow_bench::run(
+            &args.hollow,
+            args.services,
+            args.per_service,
+            args.settings.rounds.max(5),
+        )?;
+        print!("{}", sluice_tests::hollow_bench::render(&report));
+        results.hollow = Some(report);
     }
 
     if runs("store") {
