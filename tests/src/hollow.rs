@@ -53,7 +53,11 @@ impl Fleet {
     ) -> anyhow::Result<Self> {
         let mut tokens = Vec::with_capacity(n);
         for _ in 0..n {
-            tokens.push(admin.create_join_token(Duration::from_secs(600)).await?);
+            let token = admin
+                .create_join_token(Duration::from_secs(600))
+                .await
+                .map_err(|e| anyhow::anyhow!("creating join token {}: {e:?}", tokens.len()))?;
+            tokens.push(token);
         }
         let failed = Arc::new(AtomicUsize::new(0));
         let gate = Arc::new(tokio::sync::Semaphore::new(JOINS_AT_ONCE));
@@ -64,7 +68,9 @@ impl Fleet {
             let gate = gate.clone();
             joins.push(tokio::spawn(async move {
                 let _permit = gate.acquire_owned().await?;
-                connect(&url, &token, &name).await
+                connect(&url, &token, &name)
+                    .await
+                    .with_context(|| format!("{name} through {url}"))
             }));
         }
         let mut applied = Vec::with_capacity(n);
@@ -107,7 +113,10 @@ impl Fleet {
                 return Ok(started.elapsed());
             }
             if self.failed.load(Ordering::Relaxed) > 0 {
-                bail!("{} hollow nodes failed", self.failed.load(Ordering::Relaxed));
+                bail!(
+                    "{} hollow nodes failed",
+                    self.failed.load(Ordering::Relaxed)
+                );
             }
             if started.elapsed() > timeout {
                 bail!("not every hollow node passed version {above} in {timeout:?}");
@@ -126,7 +135,9 @@ async fn connect(
     name: &str,
 ) -> anyhow::Result<(NodeAgentClient<tonic::transport::Channel>, Watch)> {
     let keys = sluice_pki::new_key_and_csr(name)?;
-    let (channel, ca_pem) = sluice_pki::pinned_join_channel(url, &token.ca_hash).await?;
+    let (channel, ca_pem) = sluice_pki::pinned_join_channel(url, &token.ca_hash)
+        .await
+        .context("connecting to join")?;
     let joined = NodeAgentClient::new(channel)
         .join(v1::JoinRequest {
             token: token.token.clone(),
@@ -137,8 +148,9 @@ async fn connect(
         .await
         .with_context(|| format!("{name} joining"))?
         .into_inner();
-    let channel =
-        sluice_pki::mtls_channel(url, &ca_pem, &joined.certificate_pem, &keys.key_pem).await?;
+    let channel = sluice_pki::mtls_channel(url, &ca_pem, &joined.certificate_pem, &keys.key_pem)
+        .await
+        .context("connecting with the node certificate")?;
     let mut client = NodeAgentClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES);
     let watch = client
         .watch_view(v1::WatchViewRequest { since_version: 0 })

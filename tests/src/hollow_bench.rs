@@ -103,10 +103,13 @@ pub fn run(fleets: &[usize], services: usize, per: usize, rounds: usize) -> anyh
             let mut fleet = None;
             for &n in fleets {
                 drop(fleet.take());
-                let joined = Fleet::join(&admin, &urls, &format!("h{n}"), n, Duration::from_secs(1))
-                    .await
-                    .with_context(|| format!("joining {n} hollow nodes"))?;
-                report.rows.push(time_change(&admin, &joined, n, 1, 3, rounds).await?);
+                let joined =
+                    Fleet::join(&admin, &urls, &format!("h{n}"), n, Duration::from_secs(1))
+                        .await
+                        .map_err(|e| anyhow::anyhow!("joining {n} hollow nodes: {e:?}"))?;
+                report
+                    .rows
+                    .push(time_change(&admin, &joined, n, 1, 3, rounds).await?);
                 fleet = Some(joined);
             }
             let fleet = fleet.context("no fleet")?;
@@ -154,7 +157,9 @@ async fn time_change(
     for round in 0..rounds.max(1) {
         // Every node has what came before.
         let (_, high) = fleet.versions();
-        fleet.wait_all_above(high.saturating_sub(1), ALL_NODES_TIMEOUT).await?;
+        fleet
+            .wait_all_above(high.saturating_sub(1), ALL_NODES_TIMEOUT)
+            .await?;
         let change = endpoint(services / 2, 0, 2 + round as u32);
         let sent = Instant::now();
         admin.apply(objects(&change)?, false).await?;
@@ -177,7 +182,10 @@ async fn time_change(
 
 /// Each replica's CPU over [`CPU_WINDOW`] and its RSS at the end.
 async fn sample(pids: &[u32], nodes: usize, services: usize) -> anyhow::Result<Vec<Replica>> {
-    let before: Vec<u64> = pids.iter().map(|&p| cpu_ticks(p)).collect::<Result<_, _>>()?;
+    let before: Vec<u64> = pids
+        .iter()
+        .map(|&p| cpu_ticks(p))
+        .collect::<Result<_, _>>()?;
     tokio::time::sleep(CPU_WINDOW).await;
     let ticks_per_second = 100.0;
     pids.iter()

@@ -371,3 +371,105 @@ fn every_acknowledged_write_survives_replica_and_member_kills_and_no_vip_is_give
         "{CREATES} services, no VIP given twice"
     );
 }
+
+#[test]
+fn an_embedded_cluster_migrated_to_etcd_keeps_its_vips_and_its_joined_agents() {
+    use sluice_control::testing::EtcdCluster;
+    use sluice_tests::{
+        Agent, ClusterTopology, ControlService, HttpServer,
+        agent::agent_bin,
+        cluster::{CONTROL_ADDR, VIP_CIDR},
+        control::control_bin,
+    };
+
+    let topology = ClusterTopology::build(1, 1);
+    let backend = &topology.backends[0];
+    let _server = HttpServer::start(&backend.ns, backend.addr, 8080, "backend-1");
+    let mut embedded = ControlService::start(&topology.control, CONTROL_ADDR, VIP_CIDR, &[]);
+    let (token, ca_hash) = embedded.join_token("10m");
+    let node = topology.node(1);
+    let agent = Agent::try_launch(
+        &agent_bin(),
+        &node.ns,
+        node.join_args(&embedded.url(), &token, &ca_hash),
+    )
+    .unwrap_or_else(|f| panic!("node-1: {f}"));
+    let out = embedded.apply("web.yaml", &web(1));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let listed = embedded.sluicectl_json(&["get", "service", "web"]);
+    let vip: Ipv4Addr = listed["vip"]
+        .as_str()
+        .and_then(|v| v.parse().ok())
+        .expect("a VIP");
+    embedded
+        .wait_programmed(&["node-1"], 1, Duration::from_secs(20))
+        .expect("programmed");
+
+    // Stop the single machine, move its store into etcd as it is.
+    embedded.kill9();
+    let data = embedded.scratch().join("data");
+    let etcd = EtcdCluster::start_in_netns(3, topology.control.name()).expect("etcd");
+    let migrated = topology.control.exec(&[
+        &control_bin().display().to_string(),
+        "migrate",
+        "--from",
+        &data.display().to_string(),
+        "--to",
+        &etcd.url(),
+    ]);
+    assert!(
+        migrated.status.success(),
+        "migrate: {}",
+        String::from_utf8_lossy(&migrated.stderr)
+    );
+    // A replica on etcd where the single machine was, with the key it sealed with.
+    let key = data.join(sluice_control::sealing::GENERATED_KEY_FILE);
+    let replica = ControlService::start(
+        &topology.control,
+        CONTROL_ADDR,
+        VIP_CIDR,
+        &[
+            "--store",
+            &etcd.url(),
+            "--encryption-key-file",
+            &key.display().to_string(),
+        ],
+    );
+    let listed = replica.sluicectl_json(&["get", "service", "web"]);
+    assert_eq!(
+        listed["vip"].as_str(),
+        Some(vip.to_string().as_str()),
+        "same VIP"
+    );
+    // The node joined before comes back with its certificate, and follows.
+    let out = replica.apply(
+        "later.yaml",
+        "kind: Service\nname: later\nports: [{ port: 80, protocol: TCP, targetPort: 8080 }]\n\
+         backends: [{ address: 198.19.0.11 }]\n",
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let desired = replica.view_version();
+    replica
+        .wait_programmed(&["node-1"], desired, Duration::from_secs(30))
+        .unwrap_or_else(|last| panic!("node-1 did not follow the migrated cluster: {last}"));
+    let later: Ipv4Addr = replica.sluicectl_json(&["get", "service", "later"])["vip"]
+        .as_str()
+        .and_then(|v| v.parse().ok())
+        .expect("a VIP");
+    for to in [vip, later] {
+        let answered = node
+            .client
+            .enter(|| http_get(SocketAddrV4::new(to, 80), TIMEOUT))
+            .unwrap_or_else(|e| panic!("{to}: {e}"));
+        assert_eq!(answered, "backend-1");
+    }
+    drop((agent, replica, etcd));
+}

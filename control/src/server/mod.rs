@@ -87,15 +87,20 @@ pub enum StoreConfig {
     },
 }
 
-/// Drafts of one change tried before a race with other replicas is an error.
-const RACE_ATTEMPTS: u32 = 16;
+/// How long one change is drafted again after races with other replicas
+/// before the race is the caller's error. Every write of a shared store
+/// compares one key (see [`crate::store`]), so replicas writing at once take
+/// turns; under a burst (a thousand nodes joining) a write may lose many
+/// turns in a row, and a bound in time rather than in attempts keeps it
+/// trying while the others make progress.
+const RACE_BUDGET: Duration = Duration::from_secs(15);
 
 /// A random pause before drafting again after the `attempt`th race: up to
-/// 10 ms per attempt.
+/// 5 ms per attempt, at most 50 ms, so that racing replicas spread out.
 fn race_pause(attempt: u32) -> Duration {
     let mut noise = [0u8; 2];
     let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut noise);
-    let max_us = u64::from(attempt) * 10_000;
+    let max_us = (u64::from(attempt) * 5_000).min(50_000);
     Duration::from_micros(u64::from(u16::from_le_bytes(noise)) * max_us / u64::from(u16::MAX))
 }
 
@@ -320,6 +325,7 @@ impl Control {
     ) -> Result<T, ApiError> {
         let mut serial = self.writes.lock().await;
         let mut attempt = 1;
+        let racing_since = std::time::Instant::now();
         loop {
             let mut draft = Draft::new(&self.state());
             let out = edit(&mut draft)?;
@@ -336,7 +342,7 @@ impl Control {
             let committed = match committed {
                 // Another replica wrote since this copy: catch up, draft again.
                 Err(ApiError::Store(StoreError::Raced { base, winner }))
-                    if attempt < RACE_ATTEMPTS =>
+                    if racing_since.elapsed() < RACE_BUDGET =>
                 {
                     tracing::debug!(
                         base,
