@@ -140,7 +140,10 @@ impl Results {
             for r in &c.rows {
                 row(
                     "control",
-                    &format!("{} ({} services): ack → programmed", r.case, r.services),
+                    &format!(
+                        "{:?} {} ({} services): ack → programmed",
+                        r.store, r.case, r.services
+                    ),
                     format!("{:.0} ms", r.timing.ack_to_programmed_ms),
                 );
             }
@@ -154,6 +157,18 @@ impl Results {
                         r.store, r.services
                     ),
                     format!("{:.1} ms", r.one_change_ms),
+                );
+            }
+        }
+        if let Some(h) = &self.hollow {
+            for r in &h.rows {
+                row(
+                    "hollow",
+                    &format!(
+                        "{} nodes, {} services: request → all nodes",
+                        r.nodes, r.services
+                    ),
+                    format!("{:.1} ms", r.all_nodes_ms),
                 );
             }
         }

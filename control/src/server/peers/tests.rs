@@ -110,6 +110,14 @@ async fn probers_on_different_replicas_decide_together_and_every_replica_shows_e
     })
     .await
     .unwrap();
+    // A certificate renews at any replica; the others see the new serial.
+    let keys = sluice_pki::new_key_and_csr("n1").unwrap();
+    c.renew("n1".into(), &keys.csr_pem).await.unwrap();
+    eventually("A has n1's renewed certificate", || {
+        a.state().nodes.get("n1").is_some_and(|n| n.object.serials.len() == 2)
+    })
+    .await;
+
     let admin = Caller {
         name: "admin".into(),
         groups: vec![ADMIN_GROUP.into()],
