@@ -22,7 +22,7 @@ use crate::{
     health::{self, Health},
     metrics,
     policy::{PolicyWriter, revoke},
-    reconcile::{self, Allocator, Desired, Node, State},
+    reconcile::{self, Allocator, Desired, Node, Scope, State},
 };
 
 /// Slot ranges a frontend stopped pointing to wait this long before reuse:
@@ -51,6 +51,10 @@ pub struct Reconciler {
     /// The last desired state applied, before health checks had their say:
     /// a change of health applies it again.
     pub input: Desired,
+    /// What the maps hold, as the effective desired state (health applied)
+    /// of the last plan written whole; `None` when not known (at start, or
+    /// after a failed write). A plan looks only at what differs from it.
+    planned: Option<Desired>,
     pub health: Health,
     drains: Drains,
     /// Who this node is: which zone weights and probes are its own.
@@ -72,6 +76,7 @@ impl Reconciler {
             last_applied: None,
             last_rejected: None,
             input: Desired::new(),
+            planned: None,
             health: Health::default(),
             drains: Drains::default(),
             node,
@@ -170,13 +175,19 @@ impl Reconciler {
         input: u64,
     ) -> Result<Applied, AgentError> {
         let effective = health::overlay(&desired, |service, t| self.health.is_healthy(service, t));
-        let plan = reconcile::plan(&effective, &self.state, &self.alloc)?;
+        let changed = self
+            .planned
+            .as_ref()
+            .map(|before| reconcile::changed_frontends(before, &effective));
+        let scope = changed.as_ref().map_or(Scope::All, Scope::Only);
+        let plan = reconcile::plan_scoped(&effective, &self.state, &self.alloc, scope)?;
         let started = Instant::now();
         match apply::apply(&mut dp.maps, &plan.steps) {
             Ok(applied) => {
                 self.state = plan.next;
                 self.alloc = plan.alloc;
                 self.drains.track(&self.state, &effective, Instant::now());
+                self.planned = Some(effective);
                 self.health.track(&desired);
                 self.input = desired;
                 let due = Instant::now() + SLOT_GRACE;
@@ -269,6 +280,7 @@ impl Reconciler {
                 }
                 self.state = state;
                 self.last_applied = None;
+                self.planned = None;
             }
             Err(e) => error!("re-reading the maps after a failed update: {e}"),
         }

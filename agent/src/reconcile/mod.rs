@@ -17,5 +17,22 @@ mod tests;
 
 pub use desired::{Desired, DesiredBackend, DesiredFrontend, Naming, Node, desired, kernel_key};
 pub use plan::{
-    Allocator, FrontendState, Plan, PlanError, State, Step, kernel_algorithm, plan, slot_table,
+    Allocator, FrontendState, Plan, PlanError, Scope, State, Step, kernel_algorithm, plan,
+    plan_scoped, slot_table,
 };
+
+/// The frontends whose desired state differs between `before` and `after`
+/// (in either only, or in both but unequal): what a plan from maps that
+/// hold `before` must look at.
+pub fn changed_frontends(
+    before: &Desired,
+    after: &Desired,
+) -> std::collections::BTreeSet<sluice_common::types::FrontendKeyV4> {
+    let mut changed: std::collections::BTreeSet<_> = after
+        .iter()
+        .filter(|(key, want)| before.get(key) != Some(want))
+        .map(|(key, _)| *key)
+        .collect();
+    changed.extend(before.keys().filter(|key| !after.contains_key(key)));
+    changed
+}

@@ -15,6 +15,8 @@ use std::{
     net::Ipv4Addr,
 };
 
+use imbl::OrdMap;
+
 use sluice_common::{
     layout::{MAX_BACKENDS, MAX_FRONTENDS, MAX_SLOTS_PER_FRONTEND, SLOT_CAPACITY},
     maglev, slots,
@@ -28,14 +30,16 @@ use sluice_model::Algorithm;
 use super::{Desired, DesiredBackend};
 use crate::alloc::{Ids, SlotRange, SlotSpace};
 
-/// What the maps hold (read back once at start, then kept in step).
+/// What the maps hold (read back once at start, then kept in step). The
+/// tables are persistent maps: a plan starts from a copy of the state, which
+/// costs nothing however large the state is.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct State {
-    pub frontends: BTreeMap<FrontendKeyV4, FrontendState>,
+    pub frontends: OrdMap<FrontendKeyV4, FrontendState>,
     /// Every backend id in use, retired ones included.
-    pub backends: BTreeMap<u32, Backend>,
+    pub backends: OrdMap<u32, Backend>,
     /// VIP address → number of service ports on it.
-    pub vips: BTreeMap<u32, u32>,
+    pub vips: OrdMap<u32, u32>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -86,7 +90,7 @@ impl Allocator {
             .resume_after(state.frontend_ids_in_use().last().copied());
         alloc
             .backend_ids
-            .resume_after(state.backends.keys().last().copied());
+            .resume_after(state.backends.get_max().map(|(id, _)| *id));
         alloc
     }
 }
@@ -290,19 +294,64 @@ impl Phases {
 /// The steps from `current` to `desired`. Fails, changing nothing, when a
 /// capacity would be exceeded.
 pub fn plan(desired: &Desired, current: &State, alloc: &Allocator) -> Result<Plan, PlanError> {
+    plan_scoped(desired, current, alloc, Scope::All)
+}
+
+/// The frontends a plan looks at.
+#[derive(Clone, Copy, Debug)]
+pub enum Scope<'a> {
+    /// Every one, desired or in the maps.
+    All,
+    /// Only these: the maps hold what an earlier plan made them for every
+    /// other frontend, which `desired` still wants unchanged. A change to a
+    /// few services of many then costs what it changes.
+    Only(&'a BTreeSet<FrontendKeyV4>),
+}
+
+impl Scope<'_> {
+    fn covers(&self, key: &FrontendKeyV4) -> bool {
+        match self {
+            Scope::All => true,
+            Scope::Only(keys) => keys.contains(key),
+        }
+    }
+}
+
+/// [`plan`] restricted to `scope`: the same steps and next state when the
+/// frontends outside it are as the maps hold them.
+pub fn plan_scoped(
+    desired: &Desired,
+    current: &State,
+    alloc: &Allocator,
+    scope: Scope<'_>,
+) -> Result<Plan, PlanError> {
     let mut alloc = alloc.clone();
     let mut next = current.clone();
     let mut phases = Phases::default();
     let mut retired_ranges = Vec::new();
-    // Backend ids per frontend id, kept up to date below: looking backends up
-    // by scanning them all would make a plan quadratic in the cluster's size.
+    // Backend ids per frontend id (of the frontends in scope), kept up to
+    // date below: looking backends up by scanning them all would make a plan
+    // quadratic in the cluster's size.
+    let in_scope: Option<BTreeSet<u32>> = match scope {
+        Scope::All => None,
+        Scope::Only(keys) => Some(
+            keys.iter()
+                .filter_map(|k| current.frontends.get(k).map(|f| f.frontend.id))
+                .collect(),
+        ),
+    };
     let mut by_frontend: HashMap<u32, Vec<u32>> = HashMap::new();
     for (&bid, b) in &next.backends {
-        by_frontend.entry(b.frontend_id).or_default().push(bid);
+        if in_scope
+            .as_ref()
+            .is_none_or(|ids| ids.contains(&b.frontend_id))
+        {
+            by_frontend.entry(b.frontend_id).or_default().push(bid);
+        }
     }
 
     for (key, gone) in &current.frontends {
-        if desired.contains_key(key) {
+        if desired.contains_key(key) || !scope.covers(key) {
             continue;
         }
         phases
@@ -326,16 +375,22 @@ pub fn plan(desired: &Desired, current: &State, alloc: &Allocator) -> Result<Pla
         next.frontends.remove(key);
     }
 
-    let mut frontend_ids_in_use = next.frontend_ids_in_use();
-    let mut backend_ids_in_use: BTreeSet<u32> = next.backends.keys().copied().collect();
+    // Made when an id is first allocated: most changes allocate none.
+    let mut frontend_ids_in_use: Option<BTreeSet<u32>> = None;
+    let mut backend_ids_in_use: Option<BTreeSet<u32>> = None;
     for (key, want) in desired {
+        if !scope.covers(key) {
+            continue;
+        }
         let existing = next.frontends.get(key).cloned();
         let (id, fresh) = match &existing {
             Some(f) => (f.frontend.id, false),
             None => {
+                let frontend_ids_in_use =
+                    frontend_ids_in_use.get_or_insert_with(|| next.frontend_ids_in_use());
                 let id = alloc
                     .frontend_ids
-                    .allocate(&frontend_ids_in_use)
+                    .allocate(frontend_ids_in_use)
                     .ok_or_else(|| PlanError::FrontendCapacity {
                         service: want.name.clone(),
                         capacity: MAX_FRONTENDS,
@@ -389,9 +444,11 @@ pub fn plan(desired: &Desired, current: &State, alloc: &Allocator) -> Result<Pla
                     bid
                 }
                 None => {
+                    let backend_ids_in_use = backend_ids_in_use
+                        .get_or_insert_with(|| next.backends.keys().copied().collect());
                     let bid = alloc
                         .backend_ids
-                        .allocate(&backend_ids_in_use)
+                        .allocate(backend_ids_in_use)
                         .ok_or_else(|| PlanError::BackendCapacity {
                             service: want.name.clone(),
                             address,
@@ -533,7 +590,7 @@ pub fn plan(desired: &Desired, current: &State, alloc: &Allocator) -> Result<Pla
             phases.drop_vip.push(Step::DeleteVip { addr });
         }
     }
-    next.vips = vips;
+    next.vips = vips.into_iter().collect();
 
     Ok(Plan {
         steps: phases.into_steps(),

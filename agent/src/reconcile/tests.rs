@@ -554,3 +554,97 @@ fn affinity_timeouts_round_up_to_seconds_and_saturate() {
         );
     }
 }
+
+/// Where an update's time goes at 10,000 services × 10 backends (run with
+/// `--release --ignored --nocapture`; a measurement, not a check).
+#[test]
+#[ignore = "a measurement: run by hand in release"]
+fn time_one_change_at_ten_thousand_services() {
+    let mut desired = Desired::new();
+    for i in 0..10_000u32 {
+        let vip = std::net::Ipv4Addr::from(0xc612_0000 + i).to_string();
+        let backends: Vec<(String, u32)> = (0..10u32)
+            .map(|j| {
+                (
+                    std::net::Ipv4Addr::from(0xc613_0000 + i * 16 + j).to_string(),
+                    1,
+                )
+            })
+            .collect();
+        let refs: Vec<(&str, u32)> = backends.iter().map(|(a, w)| (a.as_str(), *w)).collect();
+        desired.insert(
+            key(&vip, 80, IPPROTO_TCP),
+            frontend(&format!("s{i}"), Algorithm::RoundRobin, &refs),
+        );
+    }
+    let state = State::default();
+    let alloc = Allocator::for_state(&state);
+    let first = plan(&desired, &state, &alloc).expect("plan");
+    let (state, alloc) = (first.next, first.alloc);
+    let mut changed = desired.clone();
+    if let Some(f) = changed.values_mut().nth(5000) {
+        f.backends[0].weight = 2;
+    }
+    let t = std::time::Instant::now();
+    let _ = changed.clone();
+    println!("clone desired: {:?}", t.elapsed());
+    let t = std::time::Instant::now();
+    let _ = state.clone();
+    println!("clone state: {:?}", t.elapsed());
+    let t = std::time::Instant::now();
+    let _ = alloc.clone();
+    println!("clone alloc: {:?}", t.elapsed());
+    let t = std::time::Instant::now();
+    let p = plan(&changed, &state, &alloc).expect("plan");
+    println!("plan: {:?} ({} steps)", t.elapsed(), p.steps.len());
+    let t = std::time::Instant::now();
+    let touched = changed_frontends(&desired, &changed);
+    println!("changed frontends: {:?}", t.elapsed());
+    let t = std::time::Instant::now();
+    let p = plan_scoped(&changed, &state, &alloc, Scope::Only(&touched)).expect("plan");
+    println!("scoped plan: {:?} ({} steps)", t.elapsed(), p.steps.len());
+}
+
+#[test]
+fn a_plan_of_what_changed_is_the_whole_plan() {
+    let services = |weights: &[u32]| -> Desired {
+        weights
+            .iter()
+            .enumerate()
+            .map(|(i, &w)| {
+                let vip = format!("198.18.0.{}", i + 1);
+                let a = format!("198.19.{i}.1");
+                let b = format!("198.19.{i}.2");
+                (
+                    key(&vip, 80, IPPROTO_TCP),
+                    frontend(&format!("s{i}"), Algorithm::RoundRobin, &[(&a, 1), (&b, w)]),
+                )
+            })
+            .collect()
+    };
+    let before = services(&[1, 1, 1, 1, 1]);
+    let first = plan_ok(&before, &State::default());
+    // A weight changes, a service goes, two come, one changes algorithm.
+    let mut after = services(&[1, 3, 1, 1, 1, 1, 1]);
+    after.remove(&key("198.18.0.3", 80, IPPROTO_TCP));
+    if let Some(f) = after.get_mut(&key("198.18.0.5", 80, IPPROTO_TCP)) {
+        f.algorithm = Algorithm::WeightedRoundRobin;
+    }
+    let changed = changed_frontends(&before, &after);
+    assert_eq!(changed.len(), 5, "{changed:?}");
+    let whole = plan(&after, &first.next, &first.alloc).expect("plan");
+    let scoped =
+        plan_scoped(&after, &first.next, &first.alloc, Scope::Only(&changed)).expect("scoped plan");
+    assert_eq!(scoped.steps, whole.steps);
+    assert_eq!(scoped.next, whole.next);
+    assert_eq!(scoped.retired_ranges, whole.retired_ranges);
+    // Nothing changed: nothing to look at, nothing to do.
+    let none = plan_scoped(
+        &after,
+        &whole.next,
+        &whole.alloc,
+        Scope::Only(&changed_frontends(&after, &after)),
+    )
+    .expect("empty plan");
+    assert!(none.is_empty());
+}

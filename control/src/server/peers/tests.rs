@@ -114,7 +114,10 @@ async fn probers_on_different_replicas_decide_together_and_every_replica_shows_e
     let keys = sluice_pki::new_key_and_csr("n1").unwrap();
     c.renew("n1".into(), &keys.csr_pem).await.unwrap();
     eventually("A has n1's renewed certificate", || {
-        a.state().nodes.get("n1").is_some_and(|n| n.object.serials.len() == 2)
+        a.state()
+            .nodes
+            .get("n1")
+            .is_some_and(|n| n.object.serials.len() == 2)
     })
     .await;
 
