@@ -64,6 +64,8 @@ pub mod lab;
 pub mod loadgen;
 pub mod netns;
 pub mod packet;
+pub mod packet_rate;
+pub mod packet_rate_bench;
 pub mod results;
 pub mod scratch;
 pub mod servers;

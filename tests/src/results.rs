@@ -58,6 +58,7 @@ pub struct Results {
     pub control: Option<control_bench::Report>,
     pub store: Option<crate::store_bench::Report>,
     pub hollow: Option<crate::hollow_bench::Report>,
+    pub packet_rate: Option<crate::packet_rate_bench::Report>,
 }
 
 impl Results {
@@ -71,6 +72,7 @@ impl Results {
             control: None,
             store: None,
             hollow: None,
+            packet_rate: None,
         }
     }
 
@@ -157,6 +159,15 @@ impl Results {
                         r.store, r.services
                     ),
                     format!("{:.1} ms", r.one_change_ms),
+                );
+            }
+        }
+        if let Some(p) = &self.packet_rate {
+            for r in &p.rows {
+                row(
+                    "packet rate",
+                    &format!("{}, {}", r.case, r.shape),
+                    format!("{:.2} Mpps", r.mpps),
                 );
             }
         }

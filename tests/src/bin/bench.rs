@@ -2,17 +2,19 @@
 //!
 //! 1. `dataplane`: ns/packet of Sluice's XDP program by path, beside the
 //!    hook's floor (`sluice_tests::dataplane_bench`).
-//! 2. `scaling`: the same paths with 1, 1,000 and 100,000 backends and with
+//! 2. `packet-rate`: packets/s of a generator in the kernel through the
+//!    node (`sluice_tests::packet_rate_bench`).
+//! 3. `scaling`: the same paths with 1, 1,000 and 100,000 backends and with
 //!    10,000 services.
-//! 3. `throughput`: packets/s, connections/s and request latency through a
+//! 4. `throughput`: packets/s, connections/s and request latency through a
 //!    client → node → backends topology in namespaces: Sluice against
 //!    kube-proxy-style iptables DNAT and nftables DNAT
 //!    (`sluice_tests::throughput`).
-//! 4. `control`: `sluicectl apply` → programmed on every agent, on the
+//! 5. `control`: `sluicectl apply` → programmed on every agent, on the
 //!    embedded store and on etcd (`sluice_tests::control_bench`).
-//! 5. `store`: the control service's writes in-process, both stores
+//! 6. `store`: the control service's writes in-process, both stores
 //!    (`sluice_tests::store_bench`).
-//! 6. `hollow`: 100 and 1,000 simulated nodes on three replicas on etcd:
+//! 7. `hollow`: 100 and 1,000 simulated nodes on three replicas on etcd:
 //!    apply → every node has it, and each replica's CPU and memory
 //!    (`sluice_tests::hollow_bench`).
 //!
@@ -31,8 +33,9 @@ use sluice_tests::{
     throughput,
 };
 
-const PARTS: [&str; 6] = [
+const PARTS: [&str; 7] = [
     "dataplane",
+    "packet-rate",
     "scaling",
     "throughput",
     "control",
@@ -98,7 +101,7 @@ fn args() -> anyhow::Result<Args> {
             }
             "-h" | "--help" => {
                 println!(
-                    "sluice-bench [--only dataplane|scaling|throughput|control|store|hollow] \
+                    "sluice-bench [--only dataplane|packet-rate|scaling|throughput|control|store|hollow] \
                      [--repeat N (1000000)] [--rounds R (5)] [--out-dir DIR (target/bench)] \
                      [--sizes 1,1000,10000] [--seconds S (2)] \
                      [--services N (10000)] [--per-service M (10)] [--hollow 100,1000]"
@@ -132,6 +135,16 @@ fn main() -> anyhow::Result<()> {
         let report = dataplane_bench::dataplane(args.settings)?;
         println!("\n{}", dataplane_bench::render_dataplane(&report));
         results.dataplane = Some(report);
+    }
+    if runs("packet-rate") {
+        println!(
+            "\npacket rate: 64-byte UDP made in the kernel (BPF_PROG_TEST_RUN, live frames) \
+             through the node to a counting sink, one CPU; {} rounds interleaved",
+            args.settings.rounds
+        );
+        let report = sluice_tests::packet_rate_bench::run(args.settings.rounds)?;
+        print!("{}", sluice_tests::packet_rate_bench::render(&report));
+        results.packet_rate = Some(report);
     }
     if runs("scaling") {
         let report = dataplane_bench::scaling(Settings {
