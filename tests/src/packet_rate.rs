@@ -40,7 +40,8 @@ const BATCH: u32 = 64;
 /// The generator and the sink, loaded.
 pub struct Generator {
     ebpf: Ebpf,
-    sink: Option<XdpLinkId>,
+    /// Where the sink is attached (detached with the programs).
+    sinks: Vec<XdpLinkId>,
 }
 
 impl Generator {
@@ -54,7 +55,10 @@ impl Generator {
                 .try_into()?;
             prog.load().with_context(|| format!("verifying {name}"))?;
         }
-        Ok(Self { ebpf, sink: None })
+        Ok(Self {
+            ebpf,
+            sinks: Vec::new(),
+        })
     }
 
     /// Attaches the sink to `iface` in `ns` (driver mode: veth runs XDP
@@ -66,7 +70,7 @@ impl Generator {
             .context("bench_sink")?
             .try_into()?;
         let link = ns.enter(|| prog.attach(iface, XdpMode::Driver))?;
-        self.sink = Some(link);
+        self.sinks.push(link);
         Ok(())
     }
 

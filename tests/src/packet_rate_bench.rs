@@ -7,13 +7,18 @@
 //! difference of the inverses (ns/packet over the floor).
 //!
 //! Cases: the floor; plain routing (no balancer, frames to the backend's
-//! address); Sluice's XDP and TC hooks (`--mode`, frames to a VIP). Shapes:
-//! one established flow, a new flow every packet, 100,000 flows cycled.
-//! Rounds interleave every case. A rate is frames delivered to the sink per
-//! second of the kernel's loop: what the node cannot keep up with, the
-//! veth queues in front of it drop. Each case is checked by the sink seeing
-//! the frames at the backend's address (a balancer that did not rewrite
-//! would show the VIP).
+//! address); iptables and nftables in kube-proxy's forms (the rules of the
+//! throughput part, [`crate::throughput`]; conntrack flushed before each
+//! run, its table being shared by all namespaces); Sluice's XDP and TC hooks
+//! (`--mode`). Each balancer gets `services` services (the frames go to the
+//! last one's UDP port), each case its own topology, kept for the whole run,
+//! so that rounds interleave every case without setting anything up again.
+//! Shapes: one established flow, a new flow every packet, 100,000 flows
+//! cycled. A rate is frames delivered to the sink per second of the kernel's
+//! loop: what the node cannot keep up with, the veth queue in front of it
+//! drops. Each case is checked by the sink seeing the frames at the backend's
+//! address and target port (a balancer that did not rewrite would show the
+//! VIP).
 
 use std::{collections::BTreeMap, net::Ipv4Addr, time::Duration};
 
@@ -24,20 +29,29 @@ use crate::{
     Agent, Netns, Offloads, ScratchDir, Topology, TopologySpec,
     packet::Spec,
     packet_rate::{Generator, Shape},
-    topology::{CLIENT_ADDR, CLIENT_IF, NODE_CLIENT_IF, vip},
+    throughput::{
+        UDP_PORT, UDP_TARGET, iptables_restore, iptables_rules, nftables_rules, services,
+        sluice_manifest,
+    },
+    topology::{CLIENT_ADDR, CLIENT_IF, NODE_CLIENT_IF},
 };
 
-/// Frames per measured call: long enough that the call's ~30 ms teardown
-/// does not matter (rates come from the kernel's loop time anyway).
+/// Frames per measured call, at most: long enough that the call's ~30 ms
+/// teardown does not matter (rates come from the kernel's loop time anyway).
 const FRAMES: u32 = 2_000_000;
-const PORT: u16 = 5353;
+/// And at least; in between, what a calibration run says takes
+/// [`LOOP_TARGET`] of the kernel's loop: a slow case (a full conntrack
+/// table) does not take minutes.
+const MIN_FRAMES: u32 = 20_000;
+const LOOP_TARGET: Duration = Duration::from_millis(400);
 const WORKING_SET: u32 = 100_000;
 
 #[derive(Debug, Serialize)]
 pub struct Row {
     pub case: String,
+    pub services: usize,
     pub shape: String,
-    /// Million packets per second, median of the rounds.
+    /// Million packets per second delivered, median of the rounds.
     pub mpps: f64,
     pub mpps_min: f64,
     pub mpps_max: f64,
@@ -61,154 +75,224 @@ const SHAPES: [(&str, Shape); 3] = [
 enum Case {
     Floor,
     Routing,
+    Iptables,
+    Nftables,
     SluiceXdp,
     SluiceTc,
 }
+
+const CASES: [Case; 6] = [
+    Case::Floor,
+    Case::Routing,
+    Case::Iptables,
+    Case::Nftables,
+    Case::SluiceXdp,
+    Case::SluiceTc,
+];
 
 impl Case {
     fn name(self) -> &'static str {
         match self {
             Case::Floor => "floor (generator → sink)",
             Case::Routing => "plain routing",
+            Case::Iptables => "iptables (kube-proxy)",
+            Case::Nftables => "nftables (kube-proxy)",
             Case::SluiceXdp => "Sluice XDP",
             Case::SluiceTc => "Sluice TC",
         }
     }
 }
 
-pub fn run(rounds: usize) -> anyhow::Result<Report> {
-    // The floor: a veth pair, the sink at its far end.
-    let floor_gen = Netns::new("pr-gen");
-    let floor_sink = Netns::new("pr-sink");
-    floor_gen.ip_ok(&[
-        "link",
-        "add",
-        "g0",
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "s0",
-        "netns",
-        floor_sink.name(),
-    ]);
-    floor_gen.ip_ok(&["link", "set", "g0", "up"]);
-    floor_sink.ip_ok(&["link", "set", "s0", "up"]);
+/// One case's namespaces, set up once.
+struct Bed {
+    case: Case,
+    /// Drops before the topology.
+    _agent: Option<(Agent, ScratchDir)>,
+    topology: Topology,
+    /// Where the frames go, and where they must arrive.
+    to: Ipv4Addr,
+    arrive_at: (Ipv4Addr, u16),
+    frame: [u8; 64],
+}
 
+fn bed(case: Case, size: usize, generator: &mut Generator) -> anyhow::Result<Bed> {
     let topology = Topology::build(TopologySpec {
         backends: 1,
         offloads: Offloads::NicLike,
     });
-    let backend = topology.backend(1);
+    let backend = topology.backend(1).addr;
     // The node's client side receives through NAPI in every case (GRO on:
-    // with Sluice's TC hook no XDP program provides it).
+    // only Sluice's XDP hook would provide it otherwise).
     topology
         .node
         .exec_ok(&["ethtool", "-K", NODE_CLIENT_IF, "gro", "on"]);
-    let scratch = ScratchDir::new();
-    let manifest = scratch.write(
-        "bench.yaml",
-        format!(
-            "kind: Service\nname: sink\nvip: {}\nports: [{{ port: {PORT}, protocol: UDP, targetPort: {PORT} }}]\n\
-             backends: [{{ address: {} }}]\n",
-            vip(),
-            backend.addr
-        ),
-    );
-
-    let mut generator = Generator::load()?;
-    generator.attach_sink(&floor_sink, "s0")?;
-    generator.attach_sink(&backend.ns, "b0")?;
-    let client_mac = mac(&topology.client, CLIENT_IF)?;
-    let node_mac = mac(&topology.node, NODE_CLIENT_IF)?;
-    let frame = |to: Ipv4Addr| -> anyhow::Result<[u8; 64]> {
-        let mut spec = Spec::udp((CLIENT_ADDR, 40_000), (to, PORT), &[7; 22]);
-        spec.src_mac = client_mac;
-        spec.dst_mac = node_mac;
-        spec.build()
-            .try_into()
-            .map_err(|_| anyhow::anyhow!("not a 64-byte frame"))
-    };
-
-    let mut samples: BTreeMap<(Case, usize), Vec<f64>> = BTreeMap::new();
-    for _ in 0..rounds.max(1) {
-        for case in [Case::Floor, Case::Routing, Case::SluiceXdp, Case::SluiceTc] {
-            let agent = match case {
-                Case::SluiceXdp | Case::SluiceTc => {
-                    let mode = if case == Case::SluiceXdp { "xdp" } else { "tc" };
-                    Some(Agent::start(
-                        &topology.node,
-                        &manifest,
-                        &topology.node_interfaces(),
-                        &["--mode", mode],
-                    ))
-                }
-                _ => None,
-            };
-            let (ns, iface, to) = match case {
-                Case::Floor => (&floor_gen, "g0", backend.addr),
-                Case::Routing => (&topology.client, CLIENT_IF, backend.addr),
-                Case::SluiceXdp | Case::SluiceTc => (&topology.client, CLIENT_IF, vip()),
-            };
-            generator.set_frame(&frame(to)?)?;
-            // Warm up: neighbours resolved, the flow known.
-            generator.set_shape(Shape::OneFlow)?;
-            generator.run(ns, iface, 1_000)?;
-            std::thread::sleep(Duration::from_millis(200));
-            generator.run(ns, iface, 1_000)?;
-            for (i, (name, shape)) in SHAPES.iter().enumerate() {
-                generator.set_shape(*shape)?;
-                generator.clear_seen()?;
-                let ns_per_frame = generator.run(ns, iface, FRAMES)?;
-                let seen = generator.seen()?;
-                let arrived = seen.get(&(backend.addr, PORT)).copied().unwrap_or(0);
-                let elsewhere: u64 = seen
-                    .iter()
-                    .filter(|(to, _)| **to != (backend.addr, PORT))
-                    .map(|(_, n)| n)
-                    .sum();
-                // What the node could not keep up with, its queues dropped;
-                // what it rewrote wrongly would arrive elsewhere.
-                if arrived < u64::from(FRAMES) / 100 || elsewhere > arrived / 100 {
-                    bail!(
-                        "{} / {name}: the sink saw {arrived} of {FRAMES} frames at {}:{PORT} \
-                         and {elsewhere} elsewhere",
-                        case.name(),
-                        backend.addr
-                    );
-                }
-                // Delivered frames per nanosecond of the kernel's loop, which
-                // runs the node's receive path and the sink inline.
-                let ns_per_delivered = ns_per_frame * f64::from(FRAMES) / arrived as f64;
-                samples.entry((case, i)).or_default().push(ns_per_delivered);
-            }
-            drop(agent);
+    let services = services(size, &[backend]);
+    let vip = services.last().context("no services")?.vip;
+    let mut agent = None;
+    match case {
+        Case::Floor => {
+            // The sink on the node's side: generator → veth → sink.
+            generator.attach_sink(&topology.node, NODE_CLIENT_IF)?;
+        }
+        Case::Routing => {}
+        Case::Iptables => crate::throughput::exec_with_input(
+            &topology.node,
+            &[iptables_restore(), "--noflush"],
+            &iptables_rules(&services),
+        )?,
+        Case::Nftables => crate::throughput::exec_with_input(
+            &topology.node,
+            &["nft", "-f", "-"],
+            &nftables_rules(&services),
+        )?,
+        Case::SluiceXdp | Case::SluiceTc => {
+            let scratch = ScratchDir::new();
+            let manifest = scratch.write("services.yaml", sluice_manifest(&services));
+            let mode = if case == Case::SluiceXdp { "xdp" } else { "tc" };
+            let started = Agent::try_start(
+                &topology.node,
+                &manifest,
+                &topology.node_interfaces(),
+                &["--mode", mode],
+            )
+            .map_err(|f| anyhow::anyhow!("{f}"))?;
+            agent = Some((started, scratch));
         }
     }
+    if case != Case::Floor {
+        generator.attach_sink(&topology.backend(1).ns, "b0")?;
+    }
+    let (to, arrive_at) = match case {
+        Case::Floor => (backend, (backend, UDP_PORT)),
+        Case::Routing => (backend, (backend, UDP_PORT)),
+        _ => (vip, (backend, UDP_TARGET)),
+    };
+    let mut spec = Spec::udp((CLIENT_ADDR, 40_000), (to, UDP_PORT), &[7; 22]);
+    spec.src_mac = mac(&topology.client, CLIENT_IF)?;
+    spec.dst_mac = mac(&topology.node, NODE_CLIENT_IF)?;
+    let frame = spec
+        .build()
+        .try_into()
+        .map_err(|_| anyhow::anyhow!("not a 64-byte frame"))?;
+    Ok(Bed {
+        case,
+        _agent: agent,
+        topology,
+        to,
+        arrive_at,
+        frame,
+    })
+}
 
+pub fn run(rounds: usize, sizes: &[usize]) -> anyhow::Result<Report> {
+    let mut generator = Generator::load()?;
+    let mut rows = Vec::new();
+    for &size in sizes {
+        let beds: Vec<Bed> = CASES
+            .iter()
+            .map(|&case| bed(case, size, &mut generator))
+            .collect::<anyhow::Result<_>>()?;
+        let mut samples: BTreeMap<(Case, usize), Vec<f64>> = BTreeMap::new();
+        let tracked: Vec<&Netns> = beds
+            .iter()
+            .filter(|b| matches!(b.case, Case::Iptables | Case::Nftables))
+            .map(|b| &b.topology.node)
+            .collect();
+        for _ in 0..rounds.max(1) {
+            for bed in &beds {
+                measure(&mut generator, bed, &tracked, &mut samples)?;
+            }
+        }
+        rows.extend(summarize(&samples, size));
+    }
+    Ok(Report {
+        rounds: rounds.max(1),
+        rows,
+    })
+}
+
+/// Every shape through `bed` once.
+fn measure(
+    generator: &mut Generator,
+    bed: &Bed,
+    tracked: &[&Netns],
+    samples: &mut BTreeMap<(Case, usize), Vec<f64>>,
+) -> anyhow::Result<()> {
+    let (ns, iface) = (&bed.topology.client, CLIENT_IF);
+    generator.set_frame(&bed.frame)?;
+    // Warm up: neighbours resolved, the flow known.
+    generator.set_shape(Shape::OneFlow)?;
+    generator.run(ns, iface, 1_000)?;
+    std::thread::sleep(Duration::from_millis(100));
+    for (i, (name, shape)) in SHAPES.iter().enumerate() {
+        let flush = || {
+            if matches!(bed.case, Case::Iptables | Case::Nftables) {
+                // conntrack's table (and its limit) is shared by every
+                // namespace: each run starts with it empty.
+                for node in tracked {
+                    node.exec_ok(&["conntrack", "-F"]);
+                }
+            }
+        };
+        generator.set_shape(*shape)?;
+        flush();
+        let calibration = generator.run(ns, iface, MIN_FRAMES)?;
+        let frames =
+            ((LOOP_TARGET.as_nanos() as f64 / calibration) as u32).clamp(MIN_FRAMES, FRAMES);
+        flush();
+        generator.clear_seen()?;
+        let ns_per_frame = generator.run(ns, iface, frames)?;
+        let seen = generator.seen()?;
+        let arrived = seen.get(&bed.arrive_at).copied().unwrap_or(0);
+        let elsewhere: u64 = seen
+            .iter()
+            .filter(|(to, _)| **to != bed.arrive_at)
+            .map(|(_, n)| n)
+            .sum();
+        // What the node could not keep up with, its queues dropped; what it
+        // rewrote wrongly would arrive elsewhere.
+        if arrived < u64::from(frames) / 1000 || elsewhere > arrived / 100 {
+            bail!(
+                "{} / {name}: frames to {} — the sink saw {arrived} of {frames} at {:?} and \
+                 {elsewhere} elsewhere",
+                bed.case.name(),
+                bed.to,
+                bed.arrive_at
+            );
+        }
+        // Delivered frames per nanosecond of the kernel's loop, which runs
+        // the node's receive path and the sink inline.
+        let ns_per_delivered = ns_per_frame * f64::from(frames) / arrived as f64;
+        samples
+            .entry((bed.case, i))
+            .or_default()
+            .push(ns_per_delivered);
+    }
+    Ok(())
+}
+
+fn summarize(samples: &BTreeMap<(Case, usize), Vec<f64>>, size: usize) -> Vec<Row> {
     let median = |v: &[f64]| {
         let mut v = v.to_vec();
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
     };
-    let mut rows = Vec::new();
-    for ((case, i), ns) in &samples {
-        let floor = median(&samples[&(Case::Floor, *i)]);
-        let mpps: Vec<f64> = ns.iter().map(|ns| 1e3 / ns).collect();
-        rows.push(Row {
-            case: case.name().to_owned(),
-            shape: SHAPES[*i].0.to_owned(),
-            mpps: median(&mpps),
-            mpps_min: mpps.iter().copied().fold(f64::INFINITY, f64::min),
-            mpps_max: mpps.iter().copied().fold(0.0, f64::max),
-            ns_over_floor: median(ns) - floor,
-        });
-    }
-    drop((generator, topology, floor_gen, floor_sink));
-    Ok(Report {
-        rounds: rounds.max(1),
-        rows,
-    })
+    samples
+        .iter()
+        .map(|((case, i), ns)| {
+            let floor = median(&samples[&(Case::Floor, *i)]);
+            let mpps: Vec<f64> = ns.iter().map(|ns| 1e3 / ns).collect();
+            Row {
+                case: case.name().to_owned(),
+                services: size,
+                shape: SHAPES[*i].0.to_owned(),
+                mpps: median(&mpps),
+                mpps_min: mpps.iter().copied().fold(f64::INFINITY, f64::min),
+                mpps_max: mpps.iter().copied().fold(0.0, f64::max),
+                ns_over_floor: median(ns) - floor,
+            }
+        })
+        .collect()
 }
 
 /// The MAC address of `iface` in `ns`.
@@ -231,13 +315,13 @@ fn mac(ns: &Netns, iface: &str) -> anyhow::Result<[u8; 6]> {
 
 pub fn render(report: &Report) -> String {
     let mut out = format!(
-        "{:<26} {:<24} {:>8} {:>17} {:>14}\n",
-        "case", "shape", "Mpps", "spread", "ns over floor"
+        "{:<26} {:>8} {:<24} {:>8} {:>17} {:>14}\n",
+        "case", "services", "shape", "Mpps", "spread", "ns over floor"
     );
     for r in &report.rows {
         out.push_str(&format!(
-            "{:<26} {:<24} {:>8.2} {:>8.2}–{:<8.2} {:>14.0}\n",
-            r.case, r.shape, r.mpps, r.mpps_min, r.mpps_max, r.ns_over_floor
+            "{:<26} {:>8} {:<24} {:>8.3} {:>8.3}–{:<8.3} {:>14.0}\n",
+            r.case, r.services, r.shape, r.mpps, r.mpps_min, r.mpps_max, r.ns_over_floor
         ));
     }
     out

@@ -28,13 +28,15 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 /// start), and `protoc` with the well-known types' `.proto` files
 /// (libprotobuf-dev), which the `etcd-client` crate's build script runs on
 /// etcd's protos (it has no protoc-free mode).
-const PACKAGES: [&str; 14] = [
+const PACKAGES: [&str; 15] = [
     "iproute2",
     "ethtool",
     "curl",
     "bpftool",
     "iptables",
     "nftables",
+    // `conntrack -F` between the packet-rate bench's iptables/nftables runs.
+    "conntrack",
     "procps",
     "util-linux",
     "chromium",

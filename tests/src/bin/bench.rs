@@ -50,6 +50,7 @@ struct Args {
     services: usize,
     per_service: usize,
     hollow: Vec<usize>,
+    packet_rate_services: Vec<usize>,
     throughput: throughput::Settings,
 }
 
@@ -64,6 +65,7 @@ fn args() -> anyhow::Result<Args> {
         services: 10_000,
         per_service: 10,
         hollow: vec![100, 1000],
+        packet_rate_services: vec![1],
         throughput: throughput::Settings::default(),
     };
     let mut it = std::env::args().skip(1);
@@ -75,6 +77,13 @@ fn args() -> anyhow::Result<Args> {
             "--out-dir" => args.out_dir = PathBuf::from(value()?),
             "--services" => args.services = value()?.parse().context("--services")?,
             "--per-service" => args.per_service = value()?.parse().context("--per-service")?,
+            "--packet-rate-services" => {
+                args.packet_rate_services = value()?
+                    .split(',')
+                    .map(str::parse)
+                    .collect::<Result<_, _>>()
+                    .context("--packet-rate-services")?;
+            }
             "--hollow" => {
                 args.hollow = value()?
                     .split(',')
@@ -104,7 +113,7 @@ fn args() -> anyhow::Result<Args> {
                     "sluice-bench [--only dataplane|packet-rate|scaling|throughput|control|store|hollow] \
                      [--repeat N (1000000)] [--rounds R (5)] [--out-dir DIR (target/bench)] \
                      [--sizes 1,1000,10000] [--seconds S (2)] \
-                     [--services N (10000)] [--per-service M (10)] [--hollow 100,1000]"
+                     [--services N (10000)] [--per-service M (10)] [--hollow 100,1000] [--packet-rate-services 1]"
                 );
                 std::process::exit(0);
             }
@@ -142,7 +151,8 @@ fn main() -> anyhow::Result<()> {
              through the node to a counting sink, one CPU; {} rounds interleaved",
             args.settings.rounds
         );
-        let report = sluice_tests::packet_rate_bench::run(args.settings.rounds)?;
+        let report =
+            sluice_tests::packet_rate_bench::run(args.settings.rounds, &args.packet_rate_services)?;
         print!("{}", sluice_tests::packet_rate_bench::render(&report));
         results.packet_rate = Some(report);
     }

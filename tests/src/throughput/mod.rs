@@ -58,8 +58,8 @@ use crate::{
 const TCP_PORT: u16 = 80;
 const TCP_TARGET: u16 = 8080;
 /// Service port and target port of the last service's UDP port.
-const UDP_PORT: u16 = 5353;
-const UDP_TARGET: u16 = 9090;
+pub const UDP_PORT: u16 = 5353;
+pub const UDP_TARGET: u16 = 9090;
 /// The client subnet, standing for the cluster CIDR (see the module docs).
 const CLUSTER_CIDR: &str = "198.18.1.0/24";
 /// Threads of each TCP backend: more than the concurrent connections.
@@ -149,7 +149,7 @@ pub struct Report {
 }
 
 /// Runs `argv` in `ns` with `input` on its stdin; fails with its stderr.
-fn exec_with_input(ns: &Netns, argv: &[&str], input: &str) -> anyhow::Result<()> {
+pub(crate) fn exec_with_input(ns: &Netns, argv: &[&str], input: &str) -> anyhow::Result<()> {
     let mut child = ns
         .command(argv)
         .stdin(Stdio::piped())
