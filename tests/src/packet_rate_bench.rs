@@ -18,7 +18,9 @@
 //! loop: what the node cannot keep up with, the veth queue in front of it
 //! drops. Each case is checked by the sink seeing the frames at the backend's
 //! address and target port (a balancer that did not rewrite would show the
-//! VIP).
+//! VIP), and by the balancer's own account: Sluice's forwarding outcome
+//! counter covers every frame the sink saw; for netfilter, the node's
+//! conntrack entries after the run are reported.
 
 use std::{collections::BTreeMap, net::Ipv4Addr, time::Duration};
 
@@ -57,6 +59,9 @@ pub struct Row {
     pub mpps_max: f64,
     /// Nanoseconds per packet over the floor's (median).
     pub ns_over_floor: f64,
+    /// What the balancer itself counted in the last round: Sluice's
+    /// forwarding outcome, or the node's conntrack entries.
+    pub balancer_counted: Option<u64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -107,7 +112,7 @@ impl Case {
 struct Bed {
     case: Case,
     /// Drops before the topology.
-    _agent: Option<(Agent, ScratchDir)>,
+    agent: Option<(Agent, ScratchDir)>,
     topology: Topology,
     /// Where the frames go, and where they must arrive.
     to: Ipv4Addr,
@@ -176,7 +181,7 @@ fn bed(case: Case, size: usize, generator: &mut Generator) -> anyhow::Result<Bed
         .map_err(|_| anyhow::anyhow!("not a 64-byte frame"))?;
     Ok(Bed {
         case,
-        _agent: agent,
+        agent,
         topology,
         to,
         arrive_at,
@@ -193,6 +198,7 @@ pub fn run(rounds: usize, sizes: &[usize]) -> anyhow::Result<Report> {
             .map(|&case| bed(case, size, &mut generator))
             .collect::<anyhow::Result<_>>()?;
         let mut samples: BTreeMap<(Case, usize), Vec<f64>> = BTreeMap::new();
+        let mut counted: BTreeMap<(Case, usize), u64> = BTreeMap::new();
         let tracked: Vec<&Netns> = beds
             .iter()
             .filter(|b| matches!(b.case, Case::Iptables | Case::Nftables))
@@ -200,10 +206,10 @@ pub fn run(rounds: usize, sizes: &[usize]) -> anyhow::Result<Report> {
             .collect();
         for _ in 0..rounds.max(1) {
             for bed in &beds {
-                measure(&mut generator, bed, &tracked, &mut samples)?;
+                measure(&mut generator, bed, &tracked, &mut samples, &mut counted)?;
             }
         }
-        rows.extend(summarize(&samples, size));
+        rows.extend(summarize(&samples, &counted, size));
     }
     Ok(Report {
         rounds: rounds.max(1),
@@ -217,6 +223,7 @@ fn measure(
     bed: &Bed,
     tracked: &[&Netns],
     samples: &mut BTreeMap<(Case, usize), Vec<f64>>,
+    counted: &mut BTreeMap<(Case, usize), u64>,
 ) -> anyhow::Result<()> {
     let (ns, iface) = (&bed.topology.client, CLIENT_IF);
     generator.set_frame(&bed.frame)?;
@@ -241,6 +248,7 @@ fn measure(
             ((LOOP_TARGET.as_nanos() as f64 / calibration) as u32).clamp(MIN_FRAMES, FRAMES);
         flush();
         generator.clear_seen()?;
+        let forwarded_before = forwarded(bed);
         let ns_per_frame = generator.run(ns, iface, frames)?;
         let seen = generator.seen()?;
         let arrived = seen.get(&bed.arrive_at).copied().unwrap_or(0);
@@ -260,6 +268,28 @@ fn measure(
                 bed.arrive_at
             );
         }
+        // The balancer's own account: Sluice counted every frame the sink
+        // saw as forwarded; conntrack holds the flows netfilter made.
+        let own = match bed.case {
+            Case::SluiceXdp | Case::SluiceTc => {
+                let count = forwarded(bed).saturating_sub(forwarded_before);
+                if count < arrived {
+                    bail!(
+                        "{} / {name}: Sluice counted {count} forwarded, the sink {arrived}",
+                        bed.case.name()
+                    );
+                }
+                Some(count)
+            }
+            Case::Iptables | Case::Nftables => {
+                let out = bed.topology.node.exec_ok(&["conntrack", "-C"]);
+                String::from_utf8_lossy(&out.stdout).trim().parse().ok()
+            }
+            Case::Floor | Case::Routing => None,
+        };
+        if let Some(own) = own {
+            counted.insert((bed.case, i), own);
+        }
         // Delivered frames per nanosecond of the kernel's loop, which runs
         // the node's receive path and the sink inline.
         let ns_per_delivered = ns_per_frame * f64::from(frames) / arrived as f64;
@@ -271,7 +301,24 @@ fn measure(
     Ok(())
 }
 
-fn summarize(samples: &BTreeMap<(Case, usize), Vec<f64>>, size: usize) -> Vec<Row> {
+/// Sluice's forwarding outcome counter (`fwd_xdp` + `fwd_tc`) on `bed`'s
+/// node; 0 without an agent.
+fn forwarded(bed: &Bed) -> u64 {
+    let Some((agent, _)) = &bed.agent else {
+        return 0;
+    };
+    let status = agent.status_json();
+    ["fwd_xdp", "fwd_tc"]
+        .iter()
+        .filter_map(|k| status["outcomes"][k].as_u64())
+        .sum()
+}
+
+fn summarize(
+    samples: &BTreeMap<(Case, usize), Vec<f64>>,
+    counted: &BTreeMap<(Case, usize), u64>,
+    size: usize,
+) -> Vec<Row> {
     let median = |v: &[f64]| {
         let mut v = v.to_vec();
         v.sort_by(f64::total_cmp);
@@ -290,6 +337,7 @@ fn summarize(samples: &BTreeMap<(Case, usize), Vec<f64>>, size: usize) -> Vec<Ro
                 mpps_min: mpps.iter().copied().fold(f64::INFINITY, f64::min),
                 mpps_max: mpps.iter().copied().fold(0.0, f64::max),
                 ns_over_floor: median(ns) - floor,
+                balancer_counted: counted.get(&(*case, *i)).copied(),
             }
         })
         .collect()
@@ -315,13 +363,16 @@ fn mac(ns: &Netns, iface: &str) -> anyhow::Result<[u8; 6]> {
 
 pub fn render(report: &Report) -> String {
     let mut out = format!(
-        "{:<26} {:>8} {:<24} {:>8} {:>17} {:>14}\n",
-        "case", "services", "shape", "Mpps", "spread", "ns over floor"
+        "{:<26} {:>8} {:<24} {:>8} {:>17} {:>14} {:>18}\n",
+        "case", "services", "shape", "Mpps", "spread", "ns over floor", "balancer counted"
     );
     for r in &report.rows {
+        let counted = r
+            .balancer_counted
+            .map_or_else(|| "-".to_owned(), |n| n.to_string());
         out.push_str(&format!(
-            "{:<26} {:>8} {:<24} {:>8.3} {:>8.3}–{:<8.3} {:>14.0}\n",
-            r.case, r.services, r.shape, r.mpps, r.mpps_min, r.mpps_max, r.ns_over_floor
+            "{:<26} {:>8} {:<24} {:>8.3} {:>8.3}–{:<8.3} {:>14.0} {:>18}\n",
+            r.case, r.services, r.shape, r.mpps, r.mpps_min, r.mpps_max, r.ns_over_floor, counted
         ));
     }
     out
