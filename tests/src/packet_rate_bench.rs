@@ -29,11 +29,11 @@ use serde::Serialize;
 
 use crate::{
     Agent, Netns, Offloads, ScratchDir, Topology, TopologySpec,
-    packet::Spec,
+    packet::{Spec, TCP_SYN},
     packet_rate::{Generator, Shape},
     throughput::{
-        UDP_PORT, UDP_TARGET, iptables_restore, iptables_rules, nftables_rules, services,
-        sluice_manifest,
+        TCP_PORT, TCP_TARGET, UDP_PORT, UDP_TARGET, iptables_restore, iptables_rules,
+        nftables_rules, services, sluice_manifest,
     },
     topology::{CLIENT_ADDR, CLIENT_IF, NODE_CLIENT_IF},
 };
@@ -69,6 +69,9 @@ pub struct Report {
     pub rounds: usize,
     pub rows: Vec<Row>,
 }
+
+/// The probes' protocols, in order.
+const PROTOCOLS: [&str; 2] = ["UDP", "TCP SYN"];
 
 const SHAPES: [(&str, Shape); 3] = [
     ("one flow", Shape::OneFlow),
@@ -114,6 +117,13 @@ struct Bed {
     /// Drops before the topology.
     agent: Option<(Agent, ScratchDir)>,
     topology: Topology,
+    /// UDP, then TCP SYN.
+    probes: Vec<Probe>,
+}
+
+/// One protocol's frames through a bed.
+struct Probe {
+    protocol: &'static str,
     /// Where the frames go, and where they must arrive.
     to: Ipv4Addr,
     arrive_at: (Ipv4Addr, u16),
@@ -167,25 +177,45 @@ fn bed(case: Case, size: usize, generator: &mut Generator) -> anyhow::Result<Bed
     if case != Case::Floor {
         generator.attach_sink(&topology.backend(1).ns, "b0")?;
     }
-    let (to, arrive_at) = match case {
-        Case::Floor => (backend, (backend, UDP_PORT)),
-        Case::Routing => (backend, (backend, UDP_PORT)),
-        _ => (vip, (backend, UDP_TARGET)),
-    };
-    let mut spec = Spec::udp((CLIENT_ADDR, 40_000), (to, UDP_PORT), &[7; 22]);
-    spec.src_mac = mac(&topology.client, CLIENT_IF)?;
-    spec.dst_mac = mac(&topology.node, NODE_CLIENT_IF)?;
-    let frame = spec
-        .build()
-        .try_into()
-        .map_err(|_| anyhow::anyhow!("not a 64-byte frame"))?;
+    let (src_mac, dst_mac) = (
+        mac(&topology.client, CLIENT_IF)?,
+        mac(&topology.node, NODE_CLIENT_IF)?,
+    );
+    let mut probes = Vec::new();
+    for (protocol, port, target) in [
+        ("UDP", UDP_PORT, UDP_TARGET),
+        ("TCP SYN", TCP_PORT, TCP_TARGET),
+    ] {
+        let (to, arrive_at) = match case {
+            Case::Floor | Case::Routing => (backend, (backend, port)),
+            _ => (vip, (backend, target)),
+        };
+        let mut spec = if protocol == "UDP" {
+            Spec::udp((CLIENT_ADDR, 40_000), (to, port), &[7; 22])
+        } else {
+            Spec {
+                payload: vec![0; 10],
+                ..Spec::tcp((CLIENT_ADDR, 40_000), (to, port), TCP_SYN)
+            }
+        };
+        spec.src_mac = src_mac;
+        spec.dst_mac = dst_mac;
+        let frame = spec
+            .build()
+            .try_into()
+            .map_err(|_| anyhow::anyhow!("not a 64-byte frame"))?;
+        probes.push(Probe {
+            protocol,
+            to,
+            arrive_at,
+            frame,
+        });
+    }
     Ok(Bed {
         case,
         agent,
         topology,
-        to,
-        arrive_at,
-        frame,
+        probes,
     })
 }
 
@@ -226,12 +256,39 @@ fn measure(
     counted: &mut BTreeMap<(Case, usize), u64>,
 ) -> anyhow::Result<()> {
     let (ns, iface) = (&bed.topology.client, CLIENT_IF);
-    generator.set_frame(&bed.frame)?;
-    // Warm up: neighbours resolved, the flow known.
-    generator.set_shape(Shape::OneFlow)?;
-    generator.run(ns, iface, 1_000)?;
-    std::thread::sleep(Duration::from_millis(100));
-    for (i, (name, shape)) in SHAPES.iter().enumerate() {
+    for (p, probe) in bed.probes.iter().enumerate() {
+        generator.set_frame(&probe.frame)?;
+        // Warm up: neighbours resolved, the flow known.
+        generator.set_shape(Shape::OneFlow)?;
+        generator.run(ns, iface, 1_000)?;
+        std::thread::sleep(Duration::from_millis(100));
+        for (i, (name, shape)) in SHAPES.iter().enumerate() {
+            measure_one(generator, bed, probe, tracked, *shape, name).map(
+                |(ns_per_delivered, own)| {
+                    let key = (bed.case, p * SHAPES.len() + i);
+                    samples.entry(key).or_default().push(ns_per_delivered);
+                    if let Some(own) = own {
+                        counted.insert(key, own);
+                    }
+                },
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// One run of `shape`: ns per delivered frame, and the balancer's own count.
+fn measure_one(
+    generator: &mut Generator,
+    bed: &Bed,
+    probe: &Probe,
+    tracked: &[&Netns],
+    shape: Shape,
+    name: &str,
+) -> anyhow::Result<(f64, Option<u64>)> {
+    let (ns, iface) = (&bed.topology.client, CLIENT_IF);
+    let name = format!("{} {name}", probe.protocol);
+    {
         let flush = || {
             if matches!(bed.case, Case::Iptables | Case::Nftables) {
                 // conntrack's table (and its limit) is shared by every
@@ -241,7 +298,7 @@ fn measure(
                 }
             }
         };
-        generator.set_shape(*shape)?;
+        generator.set_shape(shape)?;
         flush();
         let calibration = generator.run(ns, iface, MIN_FRAMES)?;
         let frames =
@@ -251,10 +308,10 @@ fn measure(
         let forwarded_before = forwarded(bed);
         let ns_per_frame = generator.run(ns, iface, frames)?;
         let seen = generator.seen()?;
-        let arrived = seen.get(&bed.arrive_at).copied().unwrap_or(0);
+        let arrived = seen.get(&probe.arrive_at).copied().unwrap_or(0);
         let elsewhere: u64 = seen
             .iter()
-            .filter(|(to, _)| **to != bed.arrive_at)
+            .filter(|(to, _)| **to != probe.arrive_at)
             .map(|(_, n)| n)
             .sum();
         // What the node could not keep up with, its queues dropped; what it
@@ -264,8 +321,8 @@ fn measure(
                 "{} / {name}: frames to {} — the sink saw {arrived} of {frames} at {:?} and \
                  {elsewhere} elsewhere",
                 bed.case.name(),
-                bed.to,
-                bed.arrive_at
+                probe.to,
+                probe.arrive_at
             );
         }
         // The balancer's own account: Sluice counted every frame the sink
@@ -287,18 +344,11 @@ fn measure(
             }
             Case::Floor | Case::Routing => None,
         };
-        if let Some(own) = own {
-            counted.insert((bed.case, i), own);
-        }
         // Delivered frames per nanosecond of the kernel's loop, which runs
         // the node's receive path and the sink inline.
         let ns_per_delivered = ns_per_frame * f64::from(frames) / arrived as f64;
-        samples
-            .entry((bed.case, i))
-            .or_default()
-            .push(ns_per_delivered);
+        Ok((ns_per_delivered, own))
     }
-    Ok(())
 }
 
 /// Sluice's forwarding outcome counter (`fwd_xdp` + `fwd_tc`) on `bed`'s
@@ -332,7 +382,11 @@ fn summarize(
             Row {
                 case: case.name().to_owned(),
                 services: size,
-                shape: SHAPES[*i].0.to_owned(),
+                shape: format!(
+                    "{}, {}",
+                    PROTOCOLS[*i / SHAPES.len()],
+                    SHAPES[*i % SHAPES.len()].0
+                ),
                 mpps: median(&mpps),
                 mpps_min: mpps.iter().copied().fold(f64::INFINITY, f64::min),
                 mpps_max: mpps.iter().copied().fold(0.0, f64::max),

@@ -55,8 +55,8 @@ use crate::{
 };
 
 /// Service port and the backends' target port, TCP.
-const TCP_PORT: u16 = 80;
-const TCP_TARGET: u16 = 8080;
+pub const TCP_PORT: u16 = 80;
+pub const TCP_TARGET: u16 = 8080;
 /// Service port and target port of the last service's UDP port.
 pub const UDP_PORT: u16 = 5353;
 pub const UDP_TARGET: u16 = 9090;
