@@ -166,8 +166,8 @@ impl Results {
             for r in &p.rows {
                 row(
                     "packet rate",
-                    &format!("{}, {}", r.case, r.shape),
-                    format!("{:.2} Mpps", r.mpps),
+                    &format!("{}, {} services, {}", r.case, r.services, r.shape),
+                    format!("{:.3} Mpps", r.mpps),
                 );
             }
         }

@@ -147,7 +147,7 @@ fn main() -> anyhow::Result<()> {
     }
     if runs("packet-rate") {
         println!(
-            "\npacket rate: 64-byte UDP made in the kernel (BPF_PROG_TEST_RUN, live frames) \
+            "\npacket rate: 64-byte UDP and TCP SYN made in the kernel (BPF_PROG_TEST_RUN, live frames) \
              through the node to a counting sink, one CPU; {} rounds interleaved",
             args.settings.rounds
         );
