@@ -33,7 +33,7 @@ use crate::{
     packet_rate::{Generator, Shape},
     throughput::{
         TCP_PORT, TCP_TARGET, UDP_PORT, UDP_TARGET, iptables_restore, iptables_rules,
-        nftables_rules, services, sluice_manifest,
+        nftables_batches, services, sluice_manifest,
     },
     topology::{CLIENT_ADDR, CLIENT_IF, NODE_CLIENT_IF},
 };
@@ -47,6 +47,8 @@ const FRAMES: u32 = 2_000_000;
 const MIN_FRAMES: u32 = 20_000;
 const LOOP_TARGET: Duration = Duration::from_millis(400);
 const WORKING_SET: u32 = 100_000;
+/// Services per `nft -f` transaction.
+const NFT_BATCH: usize = 500;
 
 #[derive(Debug, Serialize)]
 pub struct Row {
@@ -155,11 +157,11 @@ fn bed(case: Case, size: usize, generator: &mut Generator) -> anyhow::Result<Bed
             &[iptables_restore(), "--noflush"],
             &iptables_rules(&services),
         )?,
-        Case::Nftables => crate::throughput::exec_with_input(
-            &topology.node,
-            &["nft", "-f", "-"],
-            &nftables_rules(&services),
-        )?,
+        Case::Nftables => {
+            for batch in nftables_batches(&services, NFT_BATCH) {
+                crate::throughput::exec_with_input(&topology.node, &["nft", "-f", "-"], &batch)?;
+            }
+        }
         Case::SluiceXdp | Case::SluiceTc => {
             let scratch = ScratchDir::new();
             let manifest = scratch.write("services.yaml", sluice_manifest(&services));

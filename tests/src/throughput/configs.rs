@@ -137,8 +137,46 @@ pub fn iptables_rules(services: &[Service]) -> String {
 /// address . protocol . port → the port's chain, which picks an endpoint
 /// with `numgen random mod n` and goes to its chain, which DNATs.
 pub fn nftables_rules(services: &[Service]) -> String {
-    let mut out = String::from(
+    let (chains, elements) = nft_services(services);
+    let mut out = nft_base();
+    // The map and base chains first; the services' chains inside the same
+    // table; the map's elements, which name the chains, after the table (as
+    // kube-proxy adds them: `add element`).
+    out.push_str(&chains);
+    let _ = writeln!(
+        out,
+        "}}\nadd element ip kube-proxy service-ips {{\n\t{}\n}}",
+        elements.join(",\n\t")
+    );
+    out
+}
+
+/// [`nftables_rules`] as several `nft -f` transactions: the table and its
+/// base chains, then `batch` services at a time. One transaction of 10,000
+/// services takes `nft` about 90 s here, batches of 500 a fifth of that.
+pub fn nftables_batches(services: &[Service], batch: usize) -> Vec<String> {
+    let mut out = vec![format!("{}}}\n", nft_base())];
+    for chunk in services.chunks(batch.max(1)) {
+        let (chains, elements) = nft_services(chunk);
+        out.push(format!(
+            "table ip kube-proxy {{\n{chains}}}\nadd element ip kube-proxy service-ips {{\n\t{}\n}}\n",
+            elements.join(",\n\t")
+        ));
+    }
+    out
+}
+
+/// The table up to its services' chains (left open): masquerading, the
+/// `service-ips` map and the chains that consult it.
+fn nft_base() -> String {
+    String::from(
         "table ip kube-proxy {\n\
+         \tmap service-ips {\n\t\ttype ipv4_addr . inet_proto . inet_service : verdict\n\t}\n\
+         \tchain services {\n\t\tip daddr . meta l4proto . th dport vmap @service-ips\n\t}\n\
+         \tchain nat-prerouting {\n\t\ttype nat hook prerouting priority dstnat; policy accept;\n\
+         \t\tjump services\n\t}\n\
+         \tchain nat-output {\n\t\ttype nat hook output priority -100; policy accept;\n\
+         \t\tjump services\n\t}\n\
          \tchain mark-for-masquerade {\n\t\tmark set mark or 0x4000\n\t}\n\
          \tchain masquerading {\n\
          \t\ttype nat hook postrouting priority srcnat; policy accept;\n\
@@ -146,7 +184,12 @@ pub fn nftables_rules(services: &[Service]) -> String {
          \t\tmark set mark xor 0x4000\n\
          \t\tmasquerade fully-random\n\
          \t}\n",
-    );
+    )
+}
+
+/// The services' port and endpoint chains, and their `service-ips` elements.
+fn nft_services(services: &[Service]) -> (String, Vec<String>) {
+    let mut out = String::new();
     let mut elements = Vec::new();
     for s in services {
         for (proto, port, target) in ports(s) {
@@ -179,23 +222,7 @@ pub fn nftables_rules(services: &[Service]) -> String {
             );
         }
     }
-    // The map before the chain that uses it; its elements, which name the
-    // chains, after the table (as kube-proxy adds them: `add element`).
-    let map = String::from(
-        "\tmap service-ips {\n\t\ttype ipv4_addr . inet_proto . inet_service : verdict\n\t}\n\
-         \tchain services {\n\t\tip daddr . meta l4proto . th dport vmap @service-ips\n\t}\n\
-         \tchain nat-prerouting {\n\t\ttype nat hook prerouting priority dstnat; policy accept;\n\
-         \t\tjump services\n\t}\n\
-         \tchain nat-output {\n\t\ttype nat hook output priority -100; policy accept;\n\
-         \t\tjump services\n\t}\n",
-    );
-    out.insert_str(out.find("\tchain masquerading").unwrap_or(0), &map);
-    let _ = writeln!(
-        out,
-        "}}\nadd element ip kube-proxy service-ips {{\n\t{}\n}}",
-        elements.join(",\n\t")
-    );
-    out
+    (out, elements)
 }
 
 /// Chain names keep letters, digits, `-` and `_` (kube-proxy keeps `/` and

@@ -45,7 +45,8 @@ use anyhow::{Context as _, bail};
 use serde::Serialize;
 
 pub use configs::{
-    Service, iptables_restore, iptables_rules, nftables_rules, services, sluice_manifest,
+    Service, iptables_restore, iptables_rules, nftables_batches, nftables_rules, services,
+    sluice_manifest,
 };
 
 use crate::{
