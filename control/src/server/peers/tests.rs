@@ -110,7 +110,9 @@ async fn probers_on_different_replicas_decide_together_and_every_replica_shows_e
     })
     .await
     .unwrap();
-    // A certificate renews at any replica; the others see the new serial.
+    // A certificate renews at any replica (once it has the node, as a
+    // joined node's replicas all do); the others see the new serial.
+    eventually("C has the nodes", || c.state().nodes.contains_key("n1")).await;
     let keys = sluice_pki::new_key_and_csr("n1").unwrap();
     c.renew("n1".into(), &keys.csr_pem).await.unwrap();
     eventually("A has n1's renewed certificate", || {
