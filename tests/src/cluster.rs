@@ -237,6 +237,64 @@ impl ClusterTopology {
     pub fn node(&self, k: usize) -> &ClusterNode {
         &self.nodes[k - 1]
     }
+
+    /// Backend `i`'s HTTP server (1-based), serving its name (`backend-<i>`)
+    /// on :8080.
+    pub fn serve_backend(&self, i: usize) -> HttpServer {
+        let b = &self.backends[i - 1];
+        HttpServer::start(&b.ns, b.addr, 8080, &format!("backend-{i}"))
+    }
+
+    /// Every backend's server, in order.
+    pub fn serve_backends(&self) -> Vec<HttpServer> {
+        (1..=self.backends.len())
+            .map(|i| self.serve_backend(i))
+            .collect()
+    }
+
+    /// `n` new connections from node `k`'s client to `vip:80`; who answered
+    /// (a request that fails panics).
+    pub fn spread(&self, k: usize, vip: Ipv4Addr, n: usize) -> BTreeMap<String, usize> {
+        let to = SocketAddrV4::new(vip, 80);
+        let bodies = self.node(k).client.enter(|| {
+            (0..n)
+                .map(|i| {
+                    http_get(to, TIMEOUT)
+                        .unwrap_or_else(|e| panic!("node-{k}: request {i} to {to}: {e}"))
+                })
+                .collect::<Vec<_>>()
+        });
+        tally(bodies)
+    }
+
+    /// Like [`Self::spread`], a failed request counted as "failed".
+    pub fn try_spread(&self, k: usize, vip: Ipv4Addr, n: usize) -> BTreeMap<String, usize> {
+        let to = SocketAddrV4::new(vip, 80);
+        let bodies = self.node(k).client.enter(|| {
+            (0..n)
+                .map(|_| http_get(to, TIMEOUT).unwrap_or_else(|_| "failed".into()))
+                .collect::<Vec<_>>()
+        });
+        tally(bodies)
+    }
+
+    /// `n` long-lived connections from node `k`'s client to `vip:80`, each
+    /// with the backend that answered its first request.
+    pub fn hold(&self, k: usize, vip: Ipv4Addr, n: usize) -> Vec<(HttpConn, String)> {
+        let to = SocketAddrV4::new(vip, 80);
+        self.node(k).client.enter(|| {
+            (0..n)
+                .map(|i| {
+                    let mut conn = HttpConn::connect(to, TIMEOUT)
+                        .unwrap_or_else(|e| panic!("node-{k}: connection {i} to {to}: {e}"));
+                    let backend = conn
+                        .get()
+                        .unwrap_or_else(|e| panic!("node-{k}: connection {i} to {to}: {e}"));
+                    (conn, backend)
+                })
+                .collect()
+        })
+    }
 }
 
 /// Puts `addr/24` on `dev` in `ns`, brings it up and, for a host end, routes
@@ -272,11 +330,7 @@ impl Cluster {
     /// Like [`Cluster::start`], with only the first `joined` nodes joined.
     pub fn start_joined(nodes: u8, joined: u8, backends: usize, control_args: &[&str]) -> Self {
         let topology = ClusterTopology::build(nodes, backends);
-        let servers = topology
-            .backends
-            .iter()
-            .map(|b| HttpServer::start(&b.ns, b.addr, 8080, &format!("backend-{}", b.index)))
-            .collect();
+        let servers = topology.serve_backends();
         let control =
             ControlService::start(&topology.control, CONTROL_ADDR, VIP_CIDR, control_args);
         let mut cluster = Cluster {
@@ -347,46 +401,20 @@ impl Cluster {
 
     /// `n` new connections from node `k`'s client to `vip:80`; who answered.
     pub fn spread(&self, k: usize, vip: Ipv4Addr, n: usize) -> BTreeMap<String, usize> {
-        let to = SocketAddrV4::new(vip, 80);
-        let bodies = self.topology.node(k).client.enter(|| {
-            (0..n)
-                .map(|i| {
-                    http_get(to, TIMEOUT)
-                        .unwrap_or_else(|e| panic!("node-{k}: request {i} to {to}: {e}"))
-                })
-                .collect::<Vec<_>>()
-        });
-        tally(bodies)
+        self.topology.spread(k, vip, n)
     }
 }
 
 impl Cluster {
     /// Starts backend `i`'s server again (after `servers[i - 1].stop()`).
     pub fn restart_backend(&mut self, i: usize) {
-        self.servers[i - 1] = HttpServer::start(
-            &self.topology.backends[i - 1].ns,
-            backend_addr(i),
-            8080,
-            &format!("backend-{i}"),
-        );
+        self.servers[i - 1] = self.topology.serve_backend(i);
     }
 
     /// `n` long-lived connections from node `k`'s client to `vip:80`, each
     /// with the backend that answered its first request.
     pub fn hold(&self, k: usize, vip: Ipv4Addr, n: usize) -> Vec<(HttpConn, String)> {
-        let to = SocketAddrV4::new(vip, 80);
-        self.topology.node(k).client.enter(|| {
-            (0..n)
-                .map(|i| {
-                    let mut conn = HttpConn::connect(to, TIMEOUT)
-                        .unwrap_or_else(|e| panic!("node-{k}: connection {i} to {to}: {e}"));
-                    let backend = conn
-                        .get()
-                        .unwrap_or_else(|e| panic!("node-{k}: connection {i} to {to}: {e}"));
-                    (conn, backend)
-                })
-                .collect()
-        })
+        self.topology.hold(k, vip, n)
     }
 }
 

@@ -44,23 +44,14 @@ pub fn replica_addr(i: usize) -> SocketAddrV4 {
 impl HaCluster {
     /// Starts backend `i`'s server again (after `servers[i - 1].stop()`).
     pub fn restart_backend(&mut self, i: usize) {
-        self.servers[i - 1] = HttpServer::start(
-            &self.topology.backends[i - 1].ns,
-            backend_addr(i),
-            8080,
-            &format!("backend-{i}"),
-        );
+        self.servers[i - 1] = self.topology.serve_backend(i);
     }
 
     /// `nodes` nodes, all joined; `backends` backends serving their names
     /// (`backend-<i>`) on :8080.
     pub fn start(nodes: u8, backends: usize) -> Self {
         let topology = ClusterTopology::build(nodes, backends);
-        let servers = topology
-            .backends
-            .iter()
-            .map(|b| HttpServer::start(&b.ns, b.addr, 8080, &format!("backend-{}", b.index)))
-            .collect();
+        let servers = topology.serve_backends();
         let etcd = EtcdCluster::start_in_netns(3, topology.control.name())
             .unwrap_or_else(|e| panic!("etcd in the control namespace: {e}"));
         let keys = ScratchDir::new();

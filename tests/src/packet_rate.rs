@@ -95,14 +95,18 @@ impl Generator {
         Ok(())
     }
 
-    /// Sends `frames` frames out of `iface` in `ns` (a veth: they arrive at
-    /// its peer); the kernel's loop time per frame, in nanoseconds.
-    pub fn run(&self, ns: &Netns, iface: &str, frames: u32) -> anyhow::Result<f64> {
-        let prog: &Xdp = self
+    fn program(&self) -> anyhow::Result<&Xdp> {
+        Ok(self
             .ebpf
             .program("bench_gen")
             .context("bench_gen")?
-            .try_into()?;
+            .try_into()?)
+    }
+
+    /// Sends `frames` frames out of `iface` in `ns` (a veth: they arrive at
+    /// its peer); the kernel's loop time per frame, in nanoseconds.
+    pub fn run(&self, ns: &Netns, iface: &str, frames: u32) -> anyhow::Result<f64> {
+        let prog = self.program()?;
         let template = [0u8; 64];
         let duration = ns.enter(|| -> anyhow::Result<u32> {
             let ifindex = nix_ifindex(iface)?;
@@ -130,11 +134,7 @@ impl Generator {
     /// One frame as the generator makes it, without sending it (an
     /// ordinary test run): to check what it writes.
     pub fn make_one(&self) -> anyhow::Result<Vec<u8>> {
-        let prog: &Xdp = self
-            .ebpf
-            .program("bench_gen")
-            .context("bench_gen")?
-            .try_into()?;
+        let prog = self.program()?;
         let template = [0u8; 64];
         let mut out = vec![0u8; 64];
         let result = prog.test_run(TestRunOptions {

@@ -72,14 +72,14 @@ pub struct Report {
     pub rows: Vec<Row>,
 }
 
-/// The probes' protocols, in order.
-const PROTOCOLS: [&str; 2] = ["UDP", "TCP SYN"];
-
 const SHAPES: [(&str, Shape); 3] = [
     ("one flow", Shape::OneFlow),
     ("new flow every packet", Shape::NewFlows),
     ("100,000 flows cycled", Shape::WorkingSet(WORKING_SET)),
 ];
+
+/// A measurement's case, protocol and shape (an index into [`SHAPES`]).
+type Key = (Case, &'static str, usize);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Case {
@@ -229,8 +229,8 @@ pub fn run(rounds: usize, sizes: &[usize]) -> anyhow::Result<Report> {
             .iter()
             .map(|&case| bed(case, size, &mut generator))
             .collect::<anyhow::Result<_>>()?;
-        let mut samples: BTreeMap<(Case, usize), Vec<f64>> = BTreeMap::new();
-        let mut counted: BTreeMap<(Case, usize), u64> = BTreeMap::new();
+        let mut samples: BTreeMap<Key, Vec<f64>> = BTreeMap::new();
+        let mut counted: BTreeMap<Key, u64> = BTreeMap::new();
         let tracked: Vec<&Netns> = beds
             .iter()
             .filter(|b| matches!(b.case, Case::Iptables | Case::Nftables))
@@ -254,11 +254,11 @@ fn measure(
     generator: &mut Generator,
     bed: &Bed,
     tracked: &[&Netns],
-    samples: &mut BTreeMap<(Case, usize), Vec<f64>>,
-    counted: &mut BTreeMap<(Case, usize), u64>,
+    samples: &mut BTreeMap<Key, Vec<f64>>,
+    counted: &mut BTreeMap<Key, u64>,
 ) -> anyhow::Result<()> {
     let (ns, iface) = (&bed.topology.client, CLIENT_IF);
-    for (p, probe) in bed.probes.iter().enumerate() {
+    for probe in &bed.probes {
         generator.set_frame(&probe.frame)?;
         // Warm up: neighbours resolved, the flow known.
         generator.set_shape(Shape::OneFlow)?;
@@ -267,7 +267,7 @@ fn measure(
         for (i, (name, shape)) in SHAPES.iter().enumerate() {
             measure_one(generator, bed, probe, tracked, *shape, name).map(
                 |(ns_per_delivered, own)| {
-                    let key = (bed.case, p * SHAPES.len() + i);
+                    let key = (bed.case, probe.protocol, i);
                     samples.entry(key).or_default().push(ns_per_delivered);
                     if let Some(own) = own {
                         counted.insert(key, own);
@@ -290,67 +290,64 @@ fn measure_one(
 ) -> anyhow::Result<(f64, Option<u64>)> {
     let (ns, iface) = (&bed.topology.client, CLIENT_IF);
     let name = format!("{} {name}", probe.protocol);
-    {
-        let flush = || {
-            if matches!(bed.case, Case::Iptables | Case::Nftables) {
-                // conntrack's table (and its limit) is shared by every
-                // namespace: each run starts with it empty.
-                for node in tracked {
-                    node.exec_ok(&["conntrack", "-F"]);
-                }
+    let flush = || {
+        if matches!(bed.case, Case::Iptables | Case::Nftables) {
+            // conntrack's table (and its limit) is shared by every
+            // namespace: each run starts with it empty.
+            for node in tracked {
+                node.exec_ok(&["conntrack", "-F"]);
             }
-        };
-        generator.set_shape(shape)?;
-        flush();
-        let calibration = generator.run(ns, iface, MIN_FRAMES)?;
-        let frames =
-            ((LOOP_TARGET.as_nanos() as f64 / calibration) as u32).clamp(MIN_FRAMES, FRAMES);
-        flush();
-        generator.clear_seen()?;
-        let forwarded_before = forwarded(bed);
-        let ns_per_frame = generator.run(ns, iface, frames)?;
-        let seen = generator.seen()?;
-        let arrived = seen.get(&probe.arrive_at).copied().unwrap_or(0);
-        let elsewhere: u64 = seen
-            .iter()
-            .filter(|(to, _)| **to != probe.arrive_at)
-            .map(|(_, n)| n)
-            .sum();
-        // What the node could not keep up with, its queues dropped; what it
-        // rewrote wrongly would arrive elsewhere.
-        if arrived < u64::from(frames) / 1000 || elsewhere > arrived / 100 {
-            bail!(
-                "{} / {name}: frames to {} — the sink saw {arrived} of {frames} at {:?} and \
-                 {elsewhere} elsewhere",
-                bed.case.name(),
-                probe.to,
-                probe.arrive_at
-            );
         }
-        // The balancer's own account: Sluice counted every frame the sink
-        // saw as forwarded; conntrack holds the flows netfilter made.
-        let own = match bed.case {
-            Case::SluiceXdp | Case::SluiceTc => {
-                let count = forwarded(bed).saturating_sub(forwarded_before);
-                if count < arrived {
-                    bail!(
-                        "{} / {name}: Sluice counted {count} forwarded, the sink {arrived}",
-                        bed.case.name()
-                    );
-                }
-                Some(count)
-            }
-            Case::Iptables | Case::Nftables => {
-                let out = bed.topology.node.exec_ok(&["conntrack", "-C"]);
-                String::from_utf8_lossy(&out.stdout).trim().parse().ok()
-            }
-            Case::Floor | Case::Routing => None,
-        };
-        // Delivered frames per nanosecond of the kernel's loop, which runs
-        // the node's receive path and the sink inline.
-        let ns_per_delivered = ns_per_frame * f64::from(frames) / arrived as f64;
-        Ok((ns_per_delivered, own))
+    };
+    generator.set_shape(shape)?;
+    flush();
+    let calibration = generator.run(ns, iface, MIN_FRAMES)?;
+    let frames = ((LOOP_TARGET.as_nanos() as f64 / calibration) as u32).clamp(MIN_FRAMES, FRAMES);
+    flush();
+    generator.clear_seen()?;
+    let forwarded_before = forwarded(bed);
+    let ns_per_frame = generator.run(ns, iface, frames)?;
+    let seen = generator.seen()?;
+    let arrived = seen.get(&probe.arrive_at).copied().unwrap_or(0);
+    let elsewhere: u64 = seen
+        .iter()
+        .filter(|(to, _)| **to != probe.arrive_at)
+        .map(|(_, n)| n)
+        .sum();
+    // What the node could not keep up with, its queues dropped; what it
+    // rewrote wrongly would arrive elsewhere.
+    if arrived < u64::from(frames) / 1000 || elsewhere > arrived / 100 {
+        bail!(
+            "{} / {name}: frames to {} — the sink saw {arrived} of {frames} at {:?} and \
+                 {elsewhere} elsewhere",
+            bed.case.name(),
+            probe.to,
+            probe.arrive_at
+        );
     }
+    // The balancer's own account: Sluice counted every frame the sink
+    // saw as forwarded; conntrack holds the flows netfilter made.
+    let own = match bed.case {
+        Case::SluiceXdp | Case::SluiceTc => {
+            let count = forwarded(bed).saturating_sub(forwarded_before);
+            if count < arrived {
+                bail!(
+                    "{} / {name}: Sluice counted {count} forwarded, the sink {arrived}",
+                    bed.case.name()
+                );
+            }
+            Some(count)
+        }
+        Case::Iptables | Case::Nftables => {
+            let out = bed.topology.node.exec_ok(&["conntrack", "-C"]);
+            String::from_utf8_lossy(&out.stdout).trim().parse().ok()
+        }
+        Case::Floor | Case::Routing => None,
+    };
+    // Delivered frames per nanosecond of the kernel's loop, which runs
+    // the node's receive path and the sink inline.
+    let ns_per_delivered = ns_per_frame * f64::from(frames) / arrived as f64;
+    Ok((ns_per_delivered, own))
 }
 
 /// Sluice's forwarding outcome counter (`fwd_xdp` + `fwd_tc`) on `bed`'s
@@ -367,8 +364,8 @@ fn forwarded(bed: &Bed) -> u64 {
 }
 
 fn summarize(
-    samples: &BTreeMap<(Case, usize), Vec<f64>>,
-    counted: &BTreeMap<(Case, usize), u64>,
+    samples: &BTreeMap<Key, Vec<f64>>,
+    counted: &BTreeMap<Key, u64>,
     size: usize,
 ) -> Vec<Row> {
     let median = |v: &[f64]| {
@@ -378,22 +375,18 @@ fn summarize(
     };
     samples
         .iter()
-        .map(|((case, i), ns)| {
-            let floor = median(&samples[&(Case::Floor, *i)]);
+        .map(|((case, protocol, i), ns)| {
+            let floor = median(&samples[&(Case::Floor, *protocol, *i)]);
             let mpps: Vec<f64> = ns.iter().map(|ns| 1e3 / ns).collect();
             Row {
                 case: case.name().to_owned(),
                 services: size,
-                shape: format!(
-                    "{}, {}",
-                    PROTOCOLS[*i / SHAPES.len()],
-                    SHAPES[*i % SHAPES.len()].0
-                ),
+                shape: format!("{protocol}, {}", SHAPES[*i].0),
                 mpps: median(&mpps),
                 mpps_min: mpps.iter().copied().fold(f64::INFINITY, f64::min),
                 mpps_max: mpps.iter().copied().fold(0.0, f64::max),
                 ns_over_floor: median(ns) - floor,
-                balancer_counted: counted.get(&(*case, *i)).copied(),
+                balancer_counted: counted.get(&(*case, *protocol, *i)).copied(),
             }
         })
         .collect()

@@ -20,53 +20,11 @@ use sluice_tests::{
     HttpConn,
     cluster::TIMEOUT,
     ha::{HaCluster, RESUME_BOUND, web},
-    http_get, tally,
+    http_get,
 };
 
 const WATCHING: &str = "watching the node's view";
 const WHOLE_VIEW: &str = "took the whole view";
-
-/// `n` new connections from node `k`'s client to `vip:80`; who answered.
-fn spread(
-    ha: &HaCluster,
-    k: usize,
-    vip: Ipv4Addr,
-    n: usize,
-) -> std::collections::BTreeMap<String, usize> {
-    let to = SocketAddrV4::new(vip, 80);
-    let bodies = ha.topology.node(k).client.enter(|| {
-        (0..n)
-            .map(|i| http_get(to, TIMEOUT).unwrap_or_else(|e| panic!("node-{k}: request {i}: {e}")))
-            .collect::<Vec<_>>()
-    });
-    tally(bodies)
-}
-
-/// Like [`spread`], a failed request counted as "failed".
-fn try_spread(
-    ha: &HaCluster,
-    k: usize,
-    vip: Ipv4Addr,
-    n: usize,
-) -> std::collections::BTreeMap<String, usize> {
-    let to = SocketAddrV4::new(vip, 80);
-    let bodies = ha.topology.node(k).client.enter(|| {
-        (0..n)
-            .map(|_| http_get(to, TIMEOUT).unwrap_or_else(|_| "failed".into()))
-            .collect::<Vec<_>>()
-    });
-    tally(bodies)
-}
-
-/// A long-lived connection from node `k`'s client, and who answered.
-fn hold(ha: &HaCluster, k: usize, vip: Ipv4Addr) -> (HttpConn, String) {
-    ha.topology.node(k).client.enter(|| {
-        let mut conn = HttpConn::connect(SocketAddrV4::new(vip, 80), TIMEOUT)
-            .unwrap_or_else(|e| panic!("node-{k}: connecting: {e}"));
-        let first = conn.get().unwrap_or_else(|e| panic!("node-{k}: {e}"));
-        (conn, first)
-    })
-}
 
 /// Polls `check` for at most 20 s.
 fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
@@ -88,7 +46,7 @@ fn replicas_on_etcd_fail_over_under_traffic_and_survive_a_lost_quorum() {
     ha.wait_programmed_on(2);
     let vip = ha.vip(1, "web");
     for k in 1..=2 {
-        let answered = spread(&ha, k, vip, 20);
+        let answered = ha.topology.spread(k, vip, 20);
         assert_eq!(
             answered.len(),
             2,
@@ -111,7 +69,7 @@ fn replicas_on_etcd_fail_over_under_traffic_and_survive_a_lost_quorum() {
     let stopped = Instant::now();
     for k in 1..=2 {
         wait_until(&format!("node-{k} takes backend-2 out"), || {
-            let answered = try_spread(&ha, k, vip, 6);
+            let answered = ha.topology.try_spread(k, vip, 6);
             answered.keys().collect::<Vec<_>>() == ["backend-1"]
         });
     }
@@ -122,12 +80,13 @@ fn replicas_on_etcd_fail_over_under_traffic_and_survive_a_lost_quorum() {
     ha.restart_backend(2);
     for k in 1..=2 {
         wait_until(&format!("node-{k} takes backend-2 back"), || {
-            let answered = try_spread(&ha, k, vip, 10);
+            let answered = ha.topology.try_spread(k, vip, 10);
             answered.len() == 2 && !answered.contains_key("failed")
         });
     }
 
-    let mut held: Vec<(HttpConn, String)> = (1..=2).map(|k| hold(&ha, k, vip)).collect();
+    let mut held: Vec<(HttpConn, String)> =
+        (1..=2).flat_map(|k| ha.topology.hold(k, vip, 1)).collect();
     let before: Vec<(usize, usize)> = ha
         .agents
         .iter()
@@ -173,7 +132,7 @@ fn replicas_on_etcd_fail_over_under_traffic_and_survive_a_lost_quorum() {
     ha.wait_programmed_on(2);
     let one = ha.vip(2, "one");
     for k in 1..=2 {
-        let answered = spread(&ha, k, one, 5);
+        let answered = ha.topology.spread(k, one, 5);
         assert_eq!(
             answered.keys().collect::<Vec<_>>(),
             ["backend-1"],
@@ -203,7 +162,7 @@ fn replicas_on_etcd_fail_over_under_traffic_and_survive_a_lost_quorum() {
         String::from_utf8_lossy(&refused.stderr)
     );
     for k in 1..=2 {
-        assert!(!spread(&ha, k, vip, 5).is_empty());
+        assert!(!ha.topology.spread(k, vip, 5).is_empty());
         let (conn, first) = &mut held[k - 1];
         assert_eq!(&conn.get().expect("held connection"), first);
     }
@@ -224,8 +183,12 @@ fn replicas_on_etcd_fail_over_under_traffic_and_survive_a_lost_quorum() {
     ha.wait_programmed_on(2);
     let later = ha.vip(2, "later");
     for k in 1..=2 {
-        assert_eq!(spread(&ha, k, vip, 20).len(), 2, "node-{k}: both backends");
-        let answered = spread(&ha, k, later, 3);
+        assert_eq!(
+            ha.topology.spread(k, vip, 20).len(),
+            2,
+            "node-{k}: both backends"
+        );
+        let answered = ha.topology.spread(k, later, 3);
         assert_eq!(
             answered.keys().collect::<Vec<_>>(),
             ["backend-2"],

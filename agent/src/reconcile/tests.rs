@@ -555,56 +555,6 @@ fn affinity_timeouts_round_up_to_seconds_and_saturate() {
     }
 }
 
-/// Where an update's time goes at 10,000 services × 10 backends (run with
-/// `--release --ignored --nocapture`; a measurement, not a check).
-#[test]
-#[ignore = "a measurement: run by hand in release"]
-fn time_one_change_at_ten_thousand_services() {
-    let mut desired = Desired::new();
-    for i in 0..10_000u32 {
-        let vip = std::net::Ipv4Addr::from(0xc612_0000 + i).to_string();
-        let backends: Vec<(String, u32)> = (0..10u32)
-            .map(|j| {
-                (
-                    std::net::Ipv4Addr::from(0xc613_0000 + i * 16 + j).to_string(),
-                    1,
-                )
-            })
-            .collect();
-        let refs: Vec<(&str, u32)> = backends.iter().map(|(a, w)| (a.as_str(), *w)).collect();
-        desired.insert(
-            key(&vip, 80, IPPROTO_TCP),
-            frontend(&format!("s{i}"), Algorithm::RoundRobin, &refs),
-        );
-    }
-    let state = State::default();
-    let alloc = Allocator::for_state(&state);
-    let first = plan(&desired, &state, &alloc).expect("plan");
-    let (state, alloc) = (first.next, first.alloc);
-    let mut changed = desired.clone();
-    if let Some(f) = changed.values_mut().nth(5000) {
-        f.backends[0].weight = 2;
-    }
-    let t = std::time::Instant::now();
-    let _ = changed.clone();
-    println!("clone desired: {:?}", t.elapsed());
-    let t = std::time::Instant::now();
-    let _ = state.clone();
-    println!("clone state: {:?}", t.elapsed());
-    let t = std::time::Instant::now();
-    let _ = alloc.clone();
-    println!("clone alloc: {:?}", t.elapsed());
-    let t = std::time::Instant::now();
-    let p = plan(&changed, &state, &alloc).expect("plan");
-    println!("plan: {:?} ({} steps)", t.elapsed(), p.steps.len());
-    let t = std::time::Instant::now();
-    let touched = changed_frontends(&desired, &changed);
-    println!("changed frontends: {:?}", t.elapsed());
-    let t = std::time::Instant::now();
-    let p = plan_scoped(&changed, &state, &alloc, Scope::Only(&touched)).expect("plan");
-    println!("scoped plan: {:?} ({} steps)", t.elapsed(), p.steps.len());
-}
-
 #[test]
 fn a_plan_of_what_changed_is_the_whole_plan() {
     let services = |weights: &[u32]| -> Desired {

@@ -5,13 +5,13 @@
 
 #![expect(clippy::unwrap_used, reason = "tests panic on failure")]
 
-use std::os::unix::fs::PermissionsExt as _;
 use std::sync::Arc;
 use std::time::Duration;
 
 use sluice_api::v1;
 use sluice_model::{Endpoint, Service, manifest};
 
+use super::testkit::{apply, eventually, key_file};
 use super::{Control, Options, StartError, StoreConfig};
 use crate::rbac::{ADMIN_GROUP, Caller};
 use crate::sealing::{self, Keyring};
@@ -34,25 +34,6 @@ fn options(dir: &std::path::Path, cluster: &EtcdCluster, replica: &str) -> Optio
             prefix: "/sluice-test/".into(),
         },
     }
-}
-
-fn key_file(dir: &std::path::Path) {
-    let path = dir.join("kek");
-    std::fs::write(&path, sealing::new_key_line().unwrap()).unwrap();
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
-}
-
-async fn apply(control: &Arc<Control>, text: &str) {
-    let admin = Caller {
-        name: "admin".into(),
-        groups: vec![ADMIN_GROUP.into()],
-    };
-    let objects = manifest::parse_objects("t.yaml", text)
-        .unwrap()
-        .iter()
-        .map(v1::Object::from)
-        .collect();
-    control.apply(&admin, objects, false).await.unwrap();
 }
 
 const WEB: &str = "\
@@ -138,14 +119,6 @@ async fn without_a_key_file_an_etcd_replica_refuses_to_start() {
         error.to_string().contains("--encryption-key-file"),
         "{error}"
     );
-}
-
-async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !check() {
-        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

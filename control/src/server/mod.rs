@@ -27,6 +27,8 @@ pub mod replicas;
 pub mod resources;
 pub mod secrets;
 pub mod state;
+#[cfg(test)]
+mod testkit;
 
 use std::{
     collections::BTreeMap,

@@ -1,15 +1,13 @@
 #![expect(clippy::unwrap_used, reason = "tests panic on failure")]
 
 use std::os::unix::fs::PermissionsExt as _;
-use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use sluice_api::v1;
-use sluice_model::{Node, Service, manifest};
+use sluice_model::{Node, Service};
 
 use super::*;
-use crate::rbac::{ADMIN_GROUP, Caller};
 use crate::sealing;
+use crate::server::testkit::apply;
 use crate::server::{Control, Options, StoreConfig};
 use crate::store::{EtcdStore, RedbStore};
 use crate::testing::EtcdCluster;
@@ -26,19 +24,6 @@ fn options(dir: &std::path::Path, store: StoreConfig) -> Options {
         encryption_key_file: Some(dir.join("kek")),
         store,
     }
-}
-
-async fn apply(control: &Arc<Control>, text: &str) {
-    let admin = Caller {
-        name: "admin".into(),
-        groups: vec![ADMIN_GROUP.into()],
-    };
-    let objects = manifest::parse_objects("t.yaml", text)
-        .unwrap()
-        .iter()
-        .map(v1::Object::from)
-        .collect();
-    control.apply(&admin, objects, false).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -3,16 +3,14 @@
 
 #![expect(clippy::unwrap_used, reason = "tests panic on failure")]
 
-use std::os::unix::fs::PermissionsExt as _;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use sluice_api::v1;
-use sluice_model::{Node, manifest};
+use sluice_model::Node;
 
+use super::super::testkit::{apply, eventually, key_file};
 use super::super::{Control, Options, StoreConfig};
-use crate::rbac::{ADMIN_GROUP, Caller};
-use crate::sealing;
 use crate::testing::EtcdCluster;
 
 struct Replica {
@@ -48,14 +46,6 @@ async fn replica(dir: &std::path::Path, cluster: &EtcdCluster, name: &str) -> Re
     Replica { control, serving }
 }
 
-async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    while !check() {
-        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 const CHECKED: &str = "\
 kind: Service
 name: web
@@ -82,9 +72,7 @@ fn says_down(address: [u8; 4]) -> v1::ReportStatusRequest {
 async fn probers_on_different_replicas_decide_together_and_every_replica_shows_every_node() {
     let cluster = EtcdCluster::start(3).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let kek = dir.path().join("kek");
-    std::fs::write(&kek, sealing::new_key_line().unwrap()).unwrap();
-    std::fs::set_permissions(&kek, std::fs::Permissions::from_mode(0o600)).unwrap();
+    key_file(dir.path());
     let replicas = [
         replica(dir.path(), &cluster, "a").await,
         replica(dir.path(), &cluster, "b").await,
@@ -123,16 +111,7 @@ async fn probers_on_different_replicas_decide_together_and_every_replica_shows_e
     })
     .await;
 
-    let admin = Caller {
-        name: "admin".into(),
-        groups: vec![ADMIN_GROUP.into()],
-    };
-    let objects = manifest::parse_objects("t.yaml", CHECKED)
-        .unwrap()
-        .iter()
-        .map(v1::Object::from)
-        .collect();
-    a.apply(&admin, objects, false).await.unwrap();
+    apply(&a, CHECKED).await;
     for r in [&b, &c] {
         eventually("every replica has the view", || {
             r.state().view == a.state().view
